@@ -1,0 +1,1 @@
+"""thaw's OCI hooks (`thaw-hook prestart`, `thaw-hook poststop`)."""

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# thaw node installer: runc, iptables, CRIU >= 4.0, thaw in its own virtualenv, default config.
+# Idempotent and quick when re-run: it only installs what is missing.
+#
+#   install/node.sh              install thaw on this node
+#   install/node.sh --dev        also install test dependencies; thaw is installed editable
+#                                from this checkout (what tests and the demo use)
+#   install/node.sh --containerd also register the "thaw" runtime handler with containerd
+set -euo pipefail
+
+CRIU_VERSION=4.1.1
+CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+PREFIX=${THAW_PREFIX:-/opt/thaw}
+CACHE=${THAW_BUILD_CACHE:-/var/cache/thaw}
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+DEV=0
+CONTAINERD=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    --containerd) CONTAINERD=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "node.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+say() { printf '[thaw install] %s\n' "$*"; }
+die() { printf '[thaw install] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root"
+[ -r /etc/os-release ] && . /etc/os-release
+command -v apt-get >/dev/null || die "apt-get not found: this installer supports Debian/Ubuntu"
+
+# --- apt packages -------------------------------------------------------------------------------
+PKGS=(runc iptables iproute2 busybox-static python3 python3-venv ca-certificates xz-utils
+      build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
+      protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev
+      libgnutls28-dev libnftables-dev uuid-dev)
+if [ "$DEV" = 1 ] || [ "$CONTAINERD" = 1 ]; then
+  PKGS+=(containerd containernetworking-plugins)
+fi
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "apt: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install failed: ${missing[*]}"
+else
+  say "apt: all ${#PKGS[@]} packages present"
+fi
+
+# --- CRIU >= 4.0 --------------------------------------------------------------------------------
+criu_ok() {  # $1 = criu binary; true if version >= 4.0 and `criu check` passes
+  local v
+  v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
+  [ -n "$v" ] || return 1
+  [ "${v%%.*}" -ge 4 ] 2>/dev/null || return 1
+  "$1" check >/dev/null 2>&1
+}
+CRIU_BIN=$(command -v criu || true)
+if [ -n "$CRIU_BIN" ] && criu_ok "$CRIU_BIN"; then
+  say "criu: keeping $CRIU_BIN ($("$CRIU_BIN" --version | sed -n 's/^Version: *//p'), criu check passes)"
+else
+  [ -n "$CRIU_BIN" ] && say "criu: $CRIU_BIN is older than 4.0 or fails 'criu check'; building $CRIU_VERSION"
+  mkdir -p "$CACHE"
+  TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
+  if ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
+    # Debian publishes CRIU 4.1.1 in trixie; fetch its source through a private apt config so the
+    # system's apt sources stay untouched. The mirror is the one this machine already uses.
+    MIRROR=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; grep -hs '^deb ' /etc/apt/sources.list | awk '{print "URIs: "$2}') \
+              | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
+    [ -n "$MIRROR" ] || die "criu: no Debian mirror found in the apt sources to fetch criu ${CRIU_VERSION} source from"
+    APTDIR=$(mktemp -d)
+    mkdir -p "$APTDIR/lists/partial"
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main" > "$APTDIR/sources.list"
+    APTOPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::State::Lists=$APTDIR/lists")
+    say "criu: fetching criu ${CRIU_VERSION} source from $MIRROR (trixie)"
+    apt-get "${APTOPTS[@]}" update -qq >/dev/null 2>&1 || die "criu: apt-get update of the trixie source list failed"
+    # The .dsc and .debian.tar.xz may 404; the orig tarball is all the build needs.
+    (cd "$APTDIR" && apt-get "${APTOPTS[@]}" source --download-only "criu=${CRIU_VERSION}-*" >/dev/null 2>&1 || \
+       apt-get "${APTOPTS[@]}" source --download-only criu >/dev/null 2>&1 || true)
+    [ -f "$APTDIR/criu_${CRIU_VERSION}.orig.tar.xz" ] || die "criu: could not download criu_${CRIU_VERSION}.orig.tar.xz"
+    mv "$APTDIR/criu_${CRIU_VERSION}.orig.tar.xz" "$TARBALL"
+    rm -rf "$APTDIR"
+    echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status || { rm -f "$TARBALL"; die "criu: sha256 mismatch for $TARBALL"; }
+  fi
+  say "criu: tarball sha256 verified"
+  BUILD="$CACHE/criu-${CRIU_VERSION}"
+  rm -rf "$BUILD" && mkdir -p "$BUILD"
+  tar -xJf "$TARBALL" -C "$BUILD" --strip-components=1
+  say "criu: building (make -j$(nproc) criu)"
+  make -C "$BUILD" -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || die "criu: build failed, see $CACHE/criu-build.log"
+  install -D -m 0755 "$BUILD/criu/criu" /usr/local/sbin/criu
+  hash -r
+  criu_ok /usr/local/sbin/criu || die "criu: /usr/local/sbin/criu built but 'criu check' fails: $(/usr/local/sbin/criu check 2>&1 | tail -n 3)"
+  say "criu: installed /usr/local/sbin/criu ($CRIU_VERSION)"
+  if [ -n "$CRIU_BIN" ] && [ "$CRIU_BIN" != /usr/local/sbin/criu ]; then
+    say "criu: note: $CRIU_BIN (old) is still installed; /usr/local/sbin comes first on root's PATH"
+  fi
+fi
+
+# --- thaw virtualenv ----------------------------------------------------------------------------
+VENV="$PREFIX/venv"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "thaw: creating virtualenv $VENV"
+  /usr/bin/python3 -m venv "$VENV" || die "thaw: python3 -m venv failed"
+fi
+EXTRAS=""
+[ "$DEV" = 1 ] && EXTRAS="test"
+if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then EXTRAS="${EXTRAS:+$EXTRAS,}gpu"; fi
+SPEC="$SRC${EXTRAS:+[$EXTRAS]}"
+STAMP="$PREFIX/.installed"
+WANT="$(cd "$SRC" && git rev-parse HEAD 2>/dev/null || echo nogit) $DEV $EXTRAS $(sha256sum "$SRC/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import thaw.shim" 2>/dev/null; then
+  say "thaw: pip install ${DEV:+(editable) }$SPEC"
+  PIPOPTS=(-q --disable-pip-version-check)
+  if [ "$DEV" = 1 ]; then
+    "$VENV/bin/pip" install "${PIPOPTS[@]}" -e "$SPEC" || die "thaw: pip install failed"
+  else
+    "$VENV/bin/pip" install "${PIPOPTS[@]}" "$SPEC" || die "thaw: pip install failed"
+  fi
+  echo "$WANT" > "$STAMP"
+else
+  say "thaw: $VENV is up to date"
+fi
+for cmd in thaw thaw-runtime thaw-hook; do
+  [ -x "$VENV/bin/$cmd" ] || die "thaw: $VENV/bin/$cmd missing after install"
+  ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
+done
+say "thaw: commands linked in /usr/local/bin: thaw thaw-runtime thaw-hook"
+
+# --- config, store, state -----------------------------------------------------------------------
+install -d -m 0755 /etc/thaw
+if [ ! -f /etc/thaw/config.yaml ]; then
+  install -m 0644 "$SRC/install/config.yaml" /etc/thaw/config.yaml
+  say "config: wrote default /etc/thaw/config.yaml"
+else
+  say "config: keeping existing /etc/thaw/config.yaml"
+fi
+install -d -m 0700 /var/lib/thaw /run/thaw
+say "store: /var/lib/thaw and state /run/thaw are root-only (0700)"
+
+if [ "$CONTAINERD" = 1 ]; then
+  "$SRC/install/containerd.sh" || die "containerd: registering the thaw runtime failed"
+fi
+
+"$VENV/bin/thaw" doctor --quiet || die "thaw doctor reports problems (run 'thaw doctor' for details)"
+say "done"

@@ -1,0 +1,106 @@
+"""thaw's annotation keys and their parsing (the pod/container contract)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SNAPSHOT = "thaw.dev/snapshot"
+CAPTURE = "thaw.dev/capture"
+READY = "thaw.dev/ready"
+QUIESCE = "thaw.dev/quiesce"
+RESUME = "thaw.dev/resume"
+REQUIRED = "thaw.dev/required"
+
+# Set by containerd's CRI plugin.
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
+CRI_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
+CRI_IMAGE_NAME = "io.kubernetes.cri.image-name"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+# Set by containerd for non-CRI clients (ctr) and by image builders.
+OCI_IMAGE_REF = "org.opencontainers.image.ref.name"
+
+DEFAULT_TAG = "latest"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class AnnotationError(ValueError):
+    """A thaw annotation is present but malformed."""
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    name: str
+    tag: str = DEFAULT_TAG
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    @classmethod
+    def parse(cls, text: str) -> "SnapshotRef":
+        name, sep, tag = text.strip().partition(":")
+        if not sep:
+            tag = DEFAULT_TAG
+        # Names become file-system keys and OCI ref names: keep them to a safe alphabet.
+        if not _NAME.match(name):
+            raise AnnotationError(f"invalid snapshot name {name!r} in {text!r}: want [a-z0-9][a-z0-9._-]*")
+        if ".." in name or not _TAG.match(tag):
+            raise AnnotationError(f"invalid snapshot reference {text!r}: want NAME[:TAG]")
+        return cls(name, tag)
+
+
+@dataclass(frozen=True)
+class ThawRequest:
+    """What a container's annotations ask of thaw."""
+    snapshot: SnapshotRef
+    required: bool = False
+    capture_on_ready: bool = False
+    ready: str | None = None
+    quiesce: str | None = None
+    resume: str | None = None
+
+
+def is_sandbox(annotations: dict[str, str]) -> bool:
+    return annotations.get(CRI_CONTAINER_TYPE) == "sandbox"
+
+
+def wants_thaw(annotations: dict[str, str]) -> bool:
+    """Cheap test used on the hot path: does this container ask for thaw at all?"""
+    return SNAPSHOT in annotations and not is_sandbox(annotations)
+
+
+def is_required(annotations: dict[str, str]) -> bool:
+    """`thaw.dev/required` read on its own, so that it holds even when other annotations are bad."""
+    return annotations.get(REQUIRED, "").strip().lower() == "true"
+
+
+def _url(key: str, value: str | None, schemes: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.startswith(schemes):
+        raise AnnotationError(f"{key}: {value!r} must start with one of {', '.join(schemes)}")
+    return value
+
+
+def parse_request(annotations: dict[str, str]) -> ThawRequest:
+    """Parse thaw's annotations; raise AnnotationError naming the bad one."""
+    required_raw = annotations.get(REQUIRED)
+    if required_raw is not None and required_raw.strip().lower() not in ("true", "false"):
+        raise AnnotationError(f"{REQUIRED}: {required_raw!r} must be \"true\" or \"false\"")
+    capture = annotations.get(CAPTURE)
+    if capture is not None and capture.strip() != "on-ready":
+        raise AnnotationError(f"{CAPTURE}: {capture!r} is not supported (only \"on-ready\")")
+    ready = _url(READY, annotations.get(READY), ("http://", "file:"))
+    if capture is not None and ready is None:
+        raise AnnotationError(f"{CAPTURE}: on-ready needs {READY}")
+    return ThawRequest(
+        snapshot=SnapshotRef.parse(annotations[SNAPSHOT]),
+        required=is_required(annotations),
+        capture_on_ready=capture is not None,
+        ready=ready,
+        quiesce=_url(QUIESCE, annotations.get(QUIESCE), ("http://",)),
+        resume=_url(RESUME, annotations.get(RESUME), ("http://",)),
+    )

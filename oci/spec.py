@@ -1,0 +1,89 @@
+"""The OCI runtime-spec bundle: config.json and the paths it names.
+
+A `Bundle` is read once and handed around; it only interprets the spec, it never changes how a
+runtime treats it. Hook edits are small composable modifiers that rewrite config.json atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG = "config.json"
+
+
+class SpecError(ValueError):
+    """config.json is missing or not a runtime spec."""
+
+
+@dataclass
+class Bundle:
+    path: str
+    spec: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str) -> "Bundle":
+        cfg = os.path.join(path, CONFIG)
+        try:
+            with open(cfg, "rb") as f:
+                spec = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot read {cfg}: {exc}") from exc
+        if not isinstance(spec, dict) or not isinstance(spec.get("annotations", {}), dict):
+            raise SpecError(f"{cfg} is not an OCI runtime spec")
+        return cls(os.path.abspath(path), spec)
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return self.spec.get("annotations") or {}
+
+    @property
+    def rootfs(self) -> str:
+        root = (self.spec.get("root") or {}).get("path", "rootfs")
+        return root if os.path.isabs(root) else os.path.join(self.path, root)
+
+    @property
+    def rootfs_readonly(self) -> bool:
+        return bool((self.spec.get("root") or {}).get("readonly", False))
+
+    @property
+    def mount_destinations(self) -> list[str]:
+        return sorted({os.path.normpath(m.get("destination", "")) for m in self.spec.get("mounts") or []})
+
+    def namespace_path(self, ns_type: str) -> str | None:
+        """Path of a namespace joined by path (as a pod's containers join the sandbox's)."""
+        for ns in (self.spec.get("linux") or {}).get("namespaces") or []:
+            if ns.get("type") == ns_type:
+                return ns.get("path") or None
+        return None
+
+    def has_namespace(self, ns_type: str) -> bool:
+        return any(ns.get("type") == ns_type
+                   for ns in (self.spec.get("linux") or {}).get("namespaces") or [])
+
+    def save(self) -> None:
+        """Write config.json back atomically, keeping its permissions."""
+        cfg = os.path.join(self.path, CONFIG)
+        tmp = f"{cfg}.thaw-{os.getpid()}"
+        mode = os.stat(cfg).st_mode & 0o7777 if os.path.exists(cfg) else 0o644
+        with open(tmp, "w") as f:
+            json.dump(self.spec, f)
+        os.chmod(tmp, mode)
+        os.replace(tmp, cfg)
+
+
+# --- composable spec modifiers ------------------------------------------------------------------
+
+def add_hook(spec: dict[str, Any], stage: str, hook: dict[str, Any]) -> bool:
+    """Append `hook` to `stage` unless an identical path+args hook is there. Returns True if added.
+
+    Existing hooks (NVIDIA's among them) keep their place and order.
+    """
+    hooks = spec.setdefault("hooks", {}).setdefault(stage, [])
+    for h in hooks:
+        if h.get("path") == hook["path"] and h.get("args") == hook.get("args"):
+            return False
+    hooks.append(hook)
+    return True

@@ -1,0 +1,61 @@
+"""`thaw doctor`: is this node able to capture and restore? Each check yields (ok, what, detail)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from typing import Iterator
+
+from . import criu
+from .config import Config, ConfigError
+from .runc import Runc
+
+Check = tuple[bool, str, str]
+
+
+def _owner_only(path: str) -> Check:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True, path, "absent (created root-only on first use)"
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != 0 or mode & 0o077:
+        return False, path, f"must be owned by root with mode 0700 (owner uid {st.st_uid}, mode {mode:04o})"
+    return True, path, f"root-only ({mode:04o})"
+
+
+def run_checks(cfg: Config) -> Iterator[Check]:
+    yield (os.geteuid() == 0, "root", "running as root" if os.geteuid() == 0 else "thaw needs root")
+    yield True, "config", cfg.source or "defaults (no config file)"
+    try:
+        runtime = cfg.resolve_next_runtime()
+        version = Runc(runtime, cfg.resolve_criu()).version()
+        yield version != "unknown", "next_runtime", f"{runtime} ({version})"
+    except ConfigError as exc:
+        yield False, "next_runtime", str(exc)
+
+    binary = cfg.resolve_criu()
+    v = criu.version(binary)
+    if v is None:
+        yield False, "criu", f"{binary} not found or not runnable"
+    else:
+        yield criu.version_tuple(v) >= (4, 0), "criu version", f"{binary} {v} (need >= 4.0)"
+        ok, detail = criu.check(binary)
+        yield ok, "criu check", detail
+
+    ipt = shutil.which("iptables-restore", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    yield bool(ipt), "iptables-restore", ipt or "missing: CRIU's network lock needs it (apt install iptables)"
+    ns_last_pid = os.path.exists("/proc/sys/kernel/ns_last_pid")
+    yield ns_last_pid, "kernel checkpoint/restore", \
+        "CONFIG_CHECKPOINT_RESTORE present" if ns_last_pid else "/proc/sys/kernel/ns_last_pid missing"
+    yield _owner_only(cfg.store_dir)
+    yield _owner_only(cfg.state_dir)
+
+    from . import cuda
+    if os.path.exists("/dev/nvidiactl"):
+        yield cuda.available(), "cuda-python", "importable" if cuda.available() else \
+            "missing: pip install cuda-bindings into thaw's virtualenv (install/node.sh does this on GPU nodes)"
+        yield True, "nvidia driver", cuda.driver_version() or "unknown"
+    else:
+        yield True, "gpu", "no NVIDIA driver on this node: CPU-only snapshots"

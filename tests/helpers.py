@@ -1,0 +1,227 @@
+"""Test helpers: runc bundles built from the host's busybox/python, and a caller that drives a
+runtime exactly as containerd's runc v2 shim does (global flags, create/start/delete, stdio pipes,
+log.json). Shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+PYTHON = "/usr/bin/python3"   # Debian's, inside containers through a read-only /usr bind
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | None = None,
+                netns: str | None = None, python: bool = False, env: list[str] | None = None,
+                cgroup: str | None = None) -> str:
+    """A runc bundle at `path`: busybox rootfs (plus the host's /usr, read-only, when python),
+    a new or joined (netns path) network namespace, the given process args and annotations."""
+    rootfs = os.path.join(path, "rootfs")
+    os.makedirs(os.path.join(rootfs, "bin"), exist_ok=True)
+    for d in ("proc", "sys", "dev", "tmp", "etc", "root", "work"):
+        os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+    ]
+    if python:
+        # Debian is merged-/usr: /bin, /lib, /lib64, /sbin are symlinks into /usr.
+        os.rmdir(os.path.join(rootfs, "bin"))
+        for link in ("bin", "lib", "lib64", "sbin"):
+            if os.path.islink("/" + link):
+                os.symlink(os.readlink("/" + link), os.path.join(rootfs, link))
+        os.makedirs(os.path.join(rootfs, "usr"), exist_ok=True)
+        mounts.append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["bind", "ro"]})
+    else:
+        shutil.copy2(BUSYBOX, os.path.join(rootfs, "bin", "busybox"))
+        for applet in ("sh", "sleep", "echo", "cat", "nc", "httpd", "seq", "date", "touch", "rm", "ls"):
+            dst = os.path.join(rootfs, "bin", applet)
+            if not os.path.lexists(dst):
+                os.symlink("busybox", dst)
+    with open(os.path.join(rootfs, "etc", "hostname"), "w") as f:
+        f.write("thaw-test\n")
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    namespaces.append({"type": "network", "path": netns} if netns else {"type": "network"})
+    spec = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False, "user": {"uid": 0, "gid": 0}, "args": args, "cwd": "/",
+            "env": env or ["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONUNBUFFERED=1"],
+            "capabilities": {k: ["CAP_NET_BIND_SERVICE", "CAP_KILL", "CAP_AUDIT_WRITE"]
+                             for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": False},
+        "hostname": "thaw-test",
+        "mounts": mounts,
+        "annotations": annotations or {},
+        "linux": {
+            "cgroupsPath": cgroup or f"/thaw-test/{os.path.basename(path)}",
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": namespaces,
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    return path
+
+
+def set_annotations(bundle: str, annotations: dict[str, str]) -> None:
+    cfg = os.path.join(bundle, "config.json")
+    with open(cfg) as f:
+        spec = json.load(f)
+    spec["annotations"] = annotations
+    with open(cfg, "w") as f:
+        json.dump(spec, f, indent=1)
+
+
+@dataclass
+class ShimContainer:
+    """A container created the way containerd's runc v2 shim creates one."""
+    runtime: str
+    root: str
+    bundle: str
+    id: str
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    create_rc: int | None = None
+    create_s: float = 0.0
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.bundle, "log.json")
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.bundle, "init.pid")
+
+    def _global(self) -> list[str]:
+        return [self.runtime, "--root", self.root, "--log", self.log_path, "--log-format", "json"]
+
+    def create(self, env: dict[str, str] | None = None, timeout: float = 300) -> int:
+        """`create --bundle B --pid-file P ID` with stdin /dev/null and stdout/stderr pipes that
+        this object drains (the container holds their write ends after create)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        t = time.perf_counter()
+        proc = subprocess.Popen(self._global() + ["create", "--bundle", self.bundle, "--pid-file",
+                                                  self.pid_file, self.id],
+                                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                env={**os.environ, **(env or {})})
+        os.close(out_w)
+        os.close(err_w)
+        for fd, sink in ((out_r, self.stdout), (err_r, self.stderr)):
+            th = threading.Thread(target=_drain, args=(fd, sink), daemon=True)
+            th.start()
+            self._threads.append(th)
+        self.create_rc = proc.wait(timeout=timeout)
+        self.create_s = time.perf_counter() - t
+        return self.create_rc
+
+    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self._global() + list(args), capture_output=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr.decode()} "
+                                 f"log: {self.log_text()[-1500:]}")
+        return proc
+
+    def start(self) -> None:
+        self.run("start", self.id)
+
+    def state(self) -> dict | None:
+        proc = self.run("state", self.id, check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def pid(self) -> int:
+        with open(self.pid_file) as f:
+            return int(f.read())
+
+    def destroy(self) -> None:
+        self.run("kill", self.id, "KILL", check=False)
+        for _ in range(50):
+            st = self.state()
+            if st is None or st.get("status") == "stopped":
+                break
+            time.sleep(0.05)
+        self.run("delete", "--force", self.id, check=False)
+        for th in self._threads:
+            th.join(timeout=5)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def log_entries(self) -> list[dict]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def output(self) -> str:
+        return "".join(self.stdout)
+
+    def wait_output(self, predicate, timeout: float = 30) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.output()
+            if predicate(text):
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for output; got {self.output()[-500:]!r} "
+                             f"stderr {''.join(self.stderr)[-500:]!r} log {self.log_text()[-800:]}")
+
+
+def _drain(fd: int, sink: list[str]) -> None:
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while chunk := f.read(65536):
+            sink.append(chunk.decode(errors="replace"))
+
+
+def netns(name: str) -> str:
+    """Create a named network namespace with loopback up; returns its path."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    return f"/run/netns/{name}"
+
+
+def netns_delete(name: str) -> None:
+    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+def tcp_in_netns(ns_path: str, port: int, payload: bytes = b"ping\n", timeout: float = 5) -> bytes:
+    """Connect to 127.0.0.1:port inside a network namespace, send payload, return the answer."""
+    code = ("import socket,sys;s=socket.create_connection(('127.0.0.1',%d),timeout=%f);"
+            "s.sendall(%r);s.shutdown(socket.SHUT_WR);d=b''\n"
+            "while True:\n c=s.recv(65536)\n if not c: break\n d+=c\n"
+            "sys.stdout.buffer.write(d)") % (port, timeout, payload)
+    proc = subprocess.run(["nsenter", f"--net={ns_path}", PYTHON, "-c", code],
+                          capture_output=True, timeout=timeout + 5)
+    if proc.returncode != 0:
+        raise ConnectionError(proc.stderr.decode()[-500:])
+    return proc.stdout
