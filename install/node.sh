@@ -34,7 +34,7 @@ command -v apt-get >/dev/null || die "apt-get not found: this installer supports
 
 # --- apt packages -------------------------------------------------------------------------------
 PKGS=(runc iptables iproute2 busybox-static python3 python3-venv ca-certificates xz-utils
-      build-essential pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
+      build-essential patch pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
       protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev
       libgnutls28-dev libnftables-dev uuid-dev)
 if [ "$DEV" = 1 ] || [ "$CONTAINERD" = 1 ]; then
@@ -54,18 +54,33 @@ else
 fi
 
 # --- CRIU >= 4.0 --------------------------------------------------------------------------------
-criu_ok() {  # $1 = criu binary; true if version >= 4.0 and `criu check` passes
+criu_ok() {  # $1 = criu binary; true if version >= 4.0, `criu check` passes and it can dump
   local v
   v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
   [ -n "$v" ] || return 1
   [ "${v%%.*}" -ge 4 ] 2>/dev/null || return 1
-  "$1" check >/dev/null 2>&1
+  "$1" check >/dev/null 2>&1 || return 1
+  criu_dumps_tcp "$1"
+}
+criu_dumps_tcp() {  # Linux >= 6.16 breaks socket dumps of unpatched CRIU 4.1.x: try one
+  local dir pid rc
+  dir=$(mktemp -d)
+  setsid /usr/bin/python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); time.sleep(120)' \
+    </dev/null >/dev/null 2>&1 &
+  pid=$!
+  sleep 0.3
+  "$1" dump -t "$pid" -D "$dir" --leave-running --shell-job -o dump.log >/dev/null 2>&1
+  rc=$?
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  [ $rc = 0 ] || say "criu: $1 cannot dump a process with a TCP socket here: $(grep -m1 Error "$dir/dump.log" 2>/dev/null)"
+  rm -rf "$dir"
+  return $rc
 }
 CRIU_BIN=$(command -v criu || true)
 if [ -n "$CRIU_BIN" ] && criu_ok "$CRIU_BIN"; then
   say "criu: keeping $CRIU_BIN ($("$CRIU_BIN" --version | sed -n 's/^Version: *//p'), criu check passes)"
 else
-  [ -n "$CRIU_BIN" ] && say "criu: $CRIU_BIN is older than 4.0 or fails 'criu check'; building $CRIU_VERSION"
+  [ -n "$CRIU_BIN" ] && say "criu: $CRIU_BIN is older than 4.0, fails 'criu check' or cannot dump sockets; building $CRIU_VERSION"
   mkdir -p "$CACHE"
   TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
   if ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
@@ -92,6 +107,11 @@ else
   BUILD="$CACHE/criu-${CRIU_VERSION}"
   rm -rf "$BUILD" && mkdir -p "$BUILD"
   tar -xJf "$TARBALL" -C "$BUILD" --strip-components=1
+  for p in "$SRC"/install/criu-patches/*.patch; do
+    [ -e "$p" ] || continue
+    patch -d "$BUILD" -p1 -s < "$p" || die "criu: patch $(basename "$p") does not apply"
+    say "criu: applied $(basename "$p")"
+  done
   say "criu: building (make -j$(nproc) criu)"
   make -C "$BUILD" -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || die "criu: build failed, see $CACHE/criu-build.log"
   install -D -m 0755 "$BUILD/criu/criu" /usr/local/sbin/criu

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+
+from thaw.shim import config
+
+
+def test_defaults_when_default_file_missing(monkeypatch):
+    monkeypatch.delenv("THAW_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", "/nonexistent/thaw.yaml")
+    cfg = config.load()
+    assert cfg.store_dir == "/var/lib/thaw" and cfg.next_runtime == "runc" and cfg.policy.verify == "stat"
+
+
+def test_explicit_missing_file_is_an_error(tmp_path):
+    with pytest.raises(config.ConfigError):
+        config.load(str(tmp_path / "nope.yaml"))
+
+
+def test_values_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("store_dir: /s\nstate_dir: /t\nnext_runtime: /usr/bin/crun\npolicy:\n  verify: digest\n")
+    cfg = config.load(str(p))
+    assert (cfg.store_dir, cfg.state_dir, cfg.next_runtime, cfg.policy.verify) == ("/s", "/t", "/usr/bin/crun", "digest")
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    assert config.load(str(p)) == cfg           # served from the cache
+    p.write_text("store_dir: /other\n")         # a changed file invalidates it
+    assert config.load(str(p)).store_dir == "/other"
+
+
+@pytest.mark.parametrize("text", ["store_dir: relative\n", "bogus: 1\n", "policy:\n  verify: maybe\n",
+                                  "log_level: loud\n", "next_runtime: /usr/local/bin/thaw-runtime\n",
+                                  "- a\n- b\n", "store_dir: [unclosed\n"])
+def test_bad_configs(tmp_path, monkeypatch, text):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError):
+        config.load(str(p))
