@@ -132,25 +132,46 @@ fi
 EXTRAS=""
 [ "$DEV" = 1 ] && EXTRAS="test"
 if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then EXTRAS="${EXTRAS:+$EXTRAS,}gpu"; fi
-SPEC="$SRC${EXTRAS:+[$EXTRAS]}"
+SPEC="thaw${EXTRAS:+[$EXTRAS]} from $SRC"
 STAMP="$PREFIX/.installed"
-WANT="$(cd "$SRC" && git rev-parse HEAD 2>/dev/null || echo nogit) $DEV $EXTRAS $(sha256sum "$SRC/pyproject.toml" | cut -c1-16)"
+# Always a regular (non-editable) install: an editable one adds a path finder to every Python
+# start, ~10 ms on each runtime call. Reinstall whenever the sources change.
+WANT="$( (cd "$SRC" && find oci shim hooks pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16) $EXTRAS"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import thaw.shim" 2>/dev/null; then
-  say "thaw: pip install ${DEV:+(editable) }$SPEC"
-  PIPOPTS=(-q --disable-pip-version-check)
-  if [ "$DEV" = 1 ]; then
-    "$VENV/bin/pip" install "${PIPOPTS[@]}" -e "$SPEC" || die "thaw: pip install failed"
-  else
-    "$VENV/bin/pip" install "${PIPOPTS[@]}" "$SPEC" || die "thaw: pip install failed"
-  fi
+  say "thaw: pip install $SPEC"
+  BUILD_TMP=$(mktemp -d)
+  cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/oci" "$SRC/shim" "$SRC/hooks" "$BUILD_TMP/"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$BUILD_TMP${EXTRAS:+[$EXTRAS]}" 2>&1 \
+    | grep -v "is ignored: it is neither" || true
+  rm -rf "$BUILD_TMP"
+  "$VENV/bin/python" -c "import thaw.shim.runtime, thaw.hooks.main, thaw.oci.snapshot" || die "thaw: pip install failed"
   echo "$WANT" > "$STAMP"
 else
   say "thaw: $VENV is up to date"
 fi
 for cmd in thaw thaw-runtime thaw-hook; do
   [ -x "$VENV/bin/$cmd" ] || die "thaw: $VENV/bin/$cmd missing after install"
-  ln -sfn "$VENV/bin/$cmd" "/usr/local/bin/$cmd"
 done
+ln -sfn "$VENV/bin/thaw" /usr/local/bin/thaw
+# thaw-runtime and thaw-hook run on every container operation: launch them with -I -S (no site
+# processing, no environment influence) and the venv's site-packages put on sys.path directly.
+SITE=$("$VENV/bin/python" -c 'import sysconfig as s; p=s.get_paths(); print(p["purelib"]); print(p["platlib"])' | sort -u | tr '\n' ' ')
+write_launcher() {  # $1 = command, $2 = module with main()
+  local tmp
+  tmp=$(mktemp /usr/local/bin/.thaw-launcher.XXXXXX)
+  {
+    echo "#!$VENV/bin/python3 -IS"
+    echo "# thaw launcher written by install/node.sh"
+    echo "import sys"
+    for p in $SITE; do echo "sys.path.append('$p')"; done
+    echo "from $2 import main"
+    echo "main()"
+  } > "$tmp"
+  chmod 0755 "$tmp"
+  mv -f "$tmp" "/usr/local/bin/$1"
+}
+write_launcher thaw-runtime thaw.shim.runtime
+write_launcher thaw-hook thaw.hooks.main
 say "thaw: commands linked in /usr/local/bin: thaw thaw-runtime thaw-hook"
 
 # --- config, store, state -----------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""thaw's annotation keys and their parsing (the pod/container contract)."""
+"""thaw's annotation keys and their parsing (the pod/container contract).
+
+Imported on the runtime's hot path: plain classes, and `re` only when a reference is parsed.
+"""
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 SNAPSHOT = "thaw.dev/snapshot"
 CAPTURE = "thaw.dev/capture"
@@ -22,44 +22,53 @@ CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 OCI_IMAGE_REF = "org.opencontainers.image.ref.name"
 
 DEFAULT_TAG = "latest"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
+_TAG = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
 
 
 class AnnotationError(ValueError):
     """A thaw annotation is present but malformed."""
 
 
-@dataclass(frozen=True)
 class SnapshotRef:
-    name: str
-    tag: str = DEFAULT_TAG
+    __slots__ = ("name", "tag")
+
+    def __init__(self, name: str, tag: str = DEFAULT_TAG):
+        self.name, self.tag = name, tag
 
     def __str__(self) -> str:
         return f"{self.name}:{self.tag}"
+
+    def __repr__(self) -> str:
+        return f"SnapshotRef({self.name!r}, {self.tag!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SnapshotRef) and (self.name, self.tag) == (other.name, other.tag)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.tag))
 
     @classmethod
     def parse(cls, text: str) -> "SnapshotRef":
         name, sep, tag = text.strip().partition(":")
         if not sep:
             tag = DEFAULT_TAG
+        import re
         # Names become file-system keys and OCI ref names: keep them to a safe alphabet.
-        if not _NAME.match(name):
+        if not re.match(_NAME, name):
             raise AnnotationError(f"invalid snapshot name {name!r} in {text!r}: want [a-z0-9][a-z0-9._-]*")
-        if ".." in name or not _TAG.match(tag):
+        if ".." in name or not re.match(_TAG, tag):
             raise AnnotationError(f"invalid snapshot reference {text!r}: want NAME[:TAG]")
         return cls(name, tag)
 
 
-@dataclass(frozen=True)
 class ThawRequest:
     """What a container's annotations ask of thaw."""
-    snapshot: SnapshotRef
-    required: bool = False
-    capture_on_ready: bool = False
-    ready: str | None = None
-    quiesce: str | None = None
-    resume: str | None = None
+
+    def __init__(self, snapshot: SnapshotRef, required: bool = False, capture_on_ready: bool = False,
+                 ready: str | None = None, quiesce: str | None = None, resume: str | None = None):
+        self.snapshot, self.required, self.capture_on_ready = snapshot, required, capture_on_ready
+        self.ready, self.quiesce, self.resume = ready, quiesce, resume
 
 
 def is_sandbox(annotations: dict[str, str]) -> bool:

@@ -11,8 +11,6 @@ the problem itself. Nothing here knows what runc does with the flags.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 # name -> takes a value. Aliases map to the canonical name.
 GLOBAL_FLAGS: dict[str, bool] = {
     "debug": False,
@@ -49,13 +47,17 @@ class ArgvError(ValueError):
     """The command line is not one thaw can interpret."""
 
 
-@dataclass
 class RuncCall:
-    argv: list[str]                      # the original argv, argv[0] included
-    global_flags: dict[str, str | bool] = field(default_factory=dict)
-    command: str | None = None
-    flags: dict[str, str | bool] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
+    """One parsed runc command line. (A plain class: this module is on the hot path, and
+    importing dataclasses costs more than the whole parse.)"""
+    __slots__ = ("argv", "global_flags", "command", "flags", "args")
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv                                  # the original argv, argv[0] included
+        self.global_flags: dict[str, str | bool] = {}
+        self.command: str | None = None
+        self.flags: dict[str, str | bool] = {}
+        self.args: list[str] = []
 
     @property
     def container_id(self) -> str | None:

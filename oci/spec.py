@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Any
 
 CONFIG = "config.json"
@@ -18,10 +17,9 @@ class SpecError(ValueError):
     """config.json is missing or not a runtime spec."""
 
 
-@dataclass
 class Bundle:
-    path: str
-    spec: dict[str, Any]
+    def __init__(self, path: str, spec: dict[str, Any]):
+        self.path, self.spec = path, spec
 
     @classmethod
     def load(cls, path: str) -> "Bundle":

@@ -1,18 +1,16 @@
 """Node configuration: /etc/thaw/config.yaml, or the file named by THAW_CONFIG.
 
-thaw-runtime reads the config on every runtime call, including pure passthrough, so parsing YAML
-(pyyaml alone costs ~20 ms to import) is kept off that path: the parsed config is cached as JSON
-in /run/thaw/config-cache/, keyed by the config file's path and validated by its (mtime, size,
+thaw-runtime reads the config on every runtime call, including pure passthrough, so this module
+imports nothing heavy: parsing YAML (pyyaml alone costs ~20 ms to import) is kept off that path
+by caching the parsed config with `marshal` (built in, no import cost) in
+/run/thaw/config-cache/, keyed by the config file's path and validated by its (mtime, size,
 inode). A missing or unwritable cache just means parsing the YAML.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import marshal
 import os
-import shutil
-from dataclasses import dataclass, field
 
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
@@ -24,26 +22,42 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Policy:
-    allow_cross_namespace: bool = False
-    verify: str = "stat"
-    required: bool = False
+class _Record:
+    """Tiny immutable record with keyword defaults and value equality (no dataclasses import)."""
+    _fields: dict = {}
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self._fields)
+        if unknown:
+            raise TypeError(f"unknown fields {unknown}")
+        for k, default in self._fields.items():
+            object.__setattr__(self, k, values.get(k, default))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("read-only")
+
+    def __eq__(self, other):
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self._fields)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._fields)})"
 
 
-@dataclass(frozen=True)
-class Config:
-    store_dir: str = "/var/lib/thaw"
-    state_dir: str = "/run/thaw"
-    next_runtime: str = "runc"
-    criu: str = ""
-    log_level: str = "info"
-    policy: Policy = field(default_factory=Policy)
-    source: str | None = None
+class Policy(_Record):
+    _fields = {"allow_cross_namespace": False, "verify": "stat", "required": False}
+
+
+class Config(_Record):
+    _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
+               "criu": "", "log_level": "info", "policy": None, "source": None}
+
+    def __init__(self, **values):
+        values.setdefault("policy", Policy())
+        super().__init__(**values)
 
     def resolve_next_runtime(self) -> str:
         """Absolute path of the next runtime (never thaw-runtime itself)."""
-        path = self.next_runtime if os.path.isabs(self.next_runtime) else shutil.which(self.next_runtime)
+        path = self.next_runtime if os.path.isabs(self.next_runtime) else which(self.next_runtime)
         if not path:
             raise ConfigError(f"next_runtime {self.next_runtime!r} not found on PATH")
         return path
@@ -53,10 +67,19 @@ class Config:
             return self.criu
         if os.access("/usr/local/sbin/criu", os.X_OK):
             return "/usr/local/sbin/criu"
-        return shutil.which("criu") or "criu"
+        return which("criu") or "criu"
 
     def logs(self, level: str) -> bool:
         return LOG_LEVELS.index(level) >= LOG_LEVELS.index(self.log_level)
+
+
+def which(name: str) -> str | None:
+    """shutil.which without importing shutil (hot path)."""
+    for d in (os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
+        p = os.path.join(d, name)
+        if d and os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    return None
 
 
 def _from_mapping(raw: object, source: str | None) -> Config:
@@ -82,9 +105,9 @@ def _from_mapping(raw: object, source: str | None) -> Config:
     if policy.verify not in VERIFY_MODES:
         raise ConfigError(f"{source}: policy.verify must be one of {VERIFY_MODES}")
     cfg = Config(
-        store_dir=str(raw.get("store_dir", Config.store_dir)),
-        state_dir=str(raw.get("state_dir", Config.state_dir)),
-        next_runtime=str(raw.get("next_runtime", Config.next_runtime)),
+        store_dir=str(raw.get("store_dir", Config._fields["store_dir"])),
+        state_dir=str(raw.get("state_dir", Config._fields["state_dir"])),
+        next_runtime=str(raw.get("next_runtime", Config._fields["next_runtime"])),
         criu=str(raw.get("criu") or ""),
         log_level=str(raw.get("log_level", "info")).lower(),
         policy=policy,
@@ -119,13 +142,13 @@ def load(path: str | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from None
         return Config()
     key = f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
-    cache = os.path.join(CACHE_DIR, hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24] + ".json")
+    cache = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25").replace("/", "%2F"))
     try:
-        with open(cache) as f:
-            cached = json.load(f)
+        with open(cache, "rb") as f:
+            cached = marshal.load(f)
         if cached.get("key") == key:
             return _from_mapping(cached["config"], path)
-    except (OSError, ValueError, KeyError, ConfigError):
+    except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError, ConfigError):
         pass
     import yaml  # only when the cache is cold
     try:
@@ -137,8 +160,8 @@ def load(path: str | None = None) -> Config:
     try:
         os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
         tmp = f"{cache}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"key": key, "config": _to_mapping(cfg)}, f)
+        with open(tmp, "wb") as f:
+            marshal.dump({"key": key, "config": _to_mapping(cfg)}, f)
         os.replace(tmp, cache)
     except OSError:
         pass

@@ -20,7 +20,8 @@ from thaw.oci.spec import Bundle
 
 from . import fingerprint
 from .config import Config
-from .runc import Runc, passthrough
+from .runc import Runc
+from .runtime import passthrough
 from .state import ContainerState
 
 

@@ -1,5 +1,5 @@
-"""The one module that drives runc (or whatever `next_runtime` is): passthrough, restore,
-checkpoint, state, delete.
+"""The one module that drives runc (or whatever `next_runtime` is) as a subprocess: restore,
+checkpoint, state, delete. (Handing a call over by execv is the runtime entry point's job.)
 
 Calls that thaw makes on its own behalf (restore, checkpoint) log to a private file in thaw's
 work directory, not to containerd's log.json: containerd reports the last error line of that file,
@@ -21,11 +21,6 @@ _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 class RuncError(RuntimeError):
     """A runc call failed; the message carries runc's and CRIU's own words."""
-
-
-def passthrough(binary: str, argv: list[str]) -> None:
-    """Replace this process by the next runtime with the same argv: same pid, same fds."""
-    os.execv(binary, [binary, *argv[1:]])
 
 
 def _env() -> dict[str, str]:

@@ -6,19 +6,30 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
-import time
-from typing import Any
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
+# json and shutil are imported where used: `start`/`delete` of every container imports this
+# module only to look for a record.
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+
+
+def valid_id(container_id: str) -> bool:
+    """Container ids become file names here: the alphabet runc accepts, no leading dot."""
+    return (0 < len(container_id) <= 1024 and container_id[0] != "." and
+            _ID_CHARS.issuperset(container_id))
+
+
+def record_path(state_dir: str, container_id: str) -> str:
+    """Cheap existence check for the runtime's hot path (start/delete of any container)."""
+    if not valid_id(container_id):
+        raise ValueError(f"invalid container id {container_id!r}")
+    return os.path.join(state_dir, "containers", container_id + ".json")
 
 
 class ContainerState:
     def __init__(self, state_dir: str, container_id: str):
-        if not _ID.match(container_id):
+        if not valid_id(container_id):
             raise ValueError(f"invalid container id {container_id!r}")
         self.dir = os.path.join(state_dir, "containers")
         self.id = container_id
@@ -29,20 +40,24 @@ class ContainerState:
         return os.path.exists(self.record_path)
 
     def make_work_dir(self) -> str:
+        import shutil
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         if os.path.exists(self.work_dir):
             shutil.rmtree(self.work_dir)
         os.mkdir(self.work_dir, 0o700)
         return self.work_dir
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict) -> None:
+        import json
+        import time
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         tmp = f"{self.record_path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump({**record, "id": self.id, "updated": time.time()}, f)
         os.replace(tmp, self.record_path)
 
-    def read(self) -> dict[str, Any] | None:
+    def read(self) -> dict | None:
+        import json
         try:
             with open(self.record_path) as f:
                 return json.load(f)
@@ -53,6 +68,7 @@ class ContainerState:
         self.write({**(self.read() or {}), **fields})
 
     def remove(self) -> None:
+        import shutil
         for path in (self.record_path,):
             try:
                 os.unlink(path)

@@ -23,7 +23,7 @@ def unique(prefix: str = "t") -> str:
 
 def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | None = None,
                 netns: str | None = None, python: bool = False, env: list[str] | None = None,
-                cgroup: str | None = None) -> str:
+                cgroup: str | None = None, binds: dict[str, str] | None = None) -> str:
     """A runc bundle at `path`: busybox rootfs (plus the host's /usr, read-only, when python),
     a new or joined (netns path) network namespace, the given process args and annotations."""
     rootfs = os.path.join(path, "rootfs")
@@ -50,10 +50,13 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
         mounts.append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["bind", "ro"]})
     else:
         shutil.copy2(BUSYBOX, os.path.join(rootfs, "bin", "busybox"))
-        for applet in ("sh", "sleep", "echo", "cat", "nc", "httpd", "seq", "date", "touch", "rm", "ls"):
+        for applet in ("sh", "sleep", "echo", "cat", "nc", "httpd", "seq", "date", "touch", "rm", "ls", "true", "wget"):
             dst = os.path.join(rootfs, "bin", applet)
             if not os.path.lexists(dst):
                 os.symlink("busybox", dst)
+    for dest, src in (binds or {}).items():
+        os.makedirs(os.path.join(rootfs, dest.lstrip("/")), exist_ok=True)
+        mounts.append({"destination": dest, "type": "bind", "source": src, "options": ["rbind", "ro"]})
     with open(os.path.join(rootfs, "etc", "hostname"), "w") as f:
         f.write("thaw-test\n")
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]

@@ -1,0 +1,77 @@
+"""pytest fixtures for the containerd/CRI tests.
+
+Load with `pytest_plugins = ["cri.fixtures"]` (tests/ on sys.path, pytest's default "prepend"
+import mode when tests/ has no __init__.py) or `["tests.cri.fixtures"]` when tests/ is a package.
+
+  thaw_runtime_binary  (session) path for the `thaw` handler's BinaryName: $THAW_RUNTIME_BINARY,
+                       else `thaw-runtime` on PATH, else None (containerd then uses runc for it).
+                       Override this fixture to point the handler somewhere else.
+  containerd_options   (session) {} : extra Containerd(...) keywords (env, extra_handlers, ...).
+  containerd           (session) a started cri.containerd.Containerd; skips when not root or
+                       containerd/ctr/runc/CNI plugins/busybox are missing (fails instead under
+                       THAW_TEST_STRICT=1). Stopped and purged at the end of the session.
+  cri                  (function) a CriClient on it; pods it created and the test left behind are
+                       stopped and removed after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from .containerd import Containerd, skip_reason
+
+
+@pytest.fixture(scope="session")
+def thaw_runtime_binary() -> str | None:
+    return os.environ.get("THAW_RUNTIME_BINARY") or shutil.which("thaw-runtime")
+
+
+@pytest.fixture(scope="session")
+def containerd_options() -> dict:
+    """Extra keyword arguments for Containerd(...); override to add handlers or environment,
+    e.g. {"env": {"THAW_CONFIG": "/x/config.yaml"}, "extra_handlers": {"thaw2": {...}}}."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def containerd(thaw_runtime_binary, containerd_options):
+    reason = skip_reason()
+    if reason:
+        if os.environ.get("THAW_TEST_STRICT") == "1":
+            pytest.fail(f"prerequisite missing under THAW_TEST_STRICT: {reason}")
+        pytest.skip(reason)
+    cd = Containerd(thaw_binary=thaw_runtime_binary, **containerd_options)
+    cd.start()
+    try:
+        yield cd
+    finally:
+        problems = cd.stop()
+        if problems:
+            print(f"containerd fixture cleanup problems: {problems}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"_cri_rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def cri(containerd, request):
+    client = containerd.client()
+    try:
+        yield client
+    finally:
+        rep = getattr(request.node, "_cri_rep_call", None)
+        if rep is not None and rep.failed:
+            print(containerd.log_tail(80))
+        for pod_id in list(client.pod_configs):
+            try:
+                client.remove_pod_fully(pod_id)
+            except Exception as e:  # noqa: BLE001
+                print(f"cleanup of pod {pod_id[:12]} failed: {e}")
+        client.close()
