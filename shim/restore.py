@@ -70,15 +70,15 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
 
     runc = Runc.for_call(next_runtime, cfg.resolve_criu(), call)
     target_gpus = None
-    if snap.fingerprint.get("node", {}).get("gpu", {}).get("count"):
+    gpu_fp: dict = {}
+    if (snap.config.get("gpu") or {}).get("pids"):
+        # The snapshot holds checkpointed CUDA processes: this node must be able to restore them.
         from . import cuda
-        target_gpus = cuda.container_gpus(bundle.spec)
-        gpu_fp = cuda.gpu_fingerprint(target_gpus, cuda_version=cuda.cuda_driver_version()
-                                      if cuda.available() else None)
         if not cuda.available():
-            gpu_fp["error"] = "no NVIDIA driver or cuda-python on this node"
-    else:
-        gpu_fp = {}
+            raise Incompatible(f"snapshot {snap.ref} holds GPU state, but this node has no NVIDIA "
+                               "driver or cuda-python")
+        target_gpus = cuda.container_gpus(bundle.spec)
+        gpu_fp = cuda.gpu_fingerprint(target_gpus, cuda_version=cuda.cuda_driver_version())
     here = {"node": fingerprint.node(cfg.resolve_criu(), "", gpu_fp),
             "container": fingerprint.container(bundle)}
     reasons = fingerprint.compare(snap.fingerprint, here, cfg.policy.allow_cross_namespace)

@@ -1,0 +1,24 @@
+# Source on the GPU machine from the repository root: puts the carried CRIU, runc and
+# iptables-restore on PATH (with their libraries), installs the carried wheels into /tmp/site and
+# writes a thaw config under /tmp/thaw. See bench/device/pack.sh for what .carry/ holds.
+C=$PWD/.carry
+B=/tmp/thawbin
+mkdir -p "$B" /tmp/thaw
+printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib exec %s/bin/criu "$@"\n' "$C" "$C" > "$B/criu"
+printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib exec %s/bin/runc "$@"\n' "$C" "$C" > "$B/runc"
+for t in iptables-restore ip6tables-restore iptables ip6tables; do
+  printf '#!/bin/sh\nXTABLES_LIBDIR=%s/xtables LD_LIBRARY_PATH=%s/lib exec %s/bin/xtables-nft-multi %s "$@"\n' \
+    "$C" "$C" "$C" "$t" > "$B/$t"
+done
+chmod +x "$B"/*
+export PATH=$B:$PATH
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$C"/wheels/*.whl
+export PYTHONPATH=/tmp/site
+ln -sf /tmp/site/bin/thaw /tmp/site/bin/thaw-runtime /tmp/site/bin/thaw-hook "$B/"
+cat > /tmp/thaw/config.yaml <<CFG
+store_dir: /var/tmp/thaw-store
+state_dir: /run/thaw
+next_runtime: $B/runc
+criu: $B/criu
+CFG
+export THAW_CONFIG=/tmp/thaw/config.yaml
