@@ -73,6 +73,22 @@ class Config(_Record):
         return LOG_LEVELS.index(level) >= LOG_LEVELS.index(self.log_level)
 
 
+def make_private_dir(path: str) -> str:
+    """Create `path` and any missing parents root-only (0700): makedirs' mode applies to the
+    leaf only, and thaw's state and store must never be readable by others."""
+    missing = []
+    cur = path
+    while cur and cur != "/" and not os.path.isdir(cur):
+        missing.append(cur)
+        cur = os.path.dirname(cur)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+    return path
+
+
 def which(name: str) -> str | None:
     """shutil.which without importing shutil (hot path)."""
     for d in (os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
@@ -158,7 +174,7 @@ def load(path: str | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     cfg = _from_mapping(raw, path)
     try:
-        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
+        make_private_dir(CACHE_DIR)
         tmp = f"{cache}.{os.getpid()}"
         with open(tmp, "wb") as f:
             marshal.dump({"key": key, "config": _to_mapping(cfg)}, f)

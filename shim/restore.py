@@ -19,7 +19,7 @@ from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
 
 from . import fingerprint
-from .config import Config
+from .config import Config, make_private_dir
 from .runc import Runc
 from .runtime import passthrough
 from .state import ContainerState
@@ -38,7 +38,7 @@ class RuntimeLog:
             return
         runc_log.append(self.path, level, msg, self.format)
         try:
-            os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+            make_private_dir(self.cfg.state_dir)
             runc_log.append(os.path.join(self.cfg.state_dir, "events.log"), level,
                             f"[{self.container_id}] {msg}", "json")
         except OSError:

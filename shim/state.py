@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from .config import make_private_dir
+
 # json and shutil are imported where used: `start`/`delete` of every container imports this
 # module only to look for a record.
 
@@ -41,7 +43,7 @@ class ContainerState:
 
     def make_work_dir(self) -> str:
         import shutil
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        make_private_dir(self.dir)
         if os.path.exists(self.work_dir):
             shutil.rmtree(self.work_dir)
         os.mkdir(self.work_dir, 0o700)
@@ -50,7 +52,7 @@ class ContainerState:
     def write(self, record: dict) -> None:
         import json
         import time
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        make_private_dir(self.dir)
         tmp = f"{self.record_path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump({**record, "id": self.id, "updated": time.time()}, f)

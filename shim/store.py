@@ -28,6 +28,9 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError
 
 
+from .config import make_private_dir
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -69,7 +72,7 @@ class Store:
     # --- setup and locking --------------------------------------------------------------------
     def init(self) -> "Store":
         for d in (self.root, self.layers_dir, self.staging_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
+            make_private_dir(d)
         os.chmod(self.root, 0o700)
         self.layout.init()
         return self

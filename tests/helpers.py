@@ -207,14 +207,22 @@ def _drain(fd: int, sink: list[str]) -> None:
 
 
 def netns(name: str) -> str:
-    """Create a named network namespace with loopback up; returns its path."""
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    """Create a named network namespace with loopback up (pyroute2: no iproute2 needed, the GPU
+    machine has none); returns its path."""
+    from pyroute2 import NetNS
+    from pyroute2 import netns as pnetns
+    pnetns.create(name)
+    with NetNS(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
     return f"/run/netns/{name}"
 
 
 def netns_delete(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+    from pyroute2 import netns as pnetns
+    try:
+        pnetns.remove(name)
+    except OSError:
+        pass
 
 
 def tcp_in_netns(ns_path: str, port: int, payload: bytes = b"ping\n", timeout: float = 5) -> bytes:
