@@ -70,7 +70,9 @@ def gpu_bundle(path: str, args: list[str], work: str, ns: str, annotations: dict
                                 "minor": os.minor(st.st_rdev), "fileMode": 0o666, "uid": 0, "gid": 0})
     spec["linux"]["devices"] = devices
     spec["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
-    spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}]
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # no CAP_SYS_RESOURCE to go higher
+    spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": hard, "soft": hard}]
     json.dump(spec, open(cfg_path, "w"), indent=1)
     return path
 
