@@ -63,6 +63,14 @@ def driver():
     return _driver
 
 
+def init_quietly() -> None:
+    """Initialise the driver ahead of need (in a thread); errors surface on first real use."""
+    try:
+        driver()
+    except CudaError:
+        pass
+
+
 def _name(d, err) -> str:
     try:
         e, s = d.cuGetErrorName(err)

@@ -85,15 +85,16 @@ def compare(snap: dict[str, Any], here: dict[str, Any], allow_cross_namespace: b
 
 
 def _compare_gpu(sg: dict[str, Any], hg: dict[str, Any]) -> list[str]:
-    """GPU state restores only onto the same chip type, driver and CUDA version, and as many
-    GPUs as were checkpointed (their UUIDs may differ: restore remaps them)."""
+    """GPU state restores only onto the same chip type and driver (which fixes the CUDA driver
+    API version), and as many GPUs as were checkpointed (their UUIDs may differ: restore remaps
+    them)."""
     if not sg.get("count"):
         return []
     reasons = []
     if not hg.get("count"):
         return [f"gpu: snapshot holds state of {sg.get('count')} GPU(s) ({sg.get('model')}), "
                 f"container has none{': ' + hg['error'] if hg.get('error') else ''}"]
-    for key in ("model", "count", "driver", "cuda"):
+    for key in ("model", "count", "driver"):
         if sg.get(key) != hg.get(key):
             reasons.append(f"gpu {key}: snapshot {sg.get(key)!r}, node {hg.get(key)!r}")
     return reasons

@@ -78,7 +78,7 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
             raise Incompatible(f"snapshot {snap.ref} holds GPU state, but this node has no NVIDIA "
                                "driver or cuda-python")
         target_gpus = cuda.container_gpus(bundle.spec)
-        gpu_fp = cuda.gpu_fingerprint(target_gpus, cuda_version=cuda.cuda_driver_version())
+        gpu_fp = cuda.gpu_fingerprint(target_gpus)
     here = {"node": fingerprint.node(cfg.resolve_criu(), "", gpu_fp),
             "container": fingerprint.container(bundle)}
     reasons = fingerprint.compare(snap.fingerprint, here, cfg.policy.allow_cross_namespace)
@@ -100,9 +100,18 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
         pid_file = call.flags.get("pid-file")
         pid_file = pid_file if isinstance(pid_file, str) else os.path.join(work, "pid")
         console = call.flags.get("console-socket")
+        cuda_init = None
+        if target_gpus is not None:
+            # cuInit costs ~0.2 s: pay it while CRIU restores memory.
+            import threading
+            from . import cuda
+            cuda_init = threading.Thread(target=cuda.init_quietly, daemon=True)
+            cuda_init.start()
         restored = True   # from here on a runc container may exist
         _phase(phases, "runc_restore", runc.restore, cid, bundle.path, image_dir, work, pid_file,
                console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")))
+        if cuda_init is not None:
+            _phase(phases, "cuda_init_wait", cuda_init.join)
         with open(pid_file) as f:
             pid = int(f.read().strip())
         if target_gpus is not None:
