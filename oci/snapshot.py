@@ -73,10 +73,11 @@ def now_rfc3339() -> str:
 
 def make_config(ref: str, fingerprint: dict[str, Any], source: dict[str, Any],
                 sizes: dict[str, int], phases: dict[str, float],
-                gpu: dict[str, Any] | None = None) -> dict[str, Any]:
+                gpu: dict[str, Any] | None = None, network: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"formatVersion": FORMAT_VERSION, "ref": ref, "created": now_rfc3339(),
             "fingerprint": fingerprint, "source": source, "sizes": sizes,
-            "phases": {k: round(v, 4) for k, v in phases.items()}, "gpu": gpu or {}}
+            "phases": {k: round(v, 4) for k, v in phases.items()}, "gpu": gpu or {},
+            "network": network or {}}
 
 
 def write_snapshot(layout: ImageLayout, ref: str, config: dict[str, Any], criu: Descriptor,

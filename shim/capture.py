@@ -79,6 +79,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         os.mkdir(work, 0o700)
 
         from . import engine  # quiesce/resume calls into the container's network namespace
+        from . import netcheck
+        listen = netcheck.listening_sockets(pid)
         gpu_session = None
         if gpu is not False:
             from . import cuda
@@ -123,7 +125,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
                    "rootfs_entries": len(diff.entries), "rootfs_deleted": len(diff.deleted),
                    "gpu_bytes": gpu_session.gpu_bytes if gpu_session else 0},
             phases=phases.times,
-            gpu=gpu_session.describe() if gpu_session else None)
+            gpu=gpu_session.describe() if gpu_session else None,
+            network={"listen": listen, "netns_joined": bundle.namespace_path("network") is not None})
         snap = fmt.write_snapshot(layout, str(ref), config, criu_desc, rootfs_desc, deleted_desc)
         store.publish(snap)
         if diff.skipped:

@@ -49,7 +49,8 @@ class Policy(_Record):
 
 class Config(_Record):
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
-               "criu": "", "log_level": "info", "policy": None, "source": None}
+               "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
+               "log_level": "info", "policy": None, "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
@@ -103,7 +104,8 @@ def _from_mapping(raw: object, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
-    known = {"store_dir", "state_dir", "next_runtime", "criu", "log_level", "policy"}
+    known = {"store_dir", "state_dir", "next_runtime", "criu", "hook", "capture_ready_timeout",
+             "log_level", "policy"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{source}: unknown keys: {', '.join(sorted(unknown))}")
@@ -125,6 +127,8 @@ def _from_mapping(raw: object, source: str | None) -> Config:
         state_dir=str(raw.get("state_dir", Config._fields["state_dir"])),
         next_runtime=str(raw.get("next_runtime", Config._fields["next_runtime"])),
         criu=str(raw.get("criu") or ""),
+        hook=str(raw.get("hook", Config._fields["hook"]) or ""),
+        capture_ready_timeout=float(raw.get("capture_ready_timeout", 1800)),
         log_level=str(raw.get("log_level", "info")).lower(),
         policy=policy,
         source=source,
@@ -141,7 +145,8 @@ def _from_mapping(raw: object, source: str | None) -> Config:
 
 def _to_mapping(cfg: Config) -> dict:
     return {"store_dir": cfg.store_dir, "state_dir": cfg.state_dir, "next_runtime": cfg.next_runtime,
-            "criu": cfg.criu, "log_level": cfg.log_level,
+            "criu": cfg.criu, "hook": cfg.hook, "capture_ready_timeout": cfg.capture_ready_timeout,
+            "log_level": cfg.log_level,
             "policy": {"allow_cross_namespace": cfg.policy.allow_cross_namespace,
                        "verify": cfg.policy.verify, "required": cfg.policy.required}}
 

@@ -59,3 +59,7 @@ def run_checks(cfg: Config) -> Iterator[Check]:
         yield True, "nvidia driver", cuda.driver_version() or "unknown"
     else:
         yield True, "gpu", "no NVIDIA driver on this node: CPU-only snapshots"
+
+    # containerd: is the runtime handler "thaw" registered (only where containerd is installed)?
+    from .containerd_config import doctor_checks
+    yield from doctor_checks()

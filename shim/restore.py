@@ -8,6 +8,7 @@ reads it, and the original `create` argv is handed to the next runtime.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -88,6 +89,11 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
 
     image_dir = _phase(phases, "verify_layer", store.cached_layer, snap, cfg.policy.verify)
     work = state.make_work_dir()
+    created = time.time()
+    # The prestart hook (run by runc restore) sees this and checks the target network namespace.
+    state.write({"restoring": True, "snapshot": snap.ref, "created": created,
+                 "netns": bundle.namespace_path("network"),
+                 "listen": (snap.config.get("network") or {}).get("listen") or []})
     applier = RootfsApplier(bundle.rootfs, os.path.join(work, "undo"))
     restored = False
     try:
@@ -125,17 +131,20 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
             from . import engine
             _phase(phases, "resume", engine.call, req.resume, pid)
         phases["total"] = round(time.perf_counter() - t0, 4)
-        record = {"restored": True, "started": False, "snapshot": snap.ref,
+        record = {"restored": True, "started": False, "snapshot": snap.ref, "created": created,
                   "manifest": snap.manifest.digest, "pid": pid, "bundle": bundle.path,
                   "root": call.root, "phases": phases}
         state.write(record)
         applier.commit()
         return record
-    except BaseException:
+    except BaseException as exc:
+        hook_error = (state.read() or {}).get("hook_error")
         if restored:
             runc.delete_force(cid)
         applier.undo()
         state.remove()
+        if hook_error:
+            raise Incompatible(f"snapshot {snap.ref}: {hook_error}") from exc
         raise
 
 
@@ -143,18 +152,60 @@ class Incompatible(RuntimeError):
     """The snapshot cannot be restored into this container on this node."""
 
 
+def _inject_hooks(bundle: Bundle, cfg: Config, log: RuntimeLog) -> None:
+    """Add thaw-hook prestart/poststop to config.json (idempotent; other hooks keep their order)."""
+    if not cfg.hook:
+        return
+    if not os.access(cfg.hook, os.X_OK):
+        log("warning", f"thaw: hook {cfg.hook} not executable; container runs without thaw's hooks")
+        return
+    from thaw.oci.spec import add_hook
+    env = [f"THAW_CONFIG={cfg.source}"] if cfg.source else []
+    changed = False
+    for stage in ("prestart", "poststop"):
+        hook = {"path": cfg.hook, "args": ["thaw-hook", stage], "timeout": 60}
+        if env:
+            hook["env"] = env
+        changed |= add_hook(bundle.spec, stage, hook)
+    if changed:
+        bundle.save()
+
+
+def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str) -> None:
+    """Remember a cold-started thaw container: for its timing record, and for auto-capture."""
+    record = {"restored": False, "created": time.time(), "root": call.root, "cold_reason": reason}
+    try:
+        req = ann.parse_request(bundle.annotations)
+    except ann.AnnotationError:
+        req = None
+    if req is not None:
+        record["snapshot"] = str(req.snapshot)
+        if req.capture_on_ready:
+            record["capture"] = {"snapshot": str(req.snapshot), "ready": req.ready, "root": call.root,
+                                 "quiesce": req.quiesce, "resume": req.resume}
+    ContainerState(cfg.state_dir, call.container_id).write(record)
+
+
 def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> NoReturn:
     """Handle `create` for a container that carries thaw.dev/snapshot."""
     log = RuntimeLog(call, cfg)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
+    original_spec = json.dumps(bundle.spec)
+    _inject_hooks(bundle, cfg, log)
     try:
         record = restore(call, bundle, cfg, next_runtime, log)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a cold start
         reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ann.AnnotationError, Incompatible)) else str(exc)
         if required:
             log("error", f"thaw: restore required but failed, container not created: {reason}")
+            bundle.spec = json.loads(original_spec)      # leave the bundle as containerd wrote it
+            bundle.save()
             sys.exit(1)
         log("warning", f"thaw: cold start (restore not possible: {reason})")
+        try:
+            _record_cold_start(call, bundle, cfg, reason)
+        except (OSError, ValueError) as rec_exc:
+            log("warning", f"thaw: cannot record cold start: {rec_exc}")
         passthrough(next_runtime, call.argv)
     log("info", f"thaw: restored {call.container_id} from {record['snapshot']} in "
                 f"{record['phases']['total']:.3f}s {record['phases']}")

@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     elif call.command in ("start", "delete") and cid:
         from . import state
         try:
-            restored = os.path.exists(state.record_path(cfg.state_dir, cid))
+            known = os.path.exists(state.record_path(cfg.state_dir, cid))
         except ValueError:
-            restored = False
-        if restored:
+            known = False
+        if known:
             st = state.ContainerState(cfg.state_dir, cid)
             if call.command == "delete":
-                st.remove()                 # then runc deletes the container itself
+                state.finish(cfg.state_dir, cid, "delete")   # then runc deletes the container
             else:
                 record = st.read() or {}
                 if record.get("restored") and not record.get("started"):

@@ -85,3 +85,42 @@ def list_ids(state_dir: str) -> list[str]:
         return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json"))
     except FileNotFoundError:
         return []
+
+
+def finish(state_dir: str, container_id: str, how: str) -> dict | None:
+    """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
+    comes first): stop its capture watcher, append its timing record to state_dir/timings.log,
+    remove its state. Returns the record it found, or None if another caller got there first."""
+    import json
+    import signal
+    import time
+    try:
+        st = ContainerState(state_dir, container_id)
+    except ValueError:
+        return None
+    record = st.read()
+    if record is None:
+        st.remove()
+        return None
+    if record.get("restoring") and how == "poststop":
+        # runc runs poststop when a restore fails: thaw-runtime is mid-restore and cleans up itself.
+        return None
+    watcher = record.get("watcher_pid")
+    if watcher:
+        try:
+            os.kill(int(watcher), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    now = time.time()
+    timing = {"id": container_id, "snapshot": record.get("snapshot"), "restored": bool(record.get("restored")),
+              "cold_reason": record.get("cold_reason"), "phases": record.get("phases"),
+              "captured": record.get("captured"), "created": record.get("created"), "finished": now,
+              "lifetime_s": round(now - record["created"], 3) if record.get("created") else None, "by": how}
+    try:
+        fd = os.open(os.path.join(state_dir, "timings.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(timing) + "\n")
+    except OSError:
+        pass
+    st.remove()
+    return record

@@ -87,6 +87,17 @@ class Store:
             os.close(fd)
 
     @contextlib.contextmanager
+    def name_lock(self, ref: SnapshotRef) -> Iterator[None]:
+        """Serialises captures of one snapshot name across processes (auto-capture)."""
+        d = make_private_dir(os.path.join(self.root, "locks"))
+        fd = os.open(os.path.join(d, f"{ref.name}_{ref.tag}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
     def staging(self, kind: str) -> Iterator[str]:
         """A private working directory inside the store (same file system as the layout)."""
         self.init()

@@ -75,8 +75,12 @@ def assert_cold_start(env, c, rc, reason_words):
     out = c.wait_output(lambda t: "cold start" in t)
     assert "tick" not in out
     assert env.runc_ids() == [c.id]                 # no half-restored container left
-    assert env.state_entries() == []                # thaw recorded nothing for it
+    record = json.load(open(os.path.join(env.state, "containers", c.id + ".json")))
+    assert record["restored"] is False and record["cold_reason"]
     c.destroy()
+    assert env.state_entries() == []                # delete cleared thaw's state
+    timings = [json.loads(l) for l in open(os.path.join(env.state, "timings.log"))]
+    assert timings[-1]["id"] == c.id and timings[-1]["restored"] is False
 
 
 def assert_clean_failure(env, c, rc, before, reason_words):
@@ -86,6 +90,8 @@ def assert_clean_failure(env, c, rc, before, reason_words):
     assert all(w in errors[-1]["msg"] for w in reason_words), errors[-1]["msg"]
     assert c.id not in env.runc_ids() and env.state_entries() == []
     assert rootfs_listing(c.bundle) == before       # the rootfs diff was undone
+    spec = json.load(open(os.path.join(c.bundle, "config.json")))
+    assert "hooks" not in spec                      # config.json as containerd wrote it
 
 
 def corrupt_unknown(env):
