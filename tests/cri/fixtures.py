@@ -30,10 +30,21 @@ def thaw_runtime_binary() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def containerd_options() -> dict:
+def thaw_node(tmp_path_factory) -> dict:
+    """thaw's own config, store and state for the CRI tests (never the node's /etc/thaw): containerd
+    passes THAW_CONFIG to the shims, so thaw-runtime, thaw-hook and capture watchers use it."""
+    d = tmp_path_factory.mktemp("thaw-node")
+    node = {"config": str(d / "config.yaml"), "store": str(d / "store"), "state": str(d / "state")}
+    with open(node["config"], "w") as f:
+        f.write(f"store_dir: {node['store']}\nstate_dir: {node['state']}\n")
+    return node
+
+
+@pytest.fixture(scope="session")
+def containerd_options(thaw_node) -> dict:
     """Extra keyword arguments for Containerd(...); override to add handlers or environment,
-    e.g. {"env": {"THAW_CONFIG": "/x/config.yaml"}, "extra_handlers": {"thaw2": {...}}}."""
-    return {}
+    e.g. {"env": {...}, "extra_handlers": {"thaw2": {...}}}."""
+    return {"env": {"THAW_CONFIG": thaw_node["config"]}}
 
 
 @pytest.fixture(scope="session")

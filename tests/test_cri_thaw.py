@@ -1,0 +1,202 @@
+"""thaw through the real containerd, driven over CRI exactly as kubelet drives it: restore of a
+captured snapshot, auto-capture (first pod cold, second restored), fallback on a missing or
+corrupt snapshot, clean teardown; and the `ctr run --runc-binary` path."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+_PKG = "tests.cri" if __name__.startswith("tests.") else "cri"
+if os.environ.get("THAW_TEST_STRICT") != "1":
+    pytest.importorskip("grpc", reason="needs grpcio")
+    pytest.importorskip("grpc_tools", reason="needs grpcio-tools")
+pytest_plugins = [f"{_PKG}.fixtures"]
+_client = importlib.import_module(f"{_PKG}.client")
+_images = importlib.import_module(f"{_PKG}.images")
+
+pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.criu]
+
+BUSYBOX = _images.BUSYBOX_IMAGE
+# Counts, publishes the count over HTTP; ready (GET /ready -> 200) after 10 ticks.
+APP = ["sh", "-c", "mkdir -p /www; i=0; while true; do echo tick $i; echo $i > /www/count; "
+       "[ $i = 10 ] && echo ok > /www/ready; i=$((i+1)); sleep 0.1; done & exec httpd -f -p 8080 -h /www"]
+
+
+def wait_for(pred, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ticks_in_log(cri, pod_id, name="app") -> list[int]:
+    path = Path(cri.pod_configs[pod_id].log_directory) / name / "0.log"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [int(m) for m in re.findall(r" stdout [FP] tick (\d+)$", text, re.M)]
+
+
+def http_get(ip: str, path: str) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{ip}:8080{path}", timeout=5) as r:
+        return r.read().decode()
+
+
+def thaw(node, *args, check=True):
+    p = subprocess.run(["thaw", *args], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "THAW_CONFIG": node["config"]})
+    if check and p.returncode != 0:
+        raise AssertionError(f"thaw {args}: {p.stdout}\n{p.stderr}")
+    return p
+
+
+def records(node) -> dict:
+    d = Path(node["state"]) / "containers"
+    return {p.stem: json.loads(p.read_text()) for p in d.glob("*.json")} if d.is_dir() else {}
+
+
+def start_app(cri, name, annotations=None, namespace="team-a"):
+    pod = cri.run_pod(name, namespace, annotations=annotations or {}, runtime_handler="thaw")
+    cid = cri.create_container(pod, cri.pod_configs[pod], "app", BUSYBOX, APP, log_path="app/0.log")
+    cri.start_container(cid)
+    cri.wait_container_state(cid, _client.CONTAINER_RUNNING, timeout=30)
+    return pod, cid
+
+
+def teardown_clean(containerd, cri, node, pod):
+    cids = [c.id for c in cri.list_containers(pod_id=pod)]
+    cri.remove_pod_fully(pod)
+    wait_for(lambda: not containerd.shim_pids(pod), 15, "shim exit")
+    assert not ({pod, *cids} & {c["id"] for c in containerd.runc_list()})
+    assert not [m for m in containerd.mounts() if any(x in m for x in (pod, *cids))]
+    wait_for(lambda: not (set(cids) & set(records(node))), 10, "thaw state cleared")
+
+
+@pytest.fixture
+def thaw_cri(containerd, cri, thaw_node):
+    if not containerd.thaw_is_real:
+        pytest.fail("the thaw handler must run thaw-runtime for these tests")
+    yield containerd, cri, thaw_node
+    for ref in [l.split()[0] for l in thaw(thaw_node, "ls").stdout.splitlines()[1:]]:
+        thaw(thaw_node, "rm", ref, check=False)
+
+
+def test_restore_through_cri(thaw_cri):
+    containerd, cri, node = thaw_cri
+    pod1, cid1 = start_app(cri, "source")
+    wait_for(lambda: len(ticks_in_log(cri, pod1)) > 15, 30, "source ticks")
+    thaw(node, "capture", cid1, "--name", "cri-app:1", "--root", str(containerd.runc_root))
+    captured = max(ticks_in_log(cri, pod1))
+    info = json.loads(thaw(node, "inspect", "cri-app:1").stdout)
+    assert info["config"]["fingerprint"]["container"]["namespace"] == "team-a"
+    assert info["config"]["fingerprint"]["container"]["image"] == BUSYBOX
+    teardown_clean(containerd, cri, node, pod1)
+
+    pod2, cid2 = start_app(cri, "restored", {"thaw.dev/snapshot": "cri-app:1"})
+    rec = records(node)[cid2]
+    assert rec["restored"] is True and rec["snapshot"] == "cri-app:1", rec
+    got = wait_for(lambda: len(ticks_in_log(cri, pod2)) > 5 and ticks_in_log(cri, pod2), 30, "restored ticks")
+    assert got[0] >= captured - 2 and got[0] > 10, (captured, got[:5])   # continued, not from 0
+    assert got == list(range(got[0], got[0] + len(got)))
+    ip = cri.pod_ip(pod2)
+    n1 = int(wait_for(lambda: http_get(ip, "/count"), 10, "server on the new pod IP"))
+    time.sleep(0.3)
+    assert int(http_get(ip, "/count")) > n1 >= got[0]
+    st = cri.container_status(cid2)
+    assert st.state == _client.CONTAINER_RUNNING
+    teardown_clean(containerd, cri, node, pod2)
+    assert not records(node)
+    timing = [json.loads(l) for l in open(Path(node["state"]) / "timings.log")]
+    assert any(t["id"] == cid2 and t["restored"] for t in timing)
+
+
+def test_auto_capture_first_cold_second_restored(thaw_cri):
+    containerd, cri, node = thaw_cri
+    ann = {"thaw.dev/snapshot": "cri-auto:1", "thaw.dev/capture": "on-ready",
+           "thaw.dev/ready": "http://127.0.0.1:8080/ready"}
+    pod1, cid1 = start_app(cri, "first", ann)
+    assert records(node)[cid1]["restored"] is False
+    wait_for(lambda: "cri-auto:1" in thaw(node, "ls").stdout, 60, "auto-capture of the first pod")
+    assert records(node)[cid1].get("captured") == "cri-auto:1"
+    assert cri.container_status(cid1).state == _client.CONTAINER_RUNNING   # left running
+
+    pod2, cid2 = start_app(cri, "second", ann)
+    assert records(node)[cid2]["restored"] is True
+    got = wait_for(lambda: ticks_in_log(cri, pod2), 30, "second pod's ticks")
+    assert got[0] >= 10                                    # restored from the ready state
+    assert int(http_get(cri.pod_ip(pod2), "/count")) >= 10
+    assert http_get(cri.pod_ip(pod2), "/ready").strip() == "ok"
+    teardown_clean(containerd, cri, node, pod1)
+    teardown_clean(containerd, cri, node, pod2)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_bad_snapshot_still_runs_cold(thaw_cri, damage):
+    containerd, cri, node = thaw_cri
+    if damage == "corrupt":
+        pod, cid = start_app(cri, "to-capture")
+        wait_for(lambda: len(ticks_in_log(cri, pod)) > 3, 30, "ticks")
+        thaw(node, "capture", cid, "--name", "cri-bad:1", "--root", str(containerd.runc_root))
+        teardown_clean(containerd, cri, node, pod)
+        info = json.loads(thaw(node, "inspect", "cri-bad:1").stdout)
+        layer = Path(node["store"]) / "layers" / info["layers"][0]["digest"].split(":")[1]
+        pages = max(layer.iterdir(), key=lambda p: p.stat().st_size)
+        with open(pages, "r+b") as f:
+            f.seek(pages.stat().st_size // 2)
+            f.write(b"\xff\xff")
+    pod, cid = start_app(cri, f"cold-{damage}", {"thaw.dev/snapshot": "cri-bad:1"})
+    rec = records(node)[cid]
+    assert rec["restored"] is False
+    assert ("not found" if damage == "missing" else "modified") in rec["cold_reason"]
+    got = wait_for(lambda: ticks_in_log(cri, pod), 30, "cold ticks")
+    assert got[0] == 0                                     # a genuine cold start
+    log = json.loads(containerd.bundle_dir(cid).joinpath("log.json").read_text().splitlines()[0])
+    assert log["level"] == "warning" and "cold start" in log["msg"]
+    teardown_clean(containerd, cri, node, pod)
+
+
+def test_ctr_run_with_runc_binary(thaw_cri, tmp_path):
+    containerd, cri, node = thaw_cri
+    thaw_bin = shutil.which("thaw-runtime")
+    root = "/run/containerd/runc/k8s.io"          # the runc v2 shim's default root for ctr
+    ids = [f"thaw-ctr-{os.getpid()}-{i}" for i in range(2)]
+    logs = [tmp_path / f"{i}.log" for i in ids]
+
+    def run(cid, log, *annotations):
+        args = ["run", "-d", "--runc-binary", thaw_bin, "--log-uri", f"file://{log}"]
+        for a in annotations:
+            args += ["--annotation", a]
+        containerd.ctr(*args, BUSYBOX, cid, *APP)
+
+    try:
+        run(ids[0], logs[0])
+        wait_for(lambda: logs[0].exists() and "tick 15" in logs[0].read_text(), 30, "ctr ticks")
+        thaw(node, "capture", ids[0], "--name", "ctr-app:1", "--root", root)
+        run(ids[1], logs[1], "thaw.dev/snapshot=ctr-app:1")
+        text = wait_for(lambda: logs[1].exists() and "tick" in logs[1].read_text() and logs[1].read_text(),
+                        30, "restored ctr ticks")
+        first = int(re.search(r"tick (\d+)", text).group(1))
+        assert first > 10, text[:200]
+        assert records(node)[ids[1]]["restored"] is True
+    finally:
+        for cid in ids:
+            containerd.ctr("task", "kill", "-s", "KILL", cid, check=False)
+            time.sleep(0.3)
+            containerd.ctr("task", "delete", cid, check=False)
+            containerd.ctr("container", "delete", cid, check=False)
+    wait_for(lambda: not records(node), 10, "thaw state cleared")
