@@ -37,8 +37,10 @@ PKGS=(runc iptables iproute2 busybox-static python3 python3-venv ca-certificates
       build-essential patch pkg-config libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler
       protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev libcap-dev libaio-dev libbsd-dev
       libgnutls28-dev libnftables-dev uuid-dev)
-if [ "$DEV" = 1 ] || [ "$CONTAINERD" = 1 ]; then
-  PKGS+=(containerd containernetworking-plugins)
+if [ "$DEV" = 1 ]; then
+  PKGS+=(containerd containernetworking-plugins)   # the tests start a private containerd
+elif [ "$CONTAINERD" = 1 ] && ! command -v containerd >/dev/null; then
+  PKGS+=(containerd containernetworking-plugins)   # never replace a containerd the node already runs
 fi
 missing=()
 for p in "${PKGS[@]}"; do
@@ -186,8 +188,10 @@ install -d -m 0700 /var/lib/thaw /run/thaw
 say "store: /var/lib/thaw and state /run/thaw are root-only (0700)"
 
 if [ "$CONTAINERD" = 1 ]; then
-  "$SRC/install/containerd.sh" || die "containerd: registering the thaw runtime failed"
+  bash "$SRC/install/containerd.sh" || die "containerd: registering the thaw runtime failed"
 fi
 
-"$VENV/bin/thaw" doctor --quiet || die "thaw doctor reports problems (run 'thaw doctor' for details)"
+DOCTOR=(--quiet)
+[ "$CONTAINERD" = 1 ] || DOCTOR+=(--skip-containerd)   # registering the handler is --containerd's job
+"$VENV/bin/thaw" doctor "${DOCTOR[@]}" || die "thaw doctor reports problems (run 'thaw doctor' for details)"
 say "done"

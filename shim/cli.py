@@ -144,12 +144,14 @@ def import_(ctx, file):
 
 @cli.command()
 @click.option("--quiet", is_flag=True, help="Print only problems.")
+@click.option("--skip-containerd", is_flag=True, help="Do not check containerd's thaw handler.")
 @click.pass_context
-def doctor(ctx, quiet):
-    """Check this node: CRIU, runc, kernel, store and state permissions. Non-zero on problems."""
+def doctor(ctx, quiet, skip_containerd):
+    """Check this node: CRIU, runc, kernel, store and state permissions, containerd's thaw
+    handler. Non-zero on problems."""
     from .doctor import run_checks
     problems = 0
-    for ok, what, detail in run_checks(_cfg(ctx)):
+    for ok, what, detail in run_checks(_cfg(ctx), containerd=not skip_containerd):
         if not ok:
             problems += 1
         if not ok or not quiet:

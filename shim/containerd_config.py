@@ -155,10 +155,11 @@ def resolve_imports(parent: str, imports) -> list[str]:
     return out
 
 
-def load_files(main: str, exclude: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+def load_files(main: str, exclude: tuple[str, ...] = (), main_cfg: dict | None = None) -> list[tuple[str, dict]]:
     """The files containerd loads for `--config main`, in its order (breadth first), each parsed.
     A missing main config reads as empty (containerd then runs on its defaults). Files in
-    `exclude` are skipped as if they did not match."""
+    `exclude` are skipped as if they did not match; `main_cfg` stands for the main config's
+    content when given."""
     skip = {os.path.realpath(p) for p in exclude}
     loaded: set[str] = set()
     files = []
@@ -171,7 +172,9 @@ def load_files(main: str, exclude: tuple[str, ...] = ()) -> list[tuple[str, dict
         if os.path.realpath(path) in skip:
             loaded.add(path)
             continue
-        if first and not os.path.exists(path):
+        if first and main_cfg is not None:
+            cfg = main_cfg
+        elif first and not os.path.exists(path):
             cfg = {}
         else:
             cfg = load_toml(path)
@@ -366,7 +369,7 @@ def dump_toml(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def layout_for(version: tuple[int, int, int] | None, main_cfg: dict, main_exists: bool) -> int:
+def layout_for(version: tuple[int, int, int] | None, main_cfg: dict) -> int:
     """The config version of the drop-in: 2 for containerd 1.x; for 2.x the main config's
     version when it is 2 (containerd refuses an import with a higher version than the main
     config), else 3."""
@@ -448,7 +451,7 @@ def drop_in_text(data: dict, layout: int, main: str) -> str:
     else:
         note = "# containerd 2.x merges imported files key by key: this file only adds the thaw runtime.\n"
     return ("# Written by thaw's install/containerd.sh: registers the runtime handler \"thaw\".\n"
-            + note + "# Remove this file (and its imports entry) to unregister thaw.\n\n" + dump_toml(data))
+            + note + "# Delete this file and restart containerd to unregister thaw.\n\n" + dump_toml(data))
 
 
 # --- editing the main config's top-level `imports` -------------------------------------------
@@ -656,23 +659,15 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = DE
         main_cfg = tomllib.loads(main_text or "")
     except tomllib.TOMLDecodeError as exc:
         raise ContainerdConfigError(f"{main}: not valid TOML: {exc}") from None
-    layout = layout_for(version, main_cfg, main_exists)
+    layout = layout_for(version, main_cfg)
     say(f"containerd {'.'.join(map(str, version))}: config version {layout}, "
         f"runtimes under plugins.\"{cri_plugin(layout)}\"")
-    source = load_files(main, exclude=(drop_in,))
-    eff, _ = effective(source, major)
-    if cri_disabled(eff):
-        say(f"warning: the CRI plugin is disabled (disabled_plugins in {main}): Kubernetes cannot use "
-            f"this containerd; the handler is registered anyway")
     if not os.access(binary, os.X_OK):
         say(f"warning: {binary} is not an executable file yet (install/node.sh installs it)")
 
-    # Everything is computed and checked before anything is written.
-    data = build_drop_in(source, layout, major, binary, default_config(containerd_bin))
-    text = drop_in_text(data, layout, main)
-    if tomllib.loads(text) != data:
-        raise ContainerdConfigError("internal error: the drop-in does not read back as written")
-    old_drop_in = _read(drop_in) if os.path.exists(drop_in) else None
+    # Everything is computed and checked before anything is written. The main config imports
+    # the drop-in directory (a glob: deleting the drop-in can never stop containerd from starting).
+    entry = os.path.join(conf_d, "*.toml")
     new_main = None
     imports = main_cfg.get("imports") or []
     if main_cfg and covered(main, imports, drop_in):
@@ -683,14 +678,31 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = DE
         if not main_text:
             head = ("# containerd config written by thaw's install/containerd.sh: containerd's defaults\n"
                     "# plus the files imported below.\n")
-        new_main = head + f"version = {layout}\nimports = [{_toml_value(drop_in)}]\n"
-        main_note = f"{'created' if not main_exists else 'filled empty'} {main} (version = {layout}, imports {drop_in})"
+        new_main = head + f"version = {layout}\nimports = [{_toml_value(entry)}]\n"
+        main_note = f"{'created' if not main_exists else 'filled empty'} {main} (version = {layout}, imports {entry})"
     else:
         try:
-            new_main = add_import(main_text, drop_in)
+            new_main = add_import(main_text, entry)
         except ContainerdConfigError as exc:
-            raise ContainerdConfigError(f"{main}: {exc}; add {drop_in!r} to its top-level imports by hand") from None
-        main_note = f"added {drop_in} to the top-level imports of {main} (nothing else changed)"
+            raise ContainerdConfigError(f"{main}: {exc}; add {entry!r} to its top-level imports by hand") from None
+        main_note = f"added {entry} to the top-level imports of {main} (nothing else changed)"
+
+    # The drop-in is built from everything else containerd will load, the new imports included.
+    before = {p for p, _ in load_files(main, exclude=(drop_in,))}
+    source = load_files(main, exclude=(drop_in,),
+                        main_cfg=tomllib.loads(new_main) if new_main is not None else main_cfg)
+    for path, _ in source:
+        if path not in before:
+            say(f"note: containerd will now also load {path} (it matches {entry})")
+    eff, _ = effective(source, major)
+    if cri_disabled(eff):
+        say(f"warning: the CRI plugin is disabled (disabled_plugins in {main}): Kubernetes cannot use "
+            f"this containerd; the handler is registered anyway")
+    data = build_drop_in(source, layout, major, binary, default_config(containerd_bin))
+    text = drop_in_text(data, layout, main)
+    if tomllib.loads(text) != data:
+        raise ContainerdConfigError("internal error: the drop-in does not read back as written")
+    old_drop_in = _read(drop_in) if os.path.exists(drop_in) else None
 
     changed = False
     try:
@@ -705,7 +717,8 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = DE
         if new_main is not None:
             if main_exists:
                 _backup(main, main_text, say)
-                _write_atomic(main, new_main, mode=os.stat(main).st_mode & 0o7777)
+                # through a symlinked config.toml to the file it points at
+                _write_atomic(os.path.realpath(main), new_main, mode=os.stat(main).st_mode & 0o7777)
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(main)), mode=0o755, exist_ok=True)
                 _write_atomic(main, new_main)
@@ -726,7 +739,7 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = DE
                 _write_atomic(drop_in, old_drop_in)
             if new_main is not None:
                 if main_exists:
-                    _write_atomic(main, main_text, mode=os.stat(main).st_mode & 0o7777)
+                    _write_atomic(os.path.realpath(main), main_text, mode=os.stat(main).st_mode & 0o7777)
                 else:
                     _unlink(main)
         raise
@@ -798,7 +811,7 @@ def registration_checks(main: str, major: int,
     out: list[Check] = []
     if not isinstance(entry, dict):
         detail = f"not registered in {main}"
-        if major < 2 and owner.get(plugin):
+        if major < 2 and owner.get(plugin) and owner[plugin] != main:
             detail += f" (the CRI section containerd uses comes from {owner[plugin]})"
         return [(False, what, f"{detail}: run {FIX}")]
     rt = entry.get("runtime_type")
@@ -881,7 +894,7 @@ def _doctor_checks(config, containerd_bin, conf_d):
     checks = registration_checks(main, major, files=files)
     if not running and len(checks) == 1 and not checks[0][0]:
         # installed (e.g. for tests) but not serving: nothing uses it, so no problem yet
-        yield True, checks[0][1], checks[0][2].replace(": run ", " (containerd not running); to register: ")
+        yield True, checks[0][1], f"not registered (containerd is not running; to register: {FIX})"
         return
     yield from checks
     if major < 2:

@@ -25,7 +25,7 @@ def _owner_only(path: str) -> Check:
     return True, path, f"root-only ({mode:04o})"
 
 
-def run_checks(cfg: Config) -> Iterator[Check]:
+def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     yield (os.geteuid() == 0, "root", "running as root" if os.geteuid() == 0 else "thaw needs root")
     yield True, "config", cfg.source or "defaults (no config file)"
     try:
@@ -61,5 +61,6 @@ def run_checks(cfg: Config) -> Iterator[Check]:
         yield True, "gpu", "no NVIDIA driver on this node: CPU-only snapshots"
 
     # containerd: is the runtime handler "thaw" registered (only where containerd is installed)?
-    from .containerd_config import doctor_checks
-    yield from doctor_checks()
+    if containerd:
+        from .containerd_config import doctor_checks
+        yield from doctor_checks()
