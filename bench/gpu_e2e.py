@@ -150,15 +150,61 @@ def stock_restore(image_dir: str, bundle: str, cid: str, work: str) -> tuple[flo
     return time.perf_counter() - t, pid, c
 
 
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def thaw_restore(name: str, cmd: list[str], work: str, ns: str, path: str) -> dict:
+    """Create + start a container asking for `name` through thaw-runtime; time to first token."""
+    b = gpu_bundle(path, cmd, work, ns, annotations={"thaw.dev/snapshot": name, "thaw.dev/resume": f"{URL}/resume"})
+    dst = ShimContainer("thaw-runtime", RUNC_ROOT, b, unique("restored"))
+    try:
+        t0 = time.perf_counter()
+        rc = dst.create()
+        create_s = time.perf_counter() - t0
+        warn = [e["msg"] for e in dst.log_entries() if e.get("level") in ("warning", "error")]
+        if rc != 0 or warn:
+            raise RuntimeError(f"restore did not happen: rc={rc} {warn}")
+        record = json.load(open(os.path.join("/run/thaw/containers", dst.id + ".json")))
+        dst.start()
+        t_ready = wait_ready(dst.pid(), 300)
+        got = generate(dst.pid())
+        ttft = t_ready - t0 + got["ttft_s"]
+        phases = dict(record["phases"])
+        phases["runtime"] = create_s - phases["total"]          # thaw-runtime process + imports
+        phases["first_token"] = ttft - create_s
+        return {"ttft_s": ttft, "tokens": got["tokens"], "phases": phases}
+    finally:
+        dst.destroy()
+
+
 def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
     ns = [unique("gpuns") for _ in range(3)]
     paths = [netns(n) for n in ns]
     name = f"gpu-worker:run{i}"
     cmd = ["python3", "/work/server.py", "--config", args.config, "--weights", "/work/weights.safetensors",
-           "--port", str(PORT), "--kv-fraction", str(args.kv_fraction)]
+           "--port", str(PORT), "--kv-fraction", str(args.kv_fraction), *args.server_arg]
     containers: list[ShimContainer] = []
-    run: dict = {"run": i, "device": device_name, "config": args.config, "kv_fraction": args.kv_fraction}
+    run: dict = {"run": i, "device": device_name, "config": args.config, "kv_fraction": args.kv_fraction,
+                 "server_args": cmd[2:]}
     try:
+        if args.drop_caches:
+            # A new node: nothing of torch, the weights or the snapshot in the page cache.
+            drop_caches()
+            c = ShimContainer("thaw-runtime", RUNC_ROOT, gpu_bundle(os.path.join(tmp, f"cc{i}"), cmd, work, paths[0]),
+                              unique("coldcache"))
+            containers.append(c)
+            t0 = time.perf_counter()
+            assert c.create() == 0, c.log_text()
+            c.start()
+            t_ready = wait_ready(c.pid(), 900)
+            run["cold_cold_cache_ttft_s"] = t_ready - t0 + generate(c.pid())["ttft_s"]
+            run["cold_cold_cache_phases"] = ready_line(c)
+            log(f"run {i}: cold start from a cold page cache: ttft {run['cold_cold_cache_ttft_s']:.2f}s")
+            c.destroy()
+            containers.remove(c)
         # 1. cold start through thaw-runtime (a container without the annotation: passthrough)
         cold = ShimContainer("thaw-runtime", RUNC_ROOT, gpu_bundle(os.path.join(tmp, f"cold{i}"), cmd, work, paths[0]),
                              unique("cold"))
@@ -188,29 +234,18 @@ def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
         containers.remove(cold)
 
         # 3. restore through thaw-runtime, as containerd's shim would call it
-        b = gpu_bundle(os.path.join(tmp, f"restore{i}"), cmd, work, paths[1],
-                       annotations={"thaw.dev/snapshot": name, "thaw.dev/resume": f"{URL}/resume"})
-        dst = ShimContainer("thaw-runtime", RUNC_ROOT, b, unique("restored"))
-        containers.append(dst)
-        t0 = time.perf_counter()
-        rc = dst.create()
-        create_s = time.perf_counter() - t0
-        warn = [e["msg"] for e in dst.log_entries() if e.get("level") in ("warning", "error")]
-        if rc != 0 or warn:
-            raise RuntimeError(f"restore did not happen: rc={rc} {warn}")
-        record = json.load(open(os.path.join("/run/thaw/containers", dst.id + ".json")))
-        dst.start()
-        t_ready = wait_ready(dst.pid(), 300)
-        got = generate(dst.pid())
-        run["restore_ttft_s"] = t_ready - t0 + got["ttft_s"]
-        run["generations_identical"] = got["tokens"] == ref["tokens"]
-        phases = dict(record["phases"])
-        phases["runtime"] = create_s - phases["total"]          # thaw-runtime process + imports
-        phases["first_token"] = run["restore_ttft_s"] - create_s
-        run["phases"] = phases
-        log(f"run {i}: restored ttft {run['restore_ttft_s']:.2f}s identical={run['generations_identical']}; {phases}")
-        dst.destroy()
-        containers.remove(dst)
+        r = thaw_restore(name, cmd, work, paths[1], os.path.join(tmp, f"restore{i}"))
+        run["restore_ttft_s"] = r["ttft_s"]
+        run["generations_identical"] = r["tokens"] == ref["tokens"]
+        run["phases"] = r["phases"]
+        log(f"run {i}: restored ttft {r['ttft_s']:.2f}s identical={run['generations_identical']}; {r['phases']}")
+        if args.drop_caches:
+            drop_caches()
+            r = thaw_restore(name, cmd, work, paths[1], os.path.join(tmp, f"restore{i}-cold"))
+            run["restore_cold_cache_ttft_s"] = r["ttft_s"]
+            run["phases_cold_cache"] = r["phases"]
+            run["generations_identical"] &= r["tokens"] == ref["tokens"]
+            log(f"run {i}: restored from a cold page cache: ttft {r['ttft_s']:.2f}s; {r['phases']}")
 
         # 4. stock baseline: the same CRIU image, plain runc restore + CUDA calls, no thaw
         image_dir = os.path.join("/var/tmp/thaw-store/layers", info["layers"][0]["digest"].split(":")[1])
@@ -240,12 +275,15 @@ def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
 
 def report(runs: list[dict], out: str) -> None:
     ok = [r for r in runs if "restore_ttft_s" in r]
+    nan = float("nan")
     lines = ["| run | cold TTFT (s) | thaw restore TTFT (s) | speed-up | stock restore (s) | stock TTFT (s) | "
-             "snapshot (GiB) | identical |", "|---|---|---|---|---|---|---|---|"]
+             "cold TTFT, cold cache (s) | thaw TTFT, cold cache (s) | snapshot (GiB) | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
         lines.append(f"| {r['run']} | {r['cold_ttft_s']:.2f} | {r['restore_ttft_s']:.2f} | "
-                     f"{r['cold_ttft_s'] / r['restore_ttft_s']:.1f}x | {r.get('stock_restore_s') or float('nan'):.2f} | "
-                     f"{r.get('stock_ttft_s') or float('nan'):.2f} | {r['snapshot_bytes'] / 2**30:.2f} | "
+                     f"{r['cold_ttft_s'] / r['restore_ttft_s']:.1f}x | {r.get('stock_restore_s') or nan:.2f} | "
+                     f"{r.get('stock_ttft_s') or nan:.2f} | {r.get('cold_cold_cache_ttft_s') or nan:.2f} | "
+                     f"{r.get('restore_cold_cache_ttft_s') or nan:.2f} | {r['snapshot_bytes'] / 2**30:.2f} | "
                      f"{r['generations_identical']} |")
     if ok:
         names = [k for k in ok[0]["phases"]]
@@ -279,6 +317,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--config", default="qwen3-0.6b")
     ap.add_argument("--kv-fraction", type=float, default=0.5)
+    ap.add_argument("--server-arg", action="append", default=[], help="extra server.py argument (repeatable)")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="also measure cold start and restore with the page cache dropped (a new node)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
