@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from common import ROOT, machine, save
-from helpers import PYTHON, make_bundle, netns, netns_delete, unique
+from helpers import PYTHON, make_bundle, netns, netns_delete, unique, wait_http_ready
 
 from thaw.shim import engine
 
@@ -26,13 +26,7 @@ SNAPSHOT = "demo-warm-server:latest"
 
 
 def wait_ready(pid: int, timeout: float) -> float:
-    t = time.perf_counter()
-    deadline = t + timeout
-    while time.perf_counter() < deadline:
-        if engine.ready(f"http://127.0.0.1:{PORT}/health", pid, timeout=2):
-            return time.perf_counter()
-        time.sleep(0.02)
-    raise SystemExit(f"service in pid {pid} not ready after {timeout}s")
+    return wait_http_ready(pid, f"http://127.0.0.1:{PORT}/health", timeout)
 
 
 def get_state(pid: int) -> dict:

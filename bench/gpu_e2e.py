@@ -23,7 +23,7 @@ import threading
 import time
 
 from common import ROOT
-from helpers import ShimContainer, make_bundle, netns, netns_delete, unique
+from helpers import ShimContainer, make_bundle, netns, netns_delete, unique, wait_http_ready
 
 from thaw.shim import engine
 
@@ -78,12 +78,7 @@ def gpu_bundle(path: str, args: list[str], work: str, ns: str, annotations: dict
 
 
 def wait_ready(pid: int, timeout: float) -> float:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if engine.ready(f"{URL}/health", pid, timeout=5):
-            return time.perf_counter()
-        time.sleep(0.02)
-    raise RuntimeError(f"worker (pid {pid}) not ready within {timeout}s")
+    return wait_http_ready(pid, f"{URL}/health", timeout)
 
 
 def generate(pid: int) -> dict:

@@ -43,6 +43,16 @@ class CorruptSnapshot(StoreError):
     pass
 
 
+@contextlib.contextmanager
+def _flock(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
@@ -77,25 +87,14 @@ class Store:
         self.layout.init()
         return self
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self):
+        """Serialises index changes and garbage collection."""
+        return _flock(os.path.join(self.root, ".lock"))
 
-    @contextlib.contextmanager
-    def name_lock(self, ref: SnapshotRef) -> Iterator[None]:
+    def name_lock(self, ref: SnapshotRef):
         """Serialises captures of one snapshot name across processes (auto-capture)."""
-        d = make_private_dir(os.path.join(self.root, "locks"))
-        fd = os.open(os.path.join(d, f"{ref.name}_{ref.tag}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return _flock(os.path.join(make_private_dir(os.path.join(self.root, "locks")),
+                                   f"{ref.name}_{ref.tag}.lock"))
 
     @contextlib.contextmanager
     def staging(self, kind: str) -> Iterator[str]:

@@ -17,6 +17,25 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 PYTHON = "/usr/bin/python3"   # Debian's, inside containers through a read-only /usr bind
 
 
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
+    """Poll pred() until it returns something truthy; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_http_ready(pid: int, url: str, timeout: float) -> float:
+    """Poll a readiness URL inside pid's network namespace; perf_counter() when it answered 2xx."""
+    from thaw.shim import engine
+    wait_for(lambda: engine.ready(url, pid, timeout=5), timeout, f"{url} in pid {pid}", 0.02)
+    return time.perf_counter()
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

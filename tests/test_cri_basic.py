@@ -38,15 +38,7 @@ SERVER = ["nc", "-ll", "-p", "8080", "-e", "echo", "pong"]
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d) (stdout|stderr) [FP] (.*)$")
 
 
-def _wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+from helpers import wait_for as _wait_for  # noqa: E402
 
 
 def _tick_lines(path: Path) -> list[str]:

@@ -25,21 +25,12 @@ _images = importlib.import_module(f"{_PKG}.images")
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.criu]
 
+from helpers import wait_for  # noqa: E402
+
 BUSYBOX = _images.BUSYBOX_IMAGE
 # Counts, publishes the count over HTTP; ready (GET /ready -> 200) after 10 ticks.
 APP = ["sh", "-c", "mkdir -p /www; i=0; while true; do echo tick $i; echo $i > /www/count; "
        "[ $i = 10 ] && echo ok > /www/ready; i=$((i+1)); sleep 0.1; done & exec httpd -f -p 8080 -h /www"]
-
-
-def wait_for(pred, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def ticks_in_log(cri, pod_id, name="app") -> list[int]:
