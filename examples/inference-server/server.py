@@ -3,9 +3,13 @@
 
 It behaves like a small LLM engine (vLLM-style start-up phases) so that thaw's restore can be
 measured against a cold start: import torch -> load safetensors weights onto the device ->
-preallocate a paged KV-cache pool -> warm up -> capture the decode step as a CUDA graph -> READY.
-Greedy decoding only, batch size 1, no randomness at request time: a request gives the same token
-ids every time, across /quiesce + /resume, and across a CRIU + CUDA checkpoint/restore.
+preallocate a paged KV-cache pool -> warm up -> capture the batched decode step as CUDA graphs for
+many batch sizes -> READY. Greedy decoding only, no randomness at request time: a request gives the
+same token ids every time, across /quiesce + /resume, and across a CRIU + CUDA checkpoint/restore.
+
+On CUDA the KV pool is, by default, mapped through the driver's virtual memory management API (as
+vLLM's sleep mode does): /quiesce releases its physical memory but keeps its address, so the graphs
+stay valid, and /resume maps new memory at the same address without capturing them again.
 
 The HTTP server starts before torch is imported, so /health answers 503 while the engine loads.
 """
@@ -25,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 T_START = time.perf_counter()
 BLOCK_SIZE = 16
 SEED = 1234
+GRAPH_BATCH_SIZES = [1, 2, 4] + list(range(8, 257, 8))  # vLLM's default capture sizes (35)
+ATTN_ROWS = 32  # decode attention gathers the K/V of at most this many sequences at a time
 CONFIGS = {
     "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, inter=3072,
                        vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048),
@@ -80,13 +86,154 @@ def init_weights(c, path):
     os.replace(tmp, path)
 
 
+# ---- device memory at a fixed address (CUDA VMM) ----------------------------------------------
+_DLPACK_KEEP = []  # DLPack structs that torch may read until the process exits (never freed)
+_DLPACK_NAME = b"dltensor"
+DL_CPU, DL_CUDA = 1, 2  # DLDeviceType
+
+
+def dlpack_tensor(ptr, nbytes, dl_device):
+    """A uint8 torch tensor over [ptr, ptr + nbytes), zero-copy: a legacy DLPack capsule built with
+    ctypes (needs no numpy). dl_device is (DL_CUDA, ordinal) or (DL_CPU, 0). The memory stays owned
+    by the caller; torch gets no deleter."""
+    import ctypes
+    import torch
+
+    class DLDevice(ctypes.Structure):
+        _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+    class DLDataType(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+    class DLTensor(ctypes.Structure):
+        _fields_ = [("data", ctypes.c_void_p), ("device", DLDevice), ("ndim", ctypes.c_int32),
+                    ("dtype", DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                    ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+    class DLManagedTensor(ctypes.Structure):
+        _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+    shape, strides = (ctypes.c_int64 * 1)(nbytes), (ctypes.c_int64 * 1)(1)
+    m = DLManagedTensor()
+    m.dl_tensor = DLTensor(ptr, DLDevice(*dl_device), 1, DLDataType(1, 8, 1), shape, strides, 0)  # kDLUInt 8
+    _DLPACK_KEEP.append((m, shape, strides))  # torch keeps a pointer to m for the tensor's lifetime
+    capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+        ("PyCapsule_New", ctypes.pythonapi))
+    t = torch.utils.dlpack.from_dlpack(capsule_new(ctypes.addressof(m), _DLPACK_NAME, None))
+    if t.data_ptr() != ptr or t.numel() != nbytes:
+        raise RuntimeError(f"DLPack wrap: got {t.data_ptr():#x}+{t.numel()}, wanted {ptr:#x}+{nbytes}")
+    return t
+
+
+class VmmRegion:
+    """Device memory at a fixed virtual address whose physical backing can be released and created
+    again, through the CUDA driver's virtual memory management API (what vLLM's CuMemAllocator does
+    for sleep mode): cuMemAddressReserve once; cuMemCreate + cuMemMap + cuMemSetAccess to back it;
+    cuMemUnmap + cuMemRelease to give the memory back. The reservation and `tensor` (uint8, zero-copy
+    over the whole range) live until free(), so kernels and CUDA graphs that use the address stay
+    valid; they must not run while the region is released. Uses the primary context of the device
+    (the one torch uses). The caller must keep the device idle around release()."""
+
+    def __init__(self, nbytes, ordinal, dl_device=None):
+        try:
+            from cuda.bindings import driver as cu  # lazily: only on CUDA with --kv-allocator vmm
+        except ImportError as e:
+            raise RuntimeError(f"--kv-allocator vmm needs the cuda-bindings package (cuda.bindings.driver): "
+                               f"{e}; install it or use --kv-allocator torch") from e
+        self.cu, self.ordinal, self.handle = cu, ordinal, None
+        self._ck("cuInit", cu.cuInit(0))  # harmless when torch already initialised CUDA
+        self.dev = self._ck("cuDeviceGet", cu.cuDeviceGet(ordinal))
+        self.ctx = self._ck("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self.dev))
+        self._ensure_context()
+        self.prop = cu.CUmemAllocationProp()
+        self.prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        self.prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self.prop.location.id = ordinal
+        self.granularity = int(self._ck("cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(
+            self.prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM)))
+        self.size = -(-nbytes // self.granularity) * self.granularity
+        self.dptr = self._ck("cuMemAddressReserve",
+                             cu.cuMemAddressReserve(self.size, self.granularity, cu.CUdeviceptr(0), 0))
+        self.ptr = int(self.dptr)
+        try:
+            self.map()
+            self.tensor = dlpack_tensor(self.ptr, self.size, dl_device or (DL_CUDA, ordinal))
+        except BaseException:
+            self.free()
+            raise
+
+    def _ck(self, what, result):
+        """cuda.bindings calls return (CUresult, *values): raise on an error, else return the value."""
+        err, vals = result[0], result[1:]
+        if err != self.cu.CUresult.CUDA_SUCCESS:
+            try:
+                name, desc = self.cu.cuGetErrorName(err)[1].decode(), self.cu.cuGetErrorString(err)[1].decode()
+            except Exception:  # noqa: BLE001 - the message is a courtesy
+                name, desc = str(err), ""
+            raise RuntimeError(f"CUDA driver call {what} failed: {name} ({int(getattr(err, 'value', 0))}) {desc}")
+        return vals[0] if len(vals) == 1 else None
+
+    def _ensure_context(self):
+        """HTTP handler threads may have no current context yet: make the device's primary one current."""
+        ctx = self._ck("cuCtxGetCurrent", self.cu.cuCtxGetCurrent())
+        if ctx is None or int(ctx) == 0:
+            self._ck("cuCtxSetCurrent", self.cu.cuCtxSetCurrent(self.ctx))
+
+    @property
+    def mapped(self):
+        return self.handle is not None
+
+    def map(self):
+        """Create physical memory and map it at the reserved address (read/write for the device)."""
+        cu = self.cu
+        if self.mapped:
+            return
+        self._ensure_context()
+        handle = self._ck("cuMemCreate", cu.cuMemCreate(self.size, self.prop, 0))
+        try:
+            self._ck("cuMemMap", cu.cuMemMap(self.dptr, self.size, 0, handle, 0))
+        except BaseException as e:
+            cu.cuMemRelease(handle)
+            raise RuntimeError(f"{e} (at {self.ptr:#x}, {self.size} bytes: was the reservation lost?)") from e
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.ordinal
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        try:
+            self._ck("cuMemSetAccess", cu.cuMemSetAccess(self.dptr, self.size, [access], 1))
+        except BaseException:
+            cu.cuMemUnmap(self.dptr, self.size)
+            cu.cuMemRelease(handle)
+            raise
+        self.handle = handle
+
+    def release(self):
+        """Give the physical memory back to the driver; the address stays reserved. Returns bytes freed."""
+        if not self.mapped:
+            return 0
+        self._ensure_context()
+        self._ck("cuCtxSynchronize", self.cu.cuCtxSynchronize())  # nothing may still use the memory
+        self._ck("cuMemUnmap", self.cu.cuMemUnmap(self.dptr, self.size))
+        handle, self.handle = self.handle, None
+        self._ck("cuMemRelease", self.cu.cuMemRelease(handle))
+        return self.size
+
+    def free(self):
+        """Release the memory and the address (the self-test only: the engine keeps its region)."""
+        self.release()
+        self._ck("cuMemAddressFree", self.cu.cuMemAddressFree(self.dptr, self.size))
+
+
 class Engine:
     def __init__(self, args):
         self.args, self.c = args, CONFIGS[args.config]
-        self.lock = threading.Lock()  # one sequence at a time on the device
+        self.lock = threading.Lock()  # one batch at a time on the device
         self.state, self.phase = "loading", "start"
         self.timings, self.info = {}, {}
-        self.pool = self.kv = self.graph = self.g_out = None
+        self.pool = self.kv = self.vmm = None
+        self.graphs = {}  # batch size -> (torch.cuda.CUDAGraph, its output tensor)
+        self.sizes = args.graph_batch_sizes  # sorted, unique; also the padding sizes without graphs
+        self.max_batch = self.sizes[-1]
 
     # ---- start-up -----------------------------------------------------------------------
     def load(self):
@@ -100,8 +247,11 @@ class Engine:
         torch, F = _torch, _F
         tm["import_s"] = time.perf_counter() - t
         dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dev = torch.device("cuda:0" if dev == "cuda" else dev)
+        self.dev = torch.device(f"cuda:{torch.cuda.current_device()}" if dev == "cuda" else dev)
         self.cuda = self.dev.type == "cuda"
+        self.allocator = a.kv_allocator or ("vmm" if self.cuda else "torch")
+        if self.allocator == "vmm" and not self.cuda:
+            raise RuntimeError("--kv-allocator vmm needs --device cuda")
         self.dtype = getattr(torch, a.dtype or c["dtype"])
         torch.manual_seed(SEED)  # nothing should draw random numbers, but be sure anyway
 
@@ -136,9 +286,17 @@ class Engine:
             self.num_blocks = int(free * a.kv_fraction) // self.block_bytes
         else:
             self.num_blocks = 64
-        self.max_len = min(self.cos.shape[0], self.num_blocks * BLOCK_SIZE) // BLOCK_SIZE * BLOCK_SIZE
+        # The last block is the null block: padding rows and unused block-table entries point there.
+        self.null_block = self.num_blocks - 1
+        self.max_len = min(self.cos.shape[0], self.null_block * BLOCK_SIZE) // BLOCK_SIZE * BLOCK_SIZE
         if self.max_len < BLOCK_SIZE:
             raise RuntimeError(f"KV pool too small: {self.num_blocks} blocks")
+        self.nb = self.max_len // BLOCK_SIZE  # block-table width
+        with torch.inference_mode():  # the decode step's static inputs, sized for the largest batch
+            self.tok_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.dev)
+            self.pos_buf = torch.zeros(self.max_batch, dtype=torch.long, device=self.dev)
+            self.bt_buf = torch.full((self.max_batch, self.nb), self.null_block, dtype=torch.long, device=self.dev)
+            self.ar = torch.arange(self.max_len, device=self.dev)
         self._alloc_kv()
         tm["kv_alloc_s"] = time.perf_counter() - t
 
@@ -154,7 +312,9 @@ class Engine:
                          config=a.config, torch=torch.__version__, weights=a.weights,
                          weights_created=created, weight_bytes=self.weight_bytes,
                          num_blocks=self.num_blocks, block_size=BLOCK_SIZE, max_model_len=self.max_len,
-                         kv_bytes=self.kv_bytes, cuda_graph=self.graph is not None)
+                         kv_bytes=self.kv_bytes, kv_allocator=self.allocator, kv_ptr=hex(self.pool.data_ptr()),
+                         cuda_graph=bool(self.graphs), graphs=len(self.graphs), max_batch=self.max_batch,
+                         graph_batch_sizes=sorted(self.graphs))
         self._ready()
         print("READY " + json.dumps({**{k: round(v, 4) for k, v in tm.items()}, **self.info}), flush=True)
 
@@ -163,37 +323,46 @@ class Engine:
             torch.cuda.synchronize(self.dev)
 
     def _alloc_kv(self):
+        """One big pool, as vLLM does; zero-filled so masked-out slots never hold NaN (0 * NaN = NaN)."""
         c = self.c
-        # One big pool, as vLLM does; zero-filled so masked-out slots never hold NaN (0 * NaN = NaN).
+        shape = (self.num_blocks, c["layers"], 2, c["kv_heads"], BLOCK_SIZE, c["head_dim"])
+        self.kv_bytes = self.num_blocks * self.block_bytes
         with torch.inference_mode():
-            self.pool = torch.zeros((self.num_blocks, c["layers"], 2, BLOCK_SIZE, c["kv_heads"], c["head_dim"]),
-                                    dtype=self.dtype, device=self.dev)
+            if self.allocator == "vmm":
+                self.vmm = VmmRegion(self.kv_bytes, self.dev.index)
+                self.pool = self.vmm.tensor[:self.kv_bytes].view(self.dtype).view(shape)
+                if self.pool.data_ptr() != self.vmm.ptr:
+                    raise RuntimeError(f"KV pool at {self.pool.data_ptr():#x}, reserved {self.vmm.ptr:#x}")
+                self.pool.zero_()
+            else:
+                self.pool = torch.zeros(shape, dtype=self.dtype, device=self.dev)
             self.kv = [(self.pool[:, i, 0], self.pool[:, i, 1]) for i in range(c["layers"])]
-            self.kv_bytes = self.pool.numel() * self.pool.element_size()
-            # static buffers for the decode step (the CUDA graph's inputs)
-            self.tok_buf = torch.zeros(1, dtype=torch.long, device=self.dev)
-            self.pos_buf = torch.zeros(1, dtype=torch.long, device=self.dev)
-            self.ar = torch.arange(self.max_len, device=self.dev)
         self._sync()
 
     def _capture(self):
+        """Capture the decode step for each batch size, largest first, sharing one memory pool (what
+        vLLM does): one eager run of each size on a side stream, then its capture; then every graph
+        is replayed once."""
+        self.graphs = {}
         if not self.cuda or self.args.no_cuda_graph:
             return
         with torch.inference_mode():
-            self.tok_buf.fill_(0)
-            self.pos_buf.fill_(self.max_len - 1)  # scribbles on the last slot only; harmless
-            s = torch.cuda.Stream(self.dev)
-            s.wait_stream(torch.cuda.current_stream(self.dev))
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    self._step()
-            torch.cuda.current_stream(self.dev).wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                self.g_out = self._step()
-            g.replay()
+            self._clear_batch()  # capture/warm-up rows: token 0 at position 0 in the null block
+            mempool = torch.cuda.graph_pool_handle()
+            cur, side = torch.cuda.current_stream(self.dev), torch.cuda.Stream(self.dev)
+            for b in sorted(self.sizes, reverse=True):
+                side.wait_stream(cur)
+                with torch.cuda.stream(side):
+                    self._decode(b)
+                cur.wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=mempool, capture_error_mode="thread_local"):
+                    out = self._decode(b)
+                self.graphs[b] = (g, out)
+            for b in sorted(self.graphs):
+                self.graphs[b][0].replay()
             self._sync()
-            self.graph = g
+        torch.cuda.empty_cache()  # the eager runs' cached blocks; the graphs' pool stays
 
     def _ready(self):
         self.state = "ready"
@@ -214,64 +383,111 @@ class Engine:
         cos, sin = cos[:, None, :], sin[:, None, :]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
 
-    def _forward(self, ids, pos, decode):
-        """ids/pos: [T] long tensors on the device. Prefill (decode=False) starts at position 0;
-        decode (T=1) attends over the sequence's cache blocks 0..max_len/16-1, masked by pos."""
+    def _layers(self, ids, pos, attend):
+        """The decoder layers over T rows (ids/pos: [T]) -> hidden states [T, hidden];
+        attend(layer, q [T,H,hd], k [T,KV,hd], v [T,KV,hd]) -> [T, H*hd]."""
         c = self.c
         T, H, KV, hd = ids.shape[0], c["heads"], c["kv_heads"], c["head_dim"]
-        g = H // KV
-        x = self.emb[ids]
-        cos, sin = self.cos[pos], self.sin[pos]
-        blk, slot = pos // BLOCK_SIZE, pos % BLOCK_SIZE  # block table is the identity: 0..k
-        nb, scale = self.max_len // BLOCK_SIZE, 1.0 / math.sqrt(hd)
-        if decode:
-            mask = self.ar <= pos
-        for (ln1, ln2, wq, wk, wv, wo, qn, kn, wg, wu, wd), (kc, vc) in zip(self.layers, self.kv):
+        x, cos, sin = self.emb[ids], self.cos[pos], self.sin[pos]
+        for i, (ln1, ln2, wq, wk, wv, wo, qn, kn, wg, wu, wd) in enumerate(self.layers):
             h = self._rms(x, ln1)
             q = self._rope(self._rms(F.linear(h, wq).view(T, H, hd), qn), cos, sin)
             k = self._rope(self._rms(F.linear(h, wk).view(T, KV, hd), kn), cos, sin)
             v = F.linear(h, wv).view(T, KV, hd)
-            kc[blk, slot] = k
-            vc[blk, slot] = v
-            if decode:
-                K = kc[:nb].reshape(self.max_len, KV, hd).permute(1, 2, 0)  # [KV, hd, L]
-                V = vc[:nb].reshape(self.max_len, KV, hd).transpose(0, 1)  # [KV, L, hd]
-                s = torch.matmul(q.view(KV, g, hd), K).float() * scale  # [KV, g, L]
-                p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).to(x.dtype)
-                o = torch.matmul(p, V).reshape(1, H * hd)
-            else:
-                kk = k.repeat_interleave(g, dim=1).transpose(0, 1)
-                vv = v.repeat_interleave(g, dim=1).transpose(0, 1)
-                o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, is_causal=True)
-                o = o.transpose(0, 1).reshape(T, H * hd)
-            x = x + F.linear(o, wo)
+            x = x + F.linear(attend(i, q, k, v), wo)
             h = self._rms(x, ln2)
             x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
-        x = self._rms(x[-1:], self.norm)
-        return F.linear(x, self.emb).argmax(-1)  # tied embeddings, greedy
+        return x
 
-    def _step(self):
-        return self._forward(self.tok_buf, self.pos_buf, decode=True)
+    def _head(self, x):  # [T, hidden] -> greedy next token [T]; tied embeddings
+        return F.linear(self._rms(x, self.norm), self.emb).argmax(-1)
 
-    def _run(self, ids, max_tokens, eager=False):
+    def _prefill(self, ids, bt):
+        """One sequence from position 0: ids [T], bt [nb] its block table. Writes its K/V into the
+        pool; returns the next token, [1]."""
+        T, g = ids.shape[0], self.c["heads"] // self.c["kv_heads"]
+        pos = self.ar[:T]
+        blk, off = bt[pos // BLOCK_SIZE], pos % BLOCK_SIZE
+
+        def attend(i, q, k, v):
+            kc, vc = self.kv[i]
+            kc[blk, :, off] = k
+            vc[blk, :, off] = v
+            kk = k.repeat_interleave(g, dim=1).transpose(0, 1)
+            vv = v.repeat_interleave(g, dim=1).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, is_causal=True)
+            return o.transpose(0, 1).reshape(T, -1)
+        return self._head(self._layers(ids, pos, attend)[-1:])
+
+    def _decode(self, b):
+        """One decode step for the first b rows of the static buffers: row r has token tok_buf[r] at
+        position pos_buf[r] and block table bt_buf[r]; it attends over its blocks, masked by its
+        position. Returns the next tokens, [b]. This is what the CUDA graph of size b replays."""
+        KV, hd, L = self.c["kv_heads"], self.c["head_dim"], self.max_len
+        g, scale = self.c["heads"] // KV, 1.0 / math.sqrt(hd)
+        tok, pos, bt = self.tok_buf[:b], self.pos_buf[:b], self.bt_buf[:b]
+        blk, off = bt.gather(1, (pos // BLOCK_SIZE)[:, None])[:, 0], pos % BLOCK_SIZE
+        mask = (self.ar[None, :] <= pos[:, None])[None, :, None, :]  # [1, b, 1, L]
+        # Attend in equal chunks of rows (every row runs the same kernels), so that the gathered
+        # K/V, and with them the graphs' memory, stay small at large batch sizes.
+        ch = max(d for d in range(1, min(b, ATTN_ROWS) + 1) if b % d == 0)
+        # The pool as rows of [16 slots, hd]: block n, layer i, K/V t, head h is row ((n*layers+i)*2+t)*KV+h.
+        pool_rows, per_block = self.pool.view(-1, BLOCK_SIZE * hd), self.c["layers"] * 2 * KV
+        tables = bt.reshape(b // ch, ch * self.nb) * per_block
+        heads = torch.arange(KV, device=self.dev)
+
+        def gather(i, t, c):  # K (t=0) or V (t=1) of layer i for the rows of chunk c: [KV, ch, L, hd]
+            idx = tables[c][None, :] + ((i * 2 + t) * KV + heads)[:, None]  # [KV, ch*nb]
+            return pool_rows.index_select(0, idx.view(-1)).view(KV, ch, L, hd)
+
+        def attend(i, q, k, v):
+            kc, vc = self.kv[i]
+            kc[blk, :, off] = k
+            vc[blk, :, off] = v
+            q, out = q.view(b, KV, g, hd).transpose(0, 1), []  # [KV, b, g, hd]
+            for c in range(b // ch):
+                rows = slice(c * ch, (c + 1) * ch)
+                s = torch.matmul(q[:, rows], gather(i, 0, c).transpose(-1, -2)).float() * scale  # [KV, ch, g, L]
+                p = torch.softmax(s.masked_fill(~mask[:, rows], float("-inf")), -1).to(q.dtype)
+                out.append(torch.matmul(p, gather(i, 1, c)))
+            return torch.cat(out, 1).transpose(0, 1).reshape(b, -1)
+        return self._head(self._layers(tok, pos, attend))
+
+    def _clear_batch(self):
+        self.tok_buf.zero_()
+        self.pos_buf.zero_()
+        self.bt_buf.fill_(self.null_block)
+
+    def _graph_size(self, n):
+        return next(b for b in self.sizes if b >= n)
+
+    def _run(self, ids, max_tokens, n=1, eager=False):
+        """n copies of the prompt: each is prefilled on its own (eagerly) into its own blocks, then
+        all decode together through the graph of the smallest captured size >= n (the extra rows are
+        padding in the null block). Returns (n rows of max_tokens tokens, ttft, total, size)."""
         t0 = time.perf_counter()
+        b, nbl = self._graph_size(n), -(-(len(ids) + max_tokens) // BLOCK_SIZE)
+        self._clear_batch()
+        self.bt_buf[:n, :nbl] = torch.arange(n * nbl, device=self.dev).view(n, nbl)  # row r: blocks r*nbl..
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.dev)
-        tok = int(self._forward(ids_t, torch.arange(len(ids), device=self.dev), decode=False).item())
-        ttft, out = time.perf_counter() - t0, [tok]
+        self.tok_buf[:n] = torch.cat([self._prefill(ids_t, self.bt_buf[r]) for r in range(n)])
+        rows = [[t] for t in self.tok_buf[:n].tolist()]
+        ttft = time.perf_counter() - t0
+        graph = None if eager else self.graphs.get(b)
         for i in range(max_tokens - 1):
-            self.tok_buf.fill_(tok)
-            self.pos_buf.fill_(len(ids) + i)
-            if self.graph is not None and not eager:
-                self.graph.replay()
-                nxt = self.g_out
+            self.pos_buf[:n].fill_(len(ids) + i)
+            if graph is not None:
+                graph[0].replay()
+                nxt = graph[1][:n]
             else:
-                nxt = self._step()
-            tok = int(nxt.item())
-            out.append(tok)
-        return out, ttft, time.perf_counter() - t0
+                nxt = self._decode(b)[:n]
+            self.tok_buf[:n].copy_(nxt)
+            for row, t in zip(rows, nxt.tolist()):
+                row.append(t)
+        return rows, ttft, time.perf_counter() - t0, b
 
     # ---- requests ------------------------------------------------------------------------
-    def generate(self, prompt, max_tokens):
+    def generate(self, prompt, max_tokens, batch=None):
         if self.state != "ready":  # also before the engine has loaded (no max_len, no torch yet)
             raise Unavailable(self.state)
         if isinstance(prompt, str):
@@ -282,17 +498,26 @@ class Engine:
             raise ValueError("prompt must be a string or a list of token ids")
         if not ids or any(i < 0 or i >= self.c["vocab"] for i in ids):
             raise ValueError(f"prompt must be non-empty with ids in [0, {self.c['vocab']})")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ValueError("max_tokens must be a positive integer")
         if len(ids) + max_tokens > self.max_len:
             raise ValueError(f"prompt + max_tokens exceeds max_model_len {self.max_len}")
+        n = 1 if batch is None else batch
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.max_batch:
+            raise ValueError(f"batch must be an integer in [1, {self.max_batch}]")
+        blocks = n * -(-(len(ids) + max_tokens) // BLOCK_SIZE)
+        if blocks > self.null_block:
+            raise ValueError(f"batch needs {blocks} KV blocks, the pool has {self.null_block}")
         with self.lock:
             if self.state != "ready":
                 raise Unavailable(self.state)
             with torch.inference_mode():
-                out, ttft, total = self._run(ids, max_tokens)
-        return {"tokens": out, "prompt_tokens": len(ids), "ttft_s": round(ttft, 6), "total_s": round(total, 6),
-                "blocks_used": math.ceil((len(ids) + max_tokens) / BLOCK_SIZE)}
+                rows, ttft, total, size = self._run(ids, max_tokens, n)
+        out = {"tokens": rows[0], "prompt_tokens": len(ids), "ttft_s": round(ttft, 6), "total_s": round(total, 6),
+               "blocks_used": blocks}
+        if batch is not None:
+            out.update(batch=n, batch_size_run=size, cuda_graph=size in self.graphs, batch_tokens=rows)
+        return out
 
     def _mem(self):
         if not self.cuda:
@@ -302,39 +527,123 @@ class Engine:
                 "gpu_free": free, "gpu_total": total}
 
     def quiesce(self):
+        """Give the KV pool's memory back. vmm: unmap and release its physical memory, keeping its
+        address, its tensor and the graphs. torch: drop the pool and the graphs."""
         with self.lock:
             if self.state == "quiesced":  # idempotent, so that callers may retry
                 return {"status": "quiesced", "noop": True, "after": self._mem()}
             if self.state != "ready":
                 raise Unavailable(self.state)
             t, before = time.perf_counter(), self._mem()
-            self.state = "quiesced"
+            self.state = "quiesced"  # from here on nothing touches the pool or replays a graph
             if self.args.ready_file and os.path.exists(self.args.ready_file):
                 os.unlink(self.args.ready_file)
-            released = self.kv_bytes
             self._sync()
-            self.graph = self.g_out = self.pool = self.kv = self.tok_buf = self.pos_buf = self.ar = None
-            gc.collect()
+            if self.vmm is not None:
+                released = self.vmm.release()
+            else:
+                released = self.kv_bytes
+                self.graphs, self.pool, self.kv = {}, None, None
+                gc.collect()
             if self.cuda:
                 torch.cuda.empty_cache()
             return {"status": "quiesced", "kv_bytes_released": released, "num_blocks": self.num_blocks,
+                    "kv_allocator": self.allocator, "graphs_kept": len(self.graphs),
                     "before": before, "after": self._mem(), "quiesce_s": round(time.perf_counter() - t, 6)}
 
     def resume(self):
+        """vmm: map new memory at the same address and zero it; the graphs are used as they are.
+        torch: allocate a new pool and capture the graphs again."""
         with self.lock:
             if self.state == "ready":
                 return {"status": "ready", "noop": True, "num_blocks": self.num_blocks}
             if self.state != "quiesced":
                 raise Unavailable(self.state)
             t = time.perf_counter()
-            self._alloc_kv()
-            t_kv = time.perf_counter()
-            self._capture()
-            t_g = time.perf_counter()
+            if self.vmm is not None:
+                self.vmm.map()
+                with torch.inference_mode():
+                    self.pool.zero_()  # the same tensor object, at the same address
+                self._sync()
+                t_kv = t_g = time.perf_counter()
+            else:
+                self._alloc_kv()
+                t_kv = time.perf_counter()
+                self._capture()
+                t_g = time.perf_counter()
+            self.info["kv_ptr"] = hex(self.pool.data_ptr())
             self._ready()
             return {"status": "ready", "num_blocks": self.num_blocks, "kv_bytes": self.kv_bytes,
+                    "kv_allocator": self.allocator, "kv_ptr": self.info["kv_ptr"],
+                    "graphs": len(self.graphs), "graphs_recaptured": self.vmm is None and bool(self.graphs),
                     "kv_alloc_s": round(t_kv - t, 6), "graph_s": round(t_g - t_kv, 6),
-                    "total_s": round(t_g - t, 6), "mem": self._mem()}
+                    "total_s": round(t_g - t, 6), "resume_s": round(t_g - t, 6), "mem": self._mem()}
+
+
+def selftest_vmm(a):
+    """--selftest-vmm: a small VMM region written and read through torch, a CUDA graph over it, then
+    release + map again at the same address, zeroed, with the old graph still working. Exit 0/1."""
+    import torch
+    res = {}
+    try:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        torch.cuda.init()
+        dev = torch.device("cuda", torch.cuda.current_device())
+        torch.zeros(1, device=dev)  # a current context, as the engine has after loading weights
+        torch.cuda.synchronize(dev)
+        nbytes = 256 * 2**20 + 12345  # not a multiple of the granularity
+        r = VmmRegion(nbytes, dev.index)
+        res.update(ptr=hex(r.ptr), size=r.size, granularity=r.granularity, requested=nbytes)
+        t = r.tensor.view(torch.bfloat16)
+
+        def ok(cond, what):
+            if not cond:
+                raise AssertionError(what)
+        ok(r.tensor.is_cuda and t.data_ptr() == r.ptr and r.size >= nbytes and r.size % r.granularity == 0,
+           f"tensor {t.device} at {t.data_ptr():#x}, region {r.ptr:#x}")
+        ref = (torch.arange(t.numel(), device=dev) % 251).to(torch.bfloat16)
+        t.copy_(ref)
+        ok(torch.equal(t, ref), "read back != written")
+        ok(torch.equal(t.cpu()[:1000], ref.cpu()[:1000]), "host copy != written")
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            t.add_(1)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            t.add_(1)
+        g.replay()
+        torch.cuda.synchronize(dev)
+        ok(torch.equal(t, ref + 2), "graph replay before release")
+        for cycle in range(2):
+            free0 = torch.cuda.mem_get_info(dev)[0]
+            released = r.release()
+            free1 = torch.cuda.mem_get_info(dev)[0]
+            r.map()
+            free2 = torch.cuda.mem_get_info(dev)[0]
+            res[f"cycle{cycle}"] = dict(released=released, freed=free1 - free0, taken=free1 - free2)
+            ok(released == r.size and free1 - free0 >= r.size // 2, f"release freed {free1 - free0} of {r.size}")
+            ok(t.data_ptr() == r.ptr == int(r.dptr), "address changed")
+            t.zero_()
+            torch.cuda.synchronize(dev)
+            ok(int(torch.count_nonzero(t)) == 0, "not zero after zero_()")
+            g.replay()  # captured before the release: must work on the new memory at the same address
+            torch.cuda.synchronize(dev)
+            ok(bool((t == 1).all()), "graph replay after re-map")
+        x = t[:2**20].view(1024, 1024)
+        x.copy_(torch.eye(1024, dtype=torch.bfloat16, device=dev) * 3)
+        ok(bool((x @ x == torch.eye(1024, dtype=torch.bfloat16, device=dev) * 9).all()), "matmul on the region")
+        del g
+        r.free()
+        print("VMM SELFTEST OK " + json.dumps(res), flush=True)
+        return 0
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        print(f"VMM SELFTEST FAILED: {e!r} " + json.dumps(res), flush=True)
+        return 1
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -375,9 +684,10 @@ class Handler(BaseHTTPRequestHandler):
             q = urllib.parse.parse_qs(url.query)
             try:
                 n = int(q.get("max_tokens", ["16"])[0])
+                batch = int(q["batch"][0]) if "batch" in q else None
             except ValueError:
-                return self._send(400, {"error": "max_tokens must be an integer"})
-            self._call(e.generate, q.get("prompt", ["hello"])[0], n)
+                return self._send(400, {"error": "max_tokens and batch must be integers"})
+            self._call(e.generate, q.get("prompt", ["hello"])[0], n, batch)
         else:
             self._send(404, {"error": "not found"})
 
@@ -391,13 +701,24 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError as err:
             return self._send(400, {"error": f"bad request body: {err}"})
         if path == "/generate":
-            self._call(e.generate, req.get("prompt", "hello"), req.get("max_tokens", 16))
+            self._call(e.generate, req.get("prompt", "hello"), req.get("max_tokens", 16), req.get("batch"))
         elif path == "/quiesce":
             self._call(e.quiesce)
         elif path == "/resume":
             self._call(e.resume)
         else:
             self._send(404, {"error": "not found"})
+
+
+def batch_sizes(text):
+    """'1,2,4' or '1 2 4' -> [1, 2, 4] (sorted, unique, positive)."""
+    try:
+        sizes = sorted({int(x) for x in text.replace(",", " ").split()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers: {text!r}")
+    return sizes
 
 
 def parse_args(argv=None):
@@ -411,9 +732,17 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: from --config")
     p.add_argument("--kv-fraction", type=float, default=0.5, help="fraction of free GPU memory for the KV pool")
     p.add_argument("--kv-blocks", type=int, help="KV pool size in blocks (default: 64 on cpu, --kv-fraction on cuda)")
+    p.add_argument("--kv-allocator", choices=["vmm", "torch"],
+                   help="KV pool memory: vmm (CUDA driver VMM; /quiesce keeps the address and the graphs) "
+                        "or torch (/quiesce drops pool and graphs). Default: vmm on cuda, torch on cpu")
     p.add_argument("--max-model-len", type=int, help="max prompt+output tokens (default: from --config)")
+    p.add_argument("--graph-batch-sizes", type=batch_sizes, default=GRAPH_BATCH_SIZES, metavar="N,N,...",
+                   help="decode batch sizes to capture as CUDA graphs (default: vLLM's 1,2,4,8,16,...,256); "
+                        "a batch of n runs at the smallest of them >= n")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on cuda")
     p.add_argument("--ready-file", help="write this file (atomically) when ready; removed on /quiesce")
+    p.add_argument("--selftest-vmm", action="store_true",
+                   help="check the CUDA VMM allocator on a 256 MiB region, print VMM SELFTEST OK/FAILED, exit 0/1")
     a = p.parse_args(argv)
     a.weights = a.weights or f"/tmp/thaw-example-{a.config}.safetensors"
     return a
@@ -422,6 +751,8 @@ def parse_args(argv=None):
 def main(argv=None):
     sys.stdout.reconfigure(line_buffering=True)
     a = parse_args(argv)
+    if a.selftest_vmm:
+        return selftest_vmm(a)
     if a.init_weights_only:
         if not os.path.exists(a.weights):
             init_weights(CONFIGS[a.config], a.weights)
