@@ -159,7 +159,8 @@ def thaw_restore(name: str, cmd: list[str], work: str, ns: str, path: str) -> di
         t0 = time.perf_counter()
         rc = dst.create()
         create_s = time.perf_counter() - t0
-        warn = [e["msg"] for e in dst.log_entries() if e.get("level") in ("warning", "error")]
+        warn = [e["msg"] for e in dst.log_entries()
+                if e.get("level") == "error" or "cold start" in e.get("msg", "")]
         if rc != 0 or warn:
             raise RuntimeError(f"restore did not happen: rc={rc} {warn}")
         record = json.load(open(os.path.join("/run/thaw/containers", dst.id + ".json")))

@@ -20,5 +20,6 @@ store_dir: /var/tmp/thaw-store
 state_dir: /run/thaw
 next_runtime: $B/runc
 criu: $B/criu
+hook: $B/thaw-hook
 CFG
 export THAW_CONFIG=/tmp/thaw/config.yaml
