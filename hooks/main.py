@@ -37,9 +37,15 @@ def prestart(oci_state, cfg) -> int:
             return 1
         return 0
     if record.get("capture") and not record.get("watcher_pid") and oci_state.pid:
-        from thaw.shim import autocapture
-        watcher = autocapture.spawn(cfg, oci_state.id, oci_state.pid)
-        st.update(watcher_pid=watcher)
+        try:
+            from thaw.shim import autocapture
+            watcher = autocapture.spawn(cfg, oci_state.id, oci_state.pid)
+            st.update(watcher_pid=watcher)
+        except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
+            from thaw.oci import runc_log
+            import os
+            runc_log.append(os.path.join(cfg.state_dir, "events.log"), "error",
+                            f"[{oci_state.id}] auto-capture watcher not started: {exc}")
     return 0
 
 

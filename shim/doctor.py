@@ -49,6 +49,16 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     ns_last_pid = os.path.exists("/proc/sys/kernel/ns_last_pid")
     yield ns_last_pid, "kernel checkpoint/restore", \
         "CONFIG_CHECKPOINT_RESTORE present" if ns_last_pid else "/proc/sys/kernel/ns_last_pid missing"
+    if cfg.hook:
+        # runc runs hooks with an empty environment: the hook must start from nothing.
+        import subprocess
+        try:
+            proc = subprocess.run([cfg.hook], env={}, capture_output=True, timeout=30)
+            ok = proc.returncode == 2 and b"usage" in proc.stderr
+            detail = cfg.hook if ok else f"{cfg.hook} does not start: {proc.stderr.decode(errors='replace')[-300:]}"
+        except OSError as exc:
+            ok, detail = False, f"{cfg.hook}: {exc}"
+        yield ok, "thaw-hook", detail
     yield _owner_only(cfg.store_dir)
     yield _owner_only(cfg.state_dir)
 

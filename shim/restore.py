@@ -152,8 +152,12 @@ class Incompatible(RuntimeError):
     """The snapshot cannot be restored into this container on this node."""
 
 
-def _inject_hooks(bundle: Bundle, cfg: Config, log: RuntimeLog) -> None:
-    """Add thaw-hook prestart/poststop to config.json (idempotent; other hooks keep their order)."""
+def _with_hooks(bundle: Bundle, cfg: Config, log: RuntimeLog, stages: tuple[str, ...]) -> None:
+    """Add thaw-hook for `stages` to config.json (idempotent; other hooks keep their order).
+
+    prestart is added only where thaw needs it (the restore path; a cold start with auto-capture):
+    a prestart hook that fails fails the container, so a plain cold start must not depend on it.
+    poststop failures are only logged by runc."""
     if not cfg.hook:
         return
     if not os.access(cfg.hook, os.X_OK):
@@ -161,18 +165,17 @@ def _inject_hooks(bundle: Bundle, cfg: Config, log: RuntimeLog) -> None:
         return
     from thaw.oci.spec import add_hook
     env = [f"THAW_CONFIG={cfg.source}"] if cfg.source else []
-    changed = False
-    for stage in ("prestart", "poststop"):
+    for stage in stages:
         hook = {"path": cfg.hook, "args": ["thaw-hook", stage], "timeout": 60}
         if env:
             hook["env"] = env
-        changed |= add_hook(bundle.spec, stage, hook)
-    if changed:
-        bundle.save()
+        add_hook(bundle.spec, stage, hook)
+    bundle.save()
 
 
-def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str) -> None:
-    """Remember a cold-started thaw container: for its timing record, and for auto-capture."""
+def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str) -> bool:
+    """Remember a cold-started thaw container: for its timing record, and for auto-capture.
+    Returns whether it asks for auto-capture."""
     record = {"restored": False, "created": time.time(), "root": call.root, "cold_reason": reason}
     try:
         req = ann.parse_request(bundle.annotations)
@@ -184,6 +187,7 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
             record["capture"] = {"snapshot": str(req.snapshot), "ready": req.ready, "root": call.root,
                                  "quiesce": req.quiesce, "resume": req.resume}
     ContainerState(cfg.state_dir, call.container_id).write(record)
+    return "capture" in record
 
 
 def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> NoReturn:
@@ -191,7 +195,7 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> No
     log = RuntimeLog(call, cfg)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
     original_spec = json.dumps(bundle.spec)
-    _inject_hooks(bundle, cfg, log)
+    _with_hooks(bundle, cfg, log, ("prestart", "poststop"))
     try:
         record = restore(call, bundle, cfg, next_runtime, log)
     except Exception as exc:  # noqa: BLE001 - any failure becomes a cold start
@@ -202,10 +206,13 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> No
             bundle.save()
             sys.exit(1)
         log("warning", f"thaw: cold start (restore not possible: {reason})")
+        capture = False
         try:
-            _record_cold_start(call, bundle, cfg, reason)
+            capture = _record_cold_start(call, bundle, cfg, reason)
         except (OSError, ValueError) as rec_exc:
             log("warning", f"thaw: cannot record cold start: {rec_exc}")
+        bundle.spec = json.loads(original_spec)
+        _with_hooks(bundle, cfg, log, ("prestart", "poststop") if capture else ("poststop",))
         passthrough(next_runtime, call.argv)
     log("info", f"thaw: restored {call.container_id} from {record['snapshot']} in "
                 f"{record['phases']['total']:.3f}s {record['phases']}")

@@ -155,6 +155,8 @@ def test_poststop_cleans_up_when_deleted_behind_thaws_back(thaw_env, tmp_path):
     b = make_bundle(str(tmp_path / "c"), ["sh", "-c", "exit 0"], annotations={"thaw.dev/snapshot": "absent:1"})
     c = thaw_env.container(b)
     assert c.create() == 0
+    # a plain cold start never depends on a prestart hook (a failing one would fail the container)
+    assert "prestart" not in hooks_of(b) and hooks_of(b)["poststop"][0]["args"] == ["thaw-hook", "poststop"]
     assert thaw_env.state_entries() == [c.id + ".json"]
     c.start()
     for _ in range(100):

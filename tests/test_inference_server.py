@@ -5,12 +5,17 @@ torch and safetensors are test dependencies: if they cannot be imported the test
 
 from __future__ import annotations
 
+import ctypes
+import enum
+import importlib.util
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,11 +55,11 @@ def _http(port, method, path, body=None, timeout=30):
 
 
 class Server:
-    def __init__(self, tmp_path: Path, weights: Path, name: str, ready_file: Path | None = None):
+    def __init__(self, tmp_path: Path, weights: Path, name: str, ready_file: Path | None = None, extra=()):
         self.port = _free_port()
         self.log_path = tmp_path / f"{name}.log"
         cmd = [sys.executable, str(SERVER), "--config", "tiny", "--device", "cpu", "--host", "127.0.0.1",
-               "--port", str(self.port), "--weights", str(weights)]
+               "--port", str(self.port), "--weights", str(weights), *extra]
         if ready_file:
             cmd += ["--ready-file", str(ready_file)]
         self._log = open(self.log_path, "w")
@@ -85,8 +90,8 @@ class Server:
         assert len(lines) == 1, self.log()
         return json.loads(lines[0][len("READY "):])
 
-    def generate(self, prompt=PROMPT, max_tokens=MAX_TOKENS):
-        return _http(self.port, "POST", "/generate", {"prompt": prompt, "max_tokens": max_tokens})
+    def generate(self, prompt=PROMPT, max_tokens=MAX_TOKENS, **extra):
+        return _http(self.port, "POST", "/generate", {"prompt": prompt, "max_tokens": max_tokens, **extra})
 
     def terminate(self, timeout=15) -> int:
         if self.proc.poll() is None:
@@ -124,7 +129,8 @@ def test_ready(env):
     ready = srv.ready_line()
     for k in ("import_s", "load_s", "kv_alloc_s", "warmup_s", "graph_s", "total_s", "kv_bytes", "device"):
         assert k in ready, ready
-    assert ready["weights_created"] is True and ready["cuda_graph"] is False
+    assert ready["weights_created"] is True and ready["cuda_graph"] is False and ready["graphs"] == 0
+    assert ready["kv_allocator"] == "torch" and ready["max_batch"] == 256  # vLLM's largest capture size
     assert ready["kv_bytes"] == 64 * 2 * 2 * 16 * 2 * 16 * 4  # 64 blocks, 2 layers, K+V, fp32
     assert weights.is_file() and ready_file.is_file()
     print(f"\ntiny/cpu: ready in {srv.ready_s:.2f}s (client view); READY {json.dumps(ready)}")
@@ -152,6 +158,43 @@ def test_bad_requests(env):
     assert srv.generate([1, 2], 0)[0] == 400
     assert srv.generate([1, 2], 10_000)[0] == 400  # beyond max_model_len
     assert _http(srv.port, "GET", "/nope")[0] == 404
+
+
+def test_batch(env):
+    """n copies of the prompt decode together (padded to the next batch size; eagerly on CPU)."""
+    srv = env[0]
+    single = srv.generate()[1]["tokens"]
+    code, r = srv.generate(batch=3)
+    assert code == 200, r
+    assert r["batch"] == 3 and r["batch_size_run"] == 4 and r["cuda_graph"] is False  # 3 -> 4 of 1,2,4,8,...
+    assert len(r["batch_tokens"]) == 3 and all(row == r["tokens"] for row in r["batch_tokens"])
+    assert len(r["tokens"]) == MAX_TOKENS and r["blocks_used"] == 3 * 3
+    # identical rows within a batch are the contract; equality with batch 1 is likely but not promised
+    print(f"\ntiny/cpu: batch 3 first row == batch 1: {r['tokens'] == single}")
+    assert srv.generate(batch=1)[1]["batch_tokens"] == [srv.generate(batch=1)[1]["tokens"]]
+    code, g = _http(srv.port, "GET", "/generate?prompt=hello&max_tokens=4&batch=2")
+    assert code == 200 and g["batch_size_run"] == 2 and g["batch_tokens"][0] == g["batch_tokens"][1]
+    for bad in (0, 257, "2", True, 1.5):
+        assert srv.generate(batch=bad)[0] == 400, bad
+    assert srv.generate(batch=32)[0] == 400  # 32 x 3 blocks > the 63 usable blocks of the pool
+    assert _http(srv.port, "GET", "/generate?batch=x")[0] == 400
+
+
+def test_graph_batch_sizes(env):
+    """--graph-batch-sizes sets the batch sizes (and so the largest batch); unsorted input is fine."""
+    _, tmp, weights, _ = env
+    srv = Server(tmp, weights, "sizes", extra=["--graph-batch-sizes", "5,2"])
+    try:
+        srv.wait_ready()
+        ready = srv.ready_line()
+        assert ready["max_batch"] == 5 and ready["graphs"] == 0 and ready["graph_batch_sizes"] == []
+        assert srv.generate(batch=1)[1]["batch_size_run"] == 2
+        code, r = srv.generate(batch=3)
+        assert code == 200 and r["batch_size_run"] == 5 and len(set(map(tuple, r["batch_tokens"]))) == 1
+        assert srv.generate(batch=6)[0] == 400
+        assert srv.generate()[0] == 200  # no "batch": a single sequence, padded to 2 here
+    finally:
+        assert srv.terminate() == 0, srv.log()
 
 
 def test_quiesce_resume(env):
@@ -191,3 +234,115 @@ def test_restart_reuses_weights_and_sigterm(env):
     assert rc == 0, second.log()
     assert srv.terminate() == 0, srv.log()
     assert "Traceback" not in srv.log() + second.log()
+
+
+# ---- pieces of server.py, imported (it imports torch only when the engine loads) ----------------
+@pytest.fixture(scope="module")
+def server_mod():
+    _require_torch()
+    spec = importlib.util.spec_from_file_location("thaw_example_server", SERVER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_graph_batch_sizes(server_mod):
+    sizes = server_mod.parse_args([]).graph_batch_sizes
+    assert len(sizes) == 35 and sizes[:5] == [1, 2, 4, 8, 16] and sizes[-1] == 256
+    assert server_mod.parse_args(["--graph-batch-sizes", "1"]).graph_batch_sizes == [1]
+    assert server_mod.parse_args(["--graph-batch-sizes", "8,1 4,4"]).graph_batch_sizes == [1, 4, 8]
+    for bad in ("0", "x", "", "2,-4"):
+        with pytest.raises(SystemExit):
+            server_mod.parse_args(["--graph-batch-sizes", bad])
+
+
+def test_dlpack_tensor_is_zero_copy(server_mod):
+    import torch
+    buf = ctypes.create_string_buffer(4096)
+    t = server_mod.dlpack_tensor(ctypes.addressof(buf), 4096, (server_mod.DL_CPU, 0))
+    assert t.dtype == torch.uint8 and t.numel() == 4096 and t.data_ptr() == ctypes.addressof(buf)
+    f = t.view(torch.float32)
+    f[:2] = torch.tensor([1.5, -2.0])
+    assert buf.raw[:8] == struct.pack("=ff", 1.5, -2.0)  # written through torch, read from the buffer
+    t.zero_()
+    assert buf.raw == bytes(4096)
+
+
+def _fake_driver(base: int, calls: list, fail: set):
+    """The few cuda.bindings.driver names VmmRegion uses: each call returns (CUresult, *values)."""
+    class CUresult(enum.IntEnum):
+        CUDA_SUCCESS = 0
+        CUDA_ERROR_OUT_OF_MEMORY = 2
+
+    def fn(name, *values):
+        def call(*args):
+            calls.append((name, args))
+            return (CUresult.CUDA_ERROR_OUT_OF_MEMORY, *[None] * len(values)) if name in fail \
+                else (CUresult.CUDA_SUCCESS, *values)
+        return call
+
+    ns = types.SimpleNamespace
+    d = types.ModuleType("cuda.bindings.driver")
+    d.CUresult, d.CUdeviceptr = CUresult, int
+    d.CUmemAllocationProp = d.CUmemAccessDesc = lambda: ns(location=ns())
+    d.CUmemAllocationType = ns(CU_MEM_ALLOCATION_TYPE_PINNED="PINNED")
+    d.CUmemLocationType = ns(CU_MEM_LOCATION_TYPE_DEVICE="DEVICE")
+    d.CUmemAllocationGranularity_flags = ns(CU_MEM_ALLOC_GRANULARITY_MINIMUM="MIN")
+    d.CUmemAccess_flags = ns(CU_MEM_ACCESS_FLAGS_PROT_READWRITE="RW")
+    d.cuGetErrorName = lambda e: (CUresult.CUDA_SUCCESS, e.name.encode())
+    d.cuGetErrorString = lambda e: (CUresult.CUDA_SUCCESS, b"out of memory")
+    for name, *values in [("cuInit",), ("cuDeviceGet", 0), ("cuDevicePrimaryCtxRetain", 0xC0), ("cuCtxGetCurrent", 0),
+                          ("cuCtxSetCurrent",), ("cuMemGetAllocationGranularity", 4096), ("cuMemAddressReserve", base),
+                          ("cuMemCreate", 77), ("cuMemMap",), ("cuMemSetAccess",), ("cuCtxSynchronize",),
+                          ("cuMemUnmap",), ("cuMemRelease",), ("cuMemAddressFree",)]:
+        setattr(d, name, fn(name, *values))
+    return d
+
+
+def test_vmm_region_with_a_fake_driver(server_mod, monkeypatch):
+    """The VMM bookkeeping (no GPU here; `server.py --selftest-vmm` checks the real driver)."""
+    buf = ctypes.create_string_buffer(3 * 4096)
+    base, calls, fail = ctypes.addressof(buf), [], set()
+    drv = _fake_driver(base, calls, fail)
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = drv
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.driver", drv)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    names = lambda: [c[0] for c in calls]  # noqa: E731
+
+    r = server_mod.VmmRegion(10_000, 0, dl_device=(server_mod.DL_CPU, 0))
+    assert names() == ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxGetCurrent", "cuCtxSetCurrent",
+                       "cuMemGetAllocationGranularity", "cuMemAddressReserve", "cuCtxGetCurrent", "cuCtxSetCurrent",
+                       "cuMemCreate", "cuMemMap", "cuMemSetAccess"]
+    args = dict(calls)
+    assert args["cuMemAddressReserve"] == (3 * 4096, 4096, 0, 0)
+    prop = args["cuMemCreate"][1]
+    assert args["cuMemCreate"] == (3 * 4096, prop, 0) and (prop.type, prop.location.type, prop.location.id) == (
+        "PINNED", "DEVICE", 0)
+    assert args["cuMemMap"] == (base, 3 * 4096, 0, 77, 0)
+    (desc,), count = args["cuMemSetAccess"][2:]
+    assert count == 1 and (desc.location.type, desc.location.id, desc.flags) == ("DEVICE", 0, "RW")
+    assert r.size == 3 * 4096 and r.ptr == base and r.mapped
+    assert r.tensor.data_ptr() == base and r.tensor.numel() == r.size
+    r.tensor.fill_(7)
+    assert buf.raw == b"\x07" * r.size
+
+    calls.clear()
+    assert r.release() == r.size and not r.mapped and r.release() == 0  # idempotent
+    assert names()[2:] == ["cuCtxSynchronize", "cuMemUnmap", "cuMemRelease"]
+    assert dict(calls)["cuMemUnmap"] == (base, r.size) and dict(calls)["cuMemRelease"] == (77,)
+    fail.add("cuMemMap")
+    with pytest.raises(RuntimeError, match="cuMemMap failed: CUDA_ERROR_OUT_OF_MEMORY"):
+        r.map()
+    assert not r.mapped and names()[-1] == "cuMemRelease"  # the new handle is not leaked
+    fail.clear()
+    r.map()
+    assert r.mapped and r.tensor.data_ptr() == base  # same address, same tensor
+    calls.clear()
+    r.free()
+    assert names()[-3:] == ["cuMemUnmap", "cuMemRelease", "cuMemAddressFree"]
+    fail.add("cuMemAddressReserve")
+    with pytest.raises(RuntimeError, match="cuMemAddressReserve failed"):
+        server_mod.VmmRegion(10_000, 0, dl_device=(server_mod.DL_CPU, 0))

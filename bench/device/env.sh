@@ -14,7 +14,15 @@ chmod +x "$B"/*
 export PATH=$B:$PATH
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$C"/wheels/*.whl
 export PYTHONPATH=/tmp/site
-ln -sf /tmp/site/bin/thaw /tmp/site/bin/thaw-runtime /tmp/site/bin/thaw-hook "$B/"
+ln -sf /tmp/site/bin/thaw "$B/"
+# Launchers like install/node.sh writes: runc runs hooks with an empty environment.
+PY=$(command -v python3)
+SITE=$(python3 -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
+for c in "thaw-runtime thaw.shim.runtime" "thaw-hook thaw.hooks.main"; do
+  set -- $c
+  printf '#!%s -IS\nimport sys\nsys.path[:0] = ["/tmp/site", "%s"]\nfrom %s import main\nmain()\n' "$PY" "$SITE" "$2" > "$B/$1"
+  chmod +x "$B/$1"
+done
 cat > /tmp/thaw/config.yaml <<CFG
 store_dir: /var/tmp/thaw-store
 state_dir: /run/thaw
