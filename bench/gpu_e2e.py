@@ -184,7 +184,8 @@ def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
            "--port", str(PORT), "--kv-fraction", str(args.kv_fraction), *args.server_arg]
     containers: list[ShimContainer] = []
     run: dict = {"run": i, "device": device_name, "config": args.config, "kv_fraction": args.kv_fraction,
-                 "server_args": cmd[2:]}
+                 "server_args": cmd[2:],
+                 "thp": re.search(r"\[(\w+)\]", open("/sys/kernel/mm/transparent_hugepage/enabled").read()).group(1)}
     try:
         if args.drop_caches:
             # A new node: nothing of torch, the weights or the snapshot in the page cache.
@@ -317,8 +318,22 @@ def main() -> None:
     ap.add_argument("--drop-caches", action="store_true",
                     help="also measure cold start and restore with the page cache dropped (a new node)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--thp", choices=["always", "madvise", "never"],
+                    help="set transparent hugepages for the run (node tuning; restored afterwards)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    thp_path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    thp_before = re.search(r"\[(\w+)\]", open(thp_path).read()).group(1)
+    if args.thp:
+        open(thp_path, "w").write(args.thp)
+    log(f"transparent hugepages: {open(thp_path).read().strip()}")
+    try:
+        run_all(args)
+    finally:
+        open(thp_path, "w").write(thp_before)
+
+
+def run_all(args) -> None:
     device_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                  capture_output=True, text=True).stdout.strip().splitlines()[0]
     tmp = tempfile.mkdtemp(prefix="gpu-e2e-")
