@@ -43,10 +43,6 @@ class Bundle:
         return root if os.path.isabs(root) else os.path.join(self.path, root)
 
     @property
-    def rootfs_readonly(self) -> bool:
-        return bool((self.spec.get("root") or {}).get("readonly", False))
-
-    @property
     def mount_destinations(self) -> list[str]:
         return sorted({os.path.normpath(m.get("destination", "")) for m in self.spec.get("mounts") or []})
 
@@ -56,10 +52,6 @@ class Bundle:
             if ns.get("type") == ns_type:
                 return ns.get("path") or None
         return None
-
-    def has_namespace(self, ns_type: str) -> bool:
-        return any(ns.get("type") == ns_type
-                   for ns in (self.spec.get("linux") or {}).get("namespaces") or [])
 
     def save(self) -> None:
         """Write config.json back atomically, keeping its permissions."""

@@ -138,10 +138,6 @@ class Runc:
         """Remove a container whatever its state; quiet if it does not exist."""
         self._run(self._argv("delete", {"force": True}, [container_id]), timeout=30)
 
-    def kill(self, container_id: str, signal: str = "KILL", all_processes: bool = False) -> None:
-        flags: dict[str, str | bool] = {"all": True} if all_processes else {}
-        self._run(self._argv("kill", flags, [container_id, signal]), timeout=30)
-
     def version(self) -> str:
         proc = self._run([self.binary, "--version"], timeout=10)
         first = proc.stdout.decode(errors="replace").splitlines()

@@ -107,15 +107,6 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
     return path
 
 
-def set_annotations(bundle: str, annotations: dict[str, str]) -> None:
-    cfg = os.path.join(bundle, "config.json")
-    with open(cfg) as f:
-        spec = json.load(f)
-    spec["annotations"] = annotations
-    with open(cfg, "w") as f:
-        json.dump(spec, f, indent=1)
-
-
 @dataclass
 class ShimContainer:
     """A container created the way containerd's runc v2 shim creates one."""
