@@ -143,34 +143,26 @@ def deleted_blob(paths: list[str]) -> bytes:
 _IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
 
 
-class _Hashed:
-    def __init__(self, f):
-        self._f = f
-        self.h = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.h.update(data)
-        return data
-
-
-def pack_criu_dir(src_dir: str, out) -> dict[str, str]:
-    """Tar the CRIU image directory (flat, regular files only, sorted) into a writable stream;
-    returns each file's sha256."""
-    hashes = {}
+def pack_criu_dir(src_dir: str, out) -> None:
+    """Tar the CRIU image directory (flat, regular files only, sorted) into a writable stream."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(os.listdir(src_dir)):
+        for name in criu_dir_entries(src_dir):
             path = os.path.join(src_dir, name)
-            if not os.path.isfile(path) or os.path.islink(path) or not _IMAGE_NAME.match(name):
-                raise SnapshotFormatError(f"CRIU image directory holds an unexpected entry: {name}")
             info = tar.gettarinfo(path, arcname=name)
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             with open(path, "rb") as f:
-                hf = _Hashed(f)
-                tar.addfile(info, hf)
-            hashes[name] = hf.h.hexdigest()
-    return hashes
+                tar.addfile(info, f)
+
+
+def criu_dir_entries(src_dir: str) -> list[str]:
+    """The files of a CRIU image directory, sorted; anything unexpected is an error."""
+    names = sorted(os.listdir(src_dir))
+    for name in names:
+        path = os.path.join(src_dir, name)
+        if not os.path.isfile(path) or os.path.islink(path) or not _IMAGE_NAME.match(name):
+            raise SnapshotFormatError(f"CRIU image directory holds an unexpected entry: {name}")
+    return names
 
 
 def unpack_criu_layer(src, dest_dir: str) -> dict[str, str]:

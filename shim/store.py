@@ -53,6 +53,14 @@ def _flock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _sha256_hex(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
@@ -181,11 +189,7 @@ class Store:
             if st.st_mtime_ns != want["mtime_ns"]:
                 raise CorruptSnapshot(f"cached layer {digest}: {name} was modified after it was sealed")
             if verify == "digest":
-                h = hashlib.sha256()
-                with open(os.path.join(path, name), "rb") as f:
-                    while chunk := f.read(4 << 20):
-                        h.update(chunk)
-                if h.hexdigest() != want.get("sha256"):
+                if _sha256_hex(os.path.join(path, name)) != want.get("sha256"):
                     raise CorruptSnapshot(f"cached layer {digest}: {name} does not match its sha256")
 
     def cached_layer(self, snap: fmt.Snapshot, verify: str = "stat") -> str:
@@ -230,18 +234,25 @@ class Store:
     def add_criu_dir(self, staging: str, image_dir: str) -> Descriptor:
         """Pack a CRIU image directory as a layer blob and adopt the directory itself as the
         layer's cache (same file system: a rename), sealed."""
+        from concurrent.futures import ThreadPoolExecutor
         layout = self.staged_layout(staging)
         f, tmp = layout.new_blob_file()
-        try:
-            with f:
-                w = HashingWriter(f)
-                hashes = fmt.pack_criu_dir(image_dir, w)
-                f.flush()
-                os.fsync(f.fileno())
-            layout.commit_blob(tmp, w.digest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # The seal's per-file hashes are computed by other threads while this one writes and
+        # hashes the tar stream (hashlib and file reads release the GIL): two passes in parallel.
+        with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as pool:
+            futures = {n: pool.submit(_sha256_hex, os.path.join(image_dir, n))
+                       for n in fmt.criu_dir_entries(image_dir)}
+            try:
+                with f:
+                    w = HashingWriter(f)
+                    fmt.pack_criu_dir(image_dir, w)
+                    f.flush()
+                    os.fsync(f.fileno())
+                layout.commit_blob(tmp, w.digest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            hashes = {n: fut.result() for n, fut in futures.items()}
         desc = Descriptor(fmt.CRIU_LAYER, w.digest, w.size)
         cache = os.path.join(self.layers_dir, _hex(desc.digest))
         if not os.path.isdir(cache):
