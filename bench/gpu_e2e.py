@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from common import ROOT
@@ -124,20 +123,12 @@ def stock_restore(image_dir: str, bundle: str, cid: str, work: str) -> tuple[flo
     """The baseline without thaw: runc restore of the same CRIU image, then the CUDA driver's
     restore + unlock from a small script (its own cuInit), as an operator would do by hand."""
     c = ShimContainer("runc", RUNC_ROOT, bundle, cid)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
     t = time.perf_counter()
-    proc = subprocess.run(["runc", "--root", RUNC_ROOT, "--criu", shutil.which("criu"), "restore", "--detach",
-                           "--image-path", image_dir, "--work-path", work, "--bundle", bundle,
-                           "--pid-file", c.pid_file, cid],
-                          stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, timeout=600)
-    os.close(out_w)
-    os.close(err_w)
-    from helpers import _drain
-    for fd, sink in ((out_r, c.stdout), (err_r, c.stderr)):
-        th = threading.Thread(target=_drain, args=(fd, sink), daemon=True)
-        th.start()
-        c._threads.append(th)
+    with c.pipes() as (out_w, err_w):
+        proc = subprocess.run(["runc", "--root", RUNC_ROOT, "--criu", shutil.which("criu"), "restore", "--detach",
+                               "--image-path", image_dir, "--work-path", work, "--bundle", bundle,
+                               "--pid-file", c.pid_file, cid],
+                              stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"stock runc restore failed: {open(os.path.join(work, 'restore.log')).read()[-800:]}")
     pid = c.pid()
@@ -176,6 +167,21 @@ def thaw_restore(name: str, cmd: list[str], work: str, ns: str, path: str) -> di
         dst.destroy()
 
 
+def cold_start(cmd: list[str], work: str, ns: str, path: str) -> tuple[ShimContainer, float, dict]:
+    """Create + start through thaw-runtime without the annotation; (container, TTFT, first answer)."""
+    c = ShimContainer("thaw-runtime", RUNC_ROOT, gpu_bundle(path, cmd, work, ns), unique("cold"))
+    try:
+        t0 = time.perf_counter()
+        assert c.create() == 0, c.log_text()
+        c.start()
+        t_ready = wait_ready(c.pid(), 900)
+        first = generate(c.pid())
+    except BaseException:
+        c.destroy()
+        raise
+    return c, t_ready - t0 + first["ttft_s"], first
+
+
 def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
     ns = [unique("gpuns") for _ in range(3)]
     paths = [netns(n) for n in ns]
@@ -190,30 +196,15 @@ def one_run(i: int, args, work: str, tmp: str, device_name: str) -> dict:
         if args.drop_caches:
             # A new node: nothing of torch, the weights or the snapshot in the page cache.
             drop_caches()
-            c = ShimContainer("thaw-runtime", RUNC_ROOT, gpu_bundle(os.path.join(tmp, f"cc{i}"), cmd, work, paths[0]),
-                              unique("coldcache"))
-            containers.append(c)
-            t0 = time.perf_counter()
-            assert c.create() == 0, c.log_text()
-            c.start()
-            t_ready = wait_ready(c.pid(), 900)
-            run["cold_cold_cache_ttft_s"] = t_ready - t0 + generate(c.pid())["ttft_s"]
+            c, run["cold_cold_cache_ttft_s"], _ = cold_start(cmd, work, paths[0], os.path.join(tmp, f"cc{i}"))
             run["cold_cold_cache_phases"] = ready_line(c)
-            log(f"run {i}: cold start from a cold page cache: ttft {run['cold_cold_cache_ttft_s']:.2f}s")
             c.destroy()
-            containers.remove(c)
+            log(f"run {i}: cold start from a cold page cache: ttft {run['cold_cold_cache_ttft_s']:.2f}s")
         # 1. cold start through thaw-runtime (a container without the annotation: passthrough)
-        cold = ShimContainer("thaw-runtime", RUNC_ROOT, gpu_bundle(os.path.join(tmp, f"cold{i}"), cmd, work, paths[0]),
-                             unique("cold"))
+        cold, run["cold_ttft_s"], ref = cold_start(cmd, work, paths[0], os.path.join(tmp, f"cold{i}"))
         containers.append(cold)
-        t0 = time.perf_counter()
-        assert cold.create() == 0, cold.log_text()
-        cold.start()
-        t_ready = wait_ready(cold.pid(), 900)
-        ref = generate(cold.pid())
-        run["cold_ttft_s"] = t_ready - t0 + ref["ttft_s"]
         run["cold_phases"] = ready_line(cold)
-        log(f"run {i}: cold ready in {t_ready - t0:.2f}s, ttft {run['cold_ttft_s']:.2f}s; {run['cold_phases']}")
+        log(f"run {i}: cold ttft {run['cold_ttft_s']:.2f}s; {run['cold_phases']}")
 
         # 2. capture with quiesce/resume; the source keeps serving
         t = time.perf_counter()

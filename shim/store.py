@@ -235,25 +235,13 @@ class Store:
         """Pack a CRIU image directory as a layer blob and adopt the directory itself as the
         layer's cache (same file system: a rename), sealed."""
         from concurrent.futures import ThreadPoolExecutor
-        layout = self.staged_layout(staging)
-        f, tmp = layout.new_blob_file()
         # The seal's per-file hashes are computed by other threads while this one writes and
         # hashes the tar stream (hashlib and file reads release the GIL): two passes in parallel.
         with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as pool:
             futures = {n: pool.submit(_sha256_hex, os.path.join(image_dir, n))
                        for n in fmt.criu_dir_entries(image_dir)}
-            try:
-                with f:
-                    w = HashingWriter(f)
-                    fmt.pack_criu_dir(image_dir, w)
-                    f.flush()
-                    os.fsync(f.fileno())
-                layout.commit_blob(tmp, w.digest)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            desc = self.add_stream_blob(staging, lambda w: fmt.pack_criu_dir(image_dir, w), fmt.CRIU_LAYER)
             hashes = {n: fut.result() for n, fut in futures.items()}
-        desc = Descriptor(fmt.CRIU_LAYER, w.digest, w.size)
         cache = os.path.join(self.layers_dir, _hex(desc.digest))
         if not os.path.isdir(cache):
             self._write_seal(desc.digest, image_dir, hashes)

@@ -4,6 +4,7 @@ log.json). Shared by the tests and the benchmarks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -134,22 +135,31 @@ class ShimContainer:
     def create(self, env: dict[str, str] | None = None, timeout: float = 300) -> int:
         """`create --bundle B --pid-file P ID` with stdin /dev/null and stdout/stderr pipes that
         this object drains (the container holds their write ends after create)."""
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         t = time.perf_counter()
-        proc = subprocess.Popen(self._global() + ["create", "--bundle", self.bundle, "--pid-file",
-                                                  self.pid_file, self.id],
-                                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                env={**os.environ, **(env or {})})
-        os.close(out_w)
-        os.close(err_w)
-        for fd, sink in ((out_r, self.stdout), (err_r, self.stderr)):
-            th = threading.Thread(target=_drain, args=(fd, sink), daemon=True)
-            th.start()
-            self._threads.append(th)
+        with self.pipes() as (out_w, err_w):
+            proc = subprocess.Popen(self._global() + ["create", "--bundle", self.bundle, "--pid-file",
+                                                      self.pid_file, self.id],
+                                    stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                    env={**os.environ, **(env or {})})
         self.create_rc = proc.wait(timeout=timeout)
         self.create_s = time.perf_counter() - t
         return self.create_rc
+
+    @contextlib.contextmanager
+    def pipes(self):
+        """stdout/stderr write ends for a runtime call, drained into self.stdout/self.stderr once
+        the caller has handed them on (the container keeps them, as with containerd's shim)."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            yield out_w, err_w
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            for fd, sink in ((out_r, self.stdout), (err_r, self.stderr)):
+                th = threading.Thread(target=_drain, args=(fd, sink), daemon=True)
+                th.start()
+                self._threads.append(th)
 
     def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(self._global() + list(args), capture_output=True, timeout=timeout)
