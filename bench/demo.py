@@ -51,15 +51,19 @@ def main() -> None:
         env = [f"WARM_WORK={args.warm_work}", f"PORT={PORT}", "PYTHONUNBUFFERED=1", "PATH=/usr/bin:/bin"]
         from helpers import ShimContainer
 
+        def serve(name: str, ns_path: str, annotations: dict | None = None, timeout: float = 600):
+            """Create + start the service through thaw-runtime, as the shim would; seconds to ready."""
+            b = make_bundle(os.path.join(tmp, name), [PYTHON, "/app/server.py"], python=True,
+                            netns=ns_path, env=env, binds={"/app": app}, annotations=annotations)
+            c = ShimContainer("thaw-runtime", root, b, unique(f"demo-{name}"))
+            containers.append(c)
+            t0 = time.perf_counter()
+            assert c.create() == 0, c.log_text()
+            c.start()
+            return c, wait_ready(c.pid(), timeout) - t0
+
         print(f"1. cold start: {os.path.join(app, 'server.py')} warming up ({args.warm_work} SHA-256 rounds)")
-        b1 = make_bundle(os.path.join(tmp, "cold"), [PYTHON, "/app/server.py"], python=True,
-                         netns=ns_paths[0], env=env, binds={"/app": app})
-        cold = ShimContainer("thaw-runtime", root, b1, unique("demo-cold"))
-        containers.append(cold)
-        t0 = time.perf_counter()
-        assert cold.create() == 0, cold.log_text()
-        cold.start()
-        cold_ready = wait_ready(cold.pid(), 600) - t0
+        cold, cold_ready = serve("cold", ns_paths[0])
         before = get_state(cold.pid())
         print(f"   ready after {cold_ready:.2f} s (warm-up inside took {before['warmup_s']} s)")
 
@@ -75,15 +79,7 @@ def main() -> None:
         print(f"   {cap.stdout.strip()}")
 
         print("3. restore into a new container (another network namespace) through thaw-runtime")
-        b2 = make_bundle(os.path.join(tmp, "restored"), [PYTHON, "/app/server.py"], python=True,
-                         netns=ns_paths[1], env=env, binds={"/app": app},
-                         annotations={"thaw.dev/snapshot": SNAPSHOT})
-        restored = ShimContainer("thaw-runtime", root, b2, unique("demo-restored"))
-        containers.append(restored)
-        t0 = time.perf_counter()
-        assert restored.create() == 0, restored.log_text()
-        restored.start()
-        restored_ready = wait_ready(restored.pid(), 120) - t0
+        restored, restored_ready = serve("restored", ns_paths[1], {"thaw.dev/snapshot": SNAPSHOT}, 120)
         after = get_state(restored.pid())
         record = json.loads(open(os.path.join("/run/thaw/containers", restored.id + ".json")).read())
         print(f"   ready after {restored_ready:.2f} s")

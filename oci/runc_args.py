@@ -78,10 +78,6 @@ class RuncCall:
         value = self.global_flags.get("log-format")
         return value if isinstance(value, str) else "text"
 
-    def global_argv(self) -> list[str]:
-        """The global flags in canonical `--name[=value]` form, for calling runc again."""
-        return _render(self.global_flags)
-
 
 def _render(flags: dict[str, str | bool]) -> list[str]:
     out: list[str] = []

@@ -36,10 +36,11 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return []
 
 
-def node(criu: str, runc_version: str, gpu: dict[str, Any] | None = None) -> dict[str, Any]:
+def node(criu: str, runc_version: str, gpu: dict[str, Any] | None = None,
+         cache_dir: str | None = None) -> dict[str, Any]:
     u = os.uname()
     return {"kernel": u.release, "arch": u.machine, "cpu_flags": cpu_flags(),
-            "criu": criu_mod.version(criu), "runc": runc_version, "gpu": gpu or {}}
+            "criu": criu_mod.version(criu, cache_dir), "runc": runc_version, "gpu": gpu or {}}
 
 
 def container(bundle: Bundle) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
     store = Store(cfg.store_dir)
     snap = _phase(phases, "resolve", store.resolve, req.snapshot)
 
-    runc = Runc.for_call(next_runtime, cfg.resolve_criu(), call)
+    criu = cfg.resolve_criu()
+    runc = Runc.for_call(next_runtime, criu, call)
     target_gpus = None
     gpu_fp: dict = {}
     if (snap.config.get("gpu") or {}).get("pids"):
@@ -80,7 +81,7 @@ def restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str, log:
                                "driver or cuda-python")
         target_gpus = cuda.container_gpus(bundle.spec)
         gpu_fp = cuda.gpu_fingerprint(target_gpus)
-    here = {"node": fingerprint.node(cfg.resolve_criu(), "", gpu_fp),
+    here = {"node": fingerprint.node(criu, "", gpu_fp, make_private_dir(cfg.state_dir)),
             "container": fingerprint.container(bundle)}
     reasons = fingerprint.compare(snap.fingerprint, here, cfg.policy.allow_cross_namespace)
     phases["fingerprint"] = round(time.perf_counter() - t0 - phases["resolve"], 4)

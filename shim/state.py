@@ -79,14 +79,6 @@ class ContainerState:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def list_ids(state_dir: str) -> list[str]:
-    d = os.path.join(state_dir, "containers")
-    try:
-        return sorted(n[:-5] for n in os.listdir(d) if n.endswith(".json"))
-    except FileNotFoundError:
-        return []
-
-
 def finish(state_dir: str, container_id: str, how: str) -> dict | None:
     """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
     comes first): stop its capture watcher, append its timing record to state_dir/timings.log,

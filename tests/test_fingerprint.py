@@ -72,3 +72,16 @@ def test_cpu_flags_filter(tmp_path):
     p = tmp_path / "cpuinfo"
     p.write_text("processor: 0\nflags\t\t: fpu vme avx2 avx512f sse4_2 hypervisor lm\n")
     assert fingerprint.cpu_flags(str(p)) == ["avx2", "avx512f", "fpu", "sse4_2"]
+
+
+def test_criu_version_cache(tmp_path):
+    from thaw.shim import criu
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho calls >> " + str(tmp_path / "calls") + "\necho 'Version: 4.1.1'\n")
+    fake.chmod(0o755)
+    assert criu.version(str(fake), str(tmp_path)) == "4.1.1"
+    assert criu.version(str(fake), str(tmp_path)) == "4.1.1"
+    assert (tmp_path / "calls").read_text().count("calls") == 1      # second answer from the cache
+    fake.write_text("#!/bin/sh\necho 'Version: 4.2'\n")                   # a new binary is asked again
+    assert criu.version(str(fake), str(tmp_path)) == "4.2"
+    assert criu.version(str(tmp_path / "missing"), str(tmp_path)) is None
