@@ -3,14 +3,19 @@
 # Idempotent and quick when re-run: it only installs what is missing.
 #
 #   install/node.sh              install thaw on this node
-#   install/node.sh --dev        also install test dependencies; thaw is installed editable
-#                                from this checkout (what tests and the demo use)
+#   install/node.sh --dev        also install test dependencies (what the tests and benches use)
 #   install/node.sh --containerd also register the "thaw" runtime handler with containerd
+#
+# Environment: THAW_PREFIX (virtualenv and stamps, default /opt/thaw), THAW_BIN_DIR (where
+# thaw, thaw-runtime and thaw-hook go, default /usr/local/bin), THAW_BUILD_CACHE (CRIU source
+# and build, default /var/cache/thaw).
 set -euo pipefail
 
 CRIU_VERSION=4.1.1
 CRIU_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 PREFIX=${THAW_PREFIX:-/opt/thaw}
+# Where the commands go (a second, private installation for development sets both).
+BIN_DIR=${THAW_BIN_DIR:-/usr/local/bin}
 CACHE=${THAW_BUILD_CACHE:-/var/cache/thaw}
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -20,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --containerd) CONTAINERD=1 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "node.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -154,13 +159,14 @@ fi
 for cmd in thaw thaw-runtime thaw-hook; do
   [ -x "$VENV/bin/$cmd" ] || die "thaw: $VENV/bin/$cmd missing after install"
 done
-ln -sfn "$VENV/bin/thaw" /usr/local/bin/thaw
+install -d -m 0755 "$BIN_DIR"
+ln -sfn "$VENV/bin/thaw" "$BIN_DIR/thaw"
 # thaw-runtime and thaw-hook run on every container operation: launch them with -I -S (no site
 # processing, no environment influence) and the venv's site-packages put on sys.path directly.
 SITE=$("$VENV/bin/python" -c 'import sysconfig as s; p=s.get_paths(); print(p["purelib"]); print(p["platlib"])' | sort -u | tr '\n' ' ')
 write_launcher() {  # $1 = command, $2 = module with main()
   local tmp
-  tmp=$(mktemp /usr/local/bin/.thaw-launcher.XXXXXX)
+  tmp=$(mktemp "$BIN_DIR/.thaw-launcher.XXXXXX")
   {
     echo "#!$VENV/bin/python3 -IS"
     echo "# thaw launcher written by install/node.sh"
@@ -170,11 +176,11 @@ write_launcher() {  # $1 = command, $2 = module with main()
     echo "main()"
   } > "$tmp"
   chmod 0755 "$tmp"
-  mv -f "$tmp" "/usr/local/bin/$1"
+  mv -f "$tmp" "$BIN_DIR/$1"
 }
 write_launcher thaw-runtime thaw.shim.runtime
 write_launcher thaw-hook thaw.hooks.main
-say "thaw: commands linked in /usr/local/bin: thaw thaw-runtime thaw-hook"
+say "thaw: commands linked in $BIN_DIR: thaw thaw-runtime thaw-hook"
 
 # --- config, store, state -----------------------------------------------------------------------
 install -d -m 0755 /etc/thaw

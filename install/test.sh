@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash install/node.sh --dev
 export THAW_TEST_STRICT=1
-exec /opt/thaw/venv/bin/python -m pytest -v -p no:cacheprovider tests "$@"
+PREFIX=${THAW_PREFIX:-/opt/thaw}
+export PATH="${THAW_BIN_DIR:-/usr/local/bin}:$PATH"
+exec "$PREFIX/venv/bin/python" -m pytest -v -p no:cacheprovider tests "$@"

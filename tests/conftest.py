@@ -51,6 +51,9 @@ class ThawEnv:
 
     def write_config(self, **extra) -> None:
         lines = [f"store_dir: {self.store}", f"state_dir: {self.state}"]
+        if "hook" not in extra and shutil.which("thaw-hook"):
+            # The hook of the installation under test (a private one has its own bin dir).
+            extra["hook"] = shutil.which("thaw-hook")
         policy = extra.pop("policy", None)
         lines += [f"{k}: {v}" for k, v in extra.items()]
         if policy:
