@@ -5,6 +5,8 @@ Imported on the runtime's hot path: plain classes, and `re` only when a referenc
 
 from __future__ import annotations
 
+from . import ThawError
+
 SNAPSHOT = "thaw.dev/snapshot"
 CAPTURE = "thaw.dev/capture"
 READY = "thaw.dev/ready"
@@ -26,7 +28,7 @@ _NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
 _TAG = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
 
 
-class AnnotationError(ValueError):
+class AnnotationError(ThawError):
     """A thaw annotation is present but malformed."""
 
 

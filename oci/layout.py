@@ -15,6 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Any, Iterable
 
+from . import ThawError
+from .files import atomic_write
+
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -22,7 +25,7 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 4 << 20
 
 
-class LayoutError(ValueError):
+class LayoutError(ThawError):
     """The layout or one of its blobs is missing, malformed or does not match its digest."""
 
 
@@ -61,6 +64,7 @@ def check_digest(digest: str) -> str:
 
 
 def sha256_file(path: str) -> tuple[str, int]:
+    """(digest, size) of a file's content: the one way blobs and cached files are hashed."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -68,6 +72,30 @@ def sha256_file(path: str) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return "sha256:" + h.hexdigest(), size
+
+
+class HashingReader:
+    """A readable stream that hashes everything read through it (a blob being unpacked)."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self._h = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._h.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (a tar's padding after its last member) so the digest covers it all."""
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
 
 
 class HashingWriter:
@@ -108,7 +136,7 @@ class ImageLayout:
         os.makedirs(os.path.join(self.root, "blobs", "sha256"), mode=0o700, exist_ok=True)
         marker = os.path.join(self.root, "oci-layout")
         if not os.path.exists(marker):
-            _atomic_write(marker, json.dumps(LAYOUT_VERSION).encode())
+            atomic_write(marker, json.dumps(LAYOUT_VERSION).encode())
         if not os.path.exists(self.index_path):
             self.write_index([])
 
@@ -205,25 +233,5 @@ class ImageLayout:
     def write_index(self, manifests: list[Descriptor]) -> None:
         obj = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
                "manifests": [m.to_json() for m in manifests]}
-        _atomic_write(self.index_path, json.dumps(obj, indent=1).encode())
+        atomic_write(self.index_path, json.dumps(obj, indent=1).encode())
 
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

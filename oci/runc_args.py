@@ -11,6 +11,8 @@ the problem itself. Nothing here knows what runc does with the flags.
 
 from __future__ import annotations
 
+from . import ThawError
+
 # name -> takes a value. Aliases map to the canonical name.
 GLOBAL_FLAGS: dict[str, bool] = {
     "debug": False,
@@ -43,7 +45,7 @@ COMMAND_ALIASES = {"create": {"b": "bundle", "h": "help"}, "delete": {"f": "forc
                    "start": {"h": "help"}}
 
 
-class ArgvError(ValueError):
+class ArgvError(ThawError):
     """The command line is not one thaw can interpret."""
 
 

@@ -10,10 +10,13 @@ import json
 import os
 from typing import Any
 
+from . import ThawError
+from .files import atomic_write
+
 CONFIG = "config.json"
 
 
-class SpecError(ValueError):
+class SpecError(ThawError):
     """config.json is missing or not a runtime spec."""
 
 
@@ -56,12 +59,8 @@ class Bundle:
     def save(self) -> None:
         """Write config.json back atomically, keeping its permissions."""
         cfg = os.path.join(self.path, CONFIG)
-        tmp = f"{cfg}.thaw-{os.getpid()}"
         mode = os.stat(cfg).st_mode & 0o7777 if os.path.exists(cfg) else 0o644
-        with open(tmp, "w") as f:
-            json.dump(self.spec, f)
-        os.chmod(tmp, mode)
-        os.replace(tmp, cfg)
+        atomic_write(cfg, json.dumps(self.spec).encode(), mode=mode, durable=False)
 
 
 # --- composable spec modifiers ------------------------------------------------------------------

@@ -6,13 +6,15 @@ import json
 from dataclasses import dataclass, field
 from typing import IO
 
+from . import ThawError
 
-class StateError(ValueError):
-    pass
+
+class StateError(ThawError):
+    """The input is not an OCI container state."""
 
 
 @dataclass
-class ContainerState:
+class OciState:
     id: str
     status: str
     pid: int | None
@@ -20,7 +22,7 @@ class ContainerState:
     annotations: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: str | bytes) -> "ContainerState":
+    def from_json(cls, data: str | bytes) -> "OciState":
         try:
             obj = json.loads(data)
             return cls(id=str(obj["id"]), status=str(obj.get("status", "")),
@@ -31,5 +33,5 @@ class ContainerState:
             raise StateError(f"not an OCI container state: {exc}") from exc
 
     @classmethod
-    def read(cls, stream: IO[bytes]) -> "ContainerState":
+    def read(cls, stream: IO[bytes]) -> "OciState":
         return cls.from_json(stream.read())

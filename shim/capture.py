@@ -9,36 +9,23 @@ the final publish makes the snapshot visible, so a capture killed half-way leave
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
+from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.spec import Bundle
 
 from . import fingerprint, rootfs
 from .config import Config
+from .phases import Phases
 from .runc import Runc
 from .store import Store
 
 
-class CaptureError(RuntimeError):
+class CaptureError(ThawError):
     pass
-
-
-@dataclass
-class Phases:
-    """Wall-clock seconds per named phase, in order."""
-    times: dict[str, float] = field(default_factory=dict)
-
-    def run(self, name: str, fn: Callable, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t
 
 
 def _created_epoch(state: dict) -> float | None:
@@ -68,9 +55,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         raise CaptureError(f"container {container_id} is {state.get('status')}, not running")
     bundle = Bundle.load(state["bundle"])
     pid = int(state["pid"])
-    store = Store(cfg.store_dir).init()
+    store = Store.for_config(cfg).init()
     phases = Phases()
-    t0 = time.perf_counter()
 
     with store.staging("capture") as staging:
         images = os.path.join(staging, "images")
@@ -111,24 +97,38 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         criu_bytes = sum(os.path.getsize(os.path.join(images, n)) for n in os.listdir(images))
         criu_desc = phases.run("package_criu", store.add_criu_dir, staging, images)
 
-        fp = {"node": fingerprint.node(cfg.resolve_criu(), runc.version(),
-                                       gpu_session.fingerprint if gpu_session else None),
-              "container": fingerprint.container(bundle)}
-        phases.times["total"] = time.perf_counter() - t0
-        config = fmt.make_config(
-            str(ref), fp,
-            source={"container_id": container_id, "image": fp["container"]["image"],
-                    "namespace": fp["container"]["namespace"],
-                    "container_name": fp["container"]["container_name"],
-                    "left_running": leave_running},
-            sizes={"criu_bytes": criu_bytes, "rootfs_bytes": rootfs_desc.size,
-                   "rootfs_entries": len(diff.entries), "rootfs_deleted": len(diff.deleted),
-                   "gpu_bytes": gpu_session.gpu_bytes if gpu_session else 0},
-            phases=phases.times,
-            gpu=gpu_session.describe() if gpu_session else None,
-            network={"listen": listen, "netns_joined": bundle.namespace_path("network") is not None})
-        snap = fmt.write_snapshot(layout, str(ref), config, criu_desc, rootfs_desc, deleted_desc)
+        fp = fmt.Fingerprint(
+            fingerprint.node(cfg.resolve_criu(), runc.version(),
+                             gpu=gpu_session.fingerprint if gpu_session else None),
+            fingerprint.container(bundle))
+        phases.add("total", phases.elapsed())
+        config = fmt.SnapshotConfig(
+            ref=str(ref), fingerprint=fp,
+            source=fmt.Source(container_id=container_id, image=fp.container.image,
+                              namespace=fp.container.namespace,
+                              container_name=fp.container.container_name, left_running=leave_running),
+            sizes=fmt.Sizes(criu_bytes=criu_bytes, rootfs_bytes=rootfs_desc.size,
+                            rootfs_entries=len(diff.entries), rootfs_deleted=len(diff.deleted),
+                            gpu_bytes=gpu_session.gpu_bytes if gpu_session else 0),
+            phases=phases.rounded(),
+            gpu=gpu_session.describe() if gpu_session else fmt.GpuState(),
+            network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None))
+        snap = fmt.write_snapshot(layout, config, criu_desc, rootfs_desc, deleted_desc)
         store.publish(snap)
         if diff.skipped:
             log(f"rootfs entries not carried (sockets, devices, fifos): {diff.skipped[:10]}")
         return snap
+
+
+def report(cfg: Config, trigger: str, container_id: str, ref: SnapshotRef,
+           snap: fmt.Snapshot | None, error: BaseException | None = None) -> None:
+    """A capture's outcome in the events log and metrics (`trigger`: cli or auto)."""
+    from . import events, metrics
+    if snap is not None:
+        events.emit(cfg, "captured", f"captured {container_id} as {snap.ref} ({snap.manifest.digest}, "
+                    f"{snap.config.phases.get('total', 0):.2f}s)", container_id, snapshot=snap.ref,
+                    manifest=snap.manifest.digest, phases=snap.config.phases, trigger=trigger)
+    else:
+        events.emit(cfg, "capture_failed", f"capture of {container_id} as {ref} failed: {error}",
+                    container_id, "error", snapshot=str(ref), trigger=trigger)
+    metrics.record_capture(cfg, snap is not None, trigger)

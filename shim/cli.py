@@ -1,15 +1,18 @@
-"""`thaw`: the operator's CLI. Thin: each command wires config, store and one library call."""
+"""`thaw`: the operator's CLI. Thin: each command wires config, store and one library call; any
+ThawError (or OSError) becomes one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
 import click
 
-from thaw.oci.annotations import AnnotationError, SnapshotRef
+from thaw.oci import ThawError
+from thaw.oci.annotations import SnapshotRef
 
-from .config import Config, ConfigError, load
+from .config import Config, load
 
 
 def _cfg(ctx: click.Context) -> Config:
@@ -19,7 +22,7 @@ def _cfg(ctx: click.Context) -> Config:
 def _ref(text: str) -> SnapshotRef:
     try:
         return SnapshotRef.parse(text)
-    except AnnotationError as exc:
+    except ThawError as exc:
         raise click.BadParameter(str(exc)) from exc
 
 
@@ -32,16 +35,30 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _one_line_errors(fn):
+    """Every error thaw knows how to describe is one line for the operator, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ThawError, OSError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def _store(ctx: click.Context):
+    from .store import Store
+    return Store.for_config(_cfg(ctx))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="THAW_CONFIG", default=None,
               help="Config file (default /etc/thaw/config.yaml).")
 @click.pass_context
+@_one_line_errors
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """thaw: snapshot and restore containers (CRIU + CUDA) below containerd."""
-    try:
-        ctx.obj = {"config": load(config_path)}
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    ctx.obj = {"config": load(config_path)}
 
 
 @cli.command()
@@ -53,64 +70,60 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--resume", default=None, help="URL to POST (inside the container) after capture.")
 @click.option("--no-gpu", is_flag=True, help="Do not checkpoint GPU state even if present.")
 @click.pass_context
+@_one_line_errors
 def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
     """Checkpoint a running container into snapshot NAME."""
-    from .capture import CaptureError, capture as do_capture
-    from .runc import RuncError
-    ref = _ref(name)
+    from .capture import capture as do_capture, report
+    cfg, ref = _cfg(ctx), _ref(name)
     try:
-        snap = do_capture(_cfg(ctx), container_id, ref, root=root, leave_running=not exit_,
+        snap = do_capture(cfg, container_id, ref, root=root, leave_running=not exit_,
                           quiesce=quiesce, resume=resume, gpu=False if no_gpu else None,
                           log=lambda m: click.echo(m, err=True))
-    except (CaptureError, RuncError, OSError, RuntimeError) as exc:
+    except (ThawError, OSError) as exc:
+        report(cfg, "cli", container_id, ref, None, exc)
         raise click.ClickException(f"capture of {container_id} failed: {exc}") from exc
-    cfgd = snap.config
+    report(cfg, "cli", container_id, ref, snap)
     click.echo(f"captured {container_id} as {snap.ref} ({_human(snap.size)}, "
-               f"{cfgd['phases'].get('total', 0):.2f}s) {snap.manifest.digest}")
+               f"{snap.config.phases.get('total', 0):.2f}s) {snap.manifest.digest}")
 
 
 @cli.command("ls")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
+@_one_line_errors
 def ls(ctx, as_json):
     """List snapshots in the store."""
-    from .store import Store
-    snaps = Store(_cfg(ctx).store_dir).list()
+    snaps = _store(ctx).list()
     if as_json:
         click.echo(json.dumps([{"ref": s.ref, "digest": s.manifest.digest, "size": s.size,
-                                "created": s.config.get("created"),
-                                "namespace": s.fingerprint.get("container", {}).get("namespace")}
+                                "created": s.config.created,
+                                "namespace": s.fingerprint.container.namespace}
                                for s in snaps], indent=1))
         return
     click.echo(f"{'NAME':<40} {'SIZE':>10}  {'CREATED':<20}  DIGEST")
     for s in snaps:
-        click.echo(f"{s.ref:<40} {_human(s.size):>10}  {s.config.get('created', ''):<20}  {s.manifest.digest[:19]}")
+        click.echo(f"{s.ref:<40} {_human(s.size):>10}  {s.config.created:<20}  {s.manifest.digest[:19]}")
 
 
 @cli.command()
 @click.argument("name")
 @click.pass_context
+@_one_line_errors
 def inspect(ctx, name):
     """Show a snapshot's manifest digest and config as JSON."""
-    from .store import Store, StoreError
-    try:
-        snap = Store(_cfg(ctx).store_dir).resolve(_ref(name))
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+    snap = _store(ctx).resolve(_ref(name))
     click.echo(json.dumps({"ref": snap.ref, "manifest": snap.manifest.digest, "size": snap.size,
-                           "layers": [d.to_json() for d in snap.layers], "config": snap.config}, indent=1))
+                           "layers": [d.to_json() for d in snap.layers],
+                           "config": snap.config.to_json()}, indent=1))
 
 
 @cli.command()
 @click.argument("name")
 @click.pass_context
+@_one_line_errors
 def rm(ctx, name):
     """Remove a snapshot (and blobs no other snapshot uses)."""
-    from .store import Store, StoreError
-    try:
-        Store(_cfg(ctx).store_dir).remove(_ref(name))
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _store(ctx).remove(_ref(name))
     click.echo(f"removed {_ref(name)}")
 
 
@@ -118,28 +131,49 @@ def rm(ctx, name):
 @click.argument("name")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.pass_context
+@_one_line_errors
 def export(ctx, name, file):
     """Write a snapshot as an OCI archive FILE."""
-    from .store import Store, StoreError
-    try:
-        snap = Store(_cfg(ctx).store_dir).export(_ref(name), file)
-    except (StoreError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    snap = _store(ctx).export(_ref(name), file)
     click.echo(f"exported {snap.ref} to {file} ({_human(snap.size)})")
 
 
 @cli.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.pass_context
+@_one_line_errors
 def import_(ctx, file):
     """Import snapshots from an OCI archive FILE (digests verified before they become visible)."""
-    from .store import Store, StoreError
-    try:
-        snaps = Store(_cfg(ctx).store_dir).import_archive(file)
-    except (StoreError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    for s in snaps:
+    for s in _store(ctx).import_archive(file):
         click.echo(f"imported {s.ref} {s.manifest.digest}")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
+@click.option("--container", "container", default=None, help="Only this container's events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+@_one_line_errors
+def events(ctx, follow, container, as_json):
+    """Show what thaw did on this node: restores, cold starts (with the reason), refusals,
+    captures, hook errors, container ends."""
+    from . import events as ev
+    state_dir = _cfg(ctx).state_dir
+
+    def show(e: dict) -> None:
+        if as_json:
+            click.echo(json.dumps(e))
+        else:
+            click.echo(f"{e.get('time', '')[:23]}  {e.get('level', ''):<7} {e.get('kind', ''):<14} "
+                       f"{(e.get('container') or '-')[:24]:<24}  {e.get('msg', '')}")
+    for e in ev.read(state_dir, container):
+        show(e)
+    if follow:
+        try:
+            for e in ev.follow(state_dir, container):
+                show(e)
+        except KeyboardInterrupt:
+            pass
 
 
 @cli.command()

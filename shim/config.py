@@ -5,6 +5,8 @@ imports nothing heavy: parsing YAML (pyyaml alone costs ~20 ms to import) is kep
 by caching the parsed config with `marshal` (built in, no import cost) in
 /run/thaw/config-cache/, keyed by the config file's path and validated by its (mtime, size,
 inode). A missing or unwritable cache just means parsing the YAML.
+
+The keys, their types and defaults are the tables below; install/config.yaml documents each.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ from __future__ import annotations
 import marshal
 import os
 
+from thaw.oci import ThawError
+
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 VERIFY_MODES = ("stat", "digest")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(ThawError):
+    """The node config cannot be read or holds a bad value."""
 
 
 class _Record:
-    """Tiny immutable record with keyword defaults and value equality (no dataclasses import)."""
+    """Tiny immutable record with keyword defaults and value equality (no dataclasses import:
+    this module is on the hot path)."""
     _fields: dict = {}
 
     def __init__(self, **values):
@@ -50,7 +55,8 @@ class Policy(_Record):
 class Config(_Record):
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
-               "log_level": "info", "policy": None, "source": None}
+               "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
+               "policy": None, "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
@@ -74,22 +80,6 @@ class Config(_Record):
         return LOG_LEVELS.index(level) >= LOG_LEVELS.index(self.log_level)
 
 
-def make_private_dir(path: str) -> str:
-    """Create `path` and any missing parents root-only (0700): makedirs' mode applies to the
-    leaf only, and thaw's state and store must never be readable by others."""
-    missing = []
-    cur = path
-    while cur and cur != "/" and not os.path.isdir(cur):
-        missing.append(cur)
-        cur = os.path.dirname(cur)
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, 0o700)
-        except FileExistsError:
-            pass
-    return path
-
-
 def which(name: str) -> str | None:
     """shutil.which without importing shutil (hot path)."""
     for d in (os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").split(":"):
@@ -99,56 +89,90 @@ def which(name: str) -> str | None:
     return None
 
 
-def _from_mapping(raw: object, source: str | None) -> Config:
+# --- schema: key -> (type, check) ---------------------------------------------------------------
+
+def _abs_path(v: str) -> str | None:
+    return None if os.path.isabs(v) else "must be an absolute path"
+
+
+def _optional_abs_path(v: str) -> str | None:
+    return None if not v or os.path.isabs(v) else "must be empty or an absolute path"
+
+
+def _one_of(choices: tuple[str, ...]):
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def _not_thaw(v: str) -> str | None:
+    return "must not be thaw-runtime itself" if os.path.basename(v) == "thaw-runtime" else None
+
+
+_TOP = {
+    "store_dir": (str, _abs_path),
+    "state_dir": (str, _abs_path),
+    "next_runtime": (str, _not_thaw),
+    "criu": (str, None),
+    "hook": (str, None),
+    "capture_ready_timeout": (float, _positive),
+    "log_level": (str, _one_of(LOG_LEVELS)),
+    "metrics_dir": (str, _optional_abs_path),
+    "events_max_bytes": (int, _positive),
+}
+_POLICY = {
+    "allow_cross_namespace": (bool, None),
+    "verify": (str, _one_of(VERIFY_MODES)),
+    "required": (bool, None),
+}
+
+
+def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: top level must be a mapping")
-    known = {"store_dir", "state_dir", "next_runtime", "criu", "hook", "capture_ready_timeout",
-             "log_level", "policy"}
-    unknown = set(raw) - known
+        raise ConfigError(f"{where}must be a mapping")
+    unknown = set(raw) - set(schema)
     if unknown:
-        raise ConfigError(f"{source}: unknown keys: {', '.join(sorted(unknown))}")
-    pol_raw = raw.get("policy") or {}
-    if not isinstance(pol_raw, dict):
-        raise ConfigError(f"{source}: policy must be a mapping")
-    pol_unknown = set(pol_raw) - {"allow_cross_namespace", "verify", "required"}
-    if pol_unknown:
-        raise ConfigError(f"{source}: unknown policy keys: {', '.join(sorted(pol_unknown))}")
-    policy = Policy(
-        allow_cross_namespace=bool(pol_raw.get("allow_cross_namespace", False)),
-        verify=str(pol_raw.get("verify", "stat")),
-        required=bool(pol_raw.get("required", False)),
-    )
-    if policy.verify not in VERIFY_MODES:
-        raise ConfigError(f"{source}: policy.verify must be one of {VERIFY_MODES}")
-    cfg = Config(
-        store_dir=str(raw.get("store_dir", Config._fields["store_dir"])),
-        state_dir=str(raw.get("state_dir", Config._fields["state_dir"])),
-        next_runtime=str(raw.get("next_runtime", Config._fields["next_runtime"])),
-        criu=str(raw.get("criu") or ""),
-        hook=str(raw.get("hook", Config._fields["hook"]) or ""),
-        capture_ready_timeout=float(raw.get("capture_ready_timeout", 1800)),
-        log_level=str(raw.get("log_level", "info")).lower(),
-        policy=policy,
-        source=source,
-    )
-    if cfg.log_level not in LOG_LEVELS:
-        raise ConfigError(f"{source}: log_level must be one of {LOG_LEVELS}")
-    for key in ("store_dir", "state_dir"):
-        if not os.path.isabs(getattr(cfg, key)):
-            raise ConfigError(f"{source}: {key} must be an absolute path")
-    if os.path.basename(cfg.next_runtime) == "thaw-runtime":
-        raise ConfigError(f"{source}: next_runtime must not be thaw-runtime itself")
-    return cfg
+        raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    out = {}
+    for key, (kind, check) in schema.items():
+        value = raw.get(key)
+        if value is None:
+            out[key] = defaults[key]
+            continue
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}{key} must be true or false")
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}{key} must be a number")
+        value = kind(value)
+        if kind is str and key == "log_level":
+            value = value.lower()
+        problem = check(value) if check else None
+        if problem:
+            raise ConfigError(f"{where}{key} {problem}")
+        out[key] = value
+    return out
+
+
+def _from_mapping(raw: object, source: str | None) -> Config:
+    where = f"{source}: "
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}top level must be a mapping")
+    top = {k: v for k, v in raw.items() if k != "policy"}
+    values = _section(top, _TOP, Config._fields, where)
+    values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
+    return Config(**values, source=source)
 
 
 def _to_mapping(cfg: Config) -> dict:
-    return {"store_dir": cfg.store_dir, "state_dir": cfg.state_dir, "next_runtime": cfg.next_runtime,
-            "criu": cfg.criu, "hook": cfg.hook, "capture_ready_timeout": cfg.capture_ready_timeout,
-            "log_level": cfg.log_level,
-            "policy": {"allow_cross_namespace": cfg.policy.allow_cross_namespace,
-                       "verify": cfg.policy.verify, "required": cfg.policy.required}}
+    out = {k: getattr(cfg, k) for k in _TOP}
+    out["policy"] = {k: getattr(cfg.policy, k) for k in _POLICY}
+    return out
 
 
 def load(path: str | None = None) -> Config:
@@ -178,12 +202,10 @@ def load(path: str | None = None) -> Config:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     cfg = _from_mapping(raw, path)
+    from thaw.oci.files import atomic_write, make_private_dir
     try:
         make_private_dir(CACHE_DIR)
-        tmp = f"{cache}.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            marshal.dump({"key": key, "config": _to_mapping(cfg)}, f)
-        os.replace(tmp, cache)
+        atomic_write(cache, marshal.dumps({"key": key, "config": _to_mapping(cfg)}), durable=False)
     except OSError:
         pass
     return cfg

@@ -20,13 +20,18 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
+from thaw.oci import ThawError
+from thaw.oci import snapshot as fmt
+
+from .phases import Phases
+
 LOCK_TIMEOUT_MS = 10_000
 NVIDIA_MAJOR = 195
 PROC_GPUS = "/proc/driver/nvidia/gpus"
 PROC_VERSION = "/proc/driver/nvidia/version"
 
 
-class CudaError(RuntimeError):
+class CudaError(ThawError):
     def __init__(self, pid: int | None, step: str, detail: str):
         self.pid, self.step = pid, step
         super().__init__(f"CUDA {step} of pid {pid}: {detail}" if pid else f"CUDA {step}: {detail}")
@@ -219,13 +224,13 @@ def container_gpus(spec: dict[str, Any], gpus: dict[int, Gpu] | None = None) -> 
     return [gpus[m] for m in spec_gpu_minors(spec) if m in gpus]
 
 
-def gpu_fingerprint(gpus: list[Gpu], driver: str | None = None, cuda_version: int | None = None) -> dict[str, Any]:
+def gpu_fingerprint(gpus: list[Gpu], driver: str | None = None,
+                    cuda_version: int | None = None) -> fmt.GpuFingerprint:
     if not gpus:
-        return {}
-    models = sorted({g.model for g in gpus})
-    return {"count": len(gpus), "model": models[0] if len(models) == 1 else models,
-            "uuids": [g.uuid for g in gpus], "driver": driver or driver_version(),
-            "cuda": cuda_version}
+        return fmt.GpuFingerprint()
+    return fmt.GpuFingerprint(count=len(gpus), model=",".join(sorted({g.model for g in gpus})),
+                              uuids=tuple(g.uuid for g in gpus), driver=driver or driver_version(),
+                              cuda=cuda_version)
 
 
 def cuda_driver_version() -> int | None:
@@ -273,11 +278,11 @@ class CaptureSession:
         return cls(root_pid, pids, container_gpus(spec) if spec else [])
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self) -> fmt.GpuFingerprint:
         return gpu_fingerprint(self.gpus, cuda_version=cuda_driver_version())
 
-    def describe(self) -> dict[str, Any]:
-        return {"pids": len(self.pids), "uuids": [g.uuid for g in self.gpus]}
+    def describe(self) -> fmt.GpuState:
+        return fmt.GpuState(pids=len(self.pids), uuids=tuple(g.uuid for g in self.gpus))
 
     def checkpoint(self) -> None:
         before = _rss(self.pids)
@@ -311,18 +316,11 @@ class CaptureSession:
             raise CudaError(self.root_pid, "resume of the source", "; ".join(errors))
 
 
-def restore_tree(root_pid: int, pairs: list[tuple[str, str]] | None = None,
-                 timing: dict[str, float] | None = None) -> list[int]:
+def restore_tree(root_pid: int, pairs: list[tuple[str, str]] | None, phases: Phases) -> list[int]:
     """After a CRIU restore: restore and unlock every checkpointed CUDA process of the tree."""
-    import time
     pids = cuda_pids(root_pid, ("CHECKPOINTED",))
-    t = time.perf_counter()
     for pid in pids:
-        restore(pid, pairs)
-    t2 = time.perf_counter()
+        phases.run("cuda_restore", restore, pid, pairs)
     for pid in pids:
-        unlock(pid)
-    if timing is not None:
-        timing["cuda_restore"] = t2 - t
-        timing["cuda_unlock"] = time.perf_counter() - t2
+        phases.run("cuda_unlock", unlock, pid)
     return pids

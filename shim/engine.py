@@ -13,10 +13,12 @@ import os
 import urllib.error
 import urllib.request
 
+from thaw.oci import ThawError
+
 CLONE_NEWNET = 0x40000000
 
 
-class EngineError(RuntimeError):
+class EngineError(ThawError):
     pass
 
 

@@ -1,17 +1,19 @@
 """Compatibility fingerprint: what must match between the node and container a snapshot was
 captured from and the node and container it is restored into.
 
-A fingerprint is a flat JSON object in two parts: `node` (kernel, arch, CPU features, CRIU, runc,
-GPUs) and `container` (image, mount destinations, Kubernetes namespace). `compare` returns the
-list of reasons a restore must not be attempted; an empty list means compatible.
+A fingerprint (oci/snapshot.py's `Fingerprint`) has two parts: `node` (kernel, arch, CPU
+features, CRIU, runc, GPUs) and `container` (image, mount destinations, Kubernetes namespace).
+This module measures them and `compare` returns the list of reasons a restore must not be
+attempted; an empty list means compatible.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
 
 from thaw.oci import annotations as ann
+from thaw.oci import snapshot as fmt
 from thaw.oci.spec import Bundle
 
 from . import criu as criu_mod
@@ -36,66 +38,71 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return []
 
 
-def node(criu: str, runc_version: str, gpu: dict[str, Any] | None = None,
-         cache_dir: str | None = None) -> dict[str, Any]:
+def node(criu: str, runc_version: str, cache_dir: str | None = None,
+         gpu: fmt.GpuFingerprint | None = None) -> fmt.NodeFingerprint:
     u = os.uname()
-    return {"kernel": u.release, "arch": u.machine, "cpu_flags": cpu_flags(),
-            "criu": criu_mod.version(criu, cache_dir), "runc": runc_version, "gpu": gpu or {}}
+    return fmt.NodeFingerprint(kernel=u.release, arch=u.machine, cpu_flags=tuple(cpu_flags()),
+                               criu=criu_mod.version(criu, cache_dir), runc=runc_version,
+                               gpu=gpu or fmt.GpuFingerprint())
 
 
-def container(bundle: Bundle) -> dict[str, Any]:
+def with_gpu(node_fp: fmt.NodeFingerprint, gpu: fmt.GpuFingerprint) -> fmt.NodeFingerprint:
+    return dataclasses.replace(node_fp, gpu=gpu)
+
+
+def container(bundle: Bundle) -> fmt.ContainerFingerprint:
     a = bundle.annotations
-    return {
-        "image": a.get(ann.CRI_IMAGE_NAME) or a.get(ann.OCI_IMAGE_REF) or None,
-        "mounts": bundle.mount_destinations,
-        "namespace": a.get(ann.CRI_SANDBOX_NAMESPACE) or None,
-        "container_name": a.get(ann.CRI_CONTAINER_NAME) or None,
-    }
+    return fmt.ContainerFingerprint(
+        image=a.get(ann.CRI_IMAGE_NAME) or a.get(ann.OCI_IMAGE_REF) or None,
+        mounts=tuple(bundle.mount_destinations),
+        namespace=a.get(ann.CRI_SANDBOX_NAMESPACE) or None,
+        container_name=a.get(ann.CRI_CONTAINER_NAME) or None,
+    )
 
 
-def compare(snap: dict[str, Any], here: dict[str, Any], allow_cross_namespace: bool = False) -> list[str]:
+def compare(snap: fmt.Fingerprint, here: fmt.Fingerprint, allow_cross_namespace: bool = False) -> list[str]:
     """Reasons the snapshot fingerprint `snap` cannot be restored where `here` was taken."""
     reasons: list[str] = []
-    sn, hn = snap.get("node") or {}, here.get("node") or {}
-    sc, hc = snap.get("container") or {}, here.get("container") or {}
+    sn, hn = snap.node, here.node
+    sc, hc = snap.container, here.container
 
     for key in ("arch", "kernel"):
-        if sn.get(key) != hn.get(key):
-            reasons.append(f"{key}: snapshot {sn.get(key)!r}, node {hn.get(key)!r}")
-    missing = sorted(set(sn.get("cpu_flags") or []) - set(hn.get("cpu_flags") or []))
+        if getattr(sn, key) != getattr(hn, key):
+            reasons.append(f"{key}: snapshot {getattr(sn, key)!r}, node {getattr(hn, key)!r}")
+    missing = sorted(set(sn.cpu_flags) - set(hn.cpu_flags))
     if missing:
         reasons.append(f"cpu: node lacks features the snapshot was taken with: {' '.join(missing[:12])}")
-    sv, hv = criu_mod.version_tuple(sn.get("criu")), criu_mod.version_tuple(hn.get("criu"))
+    sv, hv = criu_mod.version_tuple(sn.criu), criu_mod.version_tuple(hn.criu)
     if not hv:
         reasons.append("criu: not found or not runnable on this node")
     elif sv and (hv[0] != sv[0] or hv < sv):
-        reasons.append(f"criu: snapshot taken with {sn.get('criu')}, node has {hn.get('criu')}")
+        reasons.append(f"criu: snapshot taken with {sn.criu}, node has {hn.criu}")
 
-    reasons += _compare_gpu(sn.get("gpu") or {}, hn.get("gpu") or {})
+    reasons += _compare_gpu(sn.gpu, hn.gpu)
 
-    if sc.get("image") != hc.get("image"):
-        reasons.append(f"image: snapshot of {sc.get('image')!r}, container runs {hc.get('image')!r}")
-    if list(sc.get("mounts") or []) != list(hc.get("mounts") or []):
-        only_s = sorted(set(sc.get("mounts") or []) - set(hc.get("mounts") or []))
-        only_h = sorted(set(hc.get("mounts") or []) - set(sc.get("mounts") or []))
+    if sc.image != hc.image:
+        reasons.append(f"image: snapshot of {sc.image!r}, container runs {hc.image!r}")
+    if list(sc.mounts) != list(hc.mounts):
+        only_s = sorted(set(sc.mounts) - set(hc.mounts))
+        only_h = sorted(set(hc.mounts) - set(sc.mounts))
         reasons.append(f"mounts: destinations differ (snapshot only: {only_s}, container only: {only_h})")
-    if sc.get("namespace") != hc.get("namespace") and not allow_cross_namespace:
-        reasons.append(f"namespace: snapshot captured in {sc.get('namespace')!r}, "
-                       f"requested from {hc.get('namespace')!r} (policy.allow_cross_namespace is off)")
+    if sc.namespace != hc.namespace and not allow_cross_namespace:
+        reasons.append(f"namespace: snapshot captured in {sc.namespace!r}, "
+                       f"requested from {hc.namespace!r} (policy.allow_cross_namespace is off)")
     return reasons
 
 
-def _compare_gpu(sg: dict[str, Any], hg: dict[str, Any]) -> list[str]:
+def _compare_gpu(sg: fmt.GpuFingerprint, hg: fmt.GpuFingerprint) -> list[str]:
     """GPU state restores only onto the same chip type and driver (which fixes the CUDA driver
     API version), and as many GPUs as were checkpointed (their UUIDs may differ: restore remaps
     them)."""
-    if not sg.get("count"):
+    if not sg.count:
         return []
     reasons = []
-    if not hg.get("count"):
-        return [f"gpu: snapshot holds state of {sg.get('count')} GPU(s) ({sg.get('model')}), "
-                f"container has none{': ' + hg['error'] if hg.get('error') else ''}"]
+    if not hg.count:
+        return [f"gpu: snapshot holds state of {sg.count} GPU(s) ({sg.model}), "
+                f"container has none{': ' + hg.error if hg.error else ''}"]
     for key in ("model", "count", "driver"):
-        if sg.get(key) != hg.get(key):
-            reasons.append(f"gpu {key}: snapshot {sg.get(key)!r}, node {hg.get(key)!r}")
+        if getattr(sg, key) != getattr(hg, key):
+            reasons.append(f"gpu {key}: snapshot {getattr(sg, key)!r}, node {getattr(hg, key)!r}")
     return reasons

@@ -11,6 +11,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from typing import Iterable
+
+from thaw.oci.snapshot import Listen
 
 _LISTEN = "0A"
 
@@ -24,8 +27,8 @@ def _parse_addr(hexaddr: str, family: int) -> str:
     return socket.inet_ntop(socket.AF_INET6, struct.pack(">4I", *words))
 
 
-def listening_sockets(pid: int) -> list[dict]:
-    """TCP listening sockets in pid's network namespace: [{"addr", "port"}], sorted, unique."""
+def listening_sockets(pid: int) -> list[Listen]:
+    """TCP listening sockets in pid's network namespace, sorted, unique."""
     out = set()
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         try:
@@ -39,7 +42,7 @@ def listening_sockets(pid: int) -> list[dict]:
                     out.add((_parse_addr(addr_hex, family), int(port_hex, 16)))
         except OSError:
             continue
-    return [{"addr": a, "port": p} for a, p in sorted(out)]
+    return [Listen(a, p) for a, p in sorted(out)]
 
 
 def _interface_addresses(netns_path: str) -> tuple[set[str], bool]:
@@ -50,12 +53,12 @@ def _interface_addresses(netns_path: str) -> tuple[set[str], bool]:
     return {str(ipaddress.ip_address(a)) for a in addrs if a}, lo_up
 
 
-def problems(netns_path: str, listen: list[dict]) -> list[str]:
-    """Why the snapshot's listening sockets could not be restored in netns_path (empty: fine)."""
+def problems(netns_path: str, listen_addrs: Iterable[str]) -> list[str]:
+    """Why sockets listening on `listen_addrs` could not be restored in netns_path (empty: fine)."""
     needed = set()
     need_lo = False
-    for sock in listen:
-        ip = ipaddress.ip_address(sock["addr"])
+    for addr in listen_addrs:
+        ip = ipaddress.ip_address(addr)
         if ip.is_unspecified:
             continue
         if ip.is_loopback:

@@ -21,8 +21,10 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import IO
 
+from thaw.oci import ThawError
 
-class RootfsError(RuntimeError):
+
+class RootfsError(ThawError):
     pass
 
 

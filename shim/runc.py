@@ -14,12 +14,13 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
+from thaw.oci import ThawError
 from thaw.oci import runc_args
 
 _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class RuncError(RuntimeError):
+class RuncError(ThawError):
     """A runc call failed; the message carries runc's and CRIU's own words."""
 
 

@@ -12,11 +12,10 @@ import os
 import sys
 
 from thaw.oci import runc_args
+from thaw.shim import config
 
-from . import config
 
-
-def passthrough(binary: str, argv: list[str]) -> None:
+def passthrough(binary: str, argv: list[str]):
     """Replace this process by the next runtime with the same argv: same pid, same fds."""
     os.execv(binary, [binary, *argv[1:]])
 
@@ -36,10 +35,48 @@ def _config() -> config.Config:
         return config.load()
     except config.ConfigError as exc:
         # A broken config must not break containers: run with defaults and say why.
-        from thaw.oci import runc_log
+        from thaw.shim import events
         cfg = config.Config()
-        runc_log.append(os.path.join(cfg.state_dir, "events.log"), "error", f"thaw: {exc}; using defaults")
+        events.emit(cfg, "config_error", f"thaw: {exc}; using defaults", level="error")
         return cfg
+
+
+def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> None:
+    """A thaw container's create: exit 0 restored, exit 1 refused; return to cold-start it."""
+    bundle_dir = call.flags.get("bundle")
+    bundle_dir = bundle_dir if isinstance(bundle_dir, str) else os.getcwd()
+    if not _mentions_thaw(bundle_dir):
+        return
+    from thaw.oci import annotations as ann
+    from thaw.oci.spec import Bundle, SpecError
+    try:
+        bundle = Bundle.load(bundle_dir)
+    except SpecError:
+        return                                      # the next runtime reports it
+    if not ann.wants_thaw(bundle.annotations):
+        return
+    from thaw.shim import create
+    outcome = create.create(call, bundle, cfg, next_runtime)
+    create.report(call, cfg, outcome)
+    if isinstance(outcome, create.Restored):
+        sys.exit(0)
+    if isinstance(outcome, create.Refused):
+        sys.exit(1)
+
+
+def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
+    """`start` of a restored container is a no-op (exit 0); `delete` clears thaw's state first."""
+    from thaw.shim import state
+    try:
+        known = os.path.exists(state.record_path(cfg.state_dir, call.container_id or ""))
+    except ValueError:
+        known = False
+    if not known:
+        return
+    if call.command == "delete":
+        state.finish(cfg, call.container_id, "delete")      # then runc deletes the container
+    elif state.ContainerState(cfg.state_dir, call.container_id).started():
+        sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,39 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         call = runc_args.parse(argv)
     except runc_args.ArgvError:
         passthrough(next_runtime, argv)
-    cid = call.container_id
-
-    if call.command == "create" and cid:
-        bundle_dir = call.flags.get("bundle")
-        bundle_dir = bundle_dir if isinstance(bundle_dir, str) else os.getcwd()
-        if _mentions_thaw(bundle_dir):
-            from thaw.oci import annotations as ann
-            from thaw.oci.spec import Bundle, SpecError
-            try:
-                bundle = Bundle.load(bundle_dir)
-            except SpecError:
-                passthrough(next_runtime, argv)
-            if ann.wants_thaw(bundle.annotations):
-                from .restore import create
-                create(call, bundle, cfg, next_runtime)
-
-    elif call.command in ("start", "delete") and cid:
-        from . import state
-        try:
-            known = os.path.exists(state.record_path(cfg.state_dir, cid))
-        except ValueError:
-            known = False
-        if known:
-            st = state.ContainerState(cfg.state_dir, cid)
-            if call.command == "delete":
-                state.finish(cfg.state_dir, cid, "delete")   # then runc deletes the container
-            else:
-                record = st.read() or {}
-                if record.get("restored") and not record.get("started"):
-                    # runc refuses `start` on the running container restore made: a no-op.
-                    st.update(started=True)
-                    sys.exit(0)
-
+        return
+    if call.container_id:
+        if call.command == "create":
+            _create(call, cfg, next_runtime)
+        elif call.command in ("start", "delete"):
+            _start_or_delete(call, cfg)
     passthrough(next_runtime, argv)
 
 

@@ -1,19 +1,33 @@
-"""thaw's per-container runtime state under state_dir (root-only, on tmpfs):
+"""Per-container state: the one module that reads and writes it.
 
-  state_dir/containers/<id>.json   the container was restored by thaw (start becomes a no-op)
-  state_dir/containers/<id>.d/     its restore work dir (runc/CRIU logs), rootfs undo data
+  state_dir/containers/<id>.json   the record of a container thaw handles (root-only, on tmpfs)
+  state_dir/containers/<id>.d/     its work dir: thaw's runc/CRIU logs, the CRIU config file
+
+A record has an explicit phase; each transition is one method here:
+
+  RESTORING --restored()--> RESTORED --started()--> RUNNING      (thaw restored it at create)
+      \\--(failure: remove())                                       (then a cold start)
+  COLD                                                             (cold start; may auto-capture)
+
+`start` of a RESTORED container is a no-op (runc refuses `start` on the running container that
+restore made); poststop or `thaw-runtime delete`, whichever comes first, calls `finish()`.
 """
 
 from __future__ import annotations
 
 import os
 
-from .config import make_private_dir
-
-# json and shutil are imported where used: `start`/`delete` of every container imports this
-# module only to look for a record.
+# json, shutil, time and signal are imported where used: `start`/`delete` of every container
+# imports this module only to look for a record.
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+
+
+class Phase:
+    RESTORING = "restoring"     # thaw-runtime create is restoring it
+    RESTORED = "restored"       # restored; the shim's `start` is still to come
+    RUNNING = "running"         # restored and started
+    COLD = "cold"               # thaw handed it to the next runtime's create
 
 
 def valid_id(container_id: str) -> bool:
@@ -29,90 +43,160 @@ def record_path(state_dir: str, container_id: str) -> str:
     return os.path.join(state_dir, "containers", container_id + ".json")
 
 
-class ContainerState:
-    def __init__(self, state_dir: str, container_id: str):
-        if not valid_id(container_id):
-            raise ValueError(f"invalid container id {container_id!r}")
-        self.dir = os.path.join(state_dir, "containers")
+class Record:
+    """What thaw remembers about one container. (A plain class: see the module's imports.)"""
+
+    _FIELDS = {
+        "phase": None,
+        "snapshot": None,      # NAME:TAG asked for
+        "created": 0.0,        # epoch seconds of thaw's create
+        "root": None,          # runc --root of the caller
+        "bundle": None,
+        "pid": None,           # restored init pid
+        "manifest": None,      # digest of the restored snapshot's manifest
+        "phases": None,        # restore timings {name: seconds}
+        "cold_reason": None,
+        "capture": None,       # auto-capture request {snapshot, ready, quiesce, resume, root}
+        "watcher_pid": None,   # auto-capture watcher
+        "captured": None,      # NAME:TAG the watcher published
+        "capture_s": None,
+        "hook_error": None,    # why the prestart hook failed a restore
+        "netns": None,         # network namespace path the restore joins
+        "listen": None,        # the snapshot's listening sockets [{addr, port}]
+    }
+    __slots__ = tuple(_FIELDS) + ("id",)
+
+    def __init__(self, container_id: str, **values) -> None:
+        unknown = set(values) - set(self._FIELDS)
+        if unknown:
+            raise TypeError(f"unknown record fields {sorted(unknown)}")
         self.id = container_id
-        self.record_path = os.path.join(self.dir, container_id + ".json")
+        for k, default in self._FIELDS.items():
+            setattr(self, k, values.get(k, default))
+
+    def to_json(self) -> dict:
+        return {"id": self.id, **{k: getattr(self, k) for k in self._FIELDS}}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Record":
+        return cls(str(obj["id"]), **{k: v for k, v in obj.items() if k in cls._FIELDS})
+
+
+class ContainerState:
+    """The state files of one container."""
+
+    def __init__(self, state_dir: str, container_id: str):
+        self.path = record_path(state_dir, container_id)
+        self.state_dir = state_dir
+        self.id = container_id
+        self.dir = os.path.dirname(self.path)
         self.work_dir = os.path.join(self.dir, container_id + ".d")
 
     def exists(self) -> bool:
-        return os.path.exists(self.record_path)
+        return os.path.exists(self.path)
+
+    def read(self) -> Record | None:
+        import json
+        try:
+            with open(self.path) as f:
+                return Record.from_json(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, record: Record) -> None:
+        import json
+        from thaw.oci.files import atomic_write, make_private_dir
+        make_private_dir(self.dir)
+        atomic_write(self.path, json.dumps(record.to_json()).encode(), durable=False)
+
+    def update(self, **fields) -> Record | None:
+        """Change some fields of an existing record; None if there is none (the container ended)."""
+        record = self.read()
+        if record is None:
+            return None
+        for k, v in fields.items():
+            if k not in Record._FIELDS:
+                raise TypeError(f"unknown record field {k}")
+            setattr(record, k, v)
+        self.write(record)
+        return record
 
     def make_work_dir(self) -> str:
         import shutil
+        from thaw.oci.files import make_private_dir
         make_private_dir(self.dir)
         if os.path.exists(self.work_dir):
             shutil.rmtree(self.work_dir)
         os.mkdir(self.work_dir, 0o700)
         return self.work_dir
 
-    def write(self, record: dict) -> None:
-        import json
-        import time
-        make_private_dir(self.dir)
-        tmp = f"{self.record_path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({**record, "id": self.id, "updated": time.time()}, f)
-        os.replace(tmp, self.record_path)
+    # --- transitions ------------------------------------------------------------------------------
+    def begin_restore(self, snapshot: str, created: float, netns: str | None, listen: list[dict]) -> Record:
+        record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created,
+                        netns=netns, listen=listen)
+        self.write(record)
+        return record
 
-    def read(self) -> dict | None:
-        import json
-        try:
-            with open(self.record_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+    def restored(self, record: Record, **fields) -> Record:
+        for k, v in fields.items():
+            setattr(record, k, v)
+        record.phase = Phase.RESTORED
+        self.write(record)
+        return record
 
-    def update(self, **fields: Any) -> None:
-        self.write({**(self.read() or {}), **fields})
+    def started(self) -> bool:
+        """The shim's `start` after a restore: True if it is to be a no-op (and now RUNNING)."""
+        record = self.read()
+        if record is None or record.phase != Phase.RESTORED:
+            return False
+        record.phase = Phase.RUNNING
+        self.write(record)
+        return True
+
+    def cold(self, created: float, root: str | None, reason: str, snapshot: str | None,
+             capture: dict | None) -> Record:
+        record = Record(self.id, phase=Phase.COLD, created=created, root=root, cold_reason=reason,
+                        snapshot=snapshot, capture=capture)
+        self.write(record)
+        return record
 
     def remove(self) -> None:
         import shutil
-        for path in (self.record_path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def finish(state_dir: str, container_id: str, how: str) -> dict | None:
+def finish(cfg, container_id: str, how: str) -> Record | None:
     """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
-    comes first): stop its capture watcher, append its timing record to state_dir/timings.log,
-    remove its state. Returns the record it found, or None if another caller got there first."""
-    import json
+    comes first): stop its capture watcher, record a `finished` event with its timings, remove
+    its state. Returns the record it found, or None if another caller got there first."""
     import signal
     import time
+    from . import events
     try:
-        st = ContainerState(state_dir, container_id)
+        st = ContainerState(cfg.state_dir, container_id)
     except ValueError:
         return None
     record = st.read()
     if record is None:
         st.remove()
         return None
-    if record.get("restoring") and how == "poststop":
+    if record.phase == Phase.RESTORING and how == "poststop":
         # runc runs poststop when a restore fails: thaw-runtime is mid-restore and cleans up itself.
         return None
-    watcher = record.get("watcher_pid")
-    if watcher:
+    if record.watcher_pid:
         try:
-            os.kill(int(watcher), signal.SIGTERM)
+            os.kill(int(record.watcher_pid), signal.SIGTERM)
         except (OSError, ValueError):
             pass
     now = time.time()
-    timing = {"id": container_id, "snapshot": record.get("snapshot"), "restored": bool(record.get("restored")),
-              "cold_reason": record.get("cold_reason"), "phases": record.get("phases"),
-              "captured": record.get("captured"), "created": record.get("created"), "finished": now,
-              "lifetime_s": round(now - record["created"], 3) if record.get("created") else None, "by": how}
-    try:
-        fd = os.open(os.path.join(state_dir, "timings.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(timing) + "\n")
-    except OSError:
-        pass
+    restored = record.phase in (Phase.RESTORED, Phase.RUNNING)
+    events.emit(cfg, "finished", f"{'restored' if restored else 'cold-started'} container ended ({how})",
+                container_id, snapshot=record.snapshot, restored=restored,
+                cold_reason=record.cold_reason, phases=record.phases, captured=record.captured,
+                lifetime_s=round(now - record.created, 3) if record.created else None, by=how)
     st.remove()
     return record

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -23,15 +22,15 @@ import tempfile
 import uuid
 from typing import Iterator
 
+from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError
+from thaw.oci.files import atomic_write, make_private_dir
+from thaw.oci.layout import (REF_NAME, Descriptor, HashingReader, HashingWriter, ImageLayout,
+                             LayoutError, sha256_file)
 
 
-from .config import make_private_dir
-
-
-class StoreError(RuntimeError):
+class StoreError(ThawError):
     pass
 
 
@@ -53,39 +52,35 @@ def _flock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _sha256_hex(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _file_digest(path: str) -> str:
+    return sha256_file(path)[0]
 
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
-class _HashingReader:
-    """Wraps a readable stream, hashing everything read through it."""
-
-    def __init__(self, f):
-        self._f = f
-        self.h = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.h.update(data)
-        self.size += len(data)
-        return data
-
-
 class Store:
-    def __init__(self, root: str):
+    def __init__(self, root: str, cfg=None):
         self.root = root
         self.layout = ImageLayout(os.path.join(root, "layout"))
         self.layers_dir = os.path.join(root, "layers")
         self.staging_dir = os.path.join(root, "staging")
+        self._cfg = cfg                  # the node config: store gauges go to its metrics_dir
+
+    @classmethod
+    def for_config(cls, cfg) -> "Store":
+        """The node's store, reporting its size to the node's metrics."""
+        return cls(cfg.store_dir, cfg)
+
+    def _changed(self) -> None:
+        """The published set changed (caller holds the lock): rewrite the store gauges."""
+        if self._cfg is None or not self._cfg.metrics_dir:
+            return
+        from . import metrics
+        snaps = self.list()
+        blobs = {d.digest: d.size for s in snaps for d in s.blobs}
+        metrics.record_store(self._cfg, len(snaps), sum(blobs.values()))
 
     # --- setup and locking --------------------------------------------------------------------
     def init(self) -> "Store":
@@ -164,11 +159,8 @@ class Store:
         files = {}
         for name in sorted(os.listdir(path)):
             st = os.lstat(os.path.join(path, name))
-            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": hashes.get(name)}
-        tmp = self._seal_path(digest) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"digest": digest, "files": files}, f)
-        os.replace(tmp, self._seal_path(digest))
+            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": hashes.get(name)}
+        atomic_write(self._seal_path(digest), json.dumps({"digest": digest, "files": files}).encode())
 
     def _check_seal(self, digest: str, path: str, verify: str) -> None:
         try:
@@ -189,8 +181,8 @@ class Store:
             if st.st_mtime_ns != want["mtime_ns"]:
                 raise CorruptSnapshot(f"cached layer {digest}: {name} was modified after it was sealed")
             if verify == "digest":
-                if _sha256_hex(os.path.join(path, name)) != want.get("sha256"):
-                    raise CorruptSnapshot(f"cached layer {digest}: {name} does not match its sha256")
+                if _file_digest(os.path.join(path, name)) != want.get("digest"):
+                    raise CorruptSnapshot(f"cached layer {digest}: {name} does not match its digest")
 
     def cached_layer(self, snap: fmt.Snapshot, verify: str = "stat") -> str:
         """Path of the unpacked CRIU layer, checked against its seal; unpacked from the
@@ -205,11 +197,10 @@ class Store:
         tmp = tempfile.mkdtemp(prefix=".unpack-", dir=self.layers_dir)
         try:
             with open(self.layout.blob_path(desc.digest), "rb") as raw:
-                reader = _HashingReader(raw)
+                reader = HashingReader(raw)
                 hashes = fmt.unpack_criu_layer(reader, tmp)
-                while reader.read(4 << 20):   # tar padding after the last member
-                    pass
-            if "sha256:" + reader.h.hexdigest() != desc.digest or reader.size != desc.size:
+                reader.drain()
+            if reader.digest != desc.digest or reader.size != desc.size:
                 raise CorruptSnapshot(f"CRIU layer blob {desc.digest} does not match its digest")
             self._write_seal(desc.digest, tmp, hashes)
             try:
@@ -238,7 +229,7 @@ class Store:
         # The seal's per-file hashes are computed by other threads while this one writes and
         # hashes the tar stream (hashlib and file reads release the GIL): two passes in parallel.
         with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as pool:
-            futures = {n: pool.submit(_sha256_hex, os.path.join(image_dir, n))
+            futures = {n: pool.submit(_file_digest, os.path.join(image_dir, n))
                        for n in fmt.criu_dir_entries(image_dir)}
             desc = self.add_stream_blob(staging, lambda w: fmt.pack_criu_dir(image_dir, w), fmt.CRIU_LAYER)
             hashes = {n: fut.result() for n, fut in futures.items()}
@@ -277,6 +268,7 @@ class Store:
                                     {REF_NAME: snap.ref}))
             self.layout.write_index(index)
             self._gc_locked()
+            self._changed()
 
     def remove(self, ref: SnapshotRef) -> None:
         with self.locked():
@@ -286,6 +278,7 @@ class Store:
                 raise SnapshotNotFound(f"snapshot {ref} not found in store {self.root}")
             self.layout.write_index(kept)
             self._gc_locked()
+            self._changed()
 
     def _gc_locked(self) -> None:
         """Delete blobs and cached layers no published snapshot references, and staging dirs

@@ -100,7 +100,7 @@ def test_restore_through_cri(thaw_cri):
 
     pod2, cid2 = start_app(cri, "restored", {"thaw.dev/snapshot": "cri-app:1"})
     rec = records(node)[cid2]
-    assert rec["restored"] is True and rec["snapshot"] == "cri-app:1", rec
+    assert rec["phase"] == "running" and rec["snapshot"] == "cri-app:1", rec
     got = wait_for(lambda: len(ticks_in_log(cri, pod2)) > 5 and ticks_in_log(cri, pod2), 30, "restored ticks")
     assert got[0] >= captured - 2 and got[0] > 10, (captured, got[:5])   # continued, not from 0
     assert got == list(range(got[0], got[0] + len(got)))
@@ -112,8 +112,8 @@ def test_restore_through_cri(thaw_cri):
     assert st.state == _client.CONTAINER_RUNNING
     teardown_clean(containerd, cri, node, pod2)
     assert not records(node)
-    timing = [json.loads(l) for l in open(Path(node["state"]) / "timings.log")]
-    assert any(t["id"] == cid2 and t["restored"] for t in timing)
+    ends = [json.loads(l) for l in open(Path(node["state"]) / "events.log")]
+    assert any(e["kind"] == "finished" and e["container"] == cid2 and e["restored"] for e in ends)
 
 
 def test_auto_capture_first_cold_second_restored(thaw_cri):
@@ -121,13 +121,13 @@ def test_auto_capture_first_cold_second_restored(thaw_cri):
     ann = {"thaw.dev/snapshot": "cri-auto:1", "thaw.dev/capture": "on-ready",
            "thaw.dev/ready": "http://127.0.0.1:8080/ready"}
     pod1, cid1 = start_app(cri, "first", ann)
-    assert records(node)[cid1]["restored"] is False
+    assert records(node)[cid1]["phase"] == "cold"
     wait_for(lambda: "cri-auto:1" in thaw(node, "ls").stdout, 60, "auto-capture of the first pod")
     assert records(node)[cid1].get("captured") == "cri-auto:1"
     assert cri.container_status(cid1).state == _client.CONTAINER_RUNNING   # left running
 
     pod2, cid2 = start_app(cri, "second", ann)
-    assert records(node)[cid2]["restored"] is True
+    assert records(node)[cid2]["phase"] == "running"
     got = wait_for(lambda: ticks_in_log(cri, pod2), 30, "second pod's ticks")
     assert got[0] >= 10                                    # restored from the ready state
     assert int(http_get(cri.pod_ip(pod2), "/count")) >= 10
@@ -152,7 +152,7 @@ def test_bad_snapshot_still_runs_cold(thaw_cri, damage):
             f.write(b"\xff\xff")
     pod, cid = start_app(cri, f"cold-{damage}", {"thaw.dev/snapshot": "cri-bad:1"})
     rec = records(node)[cid]
-    assert rec["restored"] is False
+    assert rec["phase"] == "cold"
     assert ("not found" if damage == "missing" else "modified") in rec["cold_reason"]
     got = wait_for(lambda: ticks_in_log(cri, pod), 30, "cold ticks")
     assert got[0] == 0                                     # a genuine cold start
@@ -183,7 +183,7 @@ def test_ctr_run_with_runc_binary(thaw_cri, tmp_path):
                         30, "restored ctr ticks")
         first = int(re.search(r"tick (\d+)", text).group(1))
         assert first > 10, text[:200]
-        assert records(node)[ids[1]]["restored"] is True
+        assert records(node)[ids[1]]["phase"] == "running"
     finally:
         for cid in ids:
             containerd.ctr("task", "kill", "-s", "KILL", cid, check=False)

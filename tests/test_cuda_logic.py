@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from thaw.oci.snapshot import Fingerprint, NodeFingerprint
 from thaw.shim import cuda, fingerprint
 
 
@@ -76,15 +77,15 @@ def test_gpu_fingerprint_and_restore_onto_another_gpu(proc_gpus):
     gpus = cuda.node_gpus(proc_gpus)
     src = cuda.gpu_fingerprint(cuda.container_gpus(spec_with("/dev/nvidia0"), gpus), driver="580.159.04")
     dst = cuda.gpu_fingerprint(cuda.container_gpus(spec_with("/dev/nvidia1"), gpus), driver="580.159.04")
-    assert src["uuids"] == ["GPU-aaaa"] and dst["uuids"] == ["GPU-bbbb"]
-    snap = {"node": {"gpu": src}, "container": {}}
-    here = {"node": {"gpu": dst}, "container": {}}
+    assert src.uuids == ("GPU-aaaa",) and dst.uuids == ("GPU-bbbb",)
+    snap = Fingerprint(NodeFingerprint(gpu=src))
+    here = Fingerprint(NodeFingerprint(gpu=dst))
     reasons = [r for r in fingerprint.compare(snap, here) if r.startswith("gpu")]
     assert reasons == []                        # same model: restorable, UUIDs get paired
-    assert cuda.gpu_pairs(src["uuids"], dst["uuids"]) == [("GPU-aaaa", "GPU-bbbb")]
+    assert cuda.gpu_pairs(list(src.uuids), list(dst.uuids)) == [("GPU-aaaa", "GPU-bbbb")]
     both = cuda.gpu_fingerprint(cuda.container_gpus(spec_with("/dev/nvidia0", "/dev/nvidia1"), gpus), driver="x")
-    assert both["count"] == 2
-    reasons = fingerprint.compare(snap, {"node": {"gpu": both}, "container": {}})
+    assert both.count == 2
+    reasons = fingerprint.compare(snap, Fingerprint(NodeFingerprint(gpu=both)))
     assert any("gpu count" in r for r in reasons)
 
 

@@ -42,6 +42,10 @@ def env(thaw_env, golden):
     return thaw_env
 
 
+def events(env) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(env.state, "events.log"))]
+
+
 def snapshot_info(env) -> dict:
     return json.loads(env.thaw("inspect", "snap:1").stdout)
 
@@ -76,11 +80,11 @@ def assert_cold_start(env, c, rc, reason_words):
     assert "tick" not in out
     assert env.runc_ids() == [c.id]                 # no half-restored container left
     record = json.load(open(os.path.join(env.state, "containers", c.id + ".json")))
-    assert record["restored"] is False and record["cold_reason"]
+    assert record["phase"] == "cold" and record["cold_reason"]
     c.destroy()
     assert env.state_entries() == []                # delete cleared thaw's state
-    timings = [json.loads(l) for l in open(os.path.join(env.state, "timings.log"))]
-    assert timings[-1]["id"] == c.id and timings[-1]["restored"] is False
+    ends = [e for e in events(env) if e["kind"] == "finished"]
+    assert ends[-1]["container"] == c.id and ends[-1]["restored"] is False
 
 
 def assert_clean_failure(env, c, rc, before, reason_words):

@@ -1,5 +1,6 @@
 import copy
 
+from thaw.oci.snapshot import Fingerprint
 from thaw.oci.spec import Bundle
 from thaw.shim import fingerprint
 
@@ -8,6 +9,10 @@ BASE = {
              "criu": "4.1.1", "runc": "1.1.5", "gpu": {}},
     "container": {"image": "img:1", "mounts": ["/dev", "/proc"], "namespace": "team-a"},
 }
+
+
+def compare(snap: dict, here: dict, **kw) -> list[str]:
+    return fingerprint.compare(Fingerprint.from_json(snap), Fingerprint.from_json(here), **kw)
 
 
 def variant(**changes):
@@ -19,12 +24,12 @@ def variant(**changes):
 
 
 def test_identical_is_compatible():
-    assert fingerprint.compare(BASE, copy.deepcopy(BASE)) == []
+    assert compare(BASE, copy.deepcopy(BASE)) == []
 
 
 def test_superset_cpu_and_newer_criu_ok():
     here = variant(node__cpu_flags=["avx", "avx2", "sse4_2", "avx512f"], node__criu="4.2")
-    assert fingerprint.compare(BASE, here) == []
+    assert compare(BASE, here) == []
 
 
 def test_each_mismatch_is_reported():
@@ -38,26 +43,26 @@ def test_each_mismatch_is_reported():
         "namespace": variant(container__namespace="team-b"),
     }
     for word, here in cases.items():
-        reasons = fingerprint.compare(BASE, here)
+        reasons = compare(BASE, here)
         assert len(reasons) == 1 and reasons[0].startswith(word), (word, reasons)
 
 
 def test_criu_missing_on_node():
-    assert fingerprint.compare(BASE, variant(node__criu=None))[0].startswith("criu")
+    assert compare(BASE, variant(node__criu=None))[0].startswith("criu")
 
 
 def test_cross_namespace_policy():
-    assert fingerprint.compare(BASE, variant(container__namespace="b"), allow_cross_namespace=True) == []
+    assert compare(BASE, variant(container__namespace="b"), allow_cross_namespace=True) == []
 
 
 def test_gpu_rules():
     g = {"count": 1, "model": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "cuda": 13000, "uuids": ["GPU-a"]}
     snap = variant(node__gpu=g)
-    assert fingerprint.compare(snap, variant(node__gpu=dict(g, uuids=["GPU-b"]))) == []
-    assert fingerprint.compare(snap, variant(node__gpu={}))[0].startswith("gpu")
-    assert fingerprint.compare(snap, variant(node__gpu=dict(g, model="NVIDIA H200")))[0].startswith("gpu model")
-    assert fingerprint.compare(snap, variant(node__gpu=dict(g, driver="570.1")))[0].startswith("gpu driver")
-    assert fingerprint.compare(snap, variant(node__gpu=dict(g, count=2)))[0].startswith("gpu count")
+    assert compare(snap, variant(node__gpu=dict(g, uuids=["GPU-b"]))) == []
+    assert compare(snap, variant(node__gpu={}))[0].startswith("gpu")
+    assert compare(snap, variant(node__gpu=dict(g, model="NVIDIA H200")))[0].startswith("gpu model")
+    assert compare(snap, variant(node__gpu=dict(g, driver="570.1")))[0].startswith("gpu driver")
+    assert compare(snap, variant(node__gpu=dict(g, count=2)))[0].startswith("gpu count")
 
 
 def test_container_part_from_bundle(tmp_path):
@@ -65,7 +70,7 @@ def test_container_part_from_bundle(tmp_path):
                                "annotations": {"io.kubernetes.cri.sandbox-namespace": "ns1",
                                                "io.kubernetes.cri.image-name": "docker.io/x:1"}})
     c = fingerprint.container(b)
-    assert c["mounts"] == ["/dev", "/proc"] and c["namespace"] == "ns1" and c["image"] == "docker.io/x:1"
+    assert c.mounts == ("/dev", "/proc") and c.namespace == "ns1" and c.image == "docker.io/x:1"
 
 
 def test_cpu_flags_filter(tmp_path):

@@ -165,5 +165,5 @@ def test_poststop_cleans_up_when_deleted_behind_thaws_back(thaw_env, tmp_path):
         time.sleep(0.05)
     subprocess.run(["runc", "--root", thaw_env.root, "delete", c.id], check=True)   # plain runc
     assert thaw_env.state_entries() == []
-    timing = [json.loads(l) for l in open(os.path.join(thaw_env.state, "timings.log"))][-1]
-    assert timing["id"] == c.id and timing["by"] == "poststop" and "not found" in timing["cold_reason"]
+    timing = [e for e in events(thaw_env) if e["kind"] == "finished"][-1]
+    assert timing["container"] == c.id and timing["by"] == "poststop" and "not found" in timing["cold_reason"]

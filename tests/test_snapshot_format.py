@@ -30,8 +30,8 @@ def fake_snapshot(store: Store, ref: str, payload: bytes = b"pages" * 1000) -> f
         rootfs = store.add_stream_blob(staging, rootfs_tar, fmt.ROOTFS_LAYER)
         layout = store.staged_layout(staging)
         deleted = layout.put_bytes(fmt.deleted_blob(["etc/motd"]), fmt.DELETED_LAYER)
-        config = fmt.make_config(ref, {"node": {}, "container": {}}, {}, {}, {"total": 1.0})
-        snap = fmt.write_snapshot(layout, ref, config, criu, rootfs, deleted)
+        config = fmt.SnapshotConfig(ref=ref, fingerprint=fmt.Fingerprint(), phases={"total": 1.0})
+        snap = fmt.write_snapshot(layout, config, criu, rootfs, deleted)
         store.publish(snap)
         return snap
 

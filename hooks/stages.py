@@ -1,0 +1,49 @@
+"""What thaw-hook does at each stage; each returns the hook's exit code (hooks/main.py exits).
+
+  prestart  restore path (runc restore runs it before the processes come back): check that the
+            target network namespace has the addresses the snapshot's listening sockets need;
+            a failure fails the restore, and thaw-runtime then cold-starts the container.
+            cold path with `thaw.dev/capture: on-ready`: start the capture watcher.
+  poststop  stop the watcher, record the container's end, remove its thaw state.
+  watch     the auto-capture watcher itself (started by prestart as its own process).
+"""
+
+from __future__ import annotations
+
+from thaw.oci.state import OciState
+from thaw.shim.config import Config
+
+
+def prestart(oci_state: OciState, cfg: Config) -> int:
+    from thaw.shim import events
+    from thaw.shim.state import ContainerState, Phase
+    try:
+        st = ContainerState(cfg.state_dir, oci_state.id)
+    except ValueError:
+        return 0
+    record = st.read()
+    if record is None:
+        return 0                               # not a container thaw handles
+    if record.phase == Phase.RESTORING:
+        if not record.netns:
+            return 0                           # CRIU recreates a namespace of its own
+        from thaw.shim import netcheck
+        problems = netcheck.problems(record.netns, [s["addr"] for s in record.listen or []])
+        if problems:
+            # thaw-runtime reads the reason from the record: runc's stderr here is the container's.
+            st.update(hook_error="; ".join(problems))
+            return 1
+        return 0
+    if record.phase == Phase.COLD and record.capture and not record.watcher_pid and oci_state.pid:
+        try:
+            from thaw.shim import autocapture
+            st.update(watcher_pid=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid))
+        except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
+            events.emit(cfg, "hook_error", f"auto-capture watcher not started: {exc}", oci_state.id, "error")
+    return 0
+
+
+def poststop(oci_state: OciState, cfg: Config) -> int:
+    from thaw.shim.state import finish
+    finish(cfg, oci_state.id, "poststop")
+    return 0

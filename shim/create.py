@@ -1,0 +1,155 @@
+"""What `create` does for a container that carries thaw.dev/snapshot, as an outcome:
+
+  Restored    the snapshot was restored (shim/restore.py); the runtime exits 0
+  ColdStart   restore not possible (reason named); config.json is as containerd wrote it plus
+              thaw's hooks, and the runtime hands the original create to the next runtime
+  Refused     restore required (thaw.dev/required or policy.required) but not possible: the
+              runtime exits 1, leaving nothing behind (config.json as containerd wrote it)
+
+Nothing here execs or exits: shim/runtime.py (the thaw-runtime entry point) does, from the outcome. `report()` writes the
+outcome where operators and containerd look (runc's log file, the events log, metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from thaw.oci import ThawError
+from thaw.oci import annotations as ann
+from thaw.oci import runc_log
+from thaw.oci.runc_args import RuncCall
+from thaw.oci.spec import Bundle, add_hook
+
+from .config import Config
+from .state import ContainerState, Record
+
+
+@dataclass
+class Restored:
+    record: Record
+
+
+@dataclass
+class ColdStart:
+    reason: str
+    code: str             # a short reason class for metrics: not_found, incompatible, ...
+
+
+@dataclass
+class Refused:
+    reason: str
+    code: str
+
+
+Outcome = Restored | ColdStart | Refused
+
+
+def reason_code(exc: BaseException) -> str:
+    """A short, stable class of why a restore was not possible (a metrics label)."""
+    from .restore import Incompatible
+    from .store import CorruptSnapshot, SnapshotNotFound
+    from thaw.oci.layout import LayoutError
+    for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
+                       (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
+                       (Incompatible, "incompatible")):
+        if isinstance(exc, kind):
+            return code
+    name = type(exc).__name__
+    return {"RuncError": "restore_failed", "CudaError": "gpu", "EngineError": "resume_failed"}.get(name, "error")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an operator: thaw's own errors speak for themselves."""
+    return str(exc) if isinstance(exc, ThawError) else f"{type(exc).__name__}: {exc}"
+
+
+def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Outcome:
+    """Restore the container `call` creates, or prepare its cold start."""
+    required = cfg.policy.required or ann.is_required(bundle.annotations)
+    original_spec = json.dumps(bundle.spec)
+    _add_thaw_hooks(bundle, cfg, ("prestart", "poststop"))
+    try:
+        return Restored(_restore(call, bundle, cfg, next_runtime))
+    except Exception as exc:  # noqa: BLE001 - any failure becomes a cold start
+        reason, code = describe(exc), reason_code(exc)
+    bundle.spec = json.loads(original_spec)
+    if required:
+        bundle.save()                            # leave the bundle as containerd wrote it
+        return Refused(reason, code)
+    capture = _record_cold_start(call, bundle, cfg, reason)
+    _add_thaw_hooks(bundle, cfg, ("prestart", "poststop") if capture else ("poststop",))
+    return ColdStart(reason, code)
+
+
+def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Record:
+    from . import restore
+    from .store import Store
+    request = ann.parse_request(bundle.annotations)
+    store = Store(cfg.store_dir)
+    plan = restore.check(request, bundle, cfg, store)
+    return restore.bring_up(plan, call, bundle, cfg, store, next_runtime)
+
+
+def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> None:
+    """Add thaw-hook for `stages` to config.json (idempotent; other hooks keep their order).
+
+    prestart is added only where thaw needs it (the restore path; a cold start with auto-capture):
+    a prestart hook that fails fails the container, so a plain cold start must not depend on it.
+    poststop failures are only logged by runc."""
+    import os
+    if not cfg.hook or not os.access(cfg.hook, os.X_OK):
+        return                                   # doctor reports a hook that is not executable
+    env = [f"THAW_CONFIG={cfg.source}"] if cfg.source else []
+    for stage in stages:
+        hook = {"path": cfg.hook, "args": ["thaw-hook", stage], "timeout": 60}
+        if env:
+            hook["env"] = env
+        add_hook(bundle.spec, stage, hook)
+    bundle.save()
+
+
+def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str) -> bool:
+    """Remember a cold-started thaw container: for its `finished` event, and for auto-capture.
+    Returns whether it asks for auto-capture. A record that cannot be written costs only that."""
+    capture = snapshot = None
+    try:
+        req = ann.parse_request(bundle.annotations)
+        snapshot = str(req.snapshot)
+        if req.capture_on_ready:
+            capture = {"snapshot": snapshot, "ready": req.ready, "root": call.root,
+                       "quiesce": req.quiesce, "resume": req.resume}
+    except ann.AnnotationError:
+        pass
+    try:
+        ContainerState(cfg.state_dir, call.container_id or "").cold(time.time(), call.root, reason,
+                                                                   snapshot, capture)
+    except (OSError, ValueError):
+        return False
+    return capture is not None
+
+
+def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
+    """Write the outcome to runc's log file (containerd reads it), the events log and metrics."""
+    from . import events, metrics
+    cid = call.container_id
+    if isinstance(outcome, Restored):
+        r = outcome.record
+        total = (r.phases or {}).get("total", 0.0)
+        level, kind, code = "info", "restored", None
+        msg = f"thaw: restored {cid} from {r.snapshot} in {total:.3f}s {r.phases}"
+        fields = {"snapshot": r.snapshot, "phases": r.phases}
+    elif isinstance(outcome, ColdStart):
+        level, kind, code = "warning", "cold_start", outcome.code
+        msg = f"thaw: cold start (restore not possible: {outcome.reason})"
+        fields = {"reason": outcome.reason, "code": code}
+    else:
+        level, kind, code = "error", "refused", outcome.code
+        msg = f"thaw: restore required but failed, container not created: {outcome.reason}"
+        fields = {"reason": outcome.reason, "code": code}
+    if cfg.logs(level):
+        runc_log.append(call.log_path, level, msg, call.log_format)
+    events.emit(cfg, kind, msg, cid, level, **fields)
+    phases = outcome.record.phases if isinstance(outcome, Restored) else None
+    metrics.record_create(cfg, kind, code, phases)
