@@ -23,7 +23,6 @@ import time
 
 from common import ROOT
 from helpers import ShimContainer, make_bundle, netns, netns_delete, unique, wait_http_ready
-
 from thaw.shim import engine
 
 SERVER = os.path.join(ROOT, "examples", "inference-server", "server.py")

@@ -1,7 +1,11 @@
 """Passthrough overhead: create+start+delete of a container without thaw's annotation, through
 thaw-runtime vs runc directly, interleaved in one run. Also the bare exec cost (`--version`).
 
-    python bench/passthrough.py [--iterations 40]
+    python bench/passthrough.py [--iterations 40] [--also NAME=PATH ...]
+
+--also adds other runtimes to the same interleaved run, e.g. the thaw-runtime of an earlier
+commit installed privately (THAW_PREFIX=/opt/thaw-before THAW_BIN_DIR=/opt/thaw-before/bin
+bash install/node.sh), so that before and after are compared side by side on a loaded machine.
 """
 
 import argparse
@@ -40,12 +44,15 @@ def version(runtime: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=40)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=PATH",
+                    help="another runtime to measure in the same run")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="thaw-bench-")
     try:
         bundle = make_bundle(os.path.join(tmp, "b"), ["true"], annotations={"io.kubernetes.cri.container-name": "x"})
         root = os.path.join(tmp, "root")
         runtimes = {"runc": shutil.which("runc"), "thaw-runtime": shutil.which("thaw-runtime")}
+        runtimes.update(dict(a.split("=", 1) for a in args.also))
         for rt in runtimes.values():          # warm page cache and thaw's config cache
             lifecycle(rt, root, bundle)
         life = {k: [] for k in runtimes}
@@ -64,6 +71,7 @@ def main() -> None:
             "added_ms_per_lifecycle": (med["thaw-runtime"] - med["runc"]) * 1000,
             "exec_version_median_s": vmed,
             "added_ms_per_call": (vmed["thaw-runtime"] - vmed["runc"]) * 1000,
+            "ratio_over_runc": {k: v / med["runc"] for k, v in med.items()},
         }
         path = save("passthrough", result)
         print(f"create+start+delete, median of {args.iterations}:  runc {med['runc']*1000:.1f} ms   "
@@ -71,6 +79,10 @@ def main() -> None:
               f"(+{result['added_ms_per_lifecycle']:.1f} ms for 3 calls)")
         print(f"single call (--version): runc {vmed['runc']*1000:.1f} ms   thaw-runtime "
               f"{vmed['thaw-runtime']*1000:.1f} ms   (+{result['added_ms_per_call']:.1f} ms)")
+        for name in runtimes:
+            if name not in ("runc", "thaw-runtime"):
+                print(f"{name}: {med[name]*1000:.1f} ms (ratio {med[name] / med['runc']:.3f}), "
+                      f"--version {vmed[name]*1000:.1f} ms")
         print(f"saved {path}")
     finally:
         subprocess.run(["runc", "--root", os.path.join(tmp, "root"), "list"], capture_output=True)

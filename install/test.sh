@@ -7,4 +7,9 @@ bash install/node.sh --dev
 export THAW_TEST_STRICT=1
 PREFIX=${THAW_PREFIX:-/opt/thaw}
 export PATH="${THAW_BIN_DIR:-/usr/local/bin}:$PATH"
+# Linters first (settings in pyproject.toml): any finding fails the run.
+echo "[thaw test] ruff check"
+"$PREFIX/venv/bin/ruff" check --no-cache .
+echo "[thaw test] mypy"
+"$PREFIX/venv/bin/mypy" --no-incremental
 exec "$PREFIX/venv/bin/python" -m pytest -v -p no:cacheprovider tests "$@"

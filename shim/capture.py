@@ -64,8 +64,10 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         os.mkdir(images, 0o700)
         os.mkdir(work, 0o700)
 
-        from . import engine  # quiesce/resume calls into the container's network namespace
-        from . import netcheck
+        from . import (
+            engine,  # quiesce/resume calls into the container's network namespace
+            netcheck,
+        )
         listen = netcheck.listening_sockets(pid)
         gpu_session = None
         if gpu is not False:

@@ -73,7 +73,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @_one_line_errors
 def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
     """Checkpoint a running container into snapshot NAME."""
-    from .capture import capture as do_capture, report
+    from .capture import capture as do_capture
+    from .capture import report
     cfg, ref = _cfg(ctx), _ref(name)
     try:
         snap = do_capture(cfg, container_id, ref, root=root, leave_running=not exit_,
@@ -93,7 +94,7 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
 @_one_line_errors
 def ls(ctx, as_json):
     """List snapshots in the store."""
-    snaps = _store(ctx).list()
+    snaps = _store(ctx).snapshots()
     if as_json:
         click.echo(json.dumps([{"ref": s.ref, "digest": s.manifest.digest, "size": s.size,
                                 "created": s.config.created,

@@ -49,10 +49,24 @@ class _Record:
 
 
 class Policy(_Record):
+    allow_cross_namespace: bool
+    verify: str
+    required: bool
     _fields = {"allow_cross_namespace": False, "verify": "stat", "required": False}
 
 
 class Config(_Record):
+    store_dir: str
+    state_dir: str
+    next_runtime: str
+    criu: str
+    hook: str
+    capture_ready_timeout: float
+    log_level: str
+    metrics_dir: str
+    events_max_bytes: int
+    policy: Policy
+    source: str | None
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,

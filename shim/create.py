@@ -16,9 +16,8 @@ import json
 import time
 from dataclasses import dataclass
 
-from thaw.oci import ThawError
+from thaw.oci import ThawError, runc_log
 from thaw.oci import annotations as ann
-from thaw.oci import runc_log
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook
 
@@ -48,9 +47,10 @@ Outcome = Restored | ColdStart | Refused
 
 def reason_code(exc: BaseException) -> str:
     """A short, stable class of why a restore was not possible (a metrics label)."""
+    from thaw.oci.layout import LayoutError
+
     from .restore import Incompatible
     from .store import CorruptSnapshot, SnapshotNotFound
-    from thaw.oci.layout import LayoutError
     for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
                        (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
                        (Incompatible, "incompatible")):

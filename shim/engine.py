@@ -53,10 +53,10 @@ def request_in_netns(pid: int | None, url: str, method: str = "POST", timeout: f
         try:
             _setns(f"/proc/{pid}/ns/net")
             status, body = _request(url, method, timeout)
-            out = {"status": status, "body": body}
+            answer: dict = {"status": status, "body": body}
         except Exception as exc:  # noqa: BLE001 - everything goes back to the parent
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(out).encode())
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        os.write(w, json.dumps(answer).encode())
         os._exit(0)
     os.close(w)
     chunks = []
@@ -65,7 +65,7 @@ def request_in_netns(pid: int | None, url: str, method: str = "POST", timeout: f
     os.close(r)
     os.waitpid(child, 0)
     try:
-        out = json.loads(b"".join(chunks) or b"{}")
+        out: dict = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         out = {}
     if "error" in out or "status" not in out:

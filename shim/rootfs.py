@@ -108,7 +108,7 @@ def compute_diff(rootfs: str, exclude: list[str], created_after: float | None = 
         dirnames.sort()
     if upper is None:
         # Keep only directories that lead to a changed entry, or changed themselves.
-        keep = set()
+        keep: set[str] = set()
         for rel in diff.entries:
             if not os.path.isdir(os.path.join(base, rel)) or os.path.islink(os.path.join(base, rel)):
                 parts = rel.split("/")

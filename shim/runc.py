@@ -14,8 +14,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 
-from thaw.oci import ThawError
-from thaw.oci import runc_args
+from thaw.oci import ThawError, runc_args
 
 _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

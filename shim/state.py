@@ -45,6 +45,23 @@ def record_path(state_dir: str, container_id: str) -> str:
 
 class Record:
     """What thaw remembers about one container. (A plain class: see the module's imports.)"""
+    id: str
+    phase: str
+    snapshot: str | None
+    created: float
+    root: str | None
+    bundle: str | None
+    pid: int | None
+    manifest: str | None
+    phases: dict | None
+    cold_reason: str | None
+    capture: dict | None
+    watcher_pid: int | None
+    captured: str | None
+    capture_s: float | None
+    hook_error: str | None
+    netns: str | None
+    listen: list | None
 
     _FIELDS = {
         "phase": None,
@@ -105,6 +122,7 @@ class ContainerState:
 
     def write(self, record: Record) -> None:
         import json
+
         from thaw.oci.files import atomic_write, make_private_dir
         make_private_dir(self.dir)
         atomic_write(self.path, json.dumps(record.to_json()).encode(), durable=False)
@@ -123,6 +141,7 @@ class ContainerState:
 
     def make_work_dir(self) -> str:
         import shutil
+
         from thaw.oci.files import make_private_dir
         make_private_dir(self.dir)
         if os.path.exists(self.work_dir):
@@ -175,6 +194,7 @@ def finish(cfg, container_id: str, how: str) -> Record | None:
     its state. Returns the record it found, or None if another caller got there first."""
     import signal
     import time
+
     from . import events
     try:
         st = ContainerState(cfg.state_dir, container_id)

@@ -26,8 +26,7 @@ from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.oci.layout import (REF_NAME, Descriptor, HashingReader, HashingWriter, ImageLayout,
-                             LayoutError, sha256_file)
+from thaw.oci.layout import REF_NAME, Descriptor, HashingReader, HashingWriter, ImageLayout, LayoutError, sha256_file
 
 
 class StoreError(ThawError):
@@ -78,7 +77,7 @@ class Store:
         if self._cfg is None or not self._cfg.metrics_dir:
             return
         from . import metrics
-        snaps = self.list()
+        snaps = self.snapshots()
         blobs = {d.digest: d.size for s in snaps for d in s.blobs}
         metrics.record_store(self._cfg, len(snaps), sum(blobs.values()))
 
@@ -113,7 +112,7 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
 
     # --- reading --------------------------------------------------------------------------------
-    def list(self) -> list[fmt.Snapshot]:
+    def snapshots(self) -> list[fmt.Snapshot]:
         if not os.path.exists(self.layout.index_path):
             return []
         out = []

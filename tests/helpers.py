@@ -37,6 +37,38 @@ def wait_http_ready(pid: int, url: str, timeout: float) -> float:
     return time.perf_counter()
 
 
+def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None):
+    """Publish a snapshot whose CRIU images are stand-ins (for tests of the store and of the
+    restore decision, which never hand them to CRIU). `config`: a SnapshotConfig to record
+    (its ref is replaced by `ref`)."""
+    import dataclasses
+    import io
+    import tarfile
+
+    from thaw.oci import snapshot as fmt
+    with store.staging("capture") as staging:
+        images = os.path.join(staging, "images")
+        os.mkdir(images)
+        for name, data in (("inventory.img", b"inv"), ("pages-1.img", payload), ("descriptors.json", b"[]")):
+            with open(os.path.join(images, name), "wb") as f:
+                f.write(data)
+        criu = store.add_criu_dir(staging, images)
+
+        def rootfs_tar(w):
+            with tarfile.open(fileobj=w, mode="w|") as tar:
+                info = tarfile.TarInfo("tmp/state.txt")
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b"hello"))
+        rootfs = store.add_stream_blob(staging, rootfs_tar, fmt.ROOTFS_LAYER)
+        layout = store.staged_layout(staging)
+        deleted = layout.put_bytes(fmt.deleted_blob(["etc/motd"]), fmt.DELETED_LAYER)
+        if config is None:
+            config = fmt.SnapshotConfig(ref=ref, fingerprint=fmt.Fingerprint(), phases={"total": 1.0})
+        snap = fmt.write_snapshot(layout, dataclasses.replace(config, ref=ref), criu, rootfs, deleted)
+        store.publish(snap)
+        return snap
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

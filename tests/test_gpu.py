@@ -5,7 +5,6 @@ container run on the GPU machine)."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 

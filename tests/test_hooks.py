@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from helpers import make_bundle, netns, netns_delete, tcp_in_netns, unique
-
+from helpers import make_bundle, netns, netns_delete, unique
 from thaw.oci.spec import Bundle, add_hook
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
@@ -108,11 +107,11 @@ def test_two_cold_starts_capture_once(thaw_env, tmp_path):
 
 
 def test_restore_checks_listen_addresses_of_target_netns(thaw_env, tmp_path):
+    from pyroute2 import NetNS
     names = [unique("thawnc") for _ in range(3)]
     paths = [netns(n) for n in names]
     try:
         def add_addr(ns_name):
-            from pyroute2 import NetNS
             with NetNS(ns_name) as ns:     # a service address, on lo (no dummy module here)
                 ns.addr("add", index=ns.link_lookup(ifname="lo")[0], address="10.250.77.1", prefixlen=32)
         add_addr(names[0])
@@ -141,7 +140,6 @@ def test_restore_checks_listen_addresses_of_target_netns(thaw_env, tmp_path):
         assert ok.create() == 0
         assert not [e for e in ok.log_entries() if e["level"] == "warning"], ok.log_text()
         ok.start()
-        from pyroute2 import NetNS  # noqa: F401 - the address answers inside the namespace
         out = subprocess.run(["nsenter", f"--net={paths[2]}", "busybox", "wget", "-qO-", "http://10.250.77.1:8080/"],
                              capture_output=True, text=True, timeout=10)
         assert out.stdout.strip() == "hello"

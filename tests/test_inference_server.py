@@ -30,8 +30,8 @@ MAX_TOKENS = 24  # 13 + 24 tokens span 3 KV blocks of 16
 
 def _require_torch():
     try:
-        import torch  # noqa: F401
         import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as e:  # a test dependency, not an optional feature: fail, never skip
         pytest.fail(f"torch and safetensors are required to test the inference server "
                     f"(pip install torch==2.13.0 safetensors): {e}", pytrace=False)

@@ -7,33 +7,11 @@ import tarfile
 
 import pytest
 
+from helpers import fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import ImageLayout, LayoutError
 from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
-
-
-def fake_snapshot(store: Store, ref: str, payload: bytes = b"pages" * 1000) -> fmt.Snapshot:
-    with store.staging("capture") as staging:
-        images = os.path.join(staging, "images")
-        os.mkdir(images)
-        for name, data in (("inventory.img", b"inv"), ("pages-1.img", payload), ("descriptors.json", b"[]")):
-            with open(os.path.join(images, name), "wb") as f:
-                f.write(data)
-        criu = store.add_criu_dir(staging, images)
-
-        def rootfs_tar(w):
-            with tarfile.open(fileobj=w, mode="w|") as tar:
-                info = tarfile.TarInfo("tmp/state.txt")
-                info.size = 5
-                tar.addfile(info, io.BytesIO(b"hello"))
-        rootfs = store.add_stream_blob(staging, rootfs_tar, fmt.ROOTFS_LAYER)
-        layout = store.staged_layout(staging)
-        deleted = layout.put_bytes(fmt.deleted_blob(["etc/motd"]), fmt.DELETED_LAYER)
-        config = fmt.SnapshotConfig(ref=ref, fingerprint=fmt.Fingerprint(), phases={"total": 1.0})
-        snap = fmt.write_snapshot(layout, config, criu, rootfs, deleted)
-        store.publish(snap)
-        return snap
 
 
 @pytest.fixture
@@ -45,7 +23,7 @@ def test_publish_resolve_list(store):
     snap = fake_snapshot(store, "a:1")
     got = store.resolve(SnapshotRef("a", "1"))
     assert got.manifest.digest == snap.manifest.digest
-    assert [s.ref for s in store.list()] == ["a:1"]
+    assert [s.ref for s in store.snapshots()] == ["a:1"]
     assert store.deleted_paths(got) == ["etc/motd"]
     assert sorted(os.listdir(store.cached_layer(got))) == ["descriptors.json", "inventory.img", "pages-1.img"]
     index = json.load(open(store.layout.index_path))
@@ -70,7 +48,7 @@ def test_republish_replaces_tag_and_gc_removes_old_blobs(store):
     assert store.resolve(SnapshotRef("a", "1")).manifest.digest == new.manifest.digest
     assert not os.path.exists(store.layout.blob_path(old.criu.digest))
     store.remove(SnapshotRef("a", "1"))
-    assert store.list() == [] and list(store.layout.all_blobs()) == []
+    assert store.snapshots() == [] and list(store.layout.all_blobs()) == []
     assert [n for n in os.listdir(store.layers_dir) if not n.startswith(".")] == []
 
 
@@ -159,7 +137,7 @@ def test_import_rejects_damaged_archives(tmp_path, store, damage):
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot):
         other.import_archive(archive)
-    assert other.list() == []
+    assert other.snapshots() == []
     assert not os.path.exists("/etc/evil")
 
 
@@ -181,7 +159,7 @@ def test_killed_capture_leaves_no_snapshot_and_is_collected(store):
         with open(os.path.join(dead, ".pid"), "w") as f:
             f.write("999999999")
         os.mkdir(staging)
-    assert store.list() == []
+    assert store.snapshots() == []
     fake_snapshot(store, "b:1")          # any publish collects garbage
     assert not os.path.exists(store.layout.blob_path(orphan.digest))
     assert not os.path.exists(dead)

@@ -97,6 +97,7 @@ def dlpack_tensor(ptr, nbytes, dl_device):
     ctypes (needs no numpy). dl_device is (DL_CUDA, ordinal) or (DL_CPU, 0). The memory stays owned
     by the caller; torch gets no deleter."""
     import ctypes
+
     import torch
 
     class DLDevice(ctypes.Structure):

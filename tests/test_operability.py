@@ -1,0 +1,150 @@
+"""Seeing what happened on a node: the events log (rotation, `thaw events`), metrics in
+Prometheus text format, per-container records, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+from helpers import fake_snapshot
+from thaw.oci.annotations import SnapshotRef
+from thaw.shim import events, metrics
+from thaw.shim.config import Config
+from thaw.shim.state import ContainerState, Phase, finish
+from thaw.shim.store import Store
+
+
+def cfg_in(tmp_path, **kw) -> Config:
+    return Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"), hook="", **kw)
+
+
+def test_events_are_private_and_rotate_at_the_cap(tmp_path):
+    cfg = cfg_in(tmp_path, events_max_bytes=2000)
+    for i in range(40):
+        events.emit(cfg, "cold_start", f"event {i}", f"c{i}", "warning", reason="x" * 50)
+    path = os.path.join(cfg.state_dir, "events.log")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.path.getsize(path) <= 2000 + 400 and os.path.getsize(path + ".1") > 2000
+    kept = list(events.read(cfg.state_dir))
+    assert [e["msg"] for e in kept] == [f"event {i}" for i in range(40 - len(kept), 40)]   # in order, newest last
+    assert [e["container"] for e in events.read(cfg.state_dir, "c39")] == ["c39"]
+
+
+def test_events_follow_sees_new_events_across_a_rotation(tmp_path):
+    cfg = cfg_in(tmp_path, events_max_bytes=600)
+    events.emit(cfg, "restored", "before", "c0")
+    seen: list[str] = []
+    t = threading.Thread(target=lambda: seen.extend(e["msg"] for e in
+                                                    events.follow(cfg.state_dir, poll=0.05, stop=3)))
+    t.start()
+    time.sleep(0.3)
+    for i in range(12):                     # enough to rotate at least once
+        events.emit(cfg, "restored", f"after {i}", "c1", detail="y" * 40)
+        time.sleep(0.05)
+    t.join()
+    assert "before" not in seen and seen[-1] == "after 11", seen
+    assert os.path.exists(os.path.join(cfg.state_dir, "events.log.1"))
+
+
+def test_thaw_events_cli(thaw_env):
+    cfg = Config(store_dir=thaw_env.store, state_dir=thaw_env.state)
+    events.emit(cfg, "cold_start", "thaw: cold start (restore not possible: x)", "abc", "warning", reason="x")
+    events.emit(cfg, "restored", "thaw: restored def", "def")
+    out = thaw_env.thaw("events").stdout
+    assert "cold_start" in out and "abc" in out and "restored" in out
+    lines = [json.loads(x) for x in thaw_env.thaw("events", "--json", "--container", "def").stdout.splitlines()]
+    assert [e["kind"] for e in lines] == ["restored"]
+    proc = subprocess.Popen(["thaw", "events", "--follow", "--json"], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "THAW_CONFIG": thaw_env.config})
+    try:
+        time.sleep(1.0)
+        events.emit(cfg, "captured", "captured late", "ghi")
+        line = ""
+        while "captured late" not in line:
+            line = proc.stdout.readline()
+        assert json.loads(line)["container"] == "ghi"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_metrics_counters_histogram_and_store_gauges(tmp_path):
+    cfg = cfg_in(tmp_path, metrics_dir=str(tmp_path / "prom"))
+    metrics.record_create(cfg, "restored", None, {"runc_restore": 0.3, "total": 0.42})
+    metrics.record_create(cfg, "restored", None, {"runc_restore": 7.0, "total": 7.5})
+    metrics.record_create(cfg, "cold_start", "not_found", None)
+    metrics.record_capture(cfg, True, "auto")
+    text = open(tmp_path / "prom" / "thaw.prom").read()
+    got = metrics.parse(text)
+    assert got['thaw_creates_total{outcome="restored",reason=""}'] == 2
+    assert got['thaw_creates_total{outcome="cold_start",reason="not_found"}'] == 1
+    assert got['thaw_captures_total{result="ok",trigger="auto"}'] == 1
+    assert got['thaw_restore_phase_seconds_bucket{phase="runc_restore",le="0.5"}'] == 1
+    assert got['thaw_restore_phase_seconds_bucket{phase="runc_restore",le="10"}'] == 2
+    assert got['thaw_restore_phase_seconds_bucket{phase="runc_restore",le="+Inf"}'] == 2
+    assert got['thaw_restore_phase_seconds_count{phase="total"}'] == 2
+    assert abs(got['thaw_restore_phase_seconds_sum{phase="total"}'] - 7.92) < 1e-6
+    assert "# TYPE thaw_restore_phase_seconds histogram" in text
+    assert "# TYPE thaw_creates_total counter" in text
+    assert not [n for n in os.listdir(tmp_path / "prom") if not n.endswith(".prom")]   # no temp files left
+
+    store = Store.for_config(cfg).init()
+    snap = fake_snapshot(store, "a:1")
+    gauges = metrics.parse(open(tmp_path / "prom" / "thaw_store.prom").read())
+    assert gauges == {"thaw_store_snapshots": 1, "thaw_store_bytes": snap.size}
+    store.remove(SnapshotRef("a", "1"))
+    assert metrics.parse(open(tmp_path / "prom" / "thaw_store.prom").read())["thaw_store_snapshots"] == 0
+
+
+def test_metrics_off_without_a_directory(tmp_path):
+    cfg = cfg_in(tmp_path)
+    metrics.record_create(cfg, "restored", None, {"total": 1})
+    assert not (tmp_path / "prom").exists()
+
+
+def test_counters_survive_concurrent_writers(tmp_path):
+    cfg = cfg_in(tmp_path, metrics_dir=str(tmp_path / "prom"))
+    threads = [threading.Thread(target=lambda: [metrics.record_capture(cfg, False, "cli") for _ in range(25)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = metrics.parse(open(tmp_path / "prom" / "thaw.prom").read())
+    assert got['thaw_captures_total{result="failed",trigger="cli"}'] == 100
+
+
+def test_record_phases_and_finish(tmp_path):
+    cfg = cfg_in(tmp_path)
+    st = ContainerState(cfg.state_dir, "c1")
+    rec = st.begin_restore("a:1", time.time(), "/proc/1/ns/net", [{"addr": "0.0.0.0", "port": 80}])
+    assert st.read().phase == Phase.RESTORING
+    assert finish(cfg, "c1", "poststop") is None and st.exists()    # mid-restore: thaw-runtime cleans up
+    st.restored(rec, pid=123, phases={"total": 0.5})
+    assert st.read().phase == Phase.RESTORED
+    assert st.started() is True and st.read().phase == Phase.RUNNING
+    assert st.started() is False                                      # a second start is runc's business
+    assert finish(cfg, "c1", "delete").pid == 123 and not st.exists()
+    [end] = [e for e in events.read(cfg.state_dir) if e["kind"] == "finished"]
+    assert end["restored"] is True and end["phases"] == {"total": 0.5} and end["by"] == "delete"
+    assert finish(cfg, "c1", "poststop") is None                      # the other caller came first
+
+
+def test_cli_errors_are_one_line(thaw_env):
+    store = Store(thaw_env.store).init()
+    snap = fake_snapshot(store, "a:1")
+    blob = store.layout.blob_path(snap.config_desc.digest)
+    os.chmod(blob, 0o600)
+    with open(blob, "wb") as f:
+        f.write(b"{not json")
+    for args in (["inspect", "a:1"], ["inspect", "nope:1"], ["rm", "nope:1"]):
+        proc = thaw_env.thaw(*args, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("Error: "), proc.stderr
+    garbage = os.path.join(thaw_env.dir, "garbage.tar")
+    open(garbage, "wb").write(b"\0" * 1000)
+    proc = thaw_env.thaw("import", garbage, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "garbage.tar" in proc.stderr

@@ -1,0 +1,182 @@
+"""The restore decision without runc, CRIU or root: annotations, snapshot lookup, fingerprint,
+policy -> an outcome (restore plan, cold start with its reason, refusal), and what create()
+leaves in the bundle and reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from helpers import fake_snapshot
+from thaw.oci import runc_args
+from thaw.oci import snapshot as fmt
+from thaw.oci.annotations import AnnotationError, parse_request
+from thaw.oci.spec import Bundle
+from thaw.shim import create, events, metrics, restore
+from thaw.shim.config import Config, Policy
+from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
+
+NODE = fmt.NodeFingerprint(kernel="6.18.44", arch="x86_64", cpu_flags=("avx2", "sse4_2"),
+                           criu="4.1.1", runc="1.1.5")
+CONTAINER = fmt.ContainerFingerprint(image="img:1", mounts=("/dev", "/proc"), namespace="team-a")
+SNAP_CONFIG = fmt.SnapshotConfig(ref="", fingerprint=fmt.Fingerprint(NODE, CONTAINER))
+
+
+@pytest.fixture
+def node(tmp_path):
+    cfg = Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"), hook="",
+                 metrics_dir=str(tmp_path / "metrics"))
+    store = Store(cfg.store_dir).init()
+    fake_snapshot(store, "app:1", config=SNAP_CONFIG)
+    return cfg, store
+
+
+def bundle_for(tmp_path, annotations: dict[str, str], **spec_extra) -> Bundle:
+    d = tmp_path / "bundle"
+    d.mkdir(exist_ok=True)
+    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]},
+            "mounts": [{"destination": "/proc"}, {"destination": "/dev"}],
+            "annotations": {"io.kubernetes.cri.sandbox-namespace": "team-a",
+                            "io.kubernetes.cri.image-name": "img:1", **annotations}, **spec_extra}
+    (d / "config.json").write_text(json.dumps(spec))
+    return Bundle.load(str(d))
+
+
+def check(tmp_path, node, annotations, node_fp=NODE, **policy):
+    cfg, store = node
+    if policy:
+        cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook="", policy=Policy(**policy))
+    b = bundle_for(tmp_path, annotations)
+    return restore.check(parse_request(b.annotations), b, cfg, store, node_fp)
+
+
+def test_compatible_snapshot_gives_a_plan(tmp_path, node):
+    plan = check(tmp_path, node, {"thaw.dev/snapshot": "app:1"})
+    assert plan.snapshot.ref == "app:1" and plan.gpus is None
+    assert {"resolve", "fingerprint"} <= set(plan.phases.times)
+
+
+@pytest.mark.parametrize("what, node_fp, annotations, words", [
+    ("kernel", dataclasses.replace(NODE, kernel="6.1.0"), {}, ["kernel", "6.1.0"]),
+    ("cpu", dataclasses.replace(NODE, cpu_flags=("sse4_2",)), {}, ["cpu", "avx2"]),
+    ("criu", dataclasses.replace(NODE, criu=None), {}, ["criu", "not found"]),
+    ("image", NODE, {"io.kubernetes.cri.image-name": "img:2"}, ["image", "img:2"]),
+    ("namespace", NODE, {"io.kubernetes.cri.sandbox-namespace": "team-b"}, ["namespace", "team-b"]),
+])
+def test_mismatch_is_incompatible_with_the_field_named(tmp_path, node, what, node_fp, annotations, words):
+    with pytest.raises(restore.Incompatible) as err:
+        check(tmp_path, node, {"thaw.dev/snapshot": "app:1", **annotations}, node_fp)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_cross_namespace_only_by_policy(tmp_path, node):
+    other = {"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.sandbox-namespace": "team-b"}
+    with pytest.raises(restore.Incompatible):
+        check(tmp_path, node, other)
+    assert check(tmp_path, node, other, allow_cross_namespace=True).snapshot.ref == "app:1"
+
+
+def test_unknown_snapshot(tmp_path, node):
+    with pytest.raises(SnapshotNotFound):
+        check(tmp_path, node, {"thaw.dev/snapshot": "nope:1"})
+
+
+def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("this machine has an NVIDIA driver")
+    cfg, store = node
+    gpu_cfg = dataclasses.replace(SNAP_CONFIG, gpu=fmt.GpuState(pids=1, uuids=("GPU-a",)))
+    fake_snapshot(store, "gpu:1", config=gpu_cfg)
+    with pytest.raises(restore.Incompatible, match="holds GPU state"):
+        check(tmp_path, node, {"thaw.dev/snapshot": "gpu:1"})
+
+
+def test_corrupt_config_blob(tmp_path, node):
+    cfg, store = node
+    snap = store.resolve(parse_request({"thaw.dev/snapshot": "app:1"}).snapshot)
+    path = store.layout.blob_path(snap.config_desc.digest)
+    os.chmod(path, 0o600)
+    with open(path, "r+b") as f:
+        f.write(b"#")
+    with pytest.raises(CorruptSnapshot):
+        check(tmp_path, node, {"thaw.dev/snapshot": "app:1"})
+
+
+def test_bad_annotation():
+    with pytest.raises(AnnotationError):
+        parse_request({"thaw.dev/snapshot": "Not Valid!"})
+
+
+# --- create(): the outcome, the bundle, the report ----------------------------------------------
+
+def call_for(b: Bundle, cid: str = "c1") -> runc_args.RuncCall:
+    return runc_args.parse(["thaw-runtime", "--log", os.path.join(b.path, "log.json"), "--log-format",
+                            "json", "create", "--bundle", b.path, "--pid-file", "p", cid])
+
+
+def log_lines(b: Bundle) -> list[dict]:
+    with open(os.path.join(b.path, "log.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("annotations, code, words", [
+    ({"thaw.dev/snapshot": "nope:1"}, "not_found", ["nope:1", "not found"]),
+    ({"thaw.dev/snapshot": "Bad Name"}, "bad_annotation", ["invalid snapshot name"]),
+    ({"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.image-name": "img:2"}, "incompatible", ["image"]),
+])
+def test_create_cold_starts_with_the_reason(tmp_path, node, annotations, code, words):
+    cfg, _ = node
+    b = bundle_for(tmp_path, annotations)
+    before = b.spec
+    outcome = create.create(call_for(b), b, cfg, "/usr/bin/false")
+    assert isinstance(outcome, create.ColdStart) and outcome.code == code
+    assert all(w in outcome.reason for w in words), outcome.reason
+    assert json.loads(open(os.path.join(b.path, "config.json")).read()) == before   # no hook: none configured
+    record = json.load(open(os.path.join(cfg.state_dir, "containers", "c1.json")))
+    assert record["phase"] == "cold" and record["cold_reason"] == outcome.reason
+
+    create.report(call_for(b), cfg, outcome)
+    [line] = log_lines(b)
+    assert line["level"] == "warning" and "cold start" in line["msg"] and outcome.reason in line["msg"]
+    [event] = list(events.read(cfg.state_dir))
+    assert event["kind"] == "cold_start" and event["container"] == "c1" and event["code"] == code
+    prom = metrics.parse(open(os.path.join(cfg.metrics_dir, "thaw.prom")).read())
+    assert prom[f'thaw_creates_total{{outcome="cold_start",reason="{code}"}}'] == 1
+
+
+def test_required_refuses_and_leaves_the_bundle_as_it_was(tmp_path, node):
+    cfg, _ = node
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "nope:1", "thaw.dev/required": "true"})
+    before = open(os.path.join(b.path, "config.json")).read()
+    outcome = create.create(call_for(b), b, cfg, "/usr/bin/false")
+    assert isinstance(outcome, create.Refused) and outcome.code == "not_found"
+    assert json.loads(open(os.path.join(b.path, "config.json")).read()) == json.loads(before)
+    assert not os.path.exists(os.path.join(cfg.state_dir, "containers", "c1.json"))
+    create.report(call_for(b), cfg, outcome)
+    assert log_lines(b)[-1]["level"] == "error" and "required" in log_lines(b)[-1]["msg"]
+
+
+def test_policy_required_refuses_without_the_annotation(tmp_path, node):
+    cfg, _ = node
+    cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook="", policy=Policy(required=True))
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "nope:1"})
+    assert isinstance(create.create(call_for(b), b, cfg, "/usr/bin/false"), create.Refused)
+
+
+def test_cold_start_with_auto_capture_gets_both_hooks(tmp_path, node):
+    cfg, _ = node
+    hook = tmp_path / "thaw-hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook=str(hook))
+    ann = {"thaw.dev/snapshot": "new:1", "thaw.dev/capture": "on-ready", "thaw.dev/ready": "file:/ready"}
+    b = bundle_for(tmp_path, ann)
+    assert isinstance(create.create(call_for(b), b, cfg, "/usr/bin/false"), create.ColdStart)
+    hooks = json.load(open(os.path.join(b.path, "config.json")))["hooks"]
+    assert [h["args"] for h in hooks["prestart"]] == [["thaw-hook", "prestart"]]
+    assert [h["args"] for h in hooks["poststop"]] == [["thaw-hook", "poststop"]]
+    record = json.load(open(os.path.join(cfg.state_dir, "containers", "c1.json")))
+    assert record["capture"]["snapshot"] == "new:1" and record["capture"]["ready"] == "file:/ready"
