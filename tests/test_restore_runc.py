@@ -77,7 +77,7 @@ def test_counter_continues_on_new_pipes(thaw_env, tmp_path):
 
 def test_tcp_server_restored_into_other_netns(thaw_env, tmp_path, netns_pair):
     ns_src, ns_dst = netns_pair
-    script = ("i=0; mkdir -p /www; while true; do echo $i > /www/count; i=$((i+1)); sleep 0.05; done & "
+    script = ("i=0; mkdir -p /www; while true; do echo $i > /www/n; mv /www/n /www/count; i=$((i+1)); sleep 0.05; done & "
               "exec httpd -f -p 8080 -h /www")
     bundle = make_bundle(str(tmp_path / "src"), ["sh", "-c", script], netns=ns_src)
     src = thaw_env.container(bundle)
