@@ -23,6 +23,9 @@ CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 # Set by containerd for non-CRI clients (ctr) and by image builders.
 OCI_IMAGE_REF = "org.opencontainers.image.ref.name"
 
+# The owner namespace of containers that no Kubernetes namespace names (Podman, Docker, ctr, the
+# CLI): a name no Kubernetes namespace can have (those are DNS labels).
+LOCAL_NAMESPACE = "_local"
 DEFAULT_TAG = "latest"
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,127}$"
 _TAG = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"
@@ -71,6 +74,22 @@ class ThawRequest:
                  ready: str | None = None, quiesce: str | None = None, resume: str | None = None):
         self.snapshot, self.required, self.capture_on_ready = snapshot, required, capture_on_ready
         self.ready, self.quiesce, self.resume = ready, quiesce, resume
+
+
+def valid_namespace(ns: str) -> bool:
+    """A Kubernetes namespace (a DNS label) or LOCAL_NAMESPACE."""
+    if ns == LOCAL_NAMESPACE:
+        return True
+    import re
+    return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns))
+
+
+def namespace_of(annotations: dict[str, str]) -> str:
+    """The namespace a container belongs to: its pod's, else LOCAL_NAMESPACE."""
+    ns = annotations.get(CRI_SANDBOX_NAMESPACE) or LOCAL_NAMESPACE
+    if not valid_namespace(ns):
+        raise AnnotationError(f"{CRI_SANDBOX_NAMESPACE}: {ns!r} is not a namespace name")
+    return ns
 
 
 def is_sandbox(annotations: dict[str, str]) -> bool:

@@ -74,30 +74,6 @@ def sha256_file(path: str) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), size
 
 
-class HashingReader:
-    """A readable stream that hashes everything read through it (a blob being unpacked)."""
-
-    def __init__(self, f: IO[bytes]):
-        self._f = f
-        self._h = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self._h.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read to the end (a tar's padding after its last member) so the digest covers it all."""
-        while self.read(CHUNK):
-            pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._h.hexdigest()
-
-
 class HashingWriter:
     """A file-like sink that hashes what passes through it (for tar streams into a blob)."""
 

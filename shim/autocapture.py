@@ -15,7 +15,7 @@ import os
 import subprocess
 import time
 
-from thaw.oci.annotations import SnapshotRef
+from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
 
 from . import events
 from .config import Config
@@ -51,6 +51,7 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
     if not want:
         return "nothing", "warning", "no capture request in the container's record"
     ref = SnapshotRef.parse(want["snapshot"])
+    namespace = want.get("namespace") or LOCAL_NAMESPACE
     deadline = time.monotonic() + cfg.capture_ready_timeout
     while True:
         if not os.path.exists(f"/proc/{pid}"):
@@ -62,10 +63,10 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
         time.sleep(poll)
 
     store = Store.for_config(cfg).init()
-    with store.name_lock(ref):
+    with store.name_lock(ref, namespace):
         try:
-            store.resolve(ref)
-            return "exists", "info", f"{ref} already exists (captured by another container)"
+            store.resolve(ref, namespace)
+            return "exists", "info", f"{ref} already exists in {namespace} (captured by another container)"
         except StoreError:
             pass                                 # not found or unreadable: capture it
         t = time.perf_counter()

@@ -2,17 +2,18 @@
 
 quiesce URL -> (GPU: lock + checkpoint every CUDA process) -> runc checkpoint [--leave-running]
 -> (GPU: restore + unlock, the source keeps serving) -> resume URL -> rootfs diff -> layers,
-config, manifest -> publish. Everything is written under a staging directory of the store; only
-the final publish makes the snapshot visible, so a capture killed half-way leaves none.
+config, manifest -> publish. Everything is written under a staging area of the store; only the
+final publish makes the snapshot visible, so a capture killed half-way leaves none. The snapshot
+belongs to the namespace of the container's pod (or `_local` outside Kubernetes).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from datetime import datetime
-from typing import Callable
 
 from thaw.oci import ThawError
+from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.spec import Bundle
@@ -43,7 +44,7 @@ def _created_epoch(state: dict) -> float | None:
 def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None = None,
             leave_running: bool = True, quiesce: str | None = None, resume: str | None = None,
             gpu: bool | None = None, log: Callable[[str], None] = lambda msg: None) -> fmt.Snapshot:
-    """Capture `container_id` (a runc container under `root`) as snapshot `ref`.
+    """Capture `container_id` (a runc container under `root`) as snapshot `ref` of its namespace.
 
     gpu: None = checkpoint GPU state if the container has CUDA processes; False = never.
     """
@@ -54,26 +55,21 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
     if state.get("status") != "running":
         raise CaptureError(f"container {container_id} is {state.get('status')}, not running")
     bundle = Bundle.load(state["bundle"])
+    namespace = ann.namespace_of(bundle.annotations)
     pid = int(state["pid"])
     store = Store.for_config(cfg).init()
     phases = Phases()
 
     with store.staging("capture") as staging:
-        images = os.path.join(staging, "images")
-        work = os.path.join(staging, "work")
-        os.mkdir(images, 0o700)
-        os.mkdir(work, 0o700)
+        images = staging.new_dir("images")
+        work = staging.new_dir("work")
 
-        from . import (
-            engine,  # quiesce/resume calls into the container's network namespace
-            netcheck,
-        )
+        from . import cuda, engine, netcheck
         listen = netcheck.listening_sockets(pid)
         gpu_session = None
-        if gpu is not False:
-            from . import cuda
-            gpu_session = cuda.CaptureSession.for_tree(pid, bundle.spec) if cuda.available() else None
-            if gpu_session is not None and not gpu_session.pids:
+        if gpu is not False and cuda.available():
+            gpu_session = cuda.CaptureSession.for_tree(pid, bundle.spec)
+            if not gpu_session.pids:
                 gpu_session = None
         if quiesce:
             phases.run("quiesce", engine.call, quiesce, pid)
@@ -81,8 +77,12 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             if gpu_session:
                 phases.run("cuda_checkpoint", gpu_session.checkpoint)
                 log(f"GPU state of pids {gpu_session.pids} checkpointed")
+            # What the processes really hold (CRIU restores exactly this), read just before and
+            # just after the dump: a privilege gained in between shows in the second reading.
+            processes = _creds(pid)
             phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
                        leave_running=leave_running)
+            processes += _creds(pid) if leave_running else ()
         finally:
             # The source keeps serving whatever happened to the dump.
             if gpu_session and leave_running:
@@ -90,36 +90,42 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             if resume and leave_running:
                 phases.run("resume", engine.call, resume, pid)
 
-        diff = phases.run("rootfs_diff", rootfs.compute_diff, bundle.rootfs, bundle.mount_destinations,
-                          _created_epoch(state))
-        rootfs_desc = phases.run("package_rootfs", store.add_stream_blob, staging,
-                                 lambda w: rootfs.write_diff_tar(diff, w), fmt.ROOTFS_LAYER)
-        layout = store.staged_layout(staging)
-        deleted_desc = layout.put_bytes(fmt.deleted_blob(diff.deleted), fmt.DELETED_LAYER)
-        criu_bytes = sum(os.path.getsize(os.path.join(images, n)) for n in os.listdir(images))
-        criu_desc = phases.run("package_criu", store.add_criu_dir, staging, images)
+        diffs: list[rootfs.Diff] = []
+        rootfs_desc = phases.run("package_rootfs", staging.put_stream, lambda w: diffs.append(
+            rootfs.write_diff(bundle.rootfs, bundle.mount_destinations, w, _created_epoch(state))),
+            fmt.ROOTFS_LAYER)
+        summary = diffs[0]
+        deleted_desc = staging.put_bytes(fmt.deleted_blob(summary.deleted), fmt.DELETED_LAYER)
+        whole, parts, hashes, criu_bytes = phases.run("package_criu", staging.package_images, images)
 
+        from thaw.oci.files import make_private_dir
+        cache = make_private_dir(cfg.state_dir)
         fp = fmt.Fingerprint(
-            fingerprint.node(cfg.resolve_criu(), runc.version(),
+            fingerprint.node(cfg.resolve_criu(), runc.version(), cache,
                              gpu=gpu_session.fingerprint if gpu_session else None),
-            fingerprint.container(bundle))
+            fingerprint.container(bundle, cache))
         phases.add("total", phases.elapsed())
         config = fmt.SnapshotConfig(
-            ref=str(ref), fingerprint=fp,
+            ref=str(ref), fingerprint=fp, namespace=namespace,
+            identity=fingerprint.identity(bundle.spec), processes=processes,
             source=fmt.Source(container_id=container_id, image=fp.container.image,
-                              namespace=fp.container.namespace,
                               container_name=fp.container.container_name, left_running=leave_running),
             sizes=fmt.Sizes(criu_bytes=criu_bytes, rootfs_bytes=rootfs_desc.size,
-                            rootfs_entries=len(diff.entries), rootfs_deleted=len(diff.deleted),
+                            rootfs_entries=summary.entries, rootfs_deleted=len(summary.deleted),
                             gpu_bytes=gpu_session.gpu_bytes if gpu_session else 0),
             phases=phases.rounded(),
             gpu=gpu_session.describe() if gpu_session else fmt.GpuState(),
             network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None))
-        snap = fmt.write_snapshot(layout, config, criu_desc, rootfs_desc, deleted_desc)
-        store.publish(snap)
-        if diff.skipped:
-            log(f"rootfs entries not carried (sockets, devices, fifos): {diff.skipped[:10]}")
+        snap = staging.write_snapshot(config, whole, parts, rootfs_desc, deleted_desc)
+        store.publish(snap, images, "captured", hashes)
+        if summary.skipped:
+            log(f"rootfs entries not carried (sockets, devices, fifos): {summary.skipped[:10]}")
         return snap
+
+
+def _creds(pid: int) -> tuple[fmt.ProcessCreds, ...]:
+    from .cuda import process_tree
+    return tuple(p for p in (fingerprint.process_creds(q) for q in process_tree(pid)) if p)
 
 
 def report(cfg: Config, trigger: str, container_id: str, ref: SnapshotRef,
@@ -127,9 +133,10 @@ def report(cfg: Config, trigger: str, container_id: str, ref: SnapshotRef,
     """A capture's outcome in the events log and metrics (`trigger`: cli or auto)."""
     from . import events, metrics
     if snap is not None:
-        events.emit(cfg, "captured", f"captured {container_id} as {snap.ref} ({snap.manifest.digest}, "
-                    f"{snap.config.phases.get('total', 0):.2f}s)", container_id, snapshot=snap.ref,
-                    manifest=snap.manifest.digest, phases=snap.config.phases, trigger=trigger)
+        events.emit(cfg, "captured", f"captured {container_id} as {snap.ref} in namespace {snap.namespace} "
+                    f"({snap.manifest.digest}, {snap.config.phases.get('total', 0):.2f}s)", container_id,
+                    snapshot=snap.ref, namespace=snap.namespace, manifest=snap.manifest.digest,
+                    phases=snap.config.phases, trigger=trigger)
     else:
         events.emit(cfg, "capture_failed", f"capture of {container_id} as {ref} failed: {error}",
                     container_id, "error", snapshot=str(ref), trigger=trigger)

@@ -10,7 +10,7 @@ import sys
 import click
 
 from thaw.oci import ThawError
-from thaw.oci.annotations import SnapshotRef
+from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
 
 from .config import Config, load
 
@@ -51,6 +51,19 @@ def _store(ctx: click.Context):
     return Store.for_config(_cfg(ctx))
 
 
+def _namespace_option(fn):
+    return click.option("--namespace", "-n", "namespace", default=LOCAL_NAMESPACE, show_default=True,
+                        callback=_check_namespace,
+                        help="The namespace the snapshot belongs to (a Kubernetes namespace, or "
+                             f"{LOCAL_NAMESPACE} for containers outside Kubernetes).")(fn)
+
+
+def _check_namespace(ctx, param, value):
+    if value is not None and not valid_namespace(value):
+        raise click.BadParameter(f"{value!r} is not a namespace name")
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", envvar="THAW_CONFIG", default=None,
               help="Config file (default /etc/thaw/config.yaml).")
@@ -72,7 +85,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.pass_context
 @_one_line_errors
 def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
-    """Checkpoint a running container into snapshot NAME."""
+    """Checkpoint a running container into snapshot NAME of the container's namespace (its pod's
+    Kubernetes namespace, or _local)."""
     from .capture import capture as do_capture
     from .capture import report
     cfg, ref = _cfg(ctx), _ref(name)
@@ -84,58 +98,65 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
         report(cfg, "cli", container_id, ref, None, exc)
         raise click.ClickException(f"capture of {container_id} failed: {exc}") from exc
     report(cfg, "cli", container_id, ref, snap)
-    click.echo(f"captured {container_id} as {snap.ref} ({_human(snap.size)}, "
+    click.echo(f"captured {container_id} as {snap.ref} in {snap.namespace} ({_human(snap.size)}, "
                f"{snap.config.phases.get('total', 0):.2f}s) {snap.manifest.digest}")
 
 
 @cli.command("ls")
+@click.option("--namespace", "-n", "namespace", default=None, callback=_check_namespace,
+              help="Only this namespace's snapshots (default: all).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @_one_line_errors
-def ls(ctx, as_json):
+def ls(ctx, namespace, as_json):
     """List snapshots in the store."""
-    snaps = _store(ctx).snapshots()
+    store = _store(ctx)
+    snaps = store.snapshots(namespace)
+    rows = [{"namespace": s.namespace, "ref": s.ref, "digest": s.manifest.digest, "size": s.size,
+             "created": s.config.created, "origin": store.origin(s)} for s in snaps]
     if as_json:
-        click.echo(json.dumps([{"ref": s.ref, "digest": s.manifest.digest, "size": s.size,
-                                "created": s.config.created,
-                                "namespace": s.fingerprint.container.namespace}
-                               for s in snaps], indent=1))
+        click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"{'NAME':<40} {'SIZE':>10}  {'CREATED':<20}  DIGEST")
-    for s in snaps:
-        click.echo(f"{s.ref:<40} {_human(s.size):>10}  {s.config.created:<20}  {s.manifest.digest[:19]}")
+    click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'ORIGIN':<10}  DIGEST")
+    for r in rows:
+        click.echo(f"{r['namespace']:<20} {r['ref']:<32} {_human(r['size']):>10}  {r['created']:<20}  "
+                   f"{r['origin']:<10}  {r['digest'][:19]}")
 
 
 @cli.command()
 @click.argument("name")
+@_namespace_option
 @click.pass_context
 @_one_line_errors
-def inspect(ctx, name):
+def inspect(ctx, name, namespace):
     """Show a snapshot's manifest digest and config as JSON."""
-    snap = _store(ctx).resolve(_ref(name))
-    click.echo(json.dumps({"ref": snap.ref, "manifest": snap.manifest.digest, "size": snap.size,
+    snap = _store(ctx).resolve(_ref(name), namespace)
+    click.echo(json.dumps({"ref": snap.ref, "namespace": snap.namespace, "manifest": snap.manifest.digest,
+                           "size": snap.size,
                            "layers": [d.to_json() for d in snap.layers],
                            "config": snap.config.to_json()}, indent=1))
 
 
 @cli.command()
 @click.argument("name")
+@_namespace_option
 @click.pass_context
 @_one_line_errors
-def rm(ctx, name):
+def rm(ctx, name, namespace):
     """Remove a snapshot (and blobs no other snapshot uses)."""
-    _store(ctx).remove(_ref(name))
-    click.echo(f"removed {_ref(name)}")
+    _store(ctx).remove(_ref(name), namespace)
+    click.echo(f"removed {_ref(name)} from {namespace}")
 
 
 @cli.command()
 @click.argument("name")
 @click.argument("file", type=click.Path(dir_okay=False))
+@_namespace_option
 @click.pass_context
 @_one_line_errors
-def export(ctx, name, file):
-    """Write a snapshot as an OCI archive FILE."""
-    snap = _store(ctx).export(_ref(name), file)
+def export(ctx, name, file, namespace):
+    """Write a snapshot as an OCI archive FILE (every blob verified by digest as it is written)."""
+    snap = _store(ctx).export(_ref(name), namespace, file)
     click.echo(f"exported {snap.ref} to {file} ({_human(snap.size)})")
 
 
@@ -144,9 +165,10 @@ def export(ctx, name, file):
 @click.pass_context
 @_one_line_errors
 def import_(ctx, file):
-    """Import snapshots from an OCI archive FILE (digests verified before they become visible)."""
+    """Import snapshots from an OCI archive FILE (digests verified before they become visible),
+    each into the namespace that captured it."""
     for s in _store(ctx).import_archive(file):
-        click.echo(f"imported {s.ref} {s.manifest.digest}")
+        click.echo(f"imported {s.ref} into {s.namespace} {s.manifest.digest}")
 
 
 @cli.command()

@@ -49,10 +49,17 @@ class _Record:
 
 
 class Policy(_Record):
-    allow_cross_namespace: bool
+    share: dict
+    env_may_differ: tuple
     verify: str
     required: bool
-    _fields = {"allow_cross_namespace": False, "verify": "stat", "required": False}
+    _fields = {"share": {}, "env_may_differ": ("HOSTNAME",), "verify": "stat", "required": False}
+
+    def readable_from(self, namespace: str) -> tuple[str, ...]:
+        """The namespaces whose snapshots `namespace` may restore besides its own, in the order
+        the policy names them (`share: {PUBLISHER: [READER, ...]}`, "*" for every reader)."""
+        return tuple(pub for pub, readers in self.share.items()
+                     if pub != namespace and (namespace in readers or "*" in readers))
 
 
 class Config(_Record):
@@ -136,8 +143,20 @@ _TOP = {
     "metrics_dir": (str, _optional_abs_path),
     "events_max_bytes": (int, _positive),
 }
+def _share(v) -> str | None:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
+                                           all(isinstance(x, str) for x in r) for k, r in v.items()):
+        return "must map a publishing namespace to a list of reader namespaces"
+    return None
+
+
+def _names(v) -> str | None:
+    return None if all(isinstance(x, str) for x in v) else "must be a list of names"
+
+
 _POLICY = {
-    "allow_cross_namespace": (bool, None),
+    "share": (dict, _share),
+    "env_may_differ": (list, _names),
     "verify": (str, _one_of(VERIFY_MODES)),
     "required": (bool, None),
 }
@@ -148,6 +167,9 @@ def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}must be a mapping")
+    if "allow_cross_namespace" in raw:
+        raise ConfigError(f"{where}allow_cross_namespace was removed: a snapshot belongs to the namespace "
+                          "that captured it; name who may read whose snapshots in policy.share")
     unknown = set(raw) - set(schema)
     if unknown:
         raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
@@ -161,13 +183,15 @@ def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
             raise ConfigError(f"{where}{key} must be true or false")
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{where}{key} must be a number")
+        if kind in (dict, list) and not isinstance(value, kind):
+            raise ConfigError(f"{where}{key} must be a {'mapping' if kind is dict else 'list'}")
         value = kind(value)
         if kind is str and key == "log_level":
             value = value.lower()
         problem = check(value) if check else None
         if problem:
             raise ConfigError(f"{where}{key} {problem}")
-        out[key] = value
+        out[key] = tuple(value) if kind is list else value
     return out
 
 
@@ -185,7 +209,8 @@ def _from_mapping(raw: object, source: str | None) -> Config:
 
 def _to_mapping(cfg: Config) -> dict:
     out = {k: getattr(cfg, k) for k in _TOP}
-    out["policy"] = {k: getattr(cfg.policy, k) for k in _POLICY}
+    out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in ((k, getattr(cfg.policy, k)) for k in _POLICY)}
     return out
 
 

@@ -87,7 +87,7 @@ def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> 
     from . import restore
     from .store import Store
     request = ann.parse_request(bundle.annotations)
-    store = Store(cfg.store_dir)
+    store = Store.for_config(cfg)
     plan = restore.check(request, bundle, cfg, store)
     return restore.bring_up(plan, call, bundle, cfg, store, next_runtime)
 
@@ -118,8 +118,8 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
         req = ann.parse_request(bundle.annotations)
         snapshot = str(req.snapshot)
         if req.capture_on_ready:
-            capture = {"snapshot": snapshot, "ready": req.ready, "root": call.root,
-                       "quiesce": req.quiesce, "resume": req.resume}
+            capture = {"snapshot": snapshot, "namespace": ann.namespace_of(bundle.annotations),
+                       "ready": req.ready, "root": call.root, "quiesce": req.quiesce, "resume": req.resume}
     except ann.AnnotationError:
         pass
     try:

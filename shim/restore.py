@@ -50,7 +50,9 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     """Decide whether `request` can be restored into `bundle` here. `node`: this node's facts
     (default: measured now)."""
     phases = Phases()
-    snap = phases.run("resolve", store.resolve, request.snapshot)
+    namespace = ann.namespace_of(bundle.annotations)
+    snap = phases.run("resolve", store.resolve, request.snapshot, namespace,
+                      cfg.policy.readable_from(namespace))
     t = time.perf_counter()
     gpus = None
     gpu_fp = fmt.GpuFingerprint()
@@ -62,11 +64,17 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
                                "driver or cuda-python")
         gpus = cuda.container_gpus(bundle.spec)
         gpu_fp = cuda.gpu_fingerprint(gpus)
+    from thaw.oci.files import make_private_dir
+    cache = make_private_dir(cfg.state_dir)
     if node is None:
-        from thaw.oci.files import make_private_dir
-        node = fingerprint.node(cfg.resolve_criu(), "", make_private_dir(cfg.state_dir))
-    here = fmt.Fingerprint(fingerprint.with_gpu(node, gpu_fp), fingerprint.container(bundle))
-    reasons = fingerprint.compare(snap.fingerprint, here, cfg.policy.allow_cross_namespace)
+        node = fingerprint.node(cfg.resolve_criu(), "", cache)
+    here = fmt.Fingerprint(fingerprint.with_gpu(node, gpu_fp), fingerprint.container(bundle, cache))
+    reasons = fingerprint.compare(snap.fingerprint, here)
+    # Who the processes will be: the new spec must ask for what the capturing one did, and no
+    # captured process may hold more than it grants.
+    reasons += fingerprint.compare_identity(snap.config.identity, fingerprint.identity(bundle.spec),
+                                            cfg.policy.env_may_differ)
+    reasons += fingerprint.excess_privileges(snap.config.processes, bundle.spec)
     phases.add("fingerprint", time.perf_counter() - t)
     if reasons:
         raise Incompatible(f"snapshot {snap.ref} does not fit here: " + "; ".join(reasons))
@@ -79,12 +87,21 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
     cid = call.container_id
     if not cid:
         raise ValueError("create without a container id")
-    snap, phases = plan.snapshot, plan.phases
-    from .rootfs import RootfsApplier
     state = ContainerState(cfg.state_dir, cid)
     runc = Runc.for_call(next_runtime, cfg.resolve_criu(), call)
+    t = time.perf_counter()
+    with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
+        plan.phases.add("verify_layer", time.perf_counter() - t)
+        record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir)
+    store.touch(plan.snapshot)
+    return record
 
-    image_dir = phases.run("verify_layer", store.cached_layer, snap, cfg.policy.verify)
+
+def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store, runc: Runc,
+              state: ContainerState, image_dir: str) -> Record:
+    cid = call.container_id or ""
+    snap, phases = plan.snapshot, plan.phases
+    from .rootfs import RootfsApplier
     work = state.make_work_dir()
     # The prestart hook (run by runc restore) reads this and checks the target network namespace.
     record = state.begin_restore(snap.ref, time.time(), bundle.namespace_path("network"),
@@ -103,7 +120,7 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
         console = call.flags.get("console-socket")
         cuda_init = _start_cuda_init() if plan.gpus is not None else None
         container_may_exist = True
-        phases.run("runc_restore", runc.restore, cid, bundle.path, image_dir, work, pid_file,
+        phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
                    console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")))
         if cuda_init is not None:
             phases.run("cuda_init_wait", cuda_init.join)

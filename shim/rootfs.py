@@ -19,7 +19,7 @@ import shutil
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from thaw.oci import ThawError
 
@@ -29,11 +29,17 @@ class RootfsError(ThawError):
 
 
 # --- capture ------------------------------------------------------------------------------------
+# The container runs again while its diff is read (and may be hostile): every entry is reached
+# through a descriptor of its parent directory, one name at a time, never following a symlink
+# (O_NOFOLLOW), and what is written is what fstat says of the opened descriptor. A directory
+# swapped for a symlink to a host path between listing and reading cannot redirect the read: the
+# open fails (and the capture with it) instead of reaching the host.
 
-def overlay_upperdir(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """The upperdir of the overlay mounted at `mountpoint`, or None if it is not an overlay."""
+def overlay_dirs(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str | None, list[str]]:
+    """(upperdir, lowerdirs) of the overlay mounted at `mountpoint`; (None, []) if it is not one.
+    The last mount on that point is the visible one."""
     target = os.path.realpath(mountpoint)
-    found = None
+    found: tuple[str | None, list[str]] = (None, [])
     with open(mountinfo) as f:
         for line in f:
             fields = line.split()
@@ -41,12 +47,20 @@ def overlay_upperdir(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -
             if _unescape(fields[4]) != target:
                 continue
             fstype, options = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
-            found = None
+            found = (None, [])
             if fstype == "overlay":
+                upper, lower = None, []
                 for opt in options.split(","):
                     if opt.startswith("upperdir="):
-                        found = _unescape(opt[len("upperdir="):])
-    return found  # the last mount on that point is the visible one
+                        upper = _unescape(opt[len("upperdir="):])
+                    elif opt.startswith("lowerdir="):
+                        lower = [_unescape(p) for p in opt[len("lowerdir="):].split(":") if p]
+                found = (upper, lower)
+    return found
+
+
+def overlay_upperdir(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    return overlay_dirs(mountpoint, mountinfo)[0]
 
 
 def _unescape(path: str) -> str:
@@ -55,78 +69,145 @@ def _unescape(path: str) -> str:
 
 @dataclass
 class Diff:
-    entries: list[str] = field(default_factory=list)   # relative paths, parents before children
-    deleted: list[str] = field(default_factory=list)
-    source_dir: str = ""
-    skipped: list[str] = field(default_factory=list)     # sockets, devices: not carried
+    entries: int = 0                                   # tar entries written
+    deleted: list[str] = field(default_factory=list)   # paths the container deleted (overlay only)
+    skipped: list[str] = field(default_factory=list)   # sockets, devices, fifos: not carried
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _opaque(path: str) -> bool:
+def _opaque(fd: int) -> bool:
     for attr in ("trusted.overlay.opaque", "user.overlay.opaque"):
         try:
-            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
+            if os.getxattr(fd, attr) == b"y":
                 return True
         except OSError:
             pass
     return False
 
 
-def compute_diff(rootfs: str, exclude: list[str], created_after: float | None = None) -> Diff:
-    """Collect the rootfs diff. `exclude`: container mount destinations (never part of the diff)."""
-    upper = overlay_upperdir(rootfs)
-    base = upper or rootfs
-    excluded = {e.strip("/") for e in exclude if e.strip("/")}
-    diff = Diff(source_dir=base)
-    for dirpath, dirnames, filenames in os.walk(base):
-        rel_dir = os.path.relpath(dirpath, base)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        for name in sorted(dirnames) + sorted(filenames):
-            rel = os.path.join(rel_dir, name)
-            full = os.path.join(dirpath, name)
-            if rel in excluded:
-                if name in dirnames:
-                    dirnames.remove(name)
-                continue
-            st = os.lstat(full)
-            if upper and _is_whiteout(st):
-                diff.deleted.append(rel)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if upper and _opaque(full):
-                    diff.deleted.append(rel)
-            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                diff.skipped.append(rel)
-                continue
-            if upper is None and created_after is not None and not stat.S_ISDIR(st.st_mode):
-                if max(st.st_ctime, st.st_mtime) < created_after:
-                    continue
-            diff.entries.append(rel)
-        dirnames.sort()
-    if upper is None:
-        # Keep only directories that lead to a changed entry, or changed themselves.
-        keep: set[str] = set()
-        for rel in diff.entries:
-            if not os.path.isdir(os.path.join(base, rel)) or os.path.islink(os.path.join(base, rel)):
-                parts = rel.split("/")
-                keep.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-        diff.entries = [e for e in diff.entries if e in keep]
-    return diff
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def write_diff_tar(diff: Diff, out: IO[bytes]) -> None:
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        for rel in diff.entries:
-            full = os.path.join(diff.source_dir, rel)
-            info = tar.gettarinfo(full, arcname=rel)
-            if info.isreg():
-                with open(full, "rb") as f:
-                    tar.addfile(info, f)
+class _DiffWriter:
+    """Walks a rootfs (or its overlay upper dir) by descriptors and streams the diff as a tar."""
+
+    def __init__(self, tar: tarfile.TarFile, overlay: bool, excluded: set[str], created_after: float | None):
+        self.tar, self.overlay, self.excluded, self.created_after = tar, overlay, excluded, created_after
+        self.diff = Diff()
+        self._pending: list[tuple[str, os.stat_result]] = []    # ancestors not yet written (plain mode)
+
+    def walk(self, dir_fd: int, rel_dir: str) -> None:
+        for name in sorted(os.listdir(dir_fd)):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if rel in self.excluded:
+                continue
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if self.overlay and _is_whiteout(st):
+                self.diff.deleted.append(rel)
+            elif stat.S_ISDIR(st.st_mode):
+                self._directory(dir_fd, name, rel)
+            elif stat.S_ISLNK(st.st_mode):
+                if self._changed(st):
+                    info = self._info(rel, st, tarfile.SYMTYPE)
+                    info.linkname = os.readlink(name, dir_fd=dir_fd)
+                    self._emit(info)
+            elif stat.S_ISREG(st.st_mode):
+                if self._changed(st):
+                    self._file(dir_fd, name, rel)
             else:
-                tar.addfile(info)
+                self.diff.skipped.append(rel)
+
+    def _directory(self, parent_fd: int, name: str, rel: str) -> None:
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except OSError as exc:
+            raise RootfsError(f"rootfs changed during capture: {rel} is no longer a directory ({exc.strerror})") from exc
+        try:
+            st = os.fstat(fd)
+            if self.overlay and _opaque(fd):
+                self.diff.deleted.append(rel)      # an opaque dir hides everything below it
+            if self.overlay:
+                self._emit(self._info(rel, st, tarfile.DIRTYPE))
+                self.walk(fd, rel)
+            else:
+                self._pending.append((rel, st))
+                self.walk(fd, rel)
+                if self._pending and self._pending[-1][0] == rel:
+                    self._pending.pop()            # nothing below it changed
+        finally:
+            os.close(fd)
+
+    def _file(self, parent_fd: int, name: str, rel: str) -> None:
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=parent_fd)
+        except OSError as exc:
+            raise RootfsError(f"rootfs changed during capture: {rel} cannot be opened as a file ({exc.strerror})") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.diff.skipped.append(rel)
+                return
+            self._emit(self._info(rel, st, tarfile.REGTYPE), _ExactReader(fd, st.st_size, rel))
+        finally:
+            os.close(fd)
+
+    def _changed(self, st: os.stat_result) -> bool:
+        """Plain-directory rootfs: only what changed since the container was created."""
+        return self.overlay or self.created_after is None or max(st.st_ctime, st.st_mtime) >= self.created_after
+
+    def _info(self, rel: str, st: os.stat_result, kind: bytes) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(rel)
+        info.type = kind
+        info.mode, info.uid, info.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        info.mtime = int(st.st_mtime)
+        info.size = st.st_size if kind == tarfile.REGTYPE else 0
+        return info
+
+    def _emit(self, info: tarfile.TarInfo, data: Any = None) -> None:
+        for rel, st in self._pending:               # parents first
+            self.tar.addfile(self._info(rel, st, tarfile.DIRTYPE))
+            self.diff.entries += 1
+        self._pending.clear()
+        self.tar.addfile(info, data)
+        self.diff.entries += 1
+
+
+class _ExactReader:
+    """Reads exactly `size` bytes of an open file; a file that shrank while it was read fails the
+    capture instead of producing a tar that does not match what the container had."""
+
+    def __init__(self, fd: int, size: int, rel: str):
+        self.fd, self.left, self.offset, self.rel = fd, size, 0, rel
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = os.pread(self.fd, n, self.offset) if n else b""
+        if len(data) < n:
+            raise RootfsError(f"rootfs changed during capture: {self.rel} shrank while it was read")
+        self.offset += len(data)
+        self.left -= len(data)
+        return data
+
+
+def write_diff(rootfs: str, exclude: list[str], out: IO[bytes], created_after: float | None = None) -> Diff:
+    """Stream the container's rootfs diff as a tar into `out`. With an overlay rootfs
+    (containerd's snapshotters) the diff is the upper directory, whiteouts and opaque directories
+    are deletions; with a plain directory it is what changed since `created_after`, and deletions
+    cannot be seen. `exclude`: mount destinations (never part of the diff)."""
+    upper, _ = overlay_dirs(rootfs)
+    excluded = {e.strip("/") for e in exclude if e.strip("/")}
+    root_fd = os.open(upper or rootfs, _DIR_FLAGS)
+    try:
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            writer = _DiffWriter(tar, upper is not None, excluded, created_after)
+            writer.walk(root_fd, "")
+    finally:
+        os.close(root_fd)
+    return writer.diff
 
 
 # --- apply --------------------------------------------------------------------------------------
@@ -186,10 +267,14 @@ class RootfsApplier:
         return cur
 
     def apply_tar(self, src: IO[bytes]) -> int:
-        """Extract a diff tar stream; returns the number of entries."""
+        """Extract a diff tar stream; returns the number of entries. A sparse member is refused:
+        it would let a few stored bytes expand into a large file in the container's rootfs, while
+        every other member writes no more than the (digest-verified) layer holds."""
         count = 0
         with tarfile.open(fileobj=src, mode="r|") as tar:
             for member in tar:
+                if member.issparse():
+                    raise RootfsError(f"rootfs diff entry {member.name!r} is sparse")
                 rel = _safe_relpath(member.name)
                 target = os.path.join(self._parent(rel), os.path.basename(rel))
                 exists = os.path.lexists(target)

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from thaw.oci import ThawError, runc_args
+from thaw.oci.spec import Bundle
 
 _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -29,6 +30,22 @@ def _env() -> dict[str, str]:
     path = env.get("PATH", "")
     env["PATH"] = f"{path}:{_SYS_PATH}" if path else _SYS_PATH
     return env
+
+
+CRIU_CONFIG = "org.criu.config"
+
+
+def stdio_descriptors(image_path: str) -> list[str]:
+    """What the checkpointed init's fds 0-2 were (runc's descriptors.json in the image): e.g.
+    "pipe:[1234]", "/dev/null", "/dev/pts/0"."""
+    try:
+        with open(os.path.join(image_path, "descriptors.json")) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise RuncError(f"image has no readable descriptors.json: {exc}") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RuncError("image's descriptors.json is not a list of strings")
+    return value[:3]
 
 
 def _last_errors(*paths: str, limit: int = 3) -> str:
@@ -80,9 +97,11 @@ class Runc:
         return [self.binary, *runc_args.render(gflags, command, flags, args)]
 
     def _run(self, argv: list[str], timeout: float | None = 60, capture: bool = True,
-             inherit_stdio: bool = False) -> subprocess.CompletedProcess:
-        kwargs: dict = {"env": _env(), "timeout": timeout}
-        if not inherit_stdio:
+             stdio: tuple | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+        kwargs: dict = {"env": _env(), "timeout": timeout, "pass_fds": pass_fds}
+        if stdio is not None:
+            kwargs.update(stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
+        else:
             kwargs.update(stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
                           stderr=subprocess.PIPE if capture else subprocess.DEVNULL)
@@ -94,22 +113,54 @@ class Runc:
             raise RuncError(f"cannot run {argv[0]}: {exc}") from exc
 
     # --- container lifecycle ----------------------------------------------------------------------
-    def restore(self, container_id: str, bundle: str, image_path: str, work_path: str,
+    def restore(self, container_id: str, bundle: Bundle, image_path: str, work_path: str,
                 pid_file: str, console_socket: str | None = None, no_pivot: bool = False,
-                timeout: float = 600) -> None:
-        """`runc restore --detach` with this process's stdio: runc maps the pipes recorded in the
-        image's descriptors.json onto its own fds 0-2, i.e. the caller's (the shim's) pipes."""
-        flags: dict[str, str | bool] = {"detach": True, "bundle": bundle, "image-path": image_path,
+                criu_options: tuple[str, ...] = (), timeout: float = 600) -> None:
+        """`runc restore --detach` into the caller's stdio (the shim's pipes), with thaw's own
+        CRIU config file for this one restore.
+
+        The restored processes get the caller's fds 0-2 from CRIU itself: the config file maps
+        each stdio pipe the image recorded (descriptors.json) to a copy of the caller's fd, and
+        CRIU takes those before the ones runc adds. runc's own stdio are /dev/null and a file, so
+        nothing runc or CRIU prints on a failed restore reaches the container's stdout/stderr.
+        The config file is named by the `org.criu.config` annotation, which replaces any the
+        container's spec carries (a spec must never choose CRIU's options), and is removed again
+        from config.json afterwards."""
+        import fcntl
+        flags: dict[str, str | bool] = {"detach": True, "bundle": bundle.path, "image-path": image_path,
                                         "work-path": work_path, "pid-file": pid_file}
         if console_socket:
             flags["console-socket"] = console_socket
         if no_pivot:
             flags["no-pivot"] = True
+        stdio = {i: key for i, key in enumerate(stdio_descriptors(image_path)) if key.startswith("pipe:")}
+        # High numbers: below them runc's own files land in CRIU's child (fd 3 is its socket).
+        conf = os.path.join(work_path, "criu.conf")
         log = os.path.join(work_path, "runc.log")
-        argv = self._argv("restore", flags, [container_id], log=log)
-        proc = self._run(argv, timeout=timeout, inherit_stdio=True)
+        previous = bundle.annotations.get(CRIU_CONFIG)
+        fds = {i: fcntl.fcntl(i, fcntl.F_DUPFD, 100) for i in stdio}
+        try:
+            lines = [f"inherit-fd fd[{fds[i]}]:{key}" for i, key in stdio.items()] + list(criu_options)
+            with open(conf, "w") as f:
+                f.write("".join(line + "\n" for line in lines))
+            bundle.spec.setdefault("annotations", {})[CRIU_CONFIG] = conf
+            bundle.save()
+            argv = self._argv("restore", flags, [container_id], log=log)
+            with open(os.path.join(work_path, "runc.stderr"), "wb") as err:
+                proc = self._run(argv, timeout=timeout, stdio=(subprocess.DEVNULL, subprocess.DEVNULL, err),
+                                 pass_fds=tuple(fds.values()))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            annotations = bundle.spec.setdefault("annotations", {})
+            if annotations.get(CRIU_CONFIG) == conf:
+                if previous is None:
+                    annotations.pop(CRIU_CONFIG, None)
+                else:
+                    annotations[CRIU_CONFIG] = previous
+                bundle.save()
         if proc.returncode != 0:
-            detail = _last_errors(log, os.path.join(work_path, "restore.log"))
+            detail = _last_errors(log, os.path.join(work_path, "restore.log"), os.path.join(work_path, "runc.stderr"))
             raise RuncError(f"runc restore exited {proc.returncode}: {detail or 'no error logged'}")
 
     def checkpoint(self, container_id: str, image_path: str, work_path: str,

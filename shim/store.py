@@ -1,14 +1,24 @@
 """The snapshot store: the one owner of store_dir.
 
-  store_dir/layout/              OCI image layout; index.json names the published snapshots
-  store_dir/layers/<hex>/        each CRIU layer unpacked (what restore reads), keyed by digest
-  store_dir/layers/<hex>.seal    what the unpacked layer held when it was made: per file size,
-                                 mtime and sha256; restore checks it before trusting the layer
-  store_dir/staging/<id>/        captures and imports in progress (never visible as snapshots)
-  store_dir/.lock                flock serialising index changes and garbage collection
+  store_dir/layout/            OCI image layout. index.json names each published snapshot by its
+                               ref (NAME:TAG) and owner namespace (dev.thaw.namespace); blobs/
+                               holds manifests, configs, the CRIU whole-file tars, rootfs diffs and
+                               deleted lists — never a file part
+  store_dir/images/<hex>/      the CRIU image directory of the snapshot with manifest sha256:<hex>,
+                               kept once: a restore reads it, and each file part of the manifest is
+                               a byte range of one of its files
+  store_dir/images/<hex>.seal  what the directory held when it was published (per file: size,
+                               mtime; whole files also their digest); checked before a restore
+  store_dir/images/<hex>.lock  held shared while a restore reads the directory
+  store_dir/staging/<id>/      captures, imports and conversions in progress (owner process and
+                               the blobs written so far): never visible as snapshots
+  store_dir/locks/             per-snapshot-name locks (auto-capture captures once)
+  store_dir/.lock              serialises index changes and garbage collection
 
-A snapshot becomes visible only when index.json is replaced with one naming it, after all its
-blobs are in place and verified. Everything is root-only.
+A snapshot belongs to the namespace that captured it: it is found only under that namespace (or
+by a namespace the node's policy lets read it). It becomes visible only when index.json is
+replaced with one naming it, after every blob and file is in place and verified. Everything is
+root-only, process memory 0600 or 0400.
 """
 
 from __future__ import annotations
@@ -18,15 +28,21 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import IO, Any
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.oci.layout import REF_NAME, Descriptor, HashingReader, HashingWriter, ImageLayout, LayoutError, sha256_file
+from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError, sha256_file
+
+from .procs import ProcessHandle
+
+ORIGIN = "dev.thaw.origin"          # index annotation: "captured", "imported", "pulled:REF", "migrated"
 
 
 class StoreError(ThawError):
@@ -42,35 +58,392 @@ class CorruptSnapshot(StoreError):
 
 
 @contextlib.contextmanager
-def _flock(path: str) -> Iterator[None]:
+def _flock(path: str, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(fd, mode)
+        yield fd
     finally:
         os.close(fd)
-
-
-def _file_digest(path: str) -> str:
-    return sha256_file(path)[0]
 
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
 
+def _workers() -> int:
+    return max(1, min(16, os.cpu_count() or 1))
+
+
 class Store:
     def __init__(self, root: str, cfg=None):
         self.root = root
         self.layout = ImageLayout(os.path.join(root, "layout"))
-        self.layers_dir = os.path.join(root, "layers")
+        self.images_dir = os.path.join(root, "images")
         self.staging_dir = os.path.join(root, "staging")
         self._cfg = cfg                  # the node config: store gauges go to its metrics_dir
 
     @classmethod
-    def for_config(cls, cfg) -> "Store":
+    def for_config(cls, cfg) -> Store:
         """The node's store, reporting its size to the node's metrics."""
         return cls(cfg.store_dir, cfg)
+
+    # --- setup and locking --------------------------------------------------------------------
+    def init(self) -> Store:
+        """Create the store if needed; convert a format 1 store thaw 0.1 left (once)."""
+        self._make_dirs()
+        if os.path.isdir(os.path.join(self.root, "layers")):
+            from .importer import migrate_v1_store
+            migrate_v1_store(self)
+        return self
+
+    def _make_dirs(self) -> None:
+        for d in (self.root, self.images_dir, self.staging_dir):
+            make_private_dir(d)
+        os.chmod(self.root, 0o700)
+        self.layout.init()
+
+    def locked(self):
+        """Serialises index changes and garbage collection."""
+        return _flock(os.path.join(self.root, ".lock"))
+
+    def name_lock(self, ref: SnapshotRef, namespace: str):
+        """Serialises captures of one snapshot name of one namespace (auto-capture)."""
+        locks = make_private_dir(os.path.join(self.root, "locks"))
+        return _flock(os.path.join(locks, f"{namespace}_{ref.name}_{ref.tag}.lock"))
+
+    @contextlib.contextmanager
+    def staging(self, kind: str) -> Iterator[Staging]:
+        """A private working area inside the store (same file system as everything published)."""
+        self._make_dirs()
+        path = os.path.join(self.staging_dir, f"{kind}-{uuid.uuid4().hex[:12]}")
+        os.mkdir(path, 0o700)
+        atomic_write(os.path.join(path, ".owner"), json.dumps(ProcessHandle.me().to_json()).encode(),
+                     durable=False)
+        try:
+            yield Staging(self, path)
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # --- reading --------------------------------------------------------------------------------
+    def _index(self) -> list[Descriptor]:
+        return self.layout.read_index() if os.path.exists(self.layout.index_path) else []
+
+    def read(self, desc: Descriptor) -> fmt.Snapshot:
+        """The snapshot an index entry names, its manifest and config verified by digest."""
+        ann = desc.annotations or {}
+        try:
+            config_desc, layers = fmt.parse_manifest(self.layout.read_blob(desc, fmt.MAX_META), desc)
+            config = fmt.SnapshotConfig.from_json(json.loads(self.layout.read_blob(config_desc, fmt.MAX_META)))
+        except (LayoutError, ValueError) as exc:
+            raise CorruptSnapshot(f"snapshot {ann.get(REF_NAME, desc.digest)}: {exc}") from exc
+        try:
+            return fmt.assemble(ann.get(REF_NAME, ""), desc, config_desc, config, layers)
+        except LayoutError as exc:
+            raise CorruptSnapshot(f"snapshot {ann.get(REF_NAME, desc.digest)}: {exc}") from exc
+
+    def snapshots(self, namespace: str | None = None) -> list[fmt.Snapshot]:
+        out = []
+        for desc in self._index():
+            if namespace is not None and (desc.annotations or {}).get(fmt.NAMESPACE) != namespace:
+                continue
+            try:
+                out.append(self.read(desc))
+            except StoreError:
+                continue
+        return sorted(out, key=lambda s: (s.namespace, s.ref))
+
+    def origin(self, snap: fmt.Snapshot) -> str:
+        for desc in self._index():
+            if desc.digest == snap.manifest.digest:
+                return (desc.annotations or {}).get(ORIGIN, "")
+        return ""
+
+    def _descriptor(self, ref: SnapshotRef, namespace: str) -> Descriptor | None:
+        for desc in self._index():
+            ann = desc.annotations or {}
+            if ann.get(REF_NAME) == str(ref) and ann.get(fmt.NAMESPACE) == namespace:
+                return desc
+        return None
+
+    def resolve(self, ref: SnapshotRef, namespace: str, readable_from: tuple[str, ...] = ()) -> fmt.Snapshot:
+        """Snapshot `ref` of `namespace`; else of the first namespace in `readable_from` (those
+        the node's policy lets publish to this one) that has it."""
+        for ns in (namespace, *readable_from):
+            desc = self._descriptor(ref, ns)
+            if desc is not None:
+                snap = self.read(desc)
+                if snap.namespace != ns:
+                    raise CorruptSnapshot(f"snapshot {ref}: indexed under {ns!r} but owned by {snap.namespace!r}")
+                return snap
+        where = namespace + (f" (or {', '.join(readable_from)})" if readable_from else "")
+        raise SnapshotNotFound(f"snapshot {ref} not found in namespace {where} of store {self.root}")
+
+    def deleted_paths(self, snap: fmt.Snapshot) -> list[str]:
+        try:
+            return fmt.read_deleted(self.layout.read_blob(snap.deleted, fmt.MAX_META))
+        except LayoutError as exc:
+            raise CorruptSnapshot(f"snapshot {snap.ref}: deleted-files layer: {exc}") from exc
+
+    def open_rootfs_layer(self, snap: fmt.Snapshot) -> IO[bytes]:
+        """The rootfs diff layer, verified by digest first (it is small and applied into a rootfs)."""
+        try:
+            self.layout.verify_blob(snap.rootfs)
+        except LayoutError as exc:
+            raise CorruptSnapshot(f"snapshot {snap.ref}: rootfs layer: {exc}") from exc
+        return open(self.layout.blob_path(snap.rootfs.digest), "rb")
+
+    def open_blob(self, snap: fmt.Snapshot, desc: Descriptor) -> Any:
+        """Any blob of `snap` as a readable stream (export, push): a file part is read from the
+        CRIU image file it is a range of."""
+        for part in snap.parts:
+            if part.desc.digest == desc.digest:
+                path = os.path.join(self.image_path(snap), part.file)
+                return fmt.RangeReader(path, part.offset, part.desc.size)
+        return open(self.layout.blob_path(desc.digest), "rb")
+
+    # --- the CRIU image directory a restore reads ----------------------------------------------
+    def image_path(self, snap: fmt.Snapshot) -> str:
+        return os.path.join(self.images_dir, _hex(snap.manifest.digest))
+
+    def _seal_path(self, snap: fmt.Snapshot) -> str:
+        return self.image_path(snap) + ".seal"
+
+    @contextlib.contextmanager
+    def image_dir(self, snap: fmt.Snapshot, verify: str = "stat") -> Iterator[str]:
+        """The snapshot's CRIU image directory, checked against its seal, held (shared lock) until
+        the caller is done with it so that no rm or gc removes it mid-restore. A directory that
+        fails its seal is checked against the digests: what still matches is sealed again, whole
+        files are rebuilt from their verified tar, and a snapshot whose parts are damaged is
+        unpublished (so that a capture or pull can replace it) and reported corrupt."""
+        path = self.image_path(snap)
+        with _flock(path + ".lock", fcntl.LOCK_SH) as fd:
+            try:
+                self._check_seal(snap, path, verify)
+            except CorruptSnapshot:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._repair(snap, path)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            yield path
+
+    def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict]:
+        try:
+            with open(self._seal_path(snap)) as f:
+                return dict(json.load(f)["files"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CorruptSnapshot(f"snapshot {snap.ref}: image seal unreadable: {exc}") from exc
+
+    def _check_seal(self, snap: fmt.Snapshot, path: str, verify: str) -> None:
+        files = self._read_seal(snap)
+        try:
+            present = set(os.listdir(path))
+        except OSError as exc:
+            raise CorruptSnapshot(f"snapshot {snap.ref}: image directory missing: {exc}") from exc
+        if present != set(files):
+            raise CorruptSnapshot(f"snapshot {snap.ref}: image files differ from its seal "
+                                  f"(extra {sorted(present - set(files))[:3]}, missing {sorted(set(files) - present)[:3]})")
+        for name, want in files.items():
+            st = os.lstat(os.path.join(path, name))
+            if st.st_size != want["size"]:
+                raise CorruptSnapshot(f"snapshot {snap.ref}: {name} is {st.st_size} bytes, sealed at "
+                                      f"{want['size']} (truncated or rewritten)")
+            if st.st_mtime_ns != want["mtime_ns"]:
+                raise CorruptSnapshot(f"snapshot {snap.ref}: {name} was modified after it was sealed")
+        if verify == "digest":
+            bad = self._damaged(snap, path, files)
+            if bad:
+                raise CorruptSnapshot(f"snapshot {snap.ref}: {', '.join(bad[:3])} do not match their digests")
+
+    def _damaged(self, snap: fmt.Snapshot, path: str, files: dict[str, dict]) -> list[str]:
+        """The image files whose content does not match the manifest (parts) or the seal's digest
+        of the verified tar they came from (whole files); hashed in parallel."""
+        parts = {p.file for p in snap.parts}
+
+        def check_part(p: fmt.FilePart) -> str | None:
+            try:
+                ok = fmt.hash_range(os.path.join(path, p.file), p.offset, p.desc.size) == p.desc.digest
+            except (OSError, fmt.SnapshotFormatError):
+                ok = False
+            return None if ok else p.file
+
+        def check_whole(name: str) -> str | None:
+            try:
+                ok = sha256_file(os.path.join(path, name))[0] == (files.get(name) or {}).get("digest")
+            except OSError:
+                ok = False
+            return None if ok else name
+        with ThreadPoolExecutor(_workers()) as pool:
+            results = list(pool.map(check_part, snap.parts))
+            results += list(pool.map(check_whole, [n for n in files if n not in parts]))
+        return sorted({r for r in results if r})
+
+    def _repair(self, snap: fmt.Snapshot, path: str) -> None:
+        """Caller holds the image lock exclusively."""
+        if not os.path.isdir(path):
+            self._unpublish_corrupt(snap, "its image directory is gone")
+        files = self._read_seal(snap)
+        expected = set(files) | {p.file for p in snap.parts}
+        for extra in set(os.listdir(path)) - expected:
+            os.unlink(os.path.join(path, extra))
+        bad = set(self._damaged(snap, path, files)) | (expected - set(os.listdir(path)))
+        parts = {p.file for p in snap.parts}
+        if bad & parts:
+            self._unpublish_corrupt(snap, f"{', '.join(sorted(bad & parts))} do not match the manifest")
+        if bad:
+            for name in bad:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(path, name))
+            self._unpack_whole(snap, path, only=bad)
+        self._write_seal(snap, path)
+        self.report("warning", f"snapshot {snap.ref} ({snap.namespace}): image directory failed its seal; "
+                               f"{'rebuilt ' + ', '.join(sorted(bad)) if bad else 'content intact, sealed again'}")
+
+    def _unpublish_corrupt(self, snap: fmt.Snapshot, why: str) -> None:
+        with self.locked():
+            index = self._index()
+            kept = [d for d in index if d.digest != snap.manifest.digest]
+            if len(kept) != len(index):
+                self.layout.write_index(kept)
+                self._changed()
+        self.report("error", f"snapshot {snap.ref} ({snap.namespace}) removed: {why}")
+        raise CorruptSnapshot(f"snapshot {snap.ref}: {why}; removed from the store")
+
+    def _unpack_whole(self, snap: fmt.Snapshot, path: str, only: set[str] | None = None) -> dict[str, str]:
+        """Extract the whole-file tar (verified by digest first) into `path`."""
+        try:
+            self.layout.verify_blob(snap.criu_whole)
+        except LayoutError as exc:
+            raise CorruptSnapshot(f"snapshot {snap.ref}: CRIU layer: {exc}") from exc
+        with open(self.layout.blob_path(snap.criu_whole.digest), "rb") as f:
+            if only is None:
+                return fmt.unpack_whole_files(f, path, snap.criu_whole.size)
+            tmp = path + ".repair"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.mkdir(tmp, 0o700)
+            try:
+                hashes = fmt.unpack_whole_files(f, tmp, snap.criu_whole.size)
+                for name in only:
+                    if name in hashes:
+                        os.rename(os.path.join(tmp, name), os.path.join(path, name))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return hashes
+
+    def _write_seal(self, snap: fmt.Snapshot, path: str, hashes: dict[str, str] | None = None) -> None:
+        old = {}
+        with contextlib.suppress(CorruptSnapshot):
+            old = self._read_seal(snap)
+        files = {}
+        for name in sorted(os.listdir(path)):
+            st = os.lstat(os.path.join(path, name))
+            digest = (hashes or {}).get(name) or (old.get(name) or {}).get("digest")
+            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
+        atomic_write(self._seal_path(snap), json.dumps({"manifest": snap.manifest.digest, "files": files}).encode())
+
+    def touch(self, snap: fmt.Snapshot) -> None:
+        """Record a use (the node cache's least-recently-used order)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.image_path(snap) + ".lock")
+
+    # --- publishing and removing ------------------------------------------------------------------
+    def publish(self, snap: fmt.Snapshot, staged_images: str, origin: str,
+                hashes: dict[str, str] | None = None) -> fmt.Snapshot:
+        """Make `snap` visible under (namespace, ref), replacing that name's older snapshot: its
+        staged CRIU image directory moves into place and is sealed, then the index changes."""
+        for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs, snap.deleted):
+            if not self.layout.has_blob(d):
+                raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
+        target = self.image_path(snap)
+        with self.locked():
+            if not os.path.isdir(target):
+                for name in os.listdir(staged_images):
+                    os.chmod(os.path.join(staged_images, name), 0o400)
+                os.chmod(staged_images, 0o700)
+                os.rename(staged_images, target)
+                self._write_seal(snap, target, hashes)
+            index = [d for d in self._index()
+                     if not ((d.annotations or {}).get(REF_NAME) == snap.ref
+                             and (d.annotations or {}).get(fmt.NAMESPACE) == snap.namespace)]
+            entry = fmt.index_entry(snap)
+            index.append(replace(entry, annotations={**(entry.annotations or {}), ORIGIN: origin}))
+            self.layout.write_index(index)
+            self._gc_locked()
+            self._changed()
+        return snap
+
+    def remove(self, ref: SnapshotRef, namespace: str) -> None:
+        with self.locked():
+            index = self._index()
+            kept = [d for d in index if not ((d.annotations or {}).get(REF_NAME) == str(ref)
+                                             and (d.annotations or {}).get(fmt.NAMESPACE) == namespace)]
+            if len(kept) == len(index):
+                raise SnapshotNotFound(f"snapshot {ref} not found in namespace {namespace} of store {self.root}")
+            self.layout.write_index(kept)
+            self._gc_locked()
+            self._changed()
+
+    def gc(self) -> None:
+        with self.locked():
+            self._gc_locked()
+
+    def _gc_locked(self) -> None:
+        """Delete blobs and image directories no published snapshot references (an image
+        directory only when no restore holds it), leftover temp files, and staging areas whose
+        owner process is gone. Caller holds the store lock."""
+        live_blobs: set[str] = set()
+        live_images: set[str] = set()
+        for desc in self._index():
+            live_blobs.add(desc.digest)
+            live_images.add(_hex(desc.digest))
+            with contextlib.suppress(StoreError):
+                live_blobs.update(d.digest for d in self.read(desc).blobs)
+        live_blobs |= self._live_staging()
+        blob_dir = os.path.join(self.layout.root, "blobs", "sha256")
+        for name in os.listdir(blob_dir):
+            if name.startswith(".") or "sha256:" + name not in live_blobs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(blob_dir, name))
+        for name in os.listdir(self.images_dir):
+            hexd = name.split(".", 1)[0]
+            if hexd in live_images:
+                continue
+            path = os.path.join(self.images_dir, name)
+            if os.path.isdir(path):
+                self._remove_image_dir(path)
+            elif not os.path.exists(os.path.join(self.images_dir, hexd)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)       # seals and locks of directories already gone
+
+    def _remove_image_dir(self, path: str) -> None:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return                   # a restore reads it: a later gc removes it
+            shutil.rmtree(path, ignore_errors=True)
+            for suffix in (".seal", ".lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+        finally:
+            os.close(fd)
+
+    def _live_staging(self) -> set[str]:
+        """Digests that staging areas of live owners have written; removes areas of dead owners."""
+        keep: set[str] = set()
+        for name in os.listdir(self.staging_dir):
+            path = os.path.join(self.staging_dir, name)
+            try:
+                with open(os.path.join(path, ".owner")) as f:
+                    owner = ProcessHandle.from_json(json.load(f))
+            except (OSError, ValueError):
+                owner = None
+            if owner is None or not owner.alive():
+                shutil.rmtree(path, ignore_errors=True)
+                continue
+            with contextlib.suppress(OSError), open(os.path.join(path, ".blobs")) as f:
+                keep.update(line.strip() for line in f if line.strip())
+        return keep
 
     def _changed(self) -> None:
         """The published set changed (caller holds the lock): rewrite the store gauges."""
@@ -81,291 +454,110 @@ class Store:
         blobs = {d.digest: d.size for s in snaps for d in s.blobs}
         metrics.record_store(self._cfg, len(snaps), sum(blobs.values()))
 
-    # --- setup and locking --------------------------------------------------------------------
-    def init(self) -> "Store":
-        for d in (self.root, self.layers_dir, self.staging_dir):
-            make_private_dir(d)
-        os.chmod(self.root, 0o700)
-        self.layout.init()
-        return self
+    def report(self, level: str, msg: str) -> None:
+        """A store event (repairs, removals) in the node's events log."""
+        if self._cfg is not None:
+            from . import events
+            events.emit(self._cfg, "store", msg, level=level)
 
-    def locked(self):
-        """Serialises index changes and garbage collection."""
-        return _flock(os.path.join(self.root, ".lock"))
-
-    def name_lock(self, ref: SnapshotRef):
-        """Serialises captures of one snapshot name across processes (auto-capture)."""
-        return _flock(os.path.join(make_private_dir(os.path.join(self.root, "locks")),
-                                   f"{ref.name}_{ref.tag}.lock"))
-
-    @contextlib.contextmanager
-    def staging(self, kind: str) -> Iterator[str]:
-        """A private working directory inside the store (same file system as the layout)."""
-        self.init()
-        path = os.path.join(self.staging_dir, f"{kind}-{uuid.uuid4().hex[:12]}")
-        os.mkdir(path, 0o700)
-        with open(os.path.join(path, ".pid"), "w") as f:
-            f.write(str(os.getpid()))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-
-    # --- reading --------------------------------------------------------------------------------
-    def snapshots(self) -> list[fmt.Snapshot]:
-        if not os.path.exists(self.layout.index_path):
-            return []
-        out = []
-        for desc in self.layout.read_index():
+    # --- export / import ------------------------------------------------------------------------
+    def export(self, ref: SnapshotRef, namespace: str, out_path: str, verify: str = "digest") -> fmt.Snapshot:
+        snap = self.resolve(ref, namespace)
+        for d in (snap.criu_whole, snap.rootfs, snap.deleted):
             try:
-                out.append(fmt.read_snapshot(self.layout, desc))
-            except LayoutError:
-                continue
-        return sorted(out, key=lambda s: s.ref)
+                self.layout.verify_blob(d)
+            except LayoutError as exc:
+                raise CorruptSnapshot(f"snapshot {ref}: {exc}") from exc
+        with self.image_dir(snap, verify):
+            fmt.write_archive([snap], lambda d: self.open_blob(snap, d), out_path)
+        return snap
 
-    def _descriptor(self, ref: SnapshotRef) -> Descriptor:
-        for desc in self.layout.read_index() if os.path.exists(self.layout.index_path) else []:
-            if (desc.annotations or {}).get(REF_NAME) == str(ref):
-                return desc
-        raise SnapshotNotFound(f"snapshot {ref} not found in store {self.root}")
+    def import_archive(self, path: str) -> list[fmt.Snapshot]:
+        """Import an OCI archive: headers checked first, every blob verified against its digest
+        while it streams, file parts written straight into their CRIU files; format 1 snapshots
+        are converted to format 2; then the snapshots are published under the namespace that
+        captured them."""
+        from .importer import import_archive
+        return import_archive(self, path)
 
-    def resolve(self, ref: SnapshotRef) -> fmt.Snapshot:
-        desc = self._descriptor(ref)
-        try:
-            return fmt.read_snapshot(self.layout, desc)
-        except LayoutError as exc:
-            raise CorruptSnapshot(f"snapshot {ref}: {exc}") from exc
 
-    def deleted_paths(self, snap: fmt.Snapshot) -> list[str]:
-        try:
-            return fmt.read_deleted(self.layout, snap)
-        except (LayoutError, ValueError) as exc:
-            raise CorruptSnapshot(f"snapshot {snap.ref}: deleted-files layer: {exc}") from exc
+class _NotingLayout(ImageLayout):
+    """The store's layout as a staging area writes to it: every blob is noted in the staging
+    area's .blobs (so a concurrent gc leaves it alone) and its temp file lives in the staging
+    area (so a dead writer's leftovers go with its area)."""
 
-    def open_rootfs_layer(self, snap: fmt.Snapshot):
-        """The rootfs diff layer, verified by digest first (it is small and applied into a rootfs)."""
-        try:
-            self.layout.verify_blob(snap.rootfs)
-        except LayoutError as exc:
-            raise CorruptSnapshot(f"snapshot {snap.ref}: rootfs layer: {exc}") from exc
-        return open(self.layout.blob_path(snap.rootfs.digest), "rb")
+    def __init__(self, base: ImageLayout, staging: str):
+        super().__init__(base.root)
+        self._staging = staging
 
-    # --- the unpacked CRIU layer --------------------------------------------------------------
-    def _seal_path(self, digest: str) -> str:
-        return os.path.join(self.layers_dir, _hex(digest) + ".seal")
+    def new_blob_file(self) -> tuple[IO[bytes], str]:
+        fd, tmp = _mkstemp(self._staging)
+        return os.fdopen(fd, "wb"), tmp
 
-    def _write_seal(self, digest: str, path: str, hashes: dict[str, str]) -> None:
-        files = {}
-        for name in sorted(os.listdir(path)):
-            st = os.lstat(os.path.join(path, name))
-            files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": hashes.get(name)}
-        atomic_write(self._seal_path(digest), json.dumps({"digest": digest, "files": files}).encode())
+    def commit_blob(self, tmp: str, digest: str, expected: str | None = None) -> str:
+        with open(os.path.join(self._staging, ".blobs"), "a") as f:
+            f.write(digest + "\n")
+        return super().commit_blob(tmp, digest, expected)
 
-    def _check_seal(self, digest: str, path: str, verify: str) -> None:
-        try:
-            with open(self._seal_path(digest)) as f:
-                seal = json.load(f)
-            files = seal["files"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise CorruptSnapshot(f"cached layer {digest}: seal unreadable: {exc}") from exc
-        present = set(os.listdir(path))
-        if present != set(files):
-            raise CorruptSnapshot(f"cached layer {digest}: files differ from its seal "
-                                  f"(extra {sorted(present - set(files))[:3]}, missing {sorted(set(files) - present)[:3]})")
-        for name, want in files.items():
-            st = os.lstat(os.path.join(path, name))
-            if st.st_size != want["size"]:
-                raise CorruptSnapshot(f"cached layer {digest}: {name} is {st.st_size} bytes, sealed at "
-                                      f"{want['size']} (truncated or rewritten)")
-            if st.st_mtime_ns != want["mtime_ns"]:
-                raise CorruptSnapshot(f"cached layer {digest}: {name} was modified after it was sealed")
-            if verify == "digest":
-                if _file_digest(os.path.join(path, name)) != want.get("digest"):
-                    raise CorruptSnapshot(f"cached layer {digest}: {name} does not match its digest")
 
-    def cached_layer(self, snap: fmt.Snapshot, verify: str = "stat") -> str:
-        """Path of the unpacked CRIU layer, checked against its seal; unpacked from the
-        (digest-verified) blob first if it is not cached."""
-        path = os.path.join(self.layers_dir, _hex(snap.criu.digest))
-        if not os.path.isdir(path):
-            self._unpack_criu(snap.criu)
-        self._check_seal(snap.criu.digest, path, verify)
+def _mkstemp(directory: str) -> tuple[int, str]:
+    path = os.path.join(directory, f".blob-{uuid.uuid4().hex}")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+
+
+class Staging:
+    """One capture, import or conversion in progress: blobs go to the layout (noted), CRIU
+    image directories are built in its own directories, nothing is visible until published."""
+
+    def __init__(self, store: Store, path: str):
+        self.store, self.path = store, path
+        self.layout = _NotingLayout(store.layout, path)
+
+    def new_dir(self, name: str) -> str:
+        path = os.path.join(self.path, name)
+        os.mkdir(path, 0o700)
         return path
 
-    def _unpack_criu(self, desc: Descriptor) -> None:
-        tmp = tempfile.mkdtemp(prefix=".unpack-", dir=self.layers_dir)
-        try:
-            with open(self.layout.blob_path(desc.digest), "rb") as raw:
-                reader = HashingReader(raw)
-                hashes = fmt.unpack_criu_layer(reader, tmp)
-                reader.drain()
-            if reader.digest != desc.digest or reader.size != desc.size:
-                raise CorruptSnapshot(f"CRIU layer blob {desc.digest} does not match its digest")
-            self._write_seal(desc.digest, tmp, hashes)
-            try:
-                os.rename(tmp, os.path.join(self.layers_dir, _hex(desc.digest)))
-            except OSError:
-                if not os.path.isdir(os.path.join(self.layers_dir, _hex(desc.digest))):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)   # a concurrent restore unpacked it first
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CorruptSnapshot(f"cannot unpack CRIU layer {desc.digest}: {exc}") from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
+        return self.layout.put_bytes(data, media_type)
 
-    # --- writing --------------------------------------------------------------------------------
-    def staged_layout(self, staging: str) -> ImageLayout:
-        """The layout, as seen by a staging operation: every blob written is noted in the staging
-        dir so that a concurrent garbage collection leaves it alone until it is published."""
-        return _NotingLayout(self.layout, staging)
-
-    def add_criu_dir(self, staging: str, image_dir: str) -> Descriptor:
-        """Pack a CRIU image directory as a layer blob and adopt the directory itself as the
-        layer's cache (same file system: a rename), sealed."""
-        from concurrent.futures import ThreadPoolExecutor
-        # The seal's per-file hashes are computed by other threads while this one writes and
-        # hashes the tar stream (hashlib and file reads release the GIL): two passes in parallel.
-        with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as pool:
-            futures = {n: pool.submit(_file_digest, os.path.join(image_dir, n))
-                       for n in fmt.criu_dir_entries(image_dir)}
-            desc = self.add_stream_blob(staging, lambda w: fmt.pack_criu_dir(image_dir, w), fmt.CRIU_LAYER)
-            hashes = {n: fut.result() for n, fut in futures.items()}
-        cache = os.path.join(self.layers_dir, _hex(desc.digest))
-        if not os.path.isdir(cache):
-            self._write_seal(desc.digest, image_dir, hashes)
-            os.chmod(image_dir, 0o700)
-            os.rename(image_dir, cache)
-        return desc
-
-    def add_stream_blob(self, staging: str, writer_fn, media_type: str) -> Descriptor:
+    def put_stream(self, writer_fn: Callable[[HashingWriter], None], media_type: str) -> Descriptor:
         """A blob produced by writer_fn(stream) (e.g. a tar writer), hashed as it is written."""
-        layout = self.staged_layout(staging)
-        f, tmp = layout.new_blob_file()
+        f, tmp = self.layout.new_blob_file()
         try:
             with f:
                 w = HashingWriter(f)
                 writer_fn(w)
                 f.flush()
                 os.fsync(f.fileno())
-            layout.commit_blob(tmp, w.digest)
+            self.layout.commit_blob(tmp, w.digest)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return Descriptor(media_type, w.digest, w.size)
 
-    def publish(self, snap: fmt.Snapshot) -> None:
-        """Make `snap` visible under its ref (replacing an older snapshot of the same ref)."""
-        for d in snap.blobs:
-            if not self.layout.has_blob(d):
-                raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
-        with self.locked():
-            index = [d for d in self.layout.read_index()
-                     if (d.annotations or {}).get(REF_NAME) != snap.ref]
-            index.append(Descriptor(fmt.MANIFEST_MEDIA_TYPE, snap.manifest.digest, snap.manifest.size,
-                                    {REF_NAME: snap.ref}))
-            self.layout.write_index(index)
-            self._gc_locked()
-            self._changed()
+    def package_images(self, images: str) -> tuple[Descriptor, list[fmt.FilePart], dict[str, str], int]:
+        """Describe a CRIU image directory as layers without copying it: small files go into the
+        whole-file tar, large ones become file parts hashed in parallel (pread per range).
+        Returns (tar descriptor, parts, digests of the whole files, total bytes)."""
+        sizes = {n: os.path.getsize(os.path.join(images, n)) for n in fmt.criu_dir_entries(images)}
+        whole, ranges = fmt.split_for_parts(sizes)
+        with ThreadPoolExecutor(_workers()) as pool:
+            part_digests = [pool.submit(fmt.hash_range, os.path.join(images, name), off, n)
+                            for name, off, n in ranges]
+            whole_digests = {n: pool.submit(lambda p: sha256_file(p)[0], os.path.join(images, n)) for n in whole}
+            tar = self.put_stream(lambda w: fmt.pack_whole_files(images, whole, w), fmt.CRIU_WHOLE_LAYER)
+            parts = [fmt.FilePart(name, off, Descriptor(fmt.CRIU_PART_LAYER, fut.result(), n))
+                     for (name, off, n), fut in zip(ranges, part_digests)]
+            hashes = {n: fut.result() for n, fut in whole_digests.items()}
+        return tar, parts, hashes, sum(sizes.values())
 
-    def remove(self, ref: SnapshotRef) -> None:
-        with self.locked():
-            index = self.layout.read_index()
-            kept = [d for d in index if (d.annotations or {}).get(REF_NAME) != str(ref)]
-            if len(kept) == len(index):
-                raise SnapshotNotFound(f"snapshot {ref} not found in store {self.root}")
-            self.layout.write_index(kept)
-            self._gc_locked()
-            self._changed()
-
-    def _gc_locked(self) -> None:
-        """Delete blobs and cached layers no published snapshot references, and staging dirs
-        whose owner process is gone. Caller holds the lock."""
-        live: set[str] = set()
-        for desc in self.layout.read_index():
-            live.add(desc.digest)
-            try:
-                live.update(d.digest for d in fmt.read_snapshot(self.layout, desc).blobs)
-            except LayoutError:
-                pass
-        staged = self._live_staging()
-        for digest in list(self.layout.all_blobs()):
-            if digest not in live and digest not in staged:
-                try:
-                    os.unlink(self.layout.blob_path(digest))
-                except FileNotFoundError:
-                    pass
-        for name in os.listdir(self.layers_dir):
-            hexd = name[:-5] if name.endswith(".seal") else name
-            if name.startswith("."):
-                continue
-            if "sha256:" + hexd not in live and "sha256:" + hexd not in staged:
-                p = os.path.join(self.layers_dir, name)
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.unlink(p)
-
-    def _live_staging(self) -> set[str]:
-        """Digests that in-progress captures/imports (live owner pid) have written but not published;
-        removes staging dirs of dead owners."""
-        keep: set[str] = set()
-        for name in os.listdir(self.staging_dir):
-            path = os.path.join(self.staging_dir, name)
-            try:
-                pid = int(open(os.path.join(path, ".pid")).read())
-                os.kill(pid, 0)
-            except (OSError, ValueError):
-                shutil.rmtree(path, ignore_errors=True)
-                continue
-            try:
-                with open(os.path.join(path, ".blobs")) as f:
-                    keep.update(line.strip() for line in f if line.strip())
-            except OSError:
-                pass
-        return keep
-
-    @staticmethod
-    def note_staged(staging: str, digest: str) -> None:
-        """Record that a staging operation wrote `digest` (protects it from a concurrent gc)."""
-        with open(os.path.join(staging, ".blobs"), "a") as f:
-            f.write(digest + "\n")
-
-    # --- export / import ------------------------------------------------------------------------
-    def export(self, ref: SnapshotRef, out_path: str) -> fmt.Snapshot:
-        snap = self.resolve(ref)
-        for d in snap.layers:
-            try:
-                self.layout.verify_blob(d)
-            except LayoutError as exc:
-                raise CorruptSnapshot(f"snapshot {ref}: {exc}") from exc
-        fmt.write_archive(self.layout, snap, out_path)
-        return snap
-
-    def import_archive(self, path: str) -> list[fmt.Snapshot]:
-        """Import an OCI archive: every blob verified against its digest, every CRIU layer
-        unpacked and sealed, then the snapshots published."""
-        self.init()
-        with self.staging("import") as staging:
-            # Blobs land in the layout directly (content-addressed, verified, unreachable until
-            # published); the staging record keeps a concurrent gc off them.
-            try:
-                snaps = fmt.read_archive(path, self.staged_layout(staging))
-            except (LayoutError, OSError) as exc:
-                raise CorruptSnapshot(f"import of {path} failed: {exc}") from exc
-            for snap in snaps:
-                if not os.path.isdir(os.path.join(self.layers_dir, _hex(snap.criu.digest))):
-                    self._unpack_criu(snap.criu)
-            for snap in snaps:
-                self.publish(snap)
-        return snaps
-
-
-class _NotingLayout(ImageLayout):
-    """An ImageLayout view that records each blob it writes in a staging dir's .blobs file."""
-
-    def __init__(self, base: ImageLayout, staging: str):
-        super().__init__(base.root)
-        self._staging = staging
-
-    def commit_blob(self, tmp: str, digest: str, expected: str | None = None) -> str:
-        Store.note_staged(self._staging, digest)
-        return super().commit_blob(tmp, digest, expected)
+    def write_snapshot(self, config: fmt.SnapshotConfig, whole: Descriptor, parts: list[fmt.FilePart],
+                       rootfs: Descriptor, deleted: Descriptor) -> fmt.Snapshot:
+        """Write config and manifest blobs (not yet published)."""
+        config = fmt.SnapshotConfig.from_json(config.to_json())     # its creation time fixed
+        config_desc = self.put_bytes(config.blob(), fmt.CONFIG_MEDIA_TYPE)
+        manifest = self.put_bytes(fmt.manifest_blob(config, config_desc, whole, parts, rootfs, deleted),
+                                  fmt.MANIFEST_MEDIA_TYPE)
+        return fmt.Snapshot(config.ref, config.namespace, manifest, config_desc, config, whole,
+                            tuple(parts), rootfs, deleted)

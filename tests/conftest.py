@@ -50,17 +50,13 @@ class ThawEnv:
     root: str
 
     def write_config(self, **extra) -> None:
-        lines = [f"store_dir: {self.store}", f"state_dir: {self.state}"]
+        import yaml
+        config = {"store_dir": self.store, "state_dir": self.state, **extra}
         if "hook" not in extra and shutil.which("thaw-hook"):
             # The hook of the installation under test (a private one has its own bin dir).
-            extra["hook"] = shutil.which("thaw-hook")
-        policy = extra.pop("policy", None)
-        lines += [f"{k}: {v}" for k, v in extra.items()]
-        if policy:
-            lines.append("policy:")
-            lines += [f"  {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in policy.items()]
+            config["hook"] = shutil.which("thaw-hook")
         with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            yaml.safe_dump(config, f)
 
     def thaw(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         proc = subprocess.run(["thaw", *args], capture_output=True, text=True, timeout=timeout,

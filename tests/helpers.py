@@ -37,36 +37,34 @@ def wait_http_ready(pid: int, url: str, timeout: float) -> float:
     return time.perf_counter()
 
 
-def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None):
+def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None, namespace: str = "_local"):
     """Publish a snapshot whose CRIU images are stand-ins (for tests of the store and of the
-    restore decision, which never hand them to CRIU). `config`: a SnapshotConfig to record
-    (its ref is replaced by `ref`)."""
+    restore decision, which never hand them to CRIU). `config`: a SnapshotConfig to record (its
+    ref and namespace are replaced)."""
     import dataclasses
     import io
     import tarfile
 
     from thaw.oci import snapshot as fmt
     with store.staging("capture") as staging:
-        images = os.path.join(staging, "images")
-        os.mkdir(images)
+        images = staging.new_dir("images")
         for name, data in (("inventory.img", b"inv"), ("pages-1.img", payload), ("descriptors.json", b"[]")):
             with open(os.path.join(images, name), "wb") as f:
                 f.write(data)
-        criu = store.add_criu_dir(staging, images)
 
         def rootfs_tar(w):
             with tarfile.open(fileobj=w, mode="w|") as tar:
                 info = tarfile.TarInfo("tmp/state.txt")
                 info.size = 5
                 tar.addfile(info, io.BytesIO(b"hello"))
-        rootfs = store.add_stream_blob(staging, rootfs_tar, fmt.ROOTFS_LAYER)
-        layout = store.staged_layout(staging)
-        deleted = layout.put_bytes(fmt.deleted_blob(["etc/motd"]), fmt.DELETED_LAYER)
+        rootfs = staging.put_stream(rootfs_tar, fmt.ROOTFS_LAYER)
+        deleted = staging.put_bytes(fmt.deleted_blob(["etc/motd"]), fmt.DELETED_LAYER)
+        whole, parts, hashes, _ = staging.package_images(images)
         if config is None:
             config = fmt.SnapshotConfig(ref=ref, fingerprint=fmt.Fingerprint(), phases={"total": 1.0})
-        snap = fmt.write_snapshot(layout, dataclasses.replace(config, ref=ref), criu, rootfs, deleted)
-        store.publish(snap)
-        return snap
+        config = dataclasses.replace(config, ref=ref, namespace=namespace)
+        snap = staging.write_snapshot(config, whole, parts, rootfs, deleted)
+        return store.publish(snap, images, "captured", hashes)
 
 
 def unique(prefix: str = "t") -> str:
@@ -126,7 +124,10 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
         "root": {"path": "rootfs", "readonly": False},
         "hostname": "thaw-test",
         "mounts": mounts,
-        "annotations": annotations or {},
+        # An image name, as ctr or an image builder would set: without one (and without an overlay
+        # rootfs to identify the image by) thaw never restores a container.
+        "annotations": {"org.opencontainers.image.ref.name": f"thaw-test/{'python' if python else 'busybox'}:1",
+                        **(annotations or {})},
         "linux": {
             "cgroupsPath": cgroup or f"/thaw-test/{os.path.basename(path)}",
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},

@@ -83,8 +83,8 @@ def thaw_cri(containerd, cri, thaw_node):
     if not containerd.thaw_is_real:
         pytest.fail("the thaw handler must run thaw-runtime for these tests")
     yield containerd, cri, thaw_node
-    for ref in [l.split()[0] for l in thaw(thaw_node, "ls").stdout.splitlines()[1:]]:
-        thaw(thaw_node, "rm", ref, check=False)
+    for snap in json.loads(thaw(thaw_node, "ls", "--json").stdout):
+        thaw(thaw_node, "rm", snap["ref"], "-n", snap["namespace"], check=False)
 
 
 def test_restore_through_cri(thaw_cri):
@@ -93,8 +93,8 @@ def test_restore_through_cri(thaw_cri):
     wait_for(lambda: len(ticks_in_log(cri, pod1)) > 15, 30, "source ticks")
     thaw(node, "capture", cid1, "--name", "cri-app:1", "--root", str(containerd.runc_root))
     captured = max(ticks_in_log(cri, pod1))
-    info = json.loads(thaw(node, "inspect", "cri-app:1").stdout)
-    assert info["config"]["fingerprint"]["container"]["namespace"] == "team-a"
+    info = json.loads(thaw(node, "inspect", "cri-app:1", "-n", "team-a").stdout)
+    assert info["namespace"] == info["config"]["namespace"] == "team-a"
     assert info["config"]["fingerprint"]["container"]["image"] == BUSYBOX
     teardown_clean(containerd, cri, node, pod1)
 
@@ -144,16 +144,12 @@ def test_bad_snapshot_still_runs_cold(thaw_cri, damage):
         wait_for(lambda: len(ticks_in_log(cri, pod)) > 3, 30, "ticks")
         thaw(node, "capture", cid, "--name", "cri-bad:1", "--root", str(containerd.runc_root))
         teardown_clean(containerd, cri, node, pod)
-        info = json.loads(thaw(node, "inspect", "cri-bad:1").stdout)
-        layer = Path(node["store"]) / "layers" / info["layers"][0]["digest"].split(":")[1]
-        pages = max(layer.iterdir(), key=lambda p: p.stat().st_size)
-        with open(pages, "r+b") as f:
-            f.seek(pages.stat().st_size // 2)
-            f.write(b"\xff\xff")
+        info = json.loads(thaw(node, "inspect", "cri-bad:1", "-n", "team-a").stdout)
+        shutil.rmtree(Path(node["store"]) / "images" / info["manifest"].split(":")[1])
     pod, cid = start_app(cri, f"cold-{damage}", {"thaw.dev/snapshot": "cri-bad:1"})
     rec = records(node)[cid]
     assert rec["phase"] == "cold"
-    assert ("not found" if damage == "missing" else "modified") in rec["cold_reason"]
+    assert ("not found" if damage == "missing" else "removed") in rec["cold_reason"]
     got = wait_for(lambda: ticks_in_log(cri, pod), 30, "cold ticks")
     assert got[0] == 0                                     # a genuine cold start
     log = json.loads(containerd.bundle_dir(cid).joinpath("log.json").read_text().splitlines()[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,6 @@ from helpers import make_bundle, unique
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
 COUNTER = ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
-COLD = ["sh", "-c", "echo cold start; exec sleep 1000"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,16 @@ def events(env) -> list[dict]:
 
 
 def snapshot_info(env) -> dict:
-    return json.loads(env.thaw("inspect", "snap:1").stdout)
+    return json.loads(env.thaw("inspect", "snap:1", "-n", "team-a").stdout)
+
+
+def image_dir(env) -> str:
+    return os.path.join(env.store, "images", snapshot_info(env)["manifest"].split(":")[1])
+
+
+def writable(path: str) -> str:
+    os.chmod(path, 0o600)
+    return path
 
 
 def rootfs_listing(bundle: str) -> list[str]:
@@ -61,11 +70,16 @@ def attempt(env, tmp_path, annotations, required=False, bundle_kw=None):
     ann = {"io.kubernetes.cri.sandbox-namespace": "team-a", **annotations}
     if required:
         ann["thaw.dev/required"] = "true"
-    bundle = make_bundle(str(tmp_path / unique("b")), COLD, annotations=ann, **(bundle_kw or {}))
+    # The snapshot's own command: a restore continues its count, a cold start counts from 0.
+    bundle = make_bundle(str(tmp_path / unique("b")), COUNTER, annotations=ann, **(bundle_kw or {}))
     before = rootfs_listing(bundle)
     c = env.container(bundle)
     rc = c.create()
     return c, rc, before
+
+
+def first_tick(c) -> int:
+    return int(re.search(r"tick (\d+)", c.wait_output(lambda t: "tick" in t)).group(1))
 
 
 def assert_cold_start(env, c, rc, reason_words):
@@ -76,8 +90,7 @@ def assert_cold_start(env, c, rc, reason_words):
     assert "cold start" in msg and all(w in msg for w in reason_words), msg
     assert warnings[-1]["time"].endswith("Z")
     c.start()
-    out = c.wait_output(lambda t: "cold start" in t)
-    assert "tick" not in out
+    assert first_tick(c) == 0                        # a genuine cold start
     assert env.runc_ids() == [c.id]                 # no half-restored container left
     record = json.load(open(os.path.join(env.state, "containers", c.id + ".json")))
     assert record["phase"] == "cold" and record["cold_reason"]
@@ -106,51 +119,33 @@ def corrupt_malformed(env):
     return {"thaw.dev/snapshot": "Not A Valid Name!"}, ["invalid snapshot name"]
 
 
-def corrupt_flipped_cache(env):
-    info = snapshot_info(env)
-    criu = next(l for l in info["layers"] if "criu" in l["mediaType"])
-    layer = os.path.join(env.store, "layers", criu["digest"].split(":")[1])
-    pages = max((os.path.join(layer, n) for n in os.listdir(layer)), key=os.path.getsize)
-    with open(pages, "r+b") as f:
-        f.seek(os.path.getsize(pages) // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
-    return {"thaw.dev/snapshot": "snap:1"}, ["modified after it was sealed"]
-
-
 def corrupt_flipped_rootfs_blob(env):
     info = snapshot_info(env)
     rootfs = next(l for l in info["layers"] if "rootfs.diff" in l["mediaType"])
-    blob = os.path.join(env.store, "layout", "blobs", "sha256", rootfs["digest"].split(":")[1])
-    os.chmod(blob, 0o600)
+    blob = writable(os.path.join(env.store, "layout", "blobs", "sha256", rootfs["digest"].split(":")[1]))
     data = bytearray(open(blob, "rb").read())
     data[len(data) // 3] ^= 0x01
     open(blob, "wb").write(bytes(data))
     return {"thaw.dev/snapshot": "snap:1"}, ["rootfs layer", "corrupt"]
 
 
-def corrupt_truncated(env):
+def corrupt_image_gone(env):
+    """The one copy of the CRIU files is gone: the snapshot is unpublished, the pod cold-starts."""
+    shutil.rmtree(image_dir(env))
+    return {"thaw.dev/snapshot": "snap:1"}, ["image directory is gone", "removed"]
+
+
+def corrupt_file_and_its_tar(env):
+    """A damaged CRIU file whose verified source (the whole-file tar) is damaged too."""
     info = snapshot_info(env)
-    criu = next(l for l in info["layers"] if "criu" in l["mediaType"])
-    layer = os.path.join(env.store, "layers", criu["digest"].split(":")[1])
-    pages = max((os.path.join(layer, n) for n in os.listdir(layer)), key=os.path.getsize)
+    pages = writable(os.path.join(image_dir(env), "pages-1.img"))
     os.truncate(pages, os.path.getsize(pages) // 2)
-    return {"thaw.dev/snapshot": "snap:1"}, ["truncated"]
-
-
-def corrupt_flipped_criu_blob_uncached(env):
-    """The cached layer is gone and the blob it would be rebuilt from is damaged."""
-    info = snapshot_info(env)
-    criu = next(l for l in info["layers"] if "criu" in l["mediaType"])
-    hexd = criu["digest"].split(":")[1]
-    shutil.rmtree(os.path.join(env.store, "layers", hexd))
-    blob = os.path.join(env.store, "layout", "blobs", "sha256", hexd)
-    os.chmod(blob, 0o600)
+    whole = next(l for l in info["layers"] if "criu.images" in l["mediaType"])
+    blob = writable(os.path.join(env.store, "layout", "blobs", "sha256", whole["digest"].split(":")[1]))
     with open(blob, "r+b") as f:
         f.seek(os.path.getsize(blob) // 2)
         f.write(b"\xde\xad")
-    return {"thaw.dev/snapshot": "snap:1"}, ["does not match its digest"]
+    return {"thaw.dev/snapshot": "snap:1"}, ["CRIU layer", "corrupt"]
 
 
 def corrupt_image_mismatch(env):
@@ -160,11 +155,7 @@ def corrupt_image_mismatch(env):
 def corrupt_criu_image_content(env):
     """A snapshot whose CRIU images are structurally broken but whose seal is intact: CRIU itself
     fails, and the runc container it began is removed."""
-    info = snapshot_info(env)
-    criu = next(l for l in info["layers"] if "criu" in l["mediaType"])
-    hexd = criu["digest"].split(":")[1]
-    layer = os.path.join(env.store, "layers", hexd)
-    inv = os.path.join(layer, "inventory.img")
+    inv = writable(os.path.join(image_dir(env), "inventory.img"))
     st = os.stat(inv)
     with open(inv, "r+b") as f:
         f.write(b"\0" * 8)                  # wreck the magic
@@ -175,10 +166,9 @@ def corrupt_criu_image_content(env):
 CASES = {
     "unknown": corrupt_unknown,
     "malformed": corrupt_malformed,
-    "flipped-cached-layer": corrupt_flipped_cache,
     "flipped-rootfs-blob": corrupt_flipped_rootfs_blob,
-    "truncated-image": corrupt_truncated,
-    "flipped-criu-blob": corrupt_flipped_criu_blob_uncached,
+    "image-gone": corrupt_image_gone,
+    "file-and-tar-damaged": corrupt_file_and_its_tar,
     "fingerprint-image": corrupt_image_mismatch,
     "criu-fails": corrupt_criu_image_content,
 }
@@ -207,17 +197,30 @@ def test_mount_mismatch_cold_starts(env, tmp_path):
     c.destroy()
 
 
-def test_other_namespace_cold_starts_unless_policy_allows(env, tmp_path):
+def test_a_damaged_file_is_rebuilt_and_the_restore_goes_on(env, tmp_path):
+    pages = writable(os.path.join(image_dir(env), "pages-1.img"))
+    with open(pages, "r+b") as f:
+        f.seek(os.path.getsize(pages) // 2)
+        f.write(b"\xff\xfe")
+    c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1"})
+    assert rc == 0 and not [e for e in c.log_entries() if e.get("level") == "warning"], c.log_text()
+    c.start()
+    assert first_tick(c) > 10                        # restored: the count goes on
+    assert any(e["kind"] == "store" and "rebuilt pages-1.img" in e["msg"] for e in events(env))
+    c.destroy()
+
+
+def test_other_namespace_cold_starts_unless_policy_shares(env, tmp_path):
     c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1",
                                        "io.kubernetes.cri.sandbox-namespace": "team-b"})
-    assert_cold_start(env, c, rc, ["namespace", "team-a", "team-b"])
+    assert_cold_start(env, c, rc, ["not found", "team-b"])
 
-    env.write_config(policy={"allow_cross_namespace": True})
+    env.write_config(policy={"share": {"team-a": ["team-b"]}})
     c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1",
                                        "io.kubernetes.cri.sandbox-namespace": "team-b"})
     assert rc == 0
     c.start()
-    assert "tick" in c.wait_output(lambda t: "tick" in t)
+    assert first_tick(c) > 10
     c.destroy()
 
 
@@ -226,6 +229,6 @@ def test_same_snapshot_still_restores_after_all_that(env, tmp_path):
     c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1"})
     assert rc == 0, c.log_text()
     c.start()
-    assert "cold start" not in c.wait_output(lambda t: "tick" in t)
+    assert first_tick(c) > 10
     c.destroy()
     assert env.state_entries() == []

@@ -95,7 +95,7 @@ def test_metrics_counters_histogram_and_store_gauges(tmp_path):
     snap = fake_snapshot(store, "a:1")
     gauges = metrics.parse(open(tmp_path / "prom" / "thaw_store.prom").read())
     assert gauges == {"thaw_store_snapshots": 1, "thaw_store_bytes": snap.size}
-    store.remove(SnapshotRef("a", "1"))
+    store.remove(SnapshotRef("a", "1"), "_local")
     assert metrics.parse(open(tmp_path / "prom" / "thaw_store.prom").read())["thaw_store_snapshots"] == 0
 
 

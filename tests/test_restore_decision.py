@@ -15,14 +15,27 @@ from thaw.oci import runc_args
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, parse_request
 from thaw.oci.spec import Bundle
-from thaw.shim import create, events, metrics, restore
+from thaw.shim import create, events, fingerprint, metrics, restore
 from thaw.shim.config import Config, Policy
 from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
 
 NODE = fmt.NodeFingerprint(kernel="6.18.44", arch="x86_64", cpu_flags=("avx2", "sse4_2"),
                            criu="4.1.1", runc="1.1.5")
-CONTAINER = fmt.ContainerFingerprint(image="img:1", mounts=("/dev", "/proc"), namespace="team-a")
-SNAP_CONFIG = fmt.SnapshotConfig(ref="", fingerprint=fmt.Fingerprint(NODE, CONTAINER))
+CONTAINER = fmt.ContainerFingerprint(image="img:1", mounts=("/dev", "/proc"))
+
+
+def spec_for(annotations: dict[str, str] | None = None, **process) -> dict:
+    return {"ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "user": {"uid": 0, "gid": 0}, "env": ["PATH=/bin", "HOSTNAME=pod-a"],
+                        "capabilities": {"bounding": ["CAP_KILL"], "effective": ["CAP_KILL"],
+                                         "permitted": ["CAP_KILL"]}, **process},
+            "mounts": [{"destination": "/proc"}, {"destination": "/dev"}],
+            "annotations": {"io.kubernetes.cri.sandbox-namespace": "team-a",
+                            "io.kubernetes.cri.image-name": "img:1", **(annotations or {})}}
+
+
+SNAP_CONFIG = fmt.SnapshotConfig(ref="", fingerprint=fmt.Fingerprint(NODE, CONTAINER),
+                                 identity=fingerprint.identity(spec_for()))
 
 
 @pytest.fixture
@@ -30,26 +43,22 @@ def node(tmp_path):
     cfg = Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"), hook="",
                  metrics_dir=str(tmp_path / "metrics"))
     store = Store(cfg.store_dir).init()
-    fake_snapshot(store, "app:1", config=SNAP_CONFIG)
+    fake_snapshot(store, "app:1", config=SNAP_CONFIG, namespace="team-a")
     return cfg, store
 
 
-def bundle_for(tmp_path, annotations: dict[str, str], **spec_extra) -> Bundle:
+def bundle_for(tmp_path, annotations: dict[str, str], **process) -> Bundle:
     d = tmp_path / "bundle"
     d.mkdir(exist_ok=True)
-    spec = {"ociVersion": "1.0.2", "process": {"args": ["sh"]},
-            "mounts": [{"destination": "/proc"}, {"destination": "/dev"}],
-            "annotations": {"io.kubernetes.cri.sandbox-namespace": "team-a",
-                            "io.kubernetes.cri.image-name": "img:1", **annotations}, **spec_extra}
-    (d / "config.json").write_text(json.dumps(spec))
+    (d / "config.json").write_text(json.dumps(spec_for(annotations, **process)))
     return Bundle.load(str(d))
 
 
-def check(tmp_path, node, annotations, node_fp=NODE, **policy):
+def check(tmp_path, node, annotations, node_fp=NODE, process=None, **policy):
     cfg, store = node
     if policy:
         cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook="", policy=Policy(**policy))
-    b = bundle_for(tmp_path, annotations)
+    b = bundle_for(tmp_path, annotations, **(process or {}))
     return restore.check(parse_request(b.annotations), b, cfg, store, node_fp)
 
 
@@ -64,7 +73,6 @@ def test_compatible_snapshot_gives_a_plan(tmp_path, node):
     ("cpu", dataclasses.replace(NODE, cpu_flags=("sse4_2",)), {}, ["cpu", "avx2"]),
     ("criu", dataclasses.replace(NODE, criu=None), {}, ["criu", "not found"]),
     ("image", NODE, {"io.kubernetes.cri.image-name": "img:2"}, ["image", "img:2"]),
-    ("namespace", NODE, {"io.kubernetes.cri.sandbox-namespace": "team-b"}, ["namespace", "team-b"]),
 ])
 def test_mismatch_is_incompatible_with_the_field_named(tmp_path, node, what, node_fp, annotations, words):
     with pytest.raises(restore.Incompatible) as err:
@@ -72,11 +80,39 @@ def test_mismatch_is_incompatible_with_the_field_named(tmp_path, node, what, nod
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_cross_namespace_only_by_policy(tmp_path, node):
+def test_another_namespace_reads_only_by_policy(tmp_path, node):
     other = {"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.sandbox-namespace": "team-b"}
-    with pytest.raises(restore.Incompatible):
+    with pytest.raises(SnapshotNotFound, match="team-b"):
         check(tmp_path, node, other)
-    assert check(tmp_path, node, other, allow_cross_namespace=True).snapshot.ref == "app:1"
+    assert check(tmp_path, node, other, share={"team-a": ["team-b"]}).snapshot.namespace == "team-a"
+    assert check(tmp_path, node, other, share={"team-a": ["*"]}).snapshot.namespace == "team-a"
+    with pytest.raises(SnapshotNotFound):
+        check(tmp_path, node, other, share={"team-a": ["team-c"]})
+
+
+@pytest.mark.parametrize("field, process, words", [
+    ("user", {"user": {"uid": 1000, "gid": 1000}}, ["process.user"]),
+    ("caps", {"capabilities": {"bounding": [], "effective": [], "permitted": []}}, ["process.capabilities"]),
+    ("nnp", {"noNewPrivileges": True}, ["process.noNewPrivileges"]),
+    ("args", {"args": ["sh", "-c", "other"]}, ["process.args"]),
+    ("cwd", {"cwd": "/srv"}, ["process.cwd"]),
+    ("env", {"env": ["PATH=/bin", "HOSTNAME=pod-a", "SECRET=x"]}, ["process.env", "SECRET"]),
+    ("terminal", {"terminal": True}, ["process.terminal"]),
+    ("apparmor", {"apparmorProfile": "runtime/default"}, ["process.apparmorProfile"]),
+    ("selinux", {"selinuxLabel": "system_u:system_r:container_t:s0:c1,c2"}, ["process.selinuxLabel"]),
+    ("rlimits", {"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 10}]}, ["process.rlimits"]),
+])
+def test_identity_mismatch_names_the_field(tmp_path, node, field, process, words):
+    with pytest.raises(restore.Incompatible) as err:
+        check(tmp_path, node, {"thaw.dev/snapshot": "app:1"}, process=process)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_hostname_may_differ_by_default_and_the_list_is_the_node_s(tmp_path, node):
+    other_pod = {"env": ["PATH=/bin", "HOSTNAME=pod-b"]}
+    assert check(tmp_path, node, {"thaw.dev/snapshot": "app:1"}, process=other_pod).snapshot.ref == "app:1"
+    with pytest.raises(restore.Incompatible, match="HOSTNAME"):
+        check(tmp_path, node, {"thaw.dev/snapshot": "app:1"}, process=other_pod, env_may_differ=())
 
 
 def test_unknown_snapshot(tmp_path, node):
@@ -89,14 +125,14 @@ def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
         pytest.skip("this machine has an NVIDIA driver")
     cfg, store = node
     gpu_cfg = dataclasses.replace(SNAP_CONFIG, gpu=fmt.GpuState(pids=1, uuids=("GPU-a",)))
-    fake_snapshot(store, "gpu:1", config=gpu_cfg)
+    fake_snapshot(store, "gpu:1", config=gpu_cfg, namespace="team-a")
     with pytest.raises(restore.Incompatible, match="holds GPU state"):
         check(tmp_path, node, {"thaw.dev/snapshot": "gpu:1"})
 
 
 def test_corrupt_config_blob(tmp_path, node):
     cfg, store = node
-    snap = store.resolve(parse_request({"thaw.dev/snapshot": "app:1"}).snapshot)
+    snap = store.resolve(parse_request({"thaw.dev/snapshot": "app:1"}).snapshot, "team-a")
     path = store.layout.blob_path(snap.config_desc.digest)
     os.chmod(path, 0o600)
     with open(path, "r+b") as f:

@@ -78,21 +78,79 @@ def test_refuses_escapes(fs, tmp_path, name):
     assert not os.path.exists("/tmp/owned")
 
 
+def diff_of(root: str, exclude=(), created_after=None) -> tuple[rootfs.Diff, dict[str, tarfile.TarInfo], bytes]:
+    buf = io.BytesIO()
+    d = rootfs.write_diff(root, list(exclude), buf, created_after)
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    return d, members, raw
+
+
 def test_plain_dir_diff_by_time(tmp_path):
     r = tmp_path / "r"
     (r / "old").mkdir(parents=True)
     (r / "old" / "a").write_text("a")
-    os.utime(r / "old" / "a", (1000, 1000))
-    os.utime(r / "old", (1000, 1000))
     import time
-    t = time.time() - 1
+    t = time.time() + 0.5
+    time.sleep(1)
     (r / "new").mkdir()
     (r / "new" / "b").write_text("b")
     (r / "proc").mkdir()
-    d = rootfs.compute_diff(str(r), ["/proc"], created_after=t)
-    assert "new/b" in d.entries and "new" in d.entries
-    assert "proc" not in d.entries
-    # ctime of old/a is recent too (utime changes ctime), so it counts as changed: conservative.
+    (r / "proc" / "x").write_text("x")
+    d, members, _ = diff_of(str(r), ["/proc"], created_after=t)
+    assert list(members) == ["new", "new/b"] and d.entries == 2     # parents first, only what changed
+    assert members["new"].isdir() and members["new/b"].size == 1
+
+
+def test_diff_records_symlinks_and_never_follows_them(tmp_path):
+    r = tmp_path / "r"
+    (r / "d").mkdir(parents=True)
+    secret = tmp_path / "host-secret"
+    secret.mkdir()
+    (secret / "shadow").write_text("host bytes")
+    os.symlink(str(secret), r / "d" / "link")                  # absolute: the host's path
+    os.symlink(str(secret / "shadow"), r / "file-link")
+    d, members, raw = diff_of(str(r))
+    assert members["d/link"].issym() and members["d/link"].linkname == str(secret)
+    assert members["file-link"].issym()
+    assert b"host bytes" not in raw
+
+
+def test_a_directory_swapped_for_a_symlink_is_refused(tmp_path, monkeypatch):
+    """The race a container can run during capture, made deterministic: between listing `d` and
+    opening it, `d` becomes a symlink to a host directory. The open refuses it."""
+    r = tmp_path / "r"
+    (r / "d").mkdir(parents=True)
+    (r / "d" / "f").write_text("container bytes")
+    secret = tmp_path / "host"
+    secret.mkdir()
+    (secret / "f").write_text("host bytes")
+    real_stat = os.stat
+
+    def stat_then_swap(path, *a, **kw):
+        st = real_stat(path, *a, **kw)
+        if path == "d":
+            os.rename(r / "d", tmp_path / "moved")
+            os.symlink(str(secret), r / "d")
+        return st
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    with pytest.raises(rootfs.RootfsError, match="no longer a directory"):
+        diff_of(str(r))
+
+
+def test_sparse_members_are_refused_on_apply(fs, tmp_path):
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)                                       # 1 GiB of hole
+    archive = tmp_path / "bomb.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(archive), "-C", str(tmp_path), "big"], check=True)
+    assert archive.stat().st_size < 1 << 20
+    applier = RootfsApplier(str(fs), str(tmp_path / "undo"))
+    with open(archive, "rb") as f, pytest.raises(RootfsError, match="sparse"):
+        applier.apply_tar(f)
+    applier.undo()
+    assert not (fs / "big").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount overlayfs")
@@ -103,17 +161,19 @@ def test_overlay_diff_sees_upper_and_whiteouts(tmp_path):
         d.mkdir()
     (lower / "keep").write_text("k")
     (lower / "gone").write_text("g")
+    (lower / "dir").mkdir()
+    (lower / "dir" / "old").write_text("o")
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)], check=True)
     try:
         (merged / "gone").unlink()
         (merged / "added").write_text("a")
-        assert rootfs.overlay_upperdir(str(merged)) == str(upper)
-        d = rootfs.compute_diff(str(merged), [])
-        assert d.entries == ["added"] and d.deleted == ["gone"]
-        buf = io.BytesIO()
-        rootfs.write_diff_tar(d, buf)
-        buf.seek(0)
-        assert tarfile.open(fileobj=buf).getnames() == ["added"]
+        for f in (merged / "dir").iterdir():
+            f.unlink()
+        (merged / "dir").rmdir()
+        (merged / "dir").mkdir()                                 # opaque: replaces the lower dir
+        assert rootfs.overlay_dirs(str(merged)) == (str(upper), [str(lower)])
+        d, members, _ = diff_of(str(merged))
+        assert sorted(members) == ["added", "dir"] and sorted(d.deleted) == ["dir", "gone"]
     finally:
         subprocess.run(["umount", str(merged)], check=True)

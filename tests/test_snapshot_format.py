@@ -1,8 +1,12 @@
-"""The snapshot artifact and the store, without runc: layout, publish, export/import, corruption."""
+"""The snapshot artifact (format 2) and the store, without runc: publish and resolve by namespace,
+one copy of the CRIU files with large ones as parts, seals and repair, garbage collection,
+export/import (hostile archives too), format 1 archives and stores."""
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import pytest
@@ -13,84 +17,145 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import ImageLayout, LayoutError
 from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
 
+A1 = SnapshotRef("a", "1")
+
 
 @pytest.fixture
 def store(tmp_path):
     return Store(str(tmp_path / "store")).init()
 
 
+@pytest.fixture
+def small_parts(monkeypatch):
+    """Files from 4 KiB up are stored as parts of 3 KiB: a few KiB exercise the part logic."""
+    monkeypatch.setattr(fmt, "PART_THRESHOLD", 4096)
+    monkeypatch.setattr(fmt, "PART_SIZE", 3072)
+
+
 def test_publish_resolve_list(store):
-    snap = fake_snapshot(store, "a:1")
-    got = store.resolve(SnapshotRef("a", "1"))
-    assert got.manifest.digest == snap.manifest.digest
-    assert [s.ref for s in store.snapshots()] == ["a:1"]
+    snap = fake_snapshot(store, "a:1", namespace="team-a")
+    got = store.resolve(A1, "team-a")
+    assert got.manifest.digest == snap.manifest.digest and got.namespace == "team-a"
+    assert [(s.namespace, s.ref) for s in store.snapshots()] == [("team-a", "a:1")]
     assert store.deleted_paths(got) == ["etc/motd"]
-    assert sorted(os.listdir(store.cached_layer(got))) == ["descriptors.json", "inventory.img", "pages-1.img"]
+    with store.image_dir(got) as path:
+        assert sorted(os.listdir(path)) == ["descriptors.json", "inventory.img", "pages-1.img"]
     index = json.load(open(store.layout.index_path))
-    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "a:1"
+    ann = index["manifests"][0]["annotations"]
+    assert ann["org.opencontainers.image.ref.name"] == "a:1" and ann["dev.thaw.namespace"] == "team-a"
     manifest = json.load(open(store.layout.blob_path(snap.manifest.digest)))
     assert manifest["artifactType"] == fmt.ARTIFACT_TYPE
-    assert [l["mediaType"] for l in manifest["layers"]] == [fmt.CRIU_LAYER, fmt.ROOTFS_LAYER, fmt.DELETED_LAYER]
+    assert manifest["annotations"]["org.opencontainers.image.created"] == snap.config.created
+    assert [m["mediaType"] for m in manifest["layers"]] == [fmt.CRIU_WHOLE_LAYER, fmt.ROOTFS_LAYER, fmt.DELETED_LAYER]
+    assert json.load(open(store.layout.blob_path(snap.config_desc.digest)))["formatVersion"] == 2
+
+
+def test_a_snapshot_belongs_to_its_namespace(store):
+    a = fake_snapshot(store, "app:1", payload=b"A" * 100, namespace="team-a")
+    b = fake_snapshot(store, "app:1", payload=b"B" * 100, namespace="team-b")
+    assert store.resolve(SnapshotRef("app", "1"), "team-a").manifest.digest == a.manifest.digest
+    assert store.resolve(SnapshotRef("app", "1"), "team-b").manifest.digest == b.manifest.digest
+    with pytest.raises(SnapshotNotFound):
+        store.resolve(SnapshotRef("app", "1"), "team-c")
+    # shared by policy: team-c may read team-b's
+    assert store.resolve(SnapshotRef("app", "1"), "team-c", ("team-b",)).namespace == "team-b"
+    store.remove(SnapshotRef("app", "1"), "team-b")
+    assert store.resolve(SnapshotRef("app", "1"), "team-a").manifest.digest == a.manifest.digest
+
+
+def test_large_files_are_parts_of_the_one_copy(store, small_parts):
+    payload = os.urandom(10_000)
+    snap = fake_snapshot(store, "a:1", payload=payload)
+    assert [(p.file, p.offset, p.desc.size) for p in snap.parts] == \
+        [("pages-1.img", 0, 3072), ("pages-1.img", 3072, 3072), ("pages-1.img", 6144, 3072), ("pages-1.img", 9216, 784)]
+    for p in snap.parts:
+        assert p.desc.digest == "sha256:" + hashlib.sha256(payload[p.offset:p.offset + p.desc.size]).hexdigest()
+        with store.open_blob(snap, p.desc) as f:
+            assert f.read() == payload[p.offset:p.offset + p.desc.size]
+        assert not os.path.exists(store.layout.blob_path(p.desc.digest))   # never a second copy
+    with store.image_dir(snap) as path:
+        assert open(os.path.join(path, "pages-1.img"), "rb").read() == payload
+        assert os.stat(os.path.join(path, "pages-1.img")).st_mode & 0o777 == 0o400
+    tar_names = tarfile.open(store.layout.blob_path(snap.criu_whole.digest)).getnames()
+    assert tar_names == ["descriptors.json", "inventory.img"]
+
+
+def test_parts_must_be_contiguous():
+    d = fmt.Descriptor(fmt.CRIU_PART_LAYER, "sha256:" + "0" * 64, 10)
+    with pytest.raises(fmt.SnapshotFormatError, match="contiguous"):
+        fmt._check_parts([fmt.FilePart("pages-1.img", 0, d), fmt.FilePart("pages-1.img", 11, d)])
 
 
 def test_store_is_root_only(store):
     assert os.stat(store.root).st_mode & 0o077 == 0
 
 
-def test_unknown_snapshot(store):
-    with pytest.raises(SnapshotNotFound):
-        store.resolve(SnapshotRef("nope"))
-
-
-def test_republish_replaces_tag_and_gc_removes_old_blobs(store):
+def test_republish_replaces_tag_and_gc_removes_old_files(store):
     old = fake_snapshot(store, "a:1", b"old" * 100)
     new = fake_snapshot(store, "a:1", b"new" * 100)
-    assert store.resolve(SnapshotRef("a", "1")).manifest.digest == new.manifest.digest
-    assert not os.path.exists(store.layout.blob_path(old.criu.digest))
-    store.remove(SnapshotRef("a", "1"))
+    assert store.resolve(A1, "_local").manifest.digest == new.manifest.digest
+    assert not os.path.exists(store.layout.blob_path(old.criu_whole.digest))
+    assert not os.path.exists(store.image_path(old)) and os.path.isdir(store.image_path(new))
+    store.remove(A1, "_local")
     assert store.snapshots() == [] and list(store.layout.all_blobs()) == []
-    assert [n for n in os.listdir(store.layers_dir) if not n.startswith(".")] == []
+    assert os.listdir(store.images_dir) == []
 
 
-def test_cached_layer_seal_detects_flip_and_truncation(store):
+def test_gc_never_removes_an_image_a_restore_reads(store):
     snap = fake_snapshot(store, "a:1")
-    path = store.cached_layer(snap)
-    pages = os.path.join(path, "pages-1.img")
-    with open(pages, "r+b") as f:
-        f.seek(10)
-        f.write(b"X")
-    with pytest.raises(CorruptSnapshot, match="modified"):
-        store.cached_layer(snap)
+    with store.image_dir(snap) as path:
+        store.remove(A1, "_local")                  # rm during a restore
+        assert os.path.exists(os.path.join(path, "pages-1.img"))
+    store.gc()
+    assert not os.path.exists(store.image_path(snap))
+
+
+def test_a_damaged_part_unpublishes_the_snapshot(store, small_parts):
+    snap = fake_snapshot(store, "a:1", payload=os.urandom(9000))
+    pages = os.path.join(store.image_path(snap), "pages-1.img")
+    os.chmod(pages, 0o600)
     os.truncate(pages, 100)
-    with pytest.raises(CorruptSnapshot, match="truncated"):
-        store.cached_layer(snap)
+    with pytest.raises(CorruptSnapshot, match="removed"), store.image_dir(snap):
+        pass
+    with pytest.raises(SnapshotNotFound):          # unpublished: a capture or pull can replace it
+        store.resolve(A1, "_local")
 
 
-def test_digest_mode_catches_flip_with_mtime_restored(store):
+def test_touched_but_intact_image_is_sealed_again(store):
     snap = fake_snapshot(store, "a:1")
-    pages = os.path.join(store.cached_layer(snap), "pages-1.img")
+    pages = os.path.join(store.image_path(snap), "pages-1.img")
+    os.utime(pages, (1, 1))                         # an mtime change alone
+    with store.image_dir(snap) as path:             # checked by digest, sealed again, restorable
+        assert open(os.path.join(path, "pages-1.img"), "rb").read() == b"pages" * 1000
+    with store.image_dir(snap):                     # and the new seal holds
+        pass
+
+
+def test_damaged_whole_file_is_rebuilt_from_its_verified_tar(store):
+    snap = fake_snapshot(store, "a:1")
+    inv = os.path.join(store.image_path(snap), "inventory.img")
+    os.chmod(inv, 0o600)
+    open(inv, "wb").write(b"XYZ")
+    with store.image_dir(snap) as path:
+        assert open(os.path.join(path, "inventory.img"), "rb").read() == b"inv"
+    os.unlink(inv)                                  # a missing small file too
+    with store.image_dir(snap) as path:
+        assert open(os.path.join(path, "inventory.img"), "rb").read() == b"inv"
+
+
+def test_digest_mode_catches_flip_with_mtime_restored(store, small_parts):
+    snap = fake_snapshot(store, "a:1", payload=os.urandom(9000))
+    pages = os.path.join(store.image_path(snap), "pages-1.img")
     st = os.stat(pages)
+    os.chmod(pages, 0o600)
     with open(pages, "r+b") as f:
         f.write(b"Z")
     os.utime(pages, ns=(st.st_atime_ns, st.st_mtime_ns))
-    store.cached_layer(snap, "stat")      # stat mode cannot see it: documented tradeoff
-    with pytest.raises(CorruptSnapshot, match="sha256"):
-        store.cached_layer(snap, "digest")
-
-
-def test_missing_cache_is_rebuilt_from_verified_blob(store):
-    snap = fake_snapshot(store, "a:1")
-    import shutil
-    shutil.rmtree(store.cached_layer(snap))
-    assert os.path.exists(os.path.join(store.cached_layer(snap), "pages-1.img"))
-    shutil.rmtree(store.cached_layer(snap))
-    blob = store.layout.blob_path(snap.criu.digest)
-    os.chmod(blob, 0o600)
-    data = bytearray(open(blob, "rb").read())
-    data[2000] ^= 0xFF
-    open(blob, "wb").write(bytes(data))
-    with pytest.raises(CorruptSnapshot):
-        store.cached_layer(snap)
+    os.chmod(pages, 0o400)
+    with store.image_dir(snap, "stat"):             # stat mode cannot see it: documented tradeoff
+        pass
+    with pytest.raises(CorruptSnapshot, match="pages-1.img"), store.image_dir(snap, "digest"):
+        pass
 
 
 def test_rootfs_layer_is_digest_checked(store):
@@ -104,41 +169,120 @@ def test_rootfs_layer_is_digest_checked(store):
         store.open_rootfs_layer(snap)
 
 
-def test_export_import_round_trip(tmp_path, store):
-    snap = fake_snapshot(store, "a:1")
+def test_export_import_round_trip(tmp_path, store, small_parts):
+    payload = os.urandom(20_000)
+    snap = fake_snapshot(store, "a:1", payload=payload, namespace="team-a")
     archive = str(tmp_path / "a.tar")
-    store.export(SnapshotRef("a", "1"), archive)
+    store.export(A1, "team-a", archive)
+    assert os.stat(archive).st_mode & 0o777 == 0o600
+    with tarfile.open(archive) as tar:
+        assert all(m.mode == 0o600 for m in tar.getmembers())
+        assert tar.getnames()[:2] == ["oci-layout", "index.json"]
     other = Store(str(tmp_path / "other"))
     [imported] = other.import_archive(archive)
     assert imported.manifest.digest == snap.manifest.digest and imported.ref == "a:1"
-    assert open(os.path.join(other.cached_layer(imported), "pages-1.img"), "rb").read() == b"pages" * 1000
+    assert imported.namespace == "team-a"                    # the owner recorded at capture
+    with other.image_dir(imported, "digest") as path:
+        assert open(os.path.join(path, "pages-1.img"), "rb").read() == payload
+    assert other.origin(imported) == "imported"
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "traversal"])
-def test_import_rejects_damaged_archives(tmp_path, store, damage):
+def test_export_verifies_what_it_writes(tmp_path, store, small_parts):
+    snap = fake_snapshot(store, "a:1", payload=os.urandom(9000))
+    pages = os.path.join(store.image_path(snap), "pages-1.img")
+    st = os.stat(pages)
+    os.chmod(pages, 0o600)
+    with open(pages, "r+b") as f:
+        f.seek(5000)
+        f.write(b"!")
+    os.utime(pages, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CorruptSnapshot):
+        store.export(A1, "_local", str(tmp_path / "a.tar"))
+    assert not os.path.exists(tmp_path / "a.tar")
+
+
+def test_concurrent_imports_of_one_archive(tmp_path, store):
+    from concurrent.futures import ThreadPoolExecutor
     fake_snapshot(store, "a:1")
     archive = str(tmp_path / "a.tar")
-    store.export(SnapshotRef("a", "1"), archive)
+    store.export(A1, "_local", archive)
+    other = Store(str(tmp_path / "other")).init()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: other.import_archive(archive), range(2)))
+    assert results[0][0].manifest.digest == results[1][0].manifest.digest
+    [snap] = other.snapshots()
+    for verify in ("stat", "digest"):
+        with other.image_dir(snap, verify):
+            pass
+
+
+def _archive_with(path: str, entries: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "traversal", "symlink", "bad-ref",
+                                    "newline-ref", "huge-declared"])
+def test_import_rejects_damaged_and_hostile_archives(tmp_path, store, damage):
+    fake_snapshot(store, "a:1")
+    archive = str(tmp_path / "a.tar")
+    store.export(A1, "_local", archive)
     data = bytearray(open(archive, "rb").read())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
+        open(archive, "wb").write(bytes(data))
     elif damage == "truncate":
-        data = data[: len(data) // 2]
+        open(archive, "wb").write(bytes(data[: len(data) // 2]))
     elif damage == "garbage":
-        data = bytearray(b"not a tar at all" * 100)
+        open(archive, "wb").write(b"not a tar at all" * 100)
+    elif damage == "traversal":
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 1
+        _archive_with(archive, [(info, b"x")])
+    elif damage == "symlink":
+        info = tarfile.TarInfo("blobs/sha256/" + "a" * 64)
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
+        _archive_with(archive, [(info, b"")])
+    elif damage in ("bad-ref", "newline-ref"):
+        bad = "../../etc/x:1" if damage == "bad-ref" else "a\nb:1"
+        _rewrite_index(archive, bad)
     else:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            info = tarfile.TarInfo("../../etc/evil")
-            info.size = 1
-            tar.addfile(info, io.BytesIO(b"x"))
-        data = bytearray(buf.getvalue())
-    open(archive, "wb").write(bytes(data))
+        info = tarfile.TarInfo("blobs/sha256/" + "b" * 64)
+        info.size = 1 << 50                   # declared, never stored: refused before writing
+        archive = _append_member_header(archive, info)
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot):
         other.import_archive(archive)
     assert other.snapshots() == []
-    assert not os.path.exists("/etc/evil")
+    assert not os.path.exists("/etc/evil") and not os.path.exists("/etc/x:1")
+    assert os.listdir(other.images_dir) == [] and os.listdir(other.staging_dir) == []
+
+
+def _rewrite_index(archive: str, ref: str) -> None:
+    with tarfile.open(archive) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    out = []
+    for m, data in members:
+        if m.name == "index.json":
+            index = json.loads(data)
+            index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = ref
+            data = json.dumps(index).encode()
+            m.size = len(data)
+        out.append((m, data))
+    _archive_with(archive, out)
+
+
+def _append_member_header(archive: str, info: tarfile.TarInfo) -> str:
+    """An archive whose last member declares `info.size` bytes it does not hold."""
+    raw = open(archive, "rb").read()
+    end = len(raw)
+    while end >= 512 and raw[end - 512:end] == b"\0" * 512:
+        end -= 512                            # drop the end-of-archive blocks
+    out = archive + ".huge"
+    with open(out, "wb") as f:
+        f.write(raw[:end] + info.tobuf(tarfile.GNU_FORMAT))
+    return out
 
 
 def test_layout_rejects_bad_digests(tmp_path):
@@ -150,16 +294,96 @@ def test_layout_rejects_bad_digests(tmp_path):
 
 
 def test_killed_capture_leaves_no_snapshot_and_is_collected(store):
-    # A capture that dies before publish: blobs and a staging dir of a dead pid remain.
+    # A capture that dies before publish: its staging area (with a temp blob and a committed,
+    # unpublished blob) names an owner that is gone.
     with store.staging("capture") as staging:
-        layout = store.staged_layout(staging)
-        orphan = layout.put_bytes(b"half a snapshot", "application/octet-stream")
+        orphan = staging.put_bytes(b"half a snapshot", "application/octet-stream")
+        with open(os.path.join(staging.path, ".blob-leftover"), "wb") as f:
+            f.write(b"x" * 1000)
         dead = os.path.join(store.staging_dir, "capture-dead")
-        os.rename(staging, dead)
-        with open(os.path.join(dead, ".pid"), "w") as f:
-            f.write("999999999")
-        os.mkdir(staging)
+        os.rename(staging.path, dead)
+        with open(os.path.join(dead, ".owner"), "w") as f:
+            json.dump({"pid": os.getpid(), "start": 1}, f)      # our pid, another start time
+        os.mkdir(staging.path)
     assert store.snapshots() == []
     fake_snapshot(store, "b:1")          # any publish collects garbage
     assert not os.path.exists(store.layout.blob_path(orphan.digest))
     assert not os.path.exists(dead)
+
+
+def test_leftover_temp_blobs_of_older_versions_are_collected(store):
+    stray = os.path.join(store.layout.root, "blobs", "sha256", ".tmp-abc")
+    open(stray, "wb").write(b"x")
+    store.gc()
+    assert not os.path.exists(stray)
+
+
+# --- format 1 -------------------------------------------------------------------------------------
+
+def _v1_layout(root: str, ref: str = "old:1", namespace: str | None = "team-a") -> str:
+    """A store as thaw 0.1 wrote it: format 1 manifest/config, one CRIU tar layer, and the
+    unpacked cache under layers/."""
+    layout = ImageLayout(os.path.join(root, "layout"))
+    layout.init()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("inventory.img", b"inv1"), ("pages-1.img", b"P" * 5000), ("descriptors.json", b"[]")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    criu = layout.put_bytes(buf.getvalue(), fmt.CRIU_LAYER_V1)
+    rbuf = io.BytesIO()
+    with tarfile.open(fileobj=rbuf, mode="w"):
+        pass
+    rootfs = layout.put_bytes(rbuf.getvalue(), fmt.ROOTFS_LAYER)
+    deleted = layout.put_bytes(fmt.deleted_blob([]), fmt.DELETED_LAYER)
+    config = {"formatVersion": 1, "ref": ref, "created": "2026-11-24T10:00:00Z",
+              "fingerprint": {"node": {"kernel": "k"}, "container": {"image": "img:1", "namespace": namespace}},
+              "source": {}, "sizes": {}, "phases": {"total": 1.0}, "gpu": {}, "network": {}}
+    cdesc = layout.put_bytes(json.dumps(config).encode(), fmt.CONFIG_MEDIA_TYPE)
+    manifest = {"schemaVersion": 2, "mediaType": fmt.MANIFEST_MEDIA_TYPE, "artifactType": fmt.ARTIFACT_TYPE,
+                "config": cdesc.to_json(), "layers": [criu.to_json(), rootfs.to_json(), deleted.to_json()]}
+    mdesc = layout.put_bytes(json.dumps(manifest).encode(), fmt.MANIFEST_MEDIA_TYPE)
+    layout.write_index([fmt.Descriptor(fmt.MANIFEST_MEDIA_TYPE, mdesc.digest, mdesc.size,
+                                       {"org.opencontainers.image.ref.name": ref})])
+    os.makedirs(os.path.join(root, "layers", criu.digest.split(":")[1]))
+    return mdesc.digest
+
+
+def test_a_format_1_store_is_converted_once(tmp_path):
+    root = str(tmp_path / "store")
+    _v1_layout(root)
+    store = Store(root).init()
+    [snap] = store.snapshots()
+    assert (snap.ref, snap.namespace, snap.format_version) == ("old:1", "team-a", 2)
+    assert store.origin(snap) == "migrated"
+    assert not os.path.exists(os.path.join(root, "layers"))
+    with store.image_dir(snap, "digest") as path:
+        assert open(os.path.join(path, "pages-1.img"), "rb").read() == b"P" * 5000
+    assert len(list(store.layout.all_blobs())) == len(snap.blobs) - len(snap.parts)   # the v1 tar is gone
+
+
+def test_a_format_1_snapshot_without_a_namespace_becomes_local(tmp_path):
+    _v1_layout(str(tmp_path / "store"), namespace=None)
+    [snap] = Store(str(tmp_path / "store")).init().snapshots()
+    assert snap.namespace == "_local"
+
+
+def test_format_1_with_a_hostile_ref_is_dropped_on_migration(tmp_path):
+    _v1_layout(str(tmp_path / "store"), ref="../../etc/x:1")
+    store = Store(str(tmp_path / "store")).init()
+    assert store.snapshots() == [] and json.load(open(store.layout.index_path))["manifests"] == []
+
+
+def test_a_format_1_archive_imports_as_format_2(tmp_path):
+    src = str(tmp_path / "v1")
+    digest = _v1_layout(src)
+    shutil.rmtree(os.path.join(src, "layers"))
+    archive = str(tmp_path / "v1.tar")
+    with tarfile.open(archive, "w") as tar:
+        for name in ("oci-layout", "index.json"):
+            tar.add(os.path.join(src, "layout", name), arcname=name)
+        for blob in os.listdir(os.path.join(src, "layout", "blobs", "sha256")):
+            tar.add(os.path.join(src, "layout", "blobs", "sha256", blob), arcname="blobs/sha256/" + blob)
+    [snap] = Store(str(tmp_path / "new")).import_archive(archive)
+    assert snap.format_version == 2 and snap.namespace == "team-a" and snap.manifest.digest != digest
