@@ -11,9 +11,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time

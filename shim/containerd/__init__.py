@@ -23,5 +23,8 @@ The runtime never imports this package: it is for the installer and `thaw doctor
 """
 
 
-class ContainerdConfigError(Exception):
+from thaw.oci import ThawError
+
+
+class ContainerdConfigError(ThawError):
     """containerd's configuration cannot be read or changed safely."""

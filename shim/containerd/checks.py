@@ -9,8 +9,17 @@ from collections.abc import Iterator
 
 from . import ContainerdConfigError, dropin
 from .discovery import containerd_version, find_config, find_containerd, is_running
-from .merge import CRI_V2, ConfigFile, cri_disabled, cri_plugin, default_runtime_name, dig, effective, \
-    load_files, runtimes_of
+from .merge import (
+    CRI_V2,
+    ConfigFile,
+    cri_disabled,
+    cri_plugin,
+    default_runtime_name,
+    dig,
+    effective,
+    load_files,
+    runtimes_of,
+)
 
 FIX = "install/node.sh --containerd"
 

@@ -60,7 +60,7 @@ def default_config(binary: str | None) -> dict:
 
 def _running_config_paths() -> list[str]:
     """--config of containerd processes started by init (systemd units), from /proc."""
-    found = []
+    found: list[str] = []
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:

@@ -71,7 +71,7 @@ def thaw_runtime(base: dict | None, binary: str) -> dict:
     for key in ("pod_annotations", "container_annotations"):
         have = [a for a in entry.get(key) or [] if isinstance(a, str)]
         entry[key] = have + [a for a in ANNOTATIONS if a not in have]
-    options = entry.get("options") if isinstance(entry.get("options"), dict) else {}
+    options: dict = entry["options"] if isinstance(entry.get("options"), dict) else {}
     options["BinaryName"] = binary
     entry["options"] = options
     return entry

@@ -12,16 +12,17 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
-import tempfile
 import tomllib
 
 import tomlkit
 import tomlkit.exceptions
 from tomlkit.items import Array, Whitespace
 
+from thaw.oci.files import atomic_write
+
 from . import ContainerdConfigError, checks, dropin
 from .discovery import containerd_version, default_config
-from .merge import cri_disabled, cri_plugin, dig, effective, load_files, runtimes_of, covered
+from .merge import covered, cri_disabled, cri_plugin, dig, effective, load_files, runtimes_of
 
 
 def _only_inserts(old: str, new: str) -> bool:
@@ -69,7 +70,7 @@ def _main_config_change(main: str, main_text: str | None, main_cfg: dict, entry:
     """The main config's new text (None: unchanged) and what happens to it, in words."""
     if main_cfg and covered(main, main_cfg.get("imports") or [], drop_in):
         return None, f"{main} already imports {drop_in}"
-    if not main_cfg:
+    if not main_cfg or main_text is None:
         # absent, empty or comments only: containerd runs on its defaults; say so explicitly
         head = main_text or ("# containerd config written by thaw's install/containerd.sh: containerd's defaults\n"
                              "# plus the files imported below.\n")
@@ -82,14 +83,14 @@ def _main_config_change(main: str, main_text: str | None, main_cfg: dict, entry:
         raise ContainerdConfigError(f"{main}: {exc}; add {entry!r} to its top-level imports by hand") from None
 
 
-def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = dropin.DEFAULT_BINARY,
+def install(main: str, conf_d: str, containerd_bin: str, binary: str = dropin.DEFAULT_BINARY,
             say=print) -> bool:
     """Register the thaw handler: write the drop-in, make the main config import it.
     Returns whether a file changed. Raises ContainerdConfigError when it cannot be done safely;
     then nothing is left changed."""
-    version = containerd_version(containerd_bin) if containerd_bin else None
+    version = containerd_version(containerd_bin)
     if version is None:
-        raise ContainerdConfigError(f"cannot run `{containerd_bin or 'containerd'} --version`")
+        raise ContainerdConfigError(f"cannot run `{containerd_bin} --version`")
     major = version[0]
     drop_in = os.path.join(conf_d, dropin.DROP_IN_NAME)
     main_text = _read(main) if os.path.exists(main) else None
@@ -131,7 +132,7 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = dr
         else:
             os.makedirs(conf_d, mode=0o755, exist_ok=True)
             written.append((drop_in, old_drop_in, 0o644))
-            _write_atomic(drop_in, text)
+            atomic_write(drop_in, text.encode(), mode=0o644)
             say(f"drop-in: {'updated' if old_drop_in is not None else 'wrote'} {drop_in} "
                 f"(handler {dropin.HANDLER}: {dropin.RUNTIME_TYPE}, BinaryName={binary}, "
                 f"annotations {dropin.ANNOTATIONS})")
@@ -144,7 +145,7 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = dr
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(main)), mode=0o755, exist_ok=True)
             written.append((target, main_text, mode))
-            _write_atomic(target, new_main, mode)
+            atomic_write(target, new_main.encode(), mode=mode)
         say(f"main config: {main_note}")
         # What containerd loads now must have the handler, whatever the other imports do...
         problems = [d for ok, _, d in checks.registration_checks(main, major) if not ok]
@@ -159,7 +160,7 @@ def install(main: str, conf_d: str, containerd_bin: str | None, binary: str = dr
             if previous is None:
                 _unlink(path)
             else:
-                _write_atomic(path, previous, mode)
+                atomic_write(path, previous.encode(), mode=mode)
         raise
     return bool(written)
 
@@ -183,21 +184,6 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".thaw-", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
 def _backup(main: str, text: str, mode: int, say) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = f"{main}.thaw-backup-{stamp}"
@@ -205,9 +191,7 @@ def _backup(main: str, text: str, mode: int, say) -> None:
     while os.path.exists(path):
         n += 1
         path = f"{main}.thaw-backup-{stamp}.{n}"
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.chmod(path, mode)
+    atomic_write(path, text.encode(), mode=mode)
     say(f"main config: backed up {main} to {path}")
 
 
