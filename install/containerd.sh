@@ -34,7 +34,7 @@ say() { printf '[thaw containerd] %s\n' "$*"; }
 die() { printf '[thaw containerd] ERROR: %s\n' "$*" >&2; exit 1; }
 
 case "${1:-}" in
-  -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
   "") ;;
   *) die "unknown option $1 (see --help)" ;;
 esac

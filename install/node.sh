@@ -26,7 +26,7 @@ for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --containerd) CONTAINERD=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "node.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
