@@ -414,8 +414,7 @@ class Containerd:
     runc_root (<state>/runc/k8s.io: the --root the shim passes to the runtime), bridge,
     subnet (ipaddress.IPv4Network), cgroup_root ("/thawtestN"), log_root (pod log dirs),
     thaw_binary, thaw_is_real (False when the thaw handler falls back to runc), images (refs),
-    layout (config version: 2 for 1.x, 3 for 2.x), cri_runtime_plugin (the plugin holding the
-    runtimes), drop_in (thaw's drop-in, written by the installer).
+    build, layout (config version: 2 for 1.x, 3 for 2.x), conf_d (thaw's drop-in is written there).
     """
 
     def __init__(self, build: Build, thaw_binary: str | None = None, *, workdir_base: str | None = None,
@@ -426,7 +425,6 @@ class Containerd:
         self.containerd_bin = build.bin("containerd")
         self.ctr_bin = build.bin("ctr")
         self.layout = 3 if build.major >= 2 else 2
-        self.cri_runtime_plugin = CRI_V3 if self.layout == 3 else CRI_V2
         self.runc_bin = runc_bin or shutil.which("runc") or "/usr/sbin/runc"
         found = thaw_binary or shutil.which("thaw-runtime")
         self.thaw_is_real = bool(found)
@@ -458,7 +456,6 @@ class Containerd:
         self.address = str(self.workdir / "containerd.sock")
         self.config_path = self.workdir / "config.toml"
         self.conf_d = self.workdir / "conf.d"
-        self.drop_in = self.conf_d / dropin.DROP_IN_NAME
         self.log_path = self.workdir / "containerd.log"
         self.cni_conf_dir = self.workdir / "cni" / "net.d"
         self.ipam_dir = self.workdir / "cni" / "ipam"
@@ -707,12 +704,9 @@ class Containerd:
                 continue
             if sandbox_id is not None and sandbox_id not in cl:
                 continue
-            try:
-                exe = os.path.realpath(f"/proc/{p}/exe")
-            except OSError:
-                continue
             if _alive(p):
-                if exe != own:
+                exe = os.path.realpath(f"/proc/{p}/exe")
+                if exe != own and _alive(p):
                     raise AssertionError(f"shim {p} of {self.build.id} runs {exe}, not {own}")
                 out.append(p)
         return out
