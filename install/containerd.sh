@@ -2,9 +2,10 @@
 # Register thaw's runtime handler "thaw" with containerd, then restart containerd.
 # Idempotent: a re-run that finds everything in place changes nothing and restarts nothing.
 #
-#   install/containerd.sh        (install/node.sh --containerd runs it)
+#   install/containerd.sh        (install/node.sh --containerd runs it, after installing thaw)
 #
-# What it writes (the logic is in shim/containerd_config.py, run from this checkout):
+# It runs `python -m thaw.shim.containerd install` with thaw's virtualenv ($THAW_PREFIX/venv, which
+# install/node.sh builds): the logic is in shim/containerd/. What it writes:
 #   - the drop-in $CONTAINERD_CONF_D/99-thaw.toml, in the config version the installed containerd
 #     speaks (`containerd --version`): version 2, plugins."io.containerd.grpc.v1.cri", for
 #     containerd 1.x; version 3, plugins."io.containerd.cri.v1.runtime", for 2.x (or version 2 when
@@ -25,10 +26,10 @@
 #   THAW_RUNTIME_BIN         the handler's BinaryName [/usr/local/bin/thaw-runtime]
 #   THAW_CONTAINERD_RESTART  0: never restart containerd [1: restart it when a file changed and
 #                            systemd runs it; otherwise print how to]
-#   THAW_PYTHON              Python >= 3.11 [/opt/thaw/venv/bin/python, else python3]
+#   THAW_PREFIX              thaw's installation [/opt/thaw]: its venv/bin/python runs the installer
+#   THAW_PYTHON              that Python instead [$THAW_PREFIX/venv/bin/python]
 set -euo pipefail
 
-SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 say() { printf '[thaw containerd] %s\n' "$*"; }
 die() { printf '[thaw containerd] ERROR: %s\n' "$*" >&2; exit 1; }
 
@@ -38,12 +39,11 @@ case "${1:-}" in
   *) die "unknown option $1 (see --help)" ;;
 esac
 
-PY=""
-for p in "${THAW_PYTHON:-}" /opt/thaw/venv/bin/python python3; do
-  [ -n "$p" ] || continue
-  if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import tomllib' 2>/dev/null; then PY=$p; break; fi
-done
-[ -n "$PY" ] || die "no Python >= 3.11 found (set THAW_PYTHON)"
+PY=${THAW_PYTHON:-${THAW_PREFIX:-/opt/thaw}/venv/bin/python}
+[ -x "$PY" ] || die "thaw's virtualenv is missing ($PY): install thaw first with install/node.sh" \
+  "(install/node.sh --containerd installs thaw and then runs this script)"
+"$PY" -c 'import thaw.shim.containerd.install' 2>/dev/null || \
+  die "$PY cannot import thaw.shim.containerd (thaw or tomlkit missing, or an older thaw): run install/node.sh again"
 
 CTR=${CONTAINERD_BIN:-$(PATH="$PATH:/usr/local/bin:/usr/bin:/usr/sbin" command -v containerd || true)}
 [ -n "$CTR" ] && [ -x "$CTR" ] || die "containerd is not installed (Debian: apt-get install containerd)"
@@ -52,9 +52,9 @@ args=(install --containerd "$CTR" --conf-d "${CONTAINERD_CONF_D:-/etc/containerd
       --binary "${THAW_RUNTIME_BIN:-/usr/local/bin/thaw-runtime}")
 [ -n "${CONTAINERD_CONFIG:-}" ] && args+=(--config "$CONTAINERD_CONFIG")
 
-# -I: run the file from this checkout without its directory (shim/) on sys.path.
 rc=0
-"$PY" -I "$SRC/shim/containerd_config.py" "${args[@]}" || rc=$?
+# -I: no user site, no PYTHON* variables, not the current directory on sys.path
+"$PY" -I -m thaw.shim.containerd "${args[@]}" || rc=$?
 case $rc in
   0) say "nothing changed; containerd not restarted"; exit 0 ;;
   100) ;;  # files changed

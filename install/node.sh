@@ -3,12 +3,13 @@
 # Idempotent and quick when re-run: it only installs what is missing.
 #
 #   install/node.sh              install thaw on this node
-#   install/node.sh --dev        also install test dependencies (what the tests and benches use)
+#   install/node.sh --dev        also install test dependencies (what the tests and benches use),
+#                                among them the containerd builds the tests run (1.7, 2.x; see below)
 #   install/node.sh --containerd also register the "thaw" runtime handler with containerd
 #
 # Environment: THAW_PREFIX (virtualenv and stamps, default /opt/thaw), THAW_BIN_DIR (where
 # thaw, thaw-runtime and thaw-hook go, default /usr/local/bin), THAW_BUILD_CACHE (CRIU source
-# and build, default /var/cache/thaw).
+# and build, the test containerds; default /var/cache/thaw).
 set -euo pipefail
 
 CRIU_VERSION=4.1.1
@@ -60,6 +61,64 @@ else
   say "apt: all ${#PKGS[@]} packages present"
 fi
 
+# --- packages of other Debian releases, privately -----------------------------------------------
+# CRIU's source (trixie) and the test containerds (trixie, sid) come from Debian releases newer than
+# this node's. They are fetched through a private apt configuration (its own sources list, lists
+# and cache in a temporary directory) naming the mirror this machine already uses, so the system's
+# apt sources, lists and packages stay untouched.
+private_apt() {  # private_apt WHAT "deb|deb-src SUITE"...: sets APTDIR, APTOPTS, APT_MIRROR; runs update
+  local what=$1 line
+  shift
+  APT_MIRROR=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; grep -hs '^deb ' /etc/apt/sources.list | awk '{print "URIs: "$2}') \
+                | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
+  [ -n "$APT_MIRROR" ] || die "$what: no Debian mirror found in the apt sources"
+  APTDIR=$(mktemp -d)
+  mkdir -p "$APTDIR/lists/partial" "$APTDIR/cache/archives/partial"
+  for line in "$@"; do
+    echo "${line%% *} [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $APT_MIRROR ${line#* } main"
+  done > "$APTDIR/sources.list"
+  APTOPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+           -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache" -o "APT::Sandbox::User=root")
+  apt-get "${APTOPTS[@]}" update -qq >/dev/null 2>&1 || die "$what: apt-get update of $* from $APT_MIRROR failed"
+}
+
+# --- test containerds (--dev) -------------------------------------------------------------------
+# The containerd tests run against the versions platform teams run: this node's (Debian 12: 1.6,
+# the apt package above), Debian 13 trixie's (1.7) and sid's (2.x: whatever sid carries, not a
+# pinned version sid will drop). The trixie and sid packages are downloaded, never installed:
+# `dpkg -x` unpacks each under $CACHE/containerd/<suite>, where tests/cri/builds.py finds it; their
+# binaries run on Debian 12. A cached build is kept: delete its directory to fetch a newer one.
+if [ "$DEV" = 1 ]; then
+  TEST_CONTAINERDS="$CACHE/containerd"
+  mkdir -p "$TEST_CONTAINERDS"
+  exec 9>"$TEST_CONTAINERDS/.lock"
+  flock 9   # another install fetching at the same time
+  suites=()
+  for suite in trixie sid; do
+    [ -x "$TEST_CONTAINERDS/$suite/usr/bin/containerd" ] || suites+=("$suite")
+  done
+  if [ ${#suites[@]} -gt 0 ]; then
+    private_apt "test containerd" "${suites[@]/#/deb }"
+    for suite in "${suites[@]}"; do
+      mkdir -p "$APTDIR/$suite"
+      (cd "$APTDIR/$suite" && apt-get "${APTOPTS[@]}" download -qq "containerd/$suite" >/dev/null 2>&1) \
+        || die "test containerd: apt-get download containerd/$suite from $APT_MIRROR failed"
+      deb=$(echo "$APTDIR/$suite"/containerd_*.deb)
+      unpacked=$(mktemp -d "$TEST_CONTAINERDS/.$suite.XXXXXX")
+      dpkg -x "$deb" "$unpacked"
+      dpkg-deb -f "$deb" Version > "$unpacked/VERSION"
+      "$unpacked/usr/bin/containerd" --version >/dev/null 2>&1 || die "test containerd: $suite's containerd does not run here"
+      rm -rf "${TEST_CONTAINERDS:?}/$suite"
+      mv "$unpacked" "$TEST_CONTAINERDS/$suite"
+      say "test containerd: $suite's containerd $(cat "$TEST_CONTAINERDS/$suite/VERSION") in $TEST_CONTAINERDS/$suite"
+    done
+    rm -rf "$APTDIR"
+  else
+    say "test containerd: trixie's $(cat "$TEST_CONTAINERDS/trixie/VERSION"), sid's $(cat "$TEST_CONTAINERDS/sid/VERSION") (cached)"
+  fi
+  exec 9>&-
+fi
+
 # --- CRIU >= 4.0 --------------------------------------------------------------------------------
 criu_ok() {  # $1 = criu binary; true if version >= 4.0, `criu check` passes and it can dump
   local v
@@ -91,17 +150,9 @@ else
   mkdir -p "$CACHE"
   TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
   if ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
-    # Debian publishes CRIU 4.1.1 in trixie; fetch its source through a private apt config so the
-    # system's apt sources stay untouched. The mirror is the one this machine already uses.
-    MIRROR=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources; grep -hs '^deb ' /etc/apt/sources.list | awk '{print "URIs: "$2}') \
-              | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
-    [ -n "$MIRROR" ] || die "criu: no Debian mirror found in the apt sources to fetch criu ${CRIU_VERSION} source from"
-    APTDIR=$(mktemp -d)
-    mkdir -p "$APTDIR/lists/partial"
-    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR trixie main" > "$APTDIR/sources.list"
-    APTOPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=/dev/null" -o "Dir::State::Lists=$APTDIR/lists")
-    say "criu: fetching criu ${CRIU_VERSION} source from $MIRROR (trixie)"
-    apt-get "${APTOPTS[@]}" update -qq >/dev/null 2>&1 || die "criu: apt-get update of the trixie source list failed"
+    # Debian publishes CRIU 4.1.1 in trixie (see private_apt above).
+    private_apt criu "deb-src trixie"
+    say "criu: fetching criu ${CRIU_VERSION} source from $APT_MIRROR (trixie)"
     # The .dsc and .debian.tar.xz may 404; the orig tarball is all the build needs.
     (cd "$APTDIR" && apt-get "${APTOPTS[@]}" source --download-only "criu=${CRIU_VERSION}-*" >/dev/null 2>&1 || \
        apt-get "${APTOPTS[@]}" source --download-only criu >/dev/null 2>&1 || true)
@@ -194,7 +245,9 @@ install -d -m 0700 /var/lib/thaw /run/thaw
 say "store: /var/lib/thaw and state /run/thaw are root-only (0700)"
 
 if [ "$CONTAINERD" = 1 ]; then
-  bash "$SRC/install/containerd.sh" || die "containerd: registering the thaw runtime failed"
+  # with this installation's thaw: its virtualenv runs the installer, its thaw-runtime is the handler
+  THAW_PREFIX="$PREFIX" THAW_RUNTIME_BIN="${THAW_RUNTIME_BIN:-$BIN_DIR/thaw-runtime}" \
+    bash "$SRC/install/containerd.sh" || die "containerd: registering the thaw runtime failed"
 fi
 
 DOCTOR=(--quiet)

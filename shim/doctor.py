@@ -72,5 +72,5 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
 
     # containerd: is the runtime handler "thaw" registered (only where containerd is installed)?
     if containerd:
-        from .containerd_config import doctor_checks
+        from .containerd.checks import doctor_checks
         yield from doctor_checks()

@@ -1,18 +1,17 @@
-"""install/containerd.sh, shim/containerd_config.py and the Kubernetes manifests in install/k8s.
+"""install/containerd.sh, shim/containerd/ and the Kubernetes manifests in install/k8s.
 
 Most tests run install/containerd.sh against temporary directories (CONTAINERD_CONFIG,
 CONTAINERD_CONF_D) with a fake `containerd` that answers `--version`, `config default` and
-`config dump`, and restart disabled; they need no root. The test marked `containerd` runs the
-real containerd 1.6 (/usr/bin/containerd) on the result.
+`config dump`, and restart disabled; they need no root. The tests marked `containerd` run the
+real containerds of tests/cri/builds.py (Debian 12's 1.6, trixie's 1.7, sid's 2.x) on the result.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
-import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -22,7 +21,11 @@ import pytest
 import yaml
 
 from thaw.oci import annotations as ann
-from thaw.shim import containerd_config as cc
+from thaw.shim.containerd import ContainerdConfigError, checks, discovery, dropin, goglob, install, merge
+from thaw.shim.containerd.merge import CRI_V2, CRI_V3
+
+_PKG = "tests.cri" if __name__.startswith("tests.") else "cri"
+builds = importlib.import_module(f"{_PKG}.builds")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "install", "containerd.sh")
@@ -32,6 +35,7 @@ STRICT = os.environ.get("THAW_TEST_STRICT") == "1"
 V16 = "containerd github.com/containerd/containerd v1.6.20 2806fc1057397dbaeefbea0e4e17bddfbd388f38"
 V16_DEBIAN = "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3"
 V21 = "containerd github.com/containerd/containerd/v2 v2.1.0 061792f0ecf3684fb30a3a0eb006799b8c6638a7"
+V21_DEBIAN = "containerd github.com/containerd/containerd/v2 2.1.9+unknown "
 
 # What `containerd config default` gives for the runtimes, trimmed.
 DEFAULT_V2 = """version = 2
@@ -187,7 +191,7 @@ def test_runtimeclass():
     [rc] = _docs("runtimeclass.yaml")
     assert (rc["apiVersion"], rc["kind"]) == ("node.k8s.io/v1", "RuntimeClass")
     assert rc["metadata"]["name"] == "thaw"
-    assert rc["handler"] == cc.HANDLER == "thaw"
+    assert rc["handler"] == dropin.HANDLER == "thaw"
     assert rc["scheduling"]["nodeSelector"] == {"thaw.dev/enabled": "true"}
 
 
@@ -206,7 +210,7 @@ def test_example_pod_uses_the_runtime_class_and_valid_annotations():
     assert [p["containerPort"] for p in c["ports"]] == [8000]
     assert "/app/server.py" in c["command"] and "8000" in c["command"]
     # every annotation the pod sets passes the handler's allow-list
-    assert not cc.uncovered(cc.ANNOTATIONS, keys=tuple(annotations))
+    assert not dropin.uncovered(dropin.ANNOTATIONS, keys=tuple(annotations))
 
 
 def test_daemonset_installs_thaw_on_the_node():
@@ -238,46 +242,92 @@ def test_daemonset_installs_thaw_on_the_node():
     assert "thaw-installer:" in init["image"] and main["image"] == init["image"]
 
 
-def test_annotation_keys_agree_with_oci_annotations():
-    assert set(cc.THAW_ANNOTATION_KEYS) == {ann.SNAPSHOT, ann.CAPTURE, ann.READY, ann.QUIESCE, ann.RESUME, ann.REQUIRED}
-
-
 # ------------------------------------------------------------------------------ pure functions
 
 @pytest.mark.parametrize("text,want", [(V16, (1, 6, 20)), (V16_DEBIAN, (1, 6, 20)), (V21, (2, 1, 0)),
+                                       (V21_DEBIAN, (2, 1, 9)),
                                        ("containerd github.com/containerd/containerd v1.7.13 64b8a81", (1, 7, 13)),
                                        ("nonsense", None)])
 def test_parse_version(text, want):
-    assert cc.parse_version(text) == want
+    assert discovery.parse_version(text) == want
 
 
 def test_allow_list_matching_is_go_filepath_match():
-    assert cc.uncovered(["thaw.dev/*"]) == []
-    assert cc.uncovered(["*"]) == list(cc.THAW_ANNOTATION_KEYS)       # `*` does not cross `/`
-    assert cc.uncovered(["thaw.dev/snap*"]) == [k for k in cc.THAW_ANNOTATION_KEYS if k != "thaw.dev/snapshot"]
-    assert cc.uncovered(["thaw.dev/[a-z]*"]) == []
-    assert cc.uncovered([]) == list(cc.THAW_ANNOTATION_KEYS)
+    keys = list(dropin.ANNOTATION_KEYS)
+    assert dropin.uncovered(["thaw.dev/*"]) == []
+    assert dropin.uncovered(["*"]) == keys                      # `*` does not cross `/`
+    assert dropin.uncovered(["thaw.dev/snap*"]) == [k for k in keys if k != "thaw.dev/snapshot"]
+    assert dropin.uncovered(["thaw.dev/[a-z]*"]) == []
+    assert dropin.uncovered(["thaw.dev/[a-z"]) == keys          # malformed: matches nothing
+    assert dropin.uncovered([]) == keys
+
+
+@pytest.mark.parametrize("pattern,name,want", [
+    ("*", "abc", True), ("*", "a/b", False), ("a*/b", "abc/b", True), ("a*b*c", "axxbyyc", True),
+    ("a*b", "a/b", False), ("?", "a", True), ("?", "/", False), ("a?c", "abc", True), ("", "", True),
+    ("ab", "abc", False), ("[abc]", "b", True), ("[^abc]", "d", True), ("[^abc]", "b", False),
+    ("[!abc]", "!", True),                        # `!` is no negation in Go
+    ("[a-c]x", "bx", True), ("[c-a]", "b", False), ("[^a]", "/", True),   # a class may match `/`
+    (r"a\*b", "a*b", True), (r"a\*b", "axb", False), (r"[\]]", "]", True), (r"[\-]", "-", True),
+    ("[", "[", False), ("[]", "]", False), ("[a", "a", False), ("a\\", "a", False),   # malformed
+    ("[-a]", "-", False), ("[a-]", "a", False), ("*.toml", ".hidden.toml", True),
+])
+def test_go_match(pattern, name, want):
+    assert goglob.match(pattern, name) is want
+
+
+def test_go_glob_sorts_and_does_not_hide_dot_files(tmp_path):
+    for name in ("b.toml", ".a.toml", "a.toml", "c.txt"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "d.toml").mkdir()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.toml").write_text("")
+    assert goglob.glob(f"{tmp_path}/*.toml") == [f"{tmp_path}/{n}" for n in (".a.toml", "a.toml", "b.toml", "d.toml")]
+    assert goglob.glob(f"{tmp_path}/s*/*.toml") == [f"{tmp_path}/sub/x.toml"]
+    assert goglob.glob(f"{tmp_path}/a.toml") == [f"{tmp_path}/a.toml"]
+    assert goglob.glob(f"{tmp_path}/missing") == [] and goglob.glob(f"{tmp_path}/[") == []
 
 
 def test_add_import_inserts_one_line_or_extends_the_array():
     text = '# c\nversion = 2 # v\n\n[plugins]\n  x = 1\n'
-    new = cc.add_import(text, "/d/99-thaw.toml")
+    new = install.add_import(text, "/d/99-thaw.toml")
     assert new == '# c\nversion = 2 # v\nimports = ["/d/99-thaw.toml"]\n\n[plugins]\n  x = 1\n'
     text = 'version = 2\nimports = [\n  "/a/*.toml", # mine\n  # more\n]\n[x]\ny = "]"\n'
-    new = cc.add_import(text, "/d/99-thaw.toml")
-    assert new == 'version = 2\nimports = [\n  "/a/*.toml", "/d/99-thaw.toml" # mine\n  # more\n]\n[x]\ny = "]"\n'
-    assert cc.add_import('version = 2\nimports = []\n', "/d") == 'version = 2\nimports = ["/d"]\n'
-    assert cc.add_import("imports = ['/x']\nversion = 2", "/d") == "imports = ['/x', \"/d\"]\nversion = 2"
-    assert cc.add_import('version = 2\r\n[a]\r\n', "/d") == 'version = 2\r\nimports = ["/d"]\r\n[a]\r\n'
+    new = install.add_import(text, "/d/99-thaw.toml")
+    assert new == 'version = 2\nimports = [\n  "/a/*.toml", # mine\n  # more\n  "/d/99-thaw.toml"\n]\n[x]\ny = "]"\n'
+    assert install.add_import('version = 2\nimports = []\n', "/d") == 'version = 2\nimports = ["/d"]\n'
+    assert install.add_import('version = 2\nimports = ["/a", ] # c\n', "/d") == 'version = 2\nimports = ["/a", "/d" ] # c\n'
+    assert install.add_import("imports = ['/x']\nversion = 2", "/d") == "imports = ['/x', \"/d\"]\nversion = 2"
+    # the line ending is the file's, and no blank line appears before the first table
+    assert install.add_import('version = 2\r\n[a]\r\n', "/d") == 'version = 2\r\nimports = ["/d"]\r\n[a]\r\n'
+    # a new line goes after the last top-level key; a missing final newline is added there
+    assert install.add_import('version = 2\nroot = "/r"\n[a]\n', "/d") == 'version = 2\nroot = "/r"\nimports = ["/d"]\n[a]\n'
+    assert install.add_import('version = 2', "/d") == 'version = 2\nimports = ["/d"]\n'
     # imports in a table is not the top-level key: a new top-level line is added
     text = 'version = 2\n[x]\nimports = ["/no"]\n'
-    assert tomllib.loads(cc.add_import(text, "/d"))["imports"] == ["/d"]
+    assert install.add_import(text, "/d") == 'version = 2\nimports = ["/d"]\n[x]\nimports = ["/no"]\n'
+    with pytest.raises(ContainerdConfigError):
+        install.add_import('version = 2\nimports = "/a"\n', "/d")       # not an array
 
 
-def test_dump_toml_round_trips():
+@pytest.mark.parametrize("text", [USER_V2, USER_V3, DEFAULT_V2, DEFAULT_V3,
+                                  USER_V2.replace("\n", "\r\n"), "version = 2\n\n\n[a]  # t\n\tx = 'y'\n",
+                                  "# only a comment", 'version = 3\nimports = [ "/x" ,\n\n]\n'])
+def test_add_import_keeps_every_byte(text):
+    new = install.add_import(text, "/etc/containerd/conf.d/*.toml")
+    assert tomllib.loads(new) == {**tomllib.loads(text),
+                                  "imports": tomllib.loads(text).get("imports", []) + ["/etc/containerd/conf.d/*.toml"]}
+    rest = iter(new)
+    assert all(c in rest for c in text)                     # the old text is still there, in order
+    assert len(new) - len(text) <= len('imports = ["/etc/containerd/conf.d/*.toml"]\r\n')
+
+
+def test_drop_in_text_round_trips():
     data = {"version": 2, "plugins": {"a.b": {"k": "v\"\\\n", "n": 1, "f": 1.5, "t": True, "l": ["x", 2],
                                               "empty": {}, "c": {"d": {"e": [{"x": 1}]}}}}}
-    assert tomllib.loads(cc.dump_toml(data)) == data
+    text = dropin.render(data, 2, "/etc/containerd/config.toml")
+    assert tomllib.loads(text) == data
+    assert text.startswith("# Written by thaw's install/containerd.sh")
 
 
 # --------------------------------------------------------------------------- install, containerd 1.x
@@ -290,13 +340,13 @@ def test_v2_fresh_node_creates_minimal_main_config(tmp_path):
     assert main == {"version": 2, "imports": [node.entry]}
     drop = node.drop()
     assert drop["version"] == 2
-    assert list(drop["plugins"]) == [cc.CRI_V2]
-    assert_thaw_entry(thaw_entry(drop, cc.CRI_V2), str(node.runtime))
+    assert list(drop["plugins"]) == [CRI_V2]
+    assert_thaw_entry(thaw_entry(drop, CRI_V2), str(node.runtime))
     # the default runtime is kept: defining any runtime replaces containerd 1.x's default map
-    runc = drop["plugins"][cc.CRI_V2]["containerd"]["runtimes"]["runc"]
+    runc = drop["plugins"][CRI_V2]["containerd"]["runtimes"]["runc"]
     assert runc["runtime_type"] == "io.containerd.runc.v2"
     assert node.backups() == []
-    assert all(ok for ok, _, _ in cc.registration_checks(str(node.config), 1))
+    assert all(ok for ok, _, _ in checks.registration_checks(str(node.config), 1))
 
 
 def test_v2_existing_config_is_kept_byte_for_byte(tmp_path):
@@ -305,23 +355,24 @@ def test_v2_existing_config_is_kept_byte_for_byte(tmp_path):
     node.run()
     new = node.config.read_bytes()
     line = f'imports = ["{node.entry}"]\n'.encode()
-    assert new == original.replace(b"version = 2   # keep\n", b"version = 2   # keep\n" + line, 1)
+    # one line after the last top-level key, nothing else
+    assert new == original.replace(b'root = "/var/lib/containerd"\n', b'root = "/var/lib/containerd"\n' + line, 1)
     [backup] = node.backups()
     assert open(backup, "rb").read() == original
     # containerd 1.x replaces the whole CRI section with the drop-in's: it must carry the user's
     drop = node.drop()
-    cri = drop["plugins"][cc.CRI_V2]
-    user_cri = tomllib.loads(USER_V2)["plugins"][cc.CRI_V2]
+    cri = drop["plugins"][CRI_V2]
+    user_cri = tomllib.loads(USER_V2)["plugins"][CRI_V2]
     assert cri["sandbox_image"] == user_cri["sandbox_image"] and cri["cni"] == user_cri["cni"]
     assert cri["registry"] == user_cri["registry"]
     assert cri["containerd"]["runtimes"]["runc"] == user_cri["containerd"]["runtimes"]["runc"]
     assert "io.containerd.internal.v1.opt" not in drop["plugins"]      # only the CRI section
-    entry = thaw_entry(drop, cc.CRI_V2)
+    entry = thaw_entry(drop, CRI_V2)
     assert_thaw_entry(entry, str(node.runtime))
     assert entry["options"]["SystemdCgroup"] is True                   # follows the default runtime
-    checks = cc.registration_checks(str(node.config), 1)
-    assert checks and all(ok for ok, _, _ in checks), checks
-    assert cc.stale_check(cc.load_files(str(node.config)), str(node.drop_in))[0]
+    res = checks.registration_checks(str(node.config), 1)
+    assert res and all(ok for ok, _, _ in res), res
+    assert checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))[0]
 
 
 def test_v2_rerun_is_idempotent(tmp_path):
@@ -336,6 +387,26 @@ def test_v2_rerun_is_idempotent(tmp_path):
     assert node.backups() == backups
 
 
+def test_a_drop_in_with_the_same_content_is_not_rewritten(tmp_path):
+    # e.g. written by an earlier thaw with other formatting: no rewrite, so no containerd restart
+    node = Node(tmp_path)
+    node.write_config(USER_V2)
+    node.run()
+    reformatted = "# an older thaw wrote this\n" + node.drop_in.read_text().replace(" = ", "=")
+    node.drop_in.write_text(reformatted)
+    assert "nothing changed" in node.run().stdout
+    assert node.drop_in.read_text() == reformatted
+
+
+def test_without_thaws_virtualenv_it_says_how_to_get_it(tmp_path):
+    node = Node(tmp_path)
+    original = node.write_config(USER_V2)
+    proc = node.run(check=False, THAW_PYTHON=str(tmp_path / "no-venv" / "bin" / "python"))
+    assert proc.returncode != 0
+    assert "thaw's virtualenv is missing" in proc.stderr and "install/node.sh" in proc.stderr
+    assert node.config.read_bytes() == original and not node.drop_in.exists()
+
+
 def test_existing_imports_array_is_extended(tmp_path):
     node = Node(tmp_path)
     other = tmp_path / "other"
@@ -345,10 +416,11 @@ def test_existing_imports_array_is_extended(tmp_path):
     node.write_config(text)
     node.run()
     new = node.config.read_text()
-    assert new == text.replace(f'"{other}/*.toml",', f'"{other}/*.toml", "{node.entry}"')
+    # a multi-line array gets the entry on a line of its own, indented like the others
+    assert new == text.replace("# registries\n", f'# registries\n  "{node.entry}",\n')
     assert node.main()["imports"] == [f"{other}/*.toml", node.entry]
     # the CRI section the other import set is what the drop-in carries
-    assert node.drop()["plugins"][cc.CRI_V2]["registry"] == {"config_path": "/etc/containerd/certs.d"}
+    assert node.drop()["plugins"][CRI_V2]["registry"] == {"config_path": "/etc/containerd/certs.d"}
 
 
 def test_a_symlinked_main_config_stays_a_symlink(tmp_path):
@@ -378,7 +450,7 @@ def test_files_already_in_conf_d_are_carried_into_the_v2_drop_in(tmp_path):
         'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n')
     out = node.run().stdout
     assert "10-registry.toml" in out                      # newly loaded through the glob: said so
-    cri = node.drop()["plugins"][cc.CRI_V2]
+    cri = node.drop()["plugins"][CRI_V2]
     # containerd 1.x: the CRI section of 10-registry.toml replaced config.toml's; the drop-in follows
     assert cri == {"registry": {"config_path": "/etc/containerd/certs.d"}, "containerd": cri["containerd"]}
     assert set(cri["containerd"]["runtimes"]) == {"runc", "thaw"}
@@ -416,11 +488,11 @@ def test_stale_drop_in_is_reported_and_fixed_by_a_rerun(tmp_path):
     node.run()
     text = node.config.read_text().replace("pause:3.9", "pause:3.10")
     node.config.write_text(text)
-    ok, what, detail = cc.stale_check(cc.load_files(str(node.config)), str(node.drop_in))
+    ok, what, detail = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
     assert not ok and "install/containerd.sh" in detail
     node.run()
-    assert cc.stale_check(cc.load_files(str(node.config)), str(node.drop_in))[0]
-    assert node.drop()["plugins"][cc.CRI_V2]["sandbox_image"] == "registry.k8s.io/pause:3.10"
+    assert checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))[0]
+    assert node.drop()["plugins"][CRI_V2]["sandbox_image"] == "registry.k8s.io/pause:3.10"
 
 
 # --------------------------------------------------------------------------- install, containerd 2.x
@@ -432,14 +504,14 @@ def test_v3_fresh_node(tmp_path):
     drop = node.drop()
     assert drop["version"] == 3
     # containerd 2.x merges imports key by key: the drop-in only holds the thaw table
-    assert list(drop["plugins"]) == [cc.CRI_V3]
-    assert list(drop["plugins"][cc.CRI_V3]) == ["containerd"]
-    assert list(drop["plugins"][cc.CRI_V3]["containerd"]) == ["runtimes"]
-    assert list(drop["plugins"][cc.CRI_V3]["containerd"]["runtimes"]) == ["thaw"]
-    entry = thaw_entry(drop, cc.CRI_V3)
+    assert list(drop["plugins"]) == [CRI_V3]
+    assert list(drop["plugins"][CRI_V3]) == ["containerd"]
+    assert list(drop["plugins"][CRI_V3]["containerd"]) == ["runtimes"]
+    assert list(drop["plugins"][CRI_V3]["containerd"]["runtimes"]) == ["thaw"]
+    entry = thaw_entry(drop, CRI_V3)
     assert_thaw_entry(entry, str(node.runtime))
     assert entry["sandboxer"] == "podsandbox"
-    assert all(ok for ok, _, _ in cc.registration_checks(str(node.config), 2))
+    assert all(ok for ok, _, _ in checks.registration_checks(str(node.config), 2))
 
 
 def test_v3_existing_config_inherits_systemd_cgroup(tmp_path):
@@ -448,7 +520,7 @@ def test_v3_existing_config_inherits_systemd_cgroup(tmp_path):
     node.run()
     assert node.config.read_bytes() == original.replace(
         b"version = 3\n", f'version = 3\nimports = ["{node.entry}"]\n'.encode(), 1)
-    entry = thaw_entry(node.drop(), cc.CRI_V3)
+    entry = thaw_entry(node.drop(), CRI_V3)
     assert_thaw_entry(entry, str(node.runtime))
     assert entry["options"]["SystemdCgroup"] is True
     assert "already imports" in node.run().stdout
@@ -461,9 +533,12 @@ def test_containerd_2_with_a_version_2_main_config_gets_a_version_2_drop_in(tmp_
     node.run()
     drop = node.drop()
     assert drop["version"] == 2
-    assert list(drop["plugins"][cc.CRI_V2]["containerd"]["runtimes"]) == ["thaw"]
-    assert_thaw_entry(thaw_entry(drop, cc.CRI_V2), str(node.runtime))
-    assert all(ok for ok, _, _ in cc.registration_checks(str(node.config), 2))
+    assert list(drop["plugins"][CRI_V2]["containerd"]["runtimes"]) == ["thaw"]
+    assert_thaw_entry(thaw_entry(drop, CRI_V2), str(node.runtime))
+    # containerd 2.x reads the version 2 main config in the version 3 layout: the runc entry the
+    # thaw entry starts from is found there
+    assert thaw_entry(drop, CRI_V2)["options"]["SystemdCgroup"] is True
+    assert all(ok for ok, _, _ in checks.registration_checks(str(node.config), 2))
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -471,7 +546,7 @@ def test_containerd_2_with_a_version_2_main_config_gets_a_version_2_drop_in(tmp_
 def test_checks_reject_a_config_without_the_handler(tmp_path):
     node = Node(tmp_path)
     node.write_config(USER_V2)
-    [(ok, what, detail)] = cc.registration_checks(str(node.config), 1)
+    [(ok, what, detail)] = checks.registration_checks(str(node.config), 1)
     assert not ok and "thaw" in what and "install/node.sh --containerd" in detail
 
 
@@ -481,7 +556,7 @@ def test_checks_reject_a_wrong_handler(tmp_path):
                       '  runtime_type = "io.containerd.runc.v1"\n  pod_annotations = ["*"]\n'
                       '  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.thaw.options]\n'
                       f'    BinaryName = "{tmp_path}/missing"\n')
-    bad = {what.split()[-1] for ok, what, _ in cc.registration_checks(str(node.config), 1) if not ok}
+    bad = {what.split()[-1] for ok, what, _ in checks.registration_checks(str(node.config), 1) if not ok}
     assert bad == {"runtime_type", "BinaryName", "pod_annotations", "container_annotations"}
 
 
@@ -496,15 +571,15 @@ def test_checks_catch_a_drop_in_that_dropped_the_default_runtime(tmp_path):
         '  runtime_type = "io.containerd.runc.v2"\n  pod_annotations = ["thaw.dev/*"]\n'
         '  container_annotations = ["thaw.dev/*"]\n'
         f'  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.thaw.options]\n    BinaryName = "{node.runtime}"\n')
-    bad = [what for ok, what, _ in cc.registration_checks(str(node.config), 1) if not ok]
+    bad = [what for ok, what, _ in checks.registration_checks(str(node.config), 1) if not ok]
     assert bad == ["containerd default runtime"]
-    assert all(ok for ok, _, _ in cc.registration_checks(str(node.config), 2))   # 2.x keeps runc
+    assert all(ok for ok, _, _ in checks.registration_checks(str(node.config), 2))   # 2.x keeps runc
 
 
 def test_doctor_checks(tmp_path):
     node = Node(tmp_path)
     node.write_config(USER_V2)
-    res = cc.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
+    res = checks.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
     # installed but not running (its socket is absent): handler missing is not a failure yet
     assert all(ok for ok, _, _ in res), res
     assert any("not registered" in d for _, _, d in res)
@@ -515,11 +590,11 @@ def test_doctor_checks(tmp_path):
     s.bind(str(sock))
     try:
         node.config.write_text(USER_V2.replace("/run/containerd/containerd.sock", str(sock)))
-        res = cc.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
+        res = checks.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
         assert [ok for ok, _, _ in res] == [True, False], res
         assert "install/node.sh --containerd" in res[1][2]
         node.run()
-        res = cc.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
+        res = checks.doctor_checks(str(node.config), node.containerd, str(node.conf_d))
         assert all(ok for ok, _, _ in res), res
         assert "containerd drop-in in sync" in [w for _, w, _ in res]
     finally:
@@ -527,52 +602,74 @@ def test_doctor_checks(tmp_path):
 
 
 def test_doctor_without_containerd(monkeypatch):
-    monkeypatch.setattr(cc, "find_containerd", lambda: None)
-    assert cc.doctor_checks() == [(True, "containerd", "not installed")]
+    monkeypatch.setattr(checks, "find_containerd", lambda: None)
+    assert checks.doctor_checks() == [(True, "containerd", "not installed")]
 
 
 def test_doctor_run_checks_ends_with_the_containerd_checks(monkeypatch):
     from thaw.shim import doctor
     from thaw.shim.config import Config
-    monkeypatch.setattr(cc, "find_containerd", lambda: None)
+    monkeypatch.setattr(checks, "find_containerd", lambda: None)
     assert list(doctor.run_checks(Config()))[-1] == (True, "containerd", "not installed")
 
 
 # ----------------------------------------------------------------------------- real containerd
 
-def _real_containerd() -> str:
-    path = shutil.which("containerd") or "/usr/bin/containerd"
-    if not os.access(path, os.X_OK):
-        (pytest.fail if STRICT else pytest.skip)("containerd not installed (apt-get install containerd)")
-    return path
+# (build source, main config version): Debian 12's 1.6 and trixie's 1.7 read version 2; sid's 2.x
+# reads both (Debian's own /etc/containerd/config.toml is still version 2, `containerd config
+# default` of 2.x writes version 3).
+REAL = [("node", 2), ("trixie", 2), ("sid", 2), ("sid", 3)]
+_BUILDS = {b.source: b for b in builds.builds()}
 
 
-def _without_thaw(dump: dict) -> dict:
+def _real_build(source: str):
+    build = _BUILDS[source]
+    missing = build.missing()
+    if missing:
+        (pytest.fail if STRICT else pytest.skip)(f"prerequisite missing: {missing}")
+    return build
+
+
+def _user_config(layout: int, work, sock) -> str:
+    """A user's main config of this version for a private containerd under `work`."""
+    head = (f'version = {layout}\nroot = "{work}/root"\nstate = "{work}/state"\n'
+            '# NRI would listen on the host-wide /var/run/nri/nri.sock\n'
+            'disabled_plugins = ["io.containerd.nri.v1.nri"]\n\n'
+            f'[grpc]\n  address = "{sock}"\n\n')
+    if layout == 2:
+        return head + (
+            '[plugins]\n  [plugins."io.containerd.grpc.v1.cri"]\n    sandbox_image = "registry.k8s.io/pause:3.9"\n'
+            '    [plugins."io.containerd.grpc.v1.cri".cni]\n      bin_dir = "/usr/lib/cni"\n'
+            f'      conf_dir = "{work}/cni"\n'
+            '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n      SystemdCgroup = true\n')
+    return head + (
+        "[plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = 'registry.k8s.io/pause:3.9'\n\n"
+        "[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = ['/usr/lib/cni']\n"
+        f"  conf_dir = '{work}/cni'\n\n"
+        "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]\n  SystemdCgroup = true\n")
+
+
+def _without_thaw(dump: dict, plugin: str) -> dict:
     dump = dict(dump)
     dump.pop("imports", None)
-    rts = dump["plugins"][cc.CRI_V2]["containerd"]["runtimes"]
-    rts.pop("thaw", None)
+    dump["plugins"][plugin]["containerd"]["runtimes"].pop("thaw", None)
     return dump
 
 
 @pytest.mark.root
 @pytest.mark.containerd
-def test_real_containerd_loads_the_handler(tmp_path):
-    """containerd 1.6 itself merges the main config and the drop-in: `config dump` shows the
-    handler and otherwise exactly the config it showed before; a private containerd started on
-    the result loads its CRI plugin."""
-    binary = _real_containerd()
+@pytest.mark.parametrize("source,layout", REAL, ids=[f"{_BUILDS[s].id}-v{v}" for s, v in REAL])
+def test_real_containerd_loads_the_handler(tmp_path, source, layout):
+    """containerd itself merges the main config and the drop-in: `config dump` shows the handler
+    and otherwise exactly the config it showed before; a private containerd started on the result
+    loads its CRI plugin."""
+    build = _real_build(source)
+    binary = build.bin("containerd")
     node = Node(tmp_path)
     work = tmp_path / "ctrd"
     sock = work / "containerd.sock"
-    node.write_config(
-        "version = 2\n"
-        f'root = "{work}/root"\nstate = "{work}/state"\n\n'
-        f'[grpc]\n  address = "{sock}"\n\n'
-        '[plugins]\n  [plugins."io.containerd.grpc.v1.cri"]\n    sandbox_image = "registry.k8s.io/pause:3.9"\n'
-        '    [plugins."io.containerd.grpc.v1.cri".cni]\n      bin_dir = "/usr/lib/cni"\n'
-        f'      conf_dir = "{work}/cni"\n'
-        '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n      SystemdCgroup = true\n')
+    node.write_config(_user_config(layout, work, sock))
+    plugin = CRI_V3 if build.major >= 2 else CRI_V2       # where `config dump` shows the runtimes
 
     def dump() -> dict:
         proc = subprocess.run([binary, "--config", str(node.config), "config", "dump"],
@@ -581,26 +678,32 @@ def test_real_containerd_loads_the_handler(tmp_path):
         return tomllib.loads(proc.stdout)
 
     before = dump()
-    node.run(CONTAINERD_BIN=binary)
+    out = node.run(CONTAINERD_BIN=binary).stdout
+    assert f"config version {layout}" in out
+    assert node.drop()["version"] == layout
     after = dump()
-    entry = after["plugins"][cc.CRI_V2]["containerd"]["runtimes"]["thaw"]
+    entry = after["plugins"][plugin]["containerd"]["runtimes"]["thaw"]
     assert_thaw_entry(entry, str(node.runtime))
     assert entry["pod_annotations"] == ["thaw.dev/*"] and entry["container_annotations"] == ["thaw.dev/*"]
     assert entry["options"]["SystemdCgroup"] is True
-    assert str(node.drop_in) in after["imports"]
-    assert _without_thaw(after) == _without_thaw(before)
+    # 1.x lists the files it loaded, 2.x the imports entries
+    assert (str(node.drop_in) if build.major < 2 else node.entry) in after["imports"]
+    assert _without_thaw(after, plugin) == _without_thaw(before, plugin)
 
-    # The CRI plugin validates its config when it starts: run a private containerd on it.
+    # The CRI plugin validates its config when it starts: run a private containerd on it, with
+    # the build's own shim first on PATH.
     (work / "cni").mkdir(parents=True, exist_ok=True)
     log = open(tmp_path / "containerd.log", "w")
+    env = {**os.environ, "PATH": f"{build.bin_dir}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen([binary, "--config", str(node.config)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 30
         plugins = ""
         while time.monotonic() < deadline:
             if sock.exists():
-                r = subprocess.run(["ctr", "--address", str(sock), "plugins", "ls"], capture_output=True, text=True)
+                r = subprocess.run([build.bin("ctr"), "--address", str(sock), "plugins", "ls"],
+                                   capture_output=True, text=True)
                 if r.returncode == 0 and "cri" in r.stdout:
                     plugins = r.stdout
                     break
@@ -609,7 +712,7 @@ def test_real_containerd_loads_the_handler(tmp_path):
         [cri] = [line.split() for line in plugins.splitlines() if line.split()[:2] == ["io.containerd.grpc.v1", "cri"]]
         assert cri[-1] == "ok", (tmp_path / "containerd.log").read_text()[-3000:]
         # and thaw doctor's checks see the running containerd with the handler
-        res = cc.doctor_checks(str(node.config), binary, str(node.conf_d))
+        res = checks.doctor_checks(str(node.config), binary, str(node.conf_d))
         assert all(ok for ok, _, _ in res), res
         assert "(running)" in res[0][2]
     finally:

@@ -1,23 +1,31 @@
-"""A private containerd (1.6, config version 2) with the CRI plugin, for tests.
+"""A private containerd with the CRI plugin, for tests: any build of tests/cri/builds.py (1.6 and
+1.7 with config version 2, 2.x with version 3).
 
 Everything lives under one work directory (default /tmp/thaw-cri-XXXX): config, root, state,
 grpc socket, CNI config, host-local IPAM data, pod logs, runc root. The system containerd,
 /etc/containerd, /var/lib/containerd, /etc/cni, /opt/cni and /var/lib/cni/networks are never
-touched. Three things cannot be moved with containerd 1.6 and are shared with a system one:
-shim sockets in /run/containerd/s/<sha256 of our socket path + ns + id> (no clash), libcni's
-result cache /var/lib/cni/results/<network>-<sandbox id>-eth0 (our network is named thawtestN; the
-file goes away on CNI DEL), and the bridge plugin's net.ipv4.ip_forward=1 (isGateway). On stop,
-ip_forward is restored and those directories are removed when this instance created them and they
-are empty again (and no other instance runs).
+touched. containerd and the shims run with the build's own directory first on PATH, so each
+build uses its own containerd-shim-runc-v2. Three things cannot be moved and are shared with a
+system containerd: shim sockets in /run/containerd/s/<sha256 of our socket path + ns + id> (no
+clash), libcni's result cache /var/lib/cni/results/<network>-<sandbox id>-eth0 (our network is
+named thawtestN; the file goes away on CNI DEL), and the bridge plugin's net.ipv4.ip_forward=1
+(isGateway). On stop, ip_forward is restored and those directories are removed when this
+instance created them and they are empty again (and no other instance runs). NRI, which would
+listen on the host-wide /var/run/nri/nri.sock (2.x enables it), is disabled.
 
 Each instance takes a "slot" N (flock on /run/thaw-cri-tests/slot-N.lock, held while it runs):
-bridge thawtestN, pod subnet 10.233.N.0/24, pod cgroups under /thawtestN. A slot whose lock is free
-but whose record file is still there belongs to a crashed run: its leftovers (containerd, shims,
+bridge thawtestN, pod subnet 10.233.N.0/24, pod cgroups under /thawtestN. A slot whose subnet
+the host already routes (another network) is passed over. A slot whose lock is free but whose
+record file is still there belongs to a crashed run: its leftovers (containerd, shims,
 containers, mounts, bridge, cgroups, work dir) are reaped before the slot is reused.
+
+The config is written in two steps, as on a node: the main config (below) and then thaw's
+drop-in, by the production installer (thaw.shim.containerd.install), which adds the `thaw`
+handler to what this config defines and checks the result with `containerd config dump`.
 
 Runtime handlers (CRI runtime_handler / RuntimeClass handler):
   runc   default; io.containerd.runc.v2, BinaryName=runc
-  thaw   io.containerd.runc.v2, BinaryName=<thaw_binary>, pod/container annotations thaw.dev/*
+  thaw   written by thaw's installer: runc's entry with BinaryName=<thaw_binary>, annotations thaw.dev/*
   record io.containerd.runc.v2, BinaryName=<workdir>/record-runtime: a shell wrapper that appends
          its argv to <workdir>/record-runtime.log and execs runc (shows what the shim runs);
          annotations thaw.dev/* allowed
@@ -43,27 +51,43 @@ import tempfile
 import time
 from pathlib import Path
 
+import tomlkit
+
+from thaw.shim.containerd import dropin
+from thaw.shim.containerd.install import install as register_thaw
+from thaw.shim.containerd.merge import CRI_V2, CRI_V3
+
 from . import images as _images
+from .builds import Build
 
 REGISTRY_DIR = Path("/run/thaw-cri-tests")
 NAMESPACE = "k8s.io"
 SHIM_BINARY = "containerd-shim-runc-v2"
 CNI_BIN_DIR = "/usr/lib/cni"
-# Created by containerd 1.6 (shim sockets, hard-coded) and libcni (result cache, not configurable
-# through containerd 1.6's CRI config), deepest first.
+# Created by containerd (shim sockets, hard-coded) and libcni (result cache, not configurable
+# through containerd's CRI config), deepest first.
 SHIM_SOCKET_DIR = "/run/containerd/s"
 CNI_CACHE_DIR = "/var/lib/cni/results"
 HOST_DIRS_CREATED = [Path("/run/containerd/s"), Path("/run/containerd"),
                      Path("/var/lib/cni/results"), Path("/var/lib/cni")]
+# Not needed by CRI: skipping them makes start-up quieter and faster. NRI would listen on the
+# host-wide /var/run/nri/nri.sock.
+DISABLED_PLUGINS = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.blockfile", "io.containerd.snapshotter.v1.erofs",
+                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing",
+                    "io.containerd.nri.v1.nri"]
 
 
-def skip_reason(containerd_bin: str = "containerd") -> str | None:
-    """Why the containerd tests cannot run here, or None."""
+def skip_reason(build: Build) -> str | None:
+    """Why the containerd tests cannot run `build` here, or None."""
     if os.geteuid() != 0:
         return "needs root (runs a private containerd)"
-    for b in (containerd_bin, "ctr", SHIM_BINARY, "runc"):
-        if not shutil.which(b):
-            return f"{b} not installed (Debian: apt-get install containerd runc)"
+    missing = build.missing()
+    if missing:
+        return missing
+    if not shutil.which("runc"):
+        return "runc not installed (Debian: apt-get install runc)"
     for p in ("bridge", "host-local", "loopback"):
         if not Path(CNI_BIN_DIR, p).exists():
             return f"CNI plugin {CNI_BIN_DIR}/{p} missing (apt-get install containernetworking-plugins)"
@@ -73,14 +97,6 @@ def skip_reason(containerd_bin: str = "containerd") -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def _toml_str(s: str) -> str:
-    return json.dumps(str(s))
-
-
-def _toml_list(items) -> str:
-    return "[" + ", ".join(_toml_str(i) for i in items) + "]"
-
 
 def _cmdline(pid: int) -> list[str]:
     try:
@@ -341,9 +357,31 @@ def _other_slots_alive(mine: int) -> bool:
     return False
 
 
+def slot_subnet(n: int) -> ipaddress.IPv4Network:
+    return ipaddress.ip_network(f"10.233.{n}.0/24")
+
+
+def _routed_elsewhere(subnet: ipaddress.IPv4Network, bridge: str) -> bool:
+    """Does the host route part of `subnet` through anything but `bridge` (another network that
+    happens to use it: pods there would be unreachable)?"""
+    p = subprocess.run(["ip", "-j", "-4", "route", "show", "table", "all"], capture_output=True, text=True)
+    for r in json.loads(p.stdout or "[]"):
+        dst = r.get("dst", "")
+        if r.get("dev") == bridge or dst in ("", "default") or r.get("type") == "broadcast":
+            continue
+        try:
+            if ipaddress.ip_network(dst, strict=False).overlaps(subnet):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def _acquire_slot(first: int = 0) -> _Slot:
     REGISTRY_DIR.mkdir(parents=True, exist_ok=True)
     for n in range(first, 250):
+        if _routed_elsewhere(slot_subnet(n), f"thawtest{n}"):
+            continue
         fd = os.open(REGISTRY_DIR / f"slot-{n}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -375,25 +413,24 @@ class Containerd:
     Attributes after start(): address (grpc socket), workdir, root, state, config_path, log_path,
     runc_root (<state>/runc/k8s.io: the --root the shim passes to the runtime), bridge,
     subnet (ipaddress.IPv4Network), cgroup_root ("/thawtestN"), log_root (pod log dirs),
-    thaw_binary, thaw_is_real (False when the thaw handler falls back to runc), images (refs).
+    thaw_binary, thaw_is_real (False when the thaw handler falls back to runc), images (refs),
+    build, layout (config version: 2 for 1.x, 3 for 2.x), conf_d (thaw's drop-in is written there).
     """
 
-    def __init__(self, thaw_binary: str | None = None, *, workdir_base: str | None = None,
-                 containerd_bin: str = "containerd", ctr_bin: str = "ctr",
-                 runc_bin: str | None = None, cni_bin_dir: str = CNI_BIN_DIR,
-                 log_level: str = "debug", thaw_annotations: tuple[str, ...] = ("thaw.dev/*",),
+    def __init__(self, build: Build, thaw_binary: str | None = None, *, workdir_base: str | None = None,
+                 runc_bin: str | None = None, cni_bin_dir: str = CNI_BIN_DIR, log_level: str = "debug",
                  extra_handlers: dict[str, dict] | None = None, env: dict[str, str] | None = None,
-                 extra_toml: str = "", first_slot: int = 0):
-        self.containerd_bin = shutil.which(containerd_bin) or containerd_bin
-        self.ctr_bin = shutil.which(ctr_bin) or ctr_bin
+                 first_slot: int = 0):
+        self.build = build
+        self.containerd_bin = build.bin("containerd")
+        self.ctr_bin = build.bin("ctr")
+        self.layout = 3 if build.major >= 2 else 2
         self.runc_bin = runc_bin or shutil.which("runc") or "/usr/sbin/runc"
         found = thaw_binary or shutil.which("thaw-runtime")
         self.thaw_is_real = bool(found)
         self.thaw_binary = os.path.abspath(found) if found else self.runc_bin
         self.cni_bin_dir = cni_bin_dir
         self.log_level = log_level
-        self.thaw_annotations = list(thaw_annotations)
-        self.extra_toml = extra_toml
         # name -> {"binary": path, "annotations": [globs]}: more io.containerd.runc.v2 handlers
         self.extra_handlers = dict(extra_handlers or {})
         # extra environment for containerd; shims and runtimes (BinaryName) inherit it
@@ -418,6 +455,7 @@ class Containerd:
         self.state = self.workdir / "state"
         self.address = str(self.workdir / "containerd.sock")
         self.config_path = self.workdir / "config.toml"
+        self.conf_d = self.workdir / "conf.d"
         self.log_path = self.workdir / "containerd.log"
         self.cni_conf_dir = self.workdir / "cni" / "net.d"
         self.ipam_dir = self.workdir / "cni" / "ipam"
@@ -428,7 +466,7 @@ class Containerd:
         self.record_log = self.workdir / "record-runtime.log"
         self.bridge = f"thawtest{n}"
         self.network_name = f"thawtest{n}"
-        self.subnet = ipaddress.ip_network(f"10.233.{n}.0/24")
+        self.subnet = slot_subnet(n)
         self.gateway = str(self.subnet.network_address + 1)
         self.cgroup_root = f"/thawtest{n}"
         for d in (self.root, self.state, self.cni_conf_dir, self.ipam_dir, self.log_root):
@@ -446,73 +484,46 @@ class Containerd:
             "created_host_dirs": [str(d) for d in self._created_host_dirs],
         }
 
-    def _runtime_toml(self, name: str, binary: str, annotations: list[str]) -> str:
-        base = f'plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{name}'
-        ann = ""
+    def _runtime(self, binary: str, annotations: list[str]) -> dict:
+        entry = {"runtime_type": "io.containerd.runc.v2",
+                 "options": {"BinaryName": binary, "Root": str(self.runc_root_base), "SystemdCgroup": False}}
         if annotations:
-            ann = (f"  pod_annotations = {_toml_list(annotations)}\n"
-                   f"  container_annotations = {_toml_list(annotations)}\n")
-        return (f"[{base}]\n"
-                f'  runtime_type = "io.containerd.runc.v2"\n'
-                f"{ann}"
-                f"[{base}.options]\n"
-                f"  BinaryName = {_toml_str(binary)}\n"
-                f"  Root = {_toml_str(self.runc_root_base)}\n"
-                f"  SystemdCgroup = false\n")
+            entry["pod_annotations"] = entry["container_annotations"] = list(annotations)
+        return entry
+
+    def main_config(self) -> dict:
+        """containerd's config for this instance in its config version, without the thaw handler."""
+        runtimes = {"runc": self._runtime(self.runc_bin, []),
+                    "record": self._runtime(str(self.record_runtime), dropin.ANNOTATIONS),
+                    **{n: self._runtime(h["binary"], list(h.get("annotations", [])))
+                       for n, h in self.extra_handlers.items()}}
+        handlers = {"default_runtime_name": "runc", "runtimes": runtimes}
+        runtime = {"enable_selinux": False, "max_container_log_line_size": 16384,
+                   "netns_mounts_under_state_dir": True,
+                   # true when we lack CAP_SYS_RESOURCE: clamp oom_score_adj to containerd's own (see
+                   # has_cap_sys_resource); kubelet's -998 for the sandbox cannot be applied then.
+                   "restrict_oom_score_adj": not has_cap_sys_resource()}
+        images = {"snapshotter": "overlayfs", "disable_snapshot_annotations": True, "discard_unpacked_layers": False}
+        streaming = {"stream_server_address": "127.0.0.1", "stream_server_port": "0"}
+        cni = {"conf_dir": str(self.cni_conf_dir), "max_conf_num": 1}
+        if self.layout == 2:
+            plugins = {CRI_V2: {**runtime, **streaming, "sandbox_image": _images.PAUSE_IMAGE,
+                                "containerd": {**images, **handlers}, "cni": {**cni, "bin_dir": self.cni_bin_dir}}}
+        else:
+            plugins = {CRI_V3: {**runtime, "containerd": handlers, "cni": {**cni, "bin_dirs": [self.cni_bin_dir]}},
+                       "io.containerd.cri.v1.images": {**images, "pinned_images": {"sandbox": _images.PAUSE_IMAGE}},
+                       CRI_V2: streaming}
+        plugins["io.containerd.internal.v1.opt"] = {"path": str(self.workdir / "opt")}
+        return {"version": self.layout, "root": str(self.root), "state": str(self.state), "oom_score": 0,
+                "disabled_plugins": DISABLED_PLUGINS, "grpc": {"address": self.address},
+                "debug": {"level": self.log_level}, "plugins": plugins}
 
     def write_config(self) -> None:
-        cri = 'plugins."io.containerd.grpc.v1.cri"'
-        toml = f"""\
-version = 2
-root = {_toml_str(self.root)}
-state = {_toml_str(self.state)}
-oom_score = 0
-# not needed by CRI; skipping them makes start-up quieter and faster
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
-                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
-
-[grpc]
-  address = {_toml_str(self.address)}
-
-[debug]
-  level = {_toml_str(self.log_level)}
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {_toml_str(self.workdir / "opt")}
-
-[{cri}]
-  sandbox_image = {_toml_str(_images.PAUSE_IMAGE)}
-  disable_cgroup = false
-  systemd_cgroup = false
-  netns_mounts_under_state_dir = true
-  enable_selinux = false
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  max_container_log_line_size = 16384
-  # true when we lack CAP_SYS_RESOURCE: clamp oom_score_adj to containerd's own (see
-  # has_cap_sys_resource); kubelet's -998 for the sandbox cannot be applied then.
-  restrict_oom_score_adj = {"false" if has_cap_sys_resource() else "true"}
-
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-  disable_snapshot_annotations = true
-  discard_unpacked_layers = false
-
-{self._runtime_toml("runc", self.runc_bin, [])}
-{self._runtime_toml("thaw", self.thaw_binary, self.thaw_annotations)}
-{self._runtime_toml("record", str(self.record_runtime), self.thaw_annotations)}
-{"".join(self._runtime_toml(n, h["binary"], list(h.get("annotations", [])))
-         for n, h in self.extra_handlers.items())}
-[{cri}.cni]
-  bin_dir = {_toml_str(self.cni_bin_dir)}
-  conf_dir = {_toml_str(self.cni_conf_dir)}
-  max_conf_num = 1
-
-{self.extra_toml}
-"""
-        self.config_path.write_text(toml)
+        """The main config, then thaw's drop-in through the production installer (as on a node)."""
+        self.config_path.write_text(tomlkit.dumps(self.main_config()))
+        with open(self.workdir / "thaw-install.log", "w") as log:
+            register_thaw(str(self.config_path), str(self.conf_d), self.containerd_bin, self.thaw_binary,
+                          say=lambda m: print(m, file=log))
         conflist = {
             "cniVersion": "0.4.0",
             "name": self.network_name,
@@ -546,7 +557,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self._layout()
             self.write_config()
             self._forward_before = _read_sysctl("/proc/sys/net/ipv4/ip_forward")
-            # fixed paths containerd 1.6 / libcni create no matter the config; removed on stop
+            # fixed paths containerd / libcni create no matter the config; removed on stop
             # when we created them and they are empty again
             self._created_host_dirs = [d for d in HOST_DIRS_CREATED if not d.exists()]
             self.slot.write(self.info())
@@ -554,7 +565,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.proc = subprocess.Popen([self.containerd_bin, "--config", str(self.config_path)],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                          start_new_session=True, cwd=self.workdir,
-                                         env={**os.environ, **self.env})
+                                         env=self.containerd_env())
             logf.close()
             self.slot.write(self.info())
             self._wait_ready(timeout)
@@ -566,6 +577,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.stop()
             raise
         return self
+
+    def containerd_env(self) -> dict[str, str]:
+        """containerd's environment: the build's directory first on PATH, so that containerd starts
+        the build's own containerd-shim-runc-v2 (shims and runtimes inherit it)."""
+        return {**os.environ, **self.env, "PATH": f"{self.build.bin_dir}:{os.environ.get('PATH', '')}"}
 
     def _wait_ready(self, timeout: float) -> None:
         from .client import CriClient
@@ -678,8 +694,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         return json.loads((self.bundle_dir(container_id) / "config.json").read_text())
 
     def shim_pids(self, sandbox_id: str | None = None) -> list[int]:
-        """containerd-shim-runc-v2 processes of this containerd (one per pod: -id <sandbox id>)."""
+        """containerd-shim-runc-v2 processes of this containerd (one per pod: -id <sandbox id>).
+        Raises if one runs another build's shim binary: each build must use its own."""
         out = []
+        own = os.path.realpath(self.build.bin(SHIM_BINARY))
         for p in _pids():
             cl = _cmdline(p)
             if not cl or not cl[0].endswith(SHIM_BINARY) or self.address not in cl:
@@ -687,6 +705,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if sandbox_id is not None and sandbox_id not in cl:
                 continue
             if _alive(p):
+                exe = os.path.realpath(f"/proc/{p}/exe")
+                if exe != own and _alive(p):
+                    raise AssertionError(f"shim {p} of {self.build.id} runs {exe}, not {own}")
                 out.append(p)
         return out
 
