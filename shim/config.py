@@ -168,8 +168,12 @@ def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}must be a mapping")
     if "allow_cross_namespace" in raw:
-        raise ConfigError(f"{where}allow_cross_namespace was removed: a snapshot belongs to the namespace "
-                          "that captured it; name who may read whose snapshots in policy.share")
+        # Removed with namespace ownership; `false` (the old default, in every installed config)
+        # still means what it meant, `true` would now mean something it never could.
+        if raw["allow_cross_namespace"] not in (False, None):
+            raise ConfigError(f"{where}allow_cross_namespace was removed: a snapshot belongs to the namespace "
+                              "that captured it; name who may read whose snapshots in policy.share")
+        raw = {k: v for k, v in raw.items() if k != "allow_cross_namespace"}
     unknown = set(raw) - set(schema)
     if unknown:
         raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")

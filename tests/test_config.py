@@ -29,7 +29,36 @@ def test_values_and_cache(tmp_path, monkeypatch):
     assert config.load(str(p)).store_dir == "/other"
 
 
+def test_the_config_cache_is_what_is_read(tmp_path, monkeypatch):
+    """A warm cache is served without parsing the YAML (the hot path depends on it)."""
+    import marshal
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("store_dir: /s\n")
+    assert config.load(str(p)).store_dir == "/s"
+    [cache] = list((tmp_path / "cache").iterdir())
+    cached = marshal.loads(cache.read_bytes())
+    cached["config"]["store_dir"] = "/from-the-cache"
+    cache.write_bytes(marshal.dumps(cached))
+    assert config.load(str(p)).store_dir == "/from-the-cache"
+
+
+def test_policy_share_and_env(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("policy:\n  share: {base: [team-a], all: ['*']}\n  env_may_differ: [HOSTNAME, POD_IP]\n"
+                 "  allow_cross_namespace: false\n")
+    cfg = config.load(str(p))
+    assert cfg.policy.readable_from("team-a") == ("base", "all")
+    assert cfg.policy.readable_from("team-b") == ("all",)
+    assert cfg.policy.readable_from("base") == ("all",)
+    assert cfg.policy.env_may_differ == ("HOSTNAME", "POD_IP")
+    assert config.load(str(p)) == cfg                    # the same from the cache
+
+
 @pytest.mark.parametrize("text", ["store_dir: relative\n", "bogus: 1\n", "policy:\n  verify: maybe\n",
+                                  "policy:\n  allow_cross_namespace: true\n", "policy:\n  share: [a]\n",
+                                  "policy:\n  share: {a: b}\n", "policy:\n  env_may_differ: HOSTNAME\n",
                                   "log_level: loud\n", "next_runtime: /usr/local/bin/thaw-runtime\n",
                                   "- a\n- b\n", "store_dir: [unclosed\n"])
 def test_bad_configs(tmp_path, monkeypatch, text):
