@@ -240,6 +240,7 @@ class RegistryClient:
                   cancel: threading.Event | None = None) -> str:
         """Makes the registry hold the blob in `repo`. Returns how: "present" (HEAD found it),
         "mounted" (cross-repository mount from one of `mount_from`) or "uploaded"."""
+        _check_cancel(cancel, self.registry, repo, blob.digest)
         if skip_existing and self.blob_size(repo, blob.digest) is not None:
             return "present"
         location = None
@@ -293,6 +294,7 @@ class RegistryClient:
         reused from `have`. On error the range may hold partial data; nothing claims it is
         complete: only a normal return means the range holds the blob."""
         where = (self.registry, repo, blob.digest)
+        _check_cancel(cancel, *where)
         try:
             fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:

@@ -212,39 +212,39 @@ def _run(operation: str, items: list[BlobRange], one, parallel: int, listener: L
         key = b.digest if operation == "push" else _tkey(b)
         progress.blobs[key] = BlobProgress(b.digest, b.size)
     tracker = _Tracker(progress, listener)
-    stop = threading.Event()
+    stop = _Stop(cancel)
     tracker.emit("start")
     # Largest first: the long transfers start early and the pool stays busy to the end.
     order = sorted(items, key=lambda b: -b.size)
-    watcher = None
-    if cancel is not None:  # forward the caller's cancel to our stop flag
-        def watch() -> None:
-            while not stop.is_set():
-                if cancel.wait(0.1):
-                    stop.set()
-        watcher = threading.Thread(target=watch, daemon=True, name="registry-cancel")
-        watcher.start()
     first: BaseException | None = None
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix=f"registry-{operation}") as pool:
-            futures = [pool.submit(one, b, tracker, stop) for b in order]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    stop.set()
-                    break
-            wait(futures)
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        real = [e for e in errors if not isinstance(e, Cancelled)]
-        if real or errors:
-            first = real[0] if real else errors[0]
-    finally:
-        stop.set()
-        if watcher:
-            watcher.join()
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix=f"registry-{operation}") as pool:
+        futures = [pool.submit(one, b, tracker, stop) for b in order]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            stop.set()  # the others stop at their next chunk
+        wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    real = [e for e in errors if not isinstance(e, Cancelled)]
+    if errors:
+        first = real[0] if real else errors[0]
     if first is not None:
         progress.error = first if isinstance(first, RegistryError) else None
         tracker.emit("end")
         raise first
     tracker.emit("end")
     return progress
+
+
+class _Stop:
+    """Set on the first error; also set whenever the caller's cancel event is. Offers the
+    `is_set()` that the client's loops check between chunks."""
+
+    def __init__(self, cancel: threading.Event | None):
+        self._own = threading.Event()
+        self._cancel = cancel
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._cancel is not None and self._cancel.is_set())

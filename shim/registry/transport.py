@@ -117,7 +117,7 @@ class Transport:
             if resp.status == 401 and same_host and not tried_auth:
                 challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 _drain(resp)
-                self._on_challenge(challenge, scopes, where)
+                self._on_challenge(challenge, scopes, where, sent_basic=hdrs.get("Authorization", "").startswith("Basic "))
                 tried_auth = True
                 continue
             if allow_redirects and resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
@@ -171,7 +171,7 @@ class Transport:
                     return "Bearer " + tok.value
         return None
 
-    def _on_challenge(self, challenge: Challenge | None, scopes: tuple[str, ...], where) -> None:
+    def _on_challenge(self, challenge: Challenge | None, scopes: tuple[str, ...], where, sent_basic: bool) -> None:
         creds = self.credentials()
         who = f"credentials from {creds.source}" if creds else f"no credentials (config: {self.settings.auth_config or 'none'})"
         if challenge is None:
@@ -179,9 +179,9 @@ class Transport:
         if challenge.scheme == "basic":
             if creds is None or not (creds.username or creds.password):
                 raise AuthError(f"the registry requires a login (Basic auth) and there are {who}", self.registry, *where)
+            if sent_basic:  # we sent them and they were refused
+                raise AuthError(f"login refused with {who}", self.registry, *where)
             with self._lock:
-                if self._basic:  # we sent them and they were refused
-                    raise AuthError(f"login refused with {who}", self.registry, *where)
                 self._basic = True
             return
         if challenge.scheme == "bearer":
