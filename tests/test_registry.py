@@ -1,6 +1,6 @@
 """The registry transport against a real registry (Debian's docker-registry, CNCF distribution
 2.8) on loopback with TLS from a test CA and htpasswd or bearer-token auth. Faults that a real
-registry does not make by itself come from a small proxy (tests/registry/proxy.py)."""
+registry does not make by itself come from a small proxy (tests/registry_fixture/proxy.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from registry.fixtures import PASSWORD, USER, new_repo  # noqa: E402
-from registry.proxy import RegistryProxy  # noqa: E402
+from registry_fixture.server import PASSWORD, USER, new_repo  # noqa: E402
+from registry_fixture.proxy import RegistryProxy  # noqa: E402
 
-pytest_plugins = ["registry.fixtures"]
+pytest_plugins = ["registry_fixture.fixtures"]
 pytestmark = pytest.mark.registry
 
 from thaw.shim.registry.client import (EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST,  # noqa: E402
@@ -59,6 +59,16 @@ def split(path: str, data: bytes, sizes: list[int], base: int = 0) -> list[BlobR
         out.append(BlobRange(sha256(data[off:off + n]), path, off, n))
         off += n
     return out
+
+
+def pushed(site, tmp_path, sizes: list[int]) -> tuple[str, bytes, list[BlobRange]]:
+    """A new repository holding blobs that are consecutive ranges of one file of random bytes."""
+    repo, src = new_repo(), str(tmp_path / "src")
+    data = write_random(src, sum(sizes))
+    blobs = split(src, data, sizes)
+    with site.client() as c:
+        push_blobs(c, repo, blobs)
+    return repo, data, blobs
 
 
 def moved(blobs: list[BlobRange], path: str) -> list[BlobRange]:
@@ -230,12 +240,7 @@ print("FINISHED", flush=True)
 
 
 def test_pull_killed_with_sigkill_resumes_from_its_journal(tls_registry, tmp_path):
-    repo = new_repo()
-    src = str(tmp_path / "src")
-    data = write_random(src, 48 * MiB)
-    blob = split(src, data, [48 * MiB])[0]
-    with tls_registry.client() as c:
-        push_blobs(c, repo, [blob])
+    repo, data, (blob,) = pushed(tls_registry, tmp_path, [48 * MiB])
     dst, journal = str(tmp_path / "dst"), str(tmp_path / "pull.journal")
     target = BlobRange(blob.digest, dst, 4096, blob.size)  # a range that does not start the file
     settings = {"auth_config": tls_registry.auth_config, "ca_bundle": tls_registry.ca.ca}
@@ -272,12 +277,7 @@ def test_pull_killed_with_sigkill_resumes_from_its_journal(tls_registry, tmp_pat
 
 
 def test_registry_stopped_mid_pull_is_a_network_error_and_a_later_pull_resumes(fresh_registry, tmp_path):
-    repo = new_repo()
-    src = str(tmp_path / "src")
-    data = write_random(src, 64 * MiB)
-    blob = split(src, data, [64 * MiB])[0]
-    with fresh_registry.client() as c:
-        push_blobs(c, repo, [blob])
+    repo, data, (blob,) = pushed(fresh_registry, tmp_path, [64 * MiB])
     target = BlobRange(blob.digest, str(tmp_path / "dst"), 0, blob.size)
     journal = str(tmp_path / "journal")
     events = Events()
@@ -324,12 +324,7 @@ def test_wrong_or_missing_credentials_are_auth_errors(tls_registry, tmp_path):
 
 
 def test_corrupted_blob_is_a_digest_error_and_nothing_is_complete(tls_registry, tmp_path):
-    repo = new_repo()
-    src = str(tmp_path / "src")
-    data = write_random(src, 6 * MiB)
-    blobs = split(src, data, [3 * MiB, 3 * MiB])
-    with tls_registry.client() as c:
-        push_blobs(c, repo, blobs)
+    repo, data, blobs = pushed(tls_registry, tmp_path, [3 * MiB, 3 * MiB])
     # Byte 1 MiB + 5 of every blob body is flipped on its way through the proxy.
     with RegistryProxy(tls_registry.server.url, ca=tls_registry.ca.ca, corrupt_at=MiB + 5) as proxy:
         from thaw.shim.registry.client import RegistryClient
@@ -353,12 +348,7 @@ def test_corrupted_blob_is_a_digest_error_and_nothing_is_complete(tls_registry, 
 
 @pytest.mark.root
 def test_disk_full_during_pull_is_a_local_file_error(tls_registry, tmp_path):
-    repo = new_repo()
-    src = str(tmp_path / "src")
-    data = write_random(src, 8 * MiB)
-    blobs = split(src, data, [2 * MiB, 6 * MiB])
-    with tls_registry.client() as c:
-        push_blobs(c, repo, blobs)
+    repo, data, blobs = pushed(tls_registry, tmp_path, [2 * MiB, 6 * MiB])
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
@@ -379,10 +369,10 @@ def test_disk_full_during_pull_is_a_local_file_error(tls_registry, tmp_path):
 def test_first_hard_error_cancels_the_other_transfers(tls_registry, tmp_path):
     repo = new_repo()
     src = str(tmp_path / "src")
-    data = write_random(src, 40 * MiB)
-    good = split(src, data, [20 * MiB, 20 * MiB])
+    data = write_random(src, 64 * MiB)
+    good = split(src, data, [32 * MiB, 32 * MiB])
     # A range past the end of its file: reading it fails at once.
-    broken = BlobRange(sha256(b"never"), src, 40 * MiB - 10, 1000)
+    broken = BlobRange(sha256(b"never"), src, 64 * MiB - 10, 1000)
     events = Events()
     with tls_registry.client(chunk_size=MiB) as c, pytest.raises(LocalFileError) as err:
         push_blobs(c, repo, [broken, *good], parallel=3, listener=events)
@@ -412,12 +402,7 @@ def test_tls_needs_the_ca_and_plain_http_needs_listing(tls_registry, tmp_path):
 
 
 def test_redirect_to_blob_storage_drops_authorization(tls_registry, tmp_path):
-    repo = new_repo()
-    src = str(tmp_path / "src")
-    data = write_random(src, 2 * MiB)
-    blob = split(src, data, [2 * MiB])[0]
-    with tls_registry.client() as c:
-        push_blobs(c, repo, [blob])
+    repo, data, (blob,) = pushed(tls_registry, tmp_path, [2 * MiB])
     from thaw.shim.registry.auth import Credentials
     from thaw.shim.registry.client import RegistryClient
     basic = Credentials(USER, PASSWORD).basic()

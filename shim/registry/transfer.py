@@ -186,16 +186,24 @@ def pull_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
     def one(blob: BlobRange, tracker: _Tracker, stop: threading.Event) -> None:
         have, prefix = jr.get(blob) if jr else (0, None)
         record = (lambda n, d: jr.record(blob, n, d)) if jr else None
+        bp, update = tracker.progress.blobs[_tkey(blob)], tracker.on_bytes(_tkey(blob))
+        started = []
+
+        def on_bytes(n: int) -> None:
+            if not started:  # the first report is the prefix reused: not moved, so not in the rate
+                started.append(n)
+                bp.reused = n
+            update(n)
         try:
-            reused = client.download_blob(repo, blob, have=have, have_digest=prefix,
-                                          on_bytes=tracker.on_bytes(_tkey(blob)), checkpoint=record, cancel=stop)
+            reused = client.download_blob(repo, blob, have=have, have_digest=prefix, on_bytes=on_bytes,
+                                          checkpoint=record, cancel=stop)
         except DigestMismatchError:
             if jr:
                 jr.forget(blob)  # those bytes are wrong: nothing of them may be resumed
             raise
         if jr:
             jr.record(blob, blob.size, blob.digest)
-        tracker.progress.blobs[_tkey(blob)].reused = reused
+        bp.reused = reused
         tracker.finish(_tkey(blob), "verified" if reused == blob.size else "downloaded")
 
     return _run("pull", items, one, parallel, listener, cancel)

@@ -14,16 +14,17 @@ from __future__ import annotations
 import http.client
 import re
 import ssl
-import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .httpd import LoopbackServer
 
 _BLOB_GET = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
         "proxy-authenticate", "host"}
 
 
-class RegistryProxy:
+class RegistryProxy(LoopbackServer):
     def __init__(self, upstream_url: str, *, ca: str | None = None, corrupt_at: int | None = None,
                  redirect: bool = False, upstream_auth: str | None = None):
         self.upstream = urllib.parse.urlsplit(upstream_url)
@@ -32,10 +33,7 @@ class RegistryProxy:
         self.storage_auth_headers: list[str | None] = []  # Authorization seen by the storage side
         self.redirected_auth_headers: list[str] = []  # Authorization of the blob GETs redirected
         self.blob_gets = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        super().__init__(self._handler())
 
     @property
     def host(self) -> str:
@@ -44,21 +42,6 @@ class RegistryProxy:
     @property
     def storage_host(self) -> str:
         return f"localhost:{self.port}"
-
-    def start(self) -> "RegistryProxy":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)
-
-    def __enter__(self) -> "RegistryProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def _connect(self) -> http.client.HTTPConnection:
         host, port = self.upstream.hostname, self.upstream.port

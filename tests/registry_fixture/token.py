@@ -13,11 +13,12 @@ import base64
 import json
 import os
 import subprocess
-import threading
 import time
 import urllib.parse
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from .httpd import LoopbackServer
 
 SERVICE = "thaw-test-registry"
 ISSUER = "thaw-test-token-issuer"
@@ -27,7 +28,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-class TokenServer:
+class TokenServer(LoopbackServer):
     def __init__(self, directory: str, users: dict[str, str], public: tuple[str, ...] = (), ttl_s: int = 300):
         self.dir, self.users, self.public, self.ttl_s = directory, users, set(public), ttl_s
         os.makedirs(directory, exist_ok=True)
@@ -39,11 +40,8 @@ class TokenServer:
         der = subprocess.run(["openssl", "x509", "-in", self.cert, "-outform", "DER"], check=True,
                              capture_output=True, timeout=30).stdout
         self._x5c = base64.b64encode(der).decode()
-        self.requests: list[dict] = []  # {"user", "scopes", "granted", "method"}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.requests: list[dict] = []  # {"user", "scopes", "granted"}
+        super().__init__(self._handler())
 
     @property
     def realm(self) -> str:
@@ -52,15 +50,6 @@ class TokenServer:
     def registry_auth(self) -> dict[str, str]:
         """The `auth.token` section for RegistryServer(token=...)."""
         return {"realm": self.realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": self.cert}
-
-    def start(self) -> "TokenServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(10)
 
     def issue(self, user: str, access: list[dict]) -> str:
         now = int(time.time())

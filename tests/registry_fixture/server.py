@@ -21,9 +21,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 REGISTRY_BIN = "docker-registry"
 START_TIMEOUT_S = 15
+USER, PASSWORD = "alice", "s3cret-pw"  # the htpasswd / token-server user of the fixtures
+
+
+def new_repo(prefix: str = "thaw/t") -> str:
+    """A repository name no other test uses (tests share a session registry)."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 def missing_tools() -> str | None:

@@ -1,4 +1,4 @@
-"""pytest fixtures for the registry tests. Load with `pytest_plugins = ["registry.fixtures"]`.
+"""pytest fixtures for the registry tests. Load with `pytest_plugins = ["registry_fixture.fixtures"]`.
 
   registry_ca      (session) a TestCA
   tls_registry     (session) docker-registry with TLS and htpasswd user alice
@@ -11,15 +11,13 @@ Skips when docker-registry, htpasswd or openssl are missing, fails instead under
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 
 import pytest
 
-from .server import RegistryServer, TestCA, missing_tools
+from .server import PASSWORD, USER, RegistryServer, TestCA, missing_tools
 from .token import TokenServer
 
-USER, PASSWORD = "alice", "s3cret-pw"
 STRICT = os.environ.get("THAW_TEST_STRICT") == "1"
 
 
@@ -58,10 +56,6 @@ def _need_tools() -> None:
         if STRICT:
             pytest.fail(f"prerequisite missing under THAW_TEST_STRICT: {reason}")
         pytest.skip(reason)
-
-
-def new_repo(prefix: str = "thaw/t") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="session")
