@@ -31,7 +31,7 @@ pytestmark = pytest.mark.registry
 from thaw.shim.registry.client import (EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST,  # noqa: E402
                                        BlobRange)
 from thaw.shim.registry.errors import (AuthError, Cancelled, ConfigError, DigestMismatchError,  # noqa: E402
-                                       LocalFileError, NetworkError, RegistryError)
+                                       LocalFileError, NetworkError, NotFoundError)
 from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress  # noqa: E402
 from thaw.shim.registry.transfer import Journal, pull_blobs, push_blobs  # noqa: E402
 
@@ -124,6 +124,10 @@ def test_registry_stores_artifact_manifest_with_custom_config_and_empty_config(t
         assert c.get_manifest(repo, "empty").data == empty
         assert sorted(c.list_tags(repo)) == ["empty", "v1"]
         assert c.fetch_bytes(repo, sha256(config)) == config
+        # A manifest naming a blob the repository lacks is refused (distribution checks references).
+        with pytest.raises(NotFoundError) as err:
+            c.put_manifest(repo, "dangling", manifest(b'{"other":1}', blobs))
+        assert "MANIFEST_BLOB_UNKNOWN" in str(err.value)
 
 
 # --- push and pull ------------------------------------------------------------------------------
@@ -222,15 +226,16 @@ def test_push_from_a_range_that_is_not_the_digest_is_refused(tls_registry, tmp_p
 # --- resume ---------------------------------------------------------------------------------------
 
 _CHILD = r"""
-import json, os, sys, time
-sys.path.insert(0, {tests!r})
+import json, sys, time
 from thaw.shim.registry.client import BlobRange, RegistryClient
 from thaw.shim.registry.transport import Settings
+import thaw.shim.registry.transfer as transfer
 from thaw.shim.registry.transfer import pull_blobs
+transfer.PROGRESS_INTERVAL_S = 0  # an event per chunk: pause exactly where asked
 args = json.loads(sys.argv[1])
 blob = BlobRange(**args["blob"])
 def listener(event, progress, b):
-    if b is not None and b.done >= args["pause_at"]:
+    if event == "bytes" and b.done >= args["pause_at"]:
         print("PAUSED", b.done, flush=True)
         time.sleep(120)  # the test kills us here, mid-blob
 client = RegistryClient(args["host"], Settings(**args["settings"]), checkpoint_every=args["checkpoint_every"])
@@ -247,7 +252,7 @@ def test_pull_killed_with_sigkill_resumes_from_its_journal(tls_registry, tmp_pat
     args = {"blob": {"digest": target.digest, "path": dst, "offset": 4096, "size": target.size},
             "pause_at": 20 * MiB, "checkpoint_every": 4 * MiB, "host": tls_registry.host, "repo": repo,
             "journal": journal, "settings": settings}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=_TESTS), json.dumps(args)],
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready, _, _ = select.select([child.stdout], [], [], 60)
@@ -276,7 +281,9 @@ def test_pull_killed_with_sigkill_resumes_from_its_journal(tls_registry, tmp_pat
     assert next(iter(again.blobs.values())).outcome == "verified"
 
 
-def test_registry_stopped_mid_pull_is_a_network_error_and_a_later_pull_resumes(fresh_registry, tmp_path):
+def test_registry_stopped_mid_pull_is_a_network_error_and_a_later_pull_resumes(fresh_registry, tmp_path, monkeypatch):
+    import thaw.shim.registry.transfer as transfer
+    monkeypatch.setattr(transfer, "PROGRESS_INTERVAL_S", 0)  # an event per chunk: stop it early, surely
     repo, data, (blob,) = pushed(fresh_registry, tmp_path, [64 * MiB])
     target = BlobRange(blob.digest, str(tmp_path / "dst"), 0, blob.size)
     journal = str(tmp_path / "journal")
@@ -285,7 +292,7 @@ def test_registry_stopped_mid_pull_is_a_network_error_and_a_later_pull_resumes(f
 
     def listener(event, progress, b):
         events(event, progress, b)
-        if b is not None and b.done >= 8 * MiB and not killed.is_set():
+        if event == "bytes" and b.done >= 8 * MiB and not killed.is_set():
             killed.set()
             fresh_registry.server.stop(signal.SIGKILL)
 

@@ -252,7 +252,7 @@ class Transport:
             return NotFoundError(what, self.registry, *where)
         if "DIGEST_INVALID" in codes or "SIZE_INVALID" in codes:
             return DigestMismatchError(what, self.registry, *where)
-        if "BLOB_UNKNOWN" in codes or "MANIFEST_UNKNOWN" in codes or "NAME_UNKNOWN" in codes:
+        if codes & {"BLOB_UNKNOWN", "MANIFEST_UNKNOWN", "NAME_UNKNOWN", "MANIFEST_BLOB_UNKNOWN"}:
             return NotFoundError(what, self.registry, *where)
         if resp.status in (429, 502, 503, 504):
             return NetworkError(f"{what} (registry unavailable; try again later)", self.registry, *where)
