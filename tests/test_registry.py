@@ -193,8 +193,10 @@ def test_cross_repository_mount_and_fallback_to_upload(tls_registry, tmp_path):
         assert prog.blobs[blobs[0].digest].outcome == "mounted"
         assert prog.blobs[blobs[1].digest].outcome == "uploaded"  # not in base: the mount's upload was used
         assert c.blob_size(other, blobs[0].digest) == MiB
-        # A source repository that lacks the blob: the registry opens an upload instead.
-        assert c.push_blob(lacking, blobs[0], mount_from=(new_repo(),)) == "uploaded"
+        # A source repository that lacks the blob: the registry opens an upload instead; the
+        # next source is tried, and the last refused mount's session carries the upload.
+        assert c.push_blob(lacking, blobs[0], mount_from=(new_repo(), base)) == "mounted"
+        assert c.push_blob(lacking, blobs[1], mount_from=(new_repo(), base)) == "uploaded"
     assert tls_registry.log_lines(f"POST /v2/{other}/blobs/uploads/?from={base}") or \
         tls_registry.log_lines(f"POST /v2/{other}/blobs/uploads/?mount=")
 

@@ -189,6 +189,14 @@ class RegistryClient:
         resp = self._req("POST", f"/v2/{repo}/blobs/uploads/", repo, "pull,push", digest, expect=(202,))
         return self._location(resp, repo, digest)
 
+    def _abandon_upload(self, location: str, repo: str, digest: str) -> None:
+        """Cancels an upload session we will not use (best effort: the registry purges stale
+        sessions anyway)."""
+        try:
+            self._req("DELETE", location, repo, "pull,push", digest, expect=(204, 404))
+        except RegistryError:
+            pass
+
     def _location(self, resp, repo: str, digest: str) -> str:
         loc = resp.headers.get("Location")
         if not loc:
@@ -239,18 +247,18 @@ class RegistryClient:
                   chunk_size: int | None = None, on_bytes: OnBytes | None = None,
                   cancel: threading.Event | None = None) -> str:
         """Makes the registry hold the blob in `repo`. Returns how: "present" (HEAD found it),
-        "mounted" (cross-repository mount from one of `mount_from`) or "uploaded"."""
+        "mounted" (cross-repository mount from one of `mount_from`, tried in order) or "uploaded"
+        (into the upload session the last refused mount opened, else a new one)."""
         _check_cancel(cancel, self.registry, repo, blob.digest)
         if skip_existing and self.blob_size(repo, blob.digest) is not None:
             return "present"
         location = None
-        for source in mount_from:
-            if source == repo:
-                continue
+        for source in (s for s in mount_from if s != repo):
+            if location:
+                self._abandon_upload(location, repo, blob.digest)
             location = self.mount_blob(repo, blob.digest, source)
             if location is None:
                 return "mounted"
-            break  # a mount not done opened an upload session: use it
         self.upload_blob(repo, blob, location=location, chunk_size=chunk_size, on_bytes=on_bytes, cancel=cancel)
         return "uploaded"
 
