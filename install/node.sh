@@ -45,6 +45,8 @@ PKGS=(runc iptables iproute2 busybox-static python3 python3-venv ca-certificates
       libgnutls28-dev libnftables-dev uuid-dev)
 if [ "$DEV" = 1 ]; then
   PKGS+=(containerd containernetworking-plugins)   # the tests start a private containerd
+  # Registry tests: a real registry (CNCF distribution 2.8), a second OCI client, htpasswd, a CA.
+  PKGS+=(docker-registry skopeo apache2-utils openssl)
 elif [ "$CONTAINERD" = 1 ] && ! command -v containerd >/dev/null; then
   PKGS+=(containerd containernetworking-plugins)   # never replace a containerd the node already runs
 fi
@@ -59,6 +61,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || die "apt-get install failed: ${missing[*]}"
 else
   say "apt: all ${#PKGS[@]} packages present"
+fi
+if [ "$DEV" = 1 ] && command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true   # the tests start their own registries
 fi
 
 # --- packages of other Debian releases, privately -----------------------------------------------
