@@ -23,10 +23,9 @@ import tempfile
 import time
 
 import psutil
-from common import machine, save  # also puts tests/ on sys.path
-
 from registry_fixture.server import PASSWORD, USER, RegistryServer, TestCA, new_repo  # noqa: E402
 
+from common import machine, save  # also puts tests/ on sys.path
 from thaw.shim.registry.client import BlobRange, RegistryClient  # noqa: E402
 from thaw.shim.registry.transfer import pull_blobs, push_blobs  # noqa: E402
 from thaw.shim.registry.transport import Settings  # noqa: E402

@@ -22,16 +22,22 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
-from registry_fixture.server import PASSWORD, USER, new_repo  # noqa: E402
 from registry_fixture.proxy import RegistryProxy  # noqa: E402
+from registry_fixture.server import PASSWORD, USER, new_repo  # noqa: E402
 
 pytest_plugins = ["registry_fixture.fixtures"]
 pytestmark = pytest.mark.registry
 
-from thaw.shim.registry.client import (EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST,  # noqa: E402
-                                       BlobRange)
-from thaw.shim.registry.errors import (AuthError, Cancelled, ConfigError, DigestMismatchError,  # noqa: E402
-                                       LocalFileError, NetworkError, NotFoundError)
+from thaw.shim.registry.client import EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST, BlobRange  # noqa: E402
+from thaw.shim.registry.errors import (  # noqa: E402
+    AuthError,
+    Cancelled,
+    ConfigError,
+    DigestMismatchError,
+    LocalFileError,
+    NetworkError,
+    NotFoundError,
+)
 from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress  # noqa: E402
 from thaw.shim.registry.transfer import Journal, pull_blobs, push_blobs  # noqa: E402
 

@@ -27,8 +27,15 @@ from typing import Callable, Iterator
 from thaw.oci.reference import ReferenceError, check_digest
 
 from .auth import repository_scope
-from .errors import (Cancelled, DigestMismatchError, LocalFileError, NetworkError, NotFoundError,
-                     ProtocolError, RegistryError)
+from .errors import (
+    Cancelled,
+    DigestMismatchError,
+    LocalFileError,
+    NetworkError,
+    NotFoundError,
+    ProtocolError,
+    RegistryError,
+)
 from .transport import Settings, Transport
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -178,7 +178,7 @@ def pull_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
     failed verification keeps a journal entry. The journal stays (for a later resume) until the
     caller calls Journal(path).remove() after publishing."""
     jr = Journal(journal) if journal else None
-    keys = {}
+    keys: dict[str, BlobRange] = {}
     for b in blobs:  # one entry per (digest, path, offset)
         keys.setdefault(Journal.key(b), b)
     items = list(keys.values())
@@ -187,7 +187,7 @@ def pull_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
         have, prefix = jr.get(blob) if jr else (0, None)
         record = (lambda n, d: jr.record(blob, n, d)) if jr else None
         bp, update = tracker.progress.blobs[_tkey(blob)], tracker.on_bytes(_tkey(blob))
-        started = []
+        started: list[int] = []
 
         def on_bytes(n: int) -> None:
             if not started:  # the first report is the prefix reused: not moved, so not in the rate

@@ -24,8 +24,15 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
 from .auth import Challenge, Credentials, load_credentials, parse_challenge
-from .errors import (AuthError, ConfigError, DigestMismatchError, NetworkError, NotFoundError,
-                     ProtocolError, RegistryError)
+from .errors import (
+    AuthError,
+    ConfigError,
+    DigestMismatchError,
+    NetworkError,
+    NotFoundError,
+    ProtocolError,
+    RegistryError,
+)
 
 USER_AGENT = "thaw-registry/0.1"
 MAX_REDIRECTS = 5
