@@ -29,7 +29,8 @@ def wait_ready(pid: int, timeout: float) -> float:
 
 
 def get_state(pid: int) -> dict:
-    status, body = engine.request_in_netns(pid, f"http://127.0.0.1:{PORT}/state", "GET")
+    with engine.ContainerView(pid) as view:
+        status, body = view.request(f"http://127.0.0.1:{PORT}/state", "GET")
     assert status == 200, body
     return json.loads(body)
 

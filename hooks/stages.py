@@ -34,10 +34,10 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
             st.update(hook_error="; ".join(problems))
             return 1
         return 0
-    if record.phase == Phase.COLD and record.capture and not record.watcher_pid and oci_state.pid:
+    if record.phase == Phase.COLD and record.capture and not record.watcher and oci_state.pid:
         try:
             from thaw.shim import autocapture
-            st.update(watcher_pid=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid))
+            st.update(watcher=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid).to_json())
         except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
             events.emit(cfg, "hook_error", f"auto-capture watcher not started: {exc}", oci_state.id, "error")
     return 0

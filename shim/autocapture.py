@@ -19,18 +19,19 @@ from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
 
 from . import events
 from .config import Config
+from .procs import ProcessHandle
 from .state import ContainerState
 
 
-def start_watcher(cfg: Config, container_id: str, pid: int) -> int:
-    """Start `thaw-hook watch` for container_id (whose init is pid), detached; return its pid."""
+def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
+    """Start `thaw-hook watch` for container_id (whose init is pid), detached; its handle."""
     env = {"PATH": os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     if cfg.source:
         env["THAW_CONFIG"] = cfg.source
     proc = subprocess.Popen([cfg.hook, "watch", container_id, str(pid)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    return proc.pid
+    return ProcessHandle.of(proc.pid)
 
 
 def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
@@ -41,8 +42,8 @@ def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
 
 
 def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, str, str]:
-    from . import engine
     from .capture import capture, report
+    from .engine import ContainerView, EngineError
     from .store import Store, StoreError
 
     st = ContainerState(cfg.state_dir, container_id)
@@ -53,14 +54,21 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
     ref = SnapshotRef.parse(want["snapshot"])
     namespace = want.get("namespace") or LOCAL_NAMESPACE
     deadline = time.monotonic() + cfg.capture_ready_timeout
-    while True:
-        if not os.path.exists(f"/proc/{pid}"):
-            return "gone", "info", "container ended before it was ready"
-        if engine.ready(want["ready"], pid):
-            break
-        if time.monotonic() > deadline:
-            return "timeout", "warning", f"not ready after {cfg.capture_ready_timeout}s; giving up"
-        time.sleep(poll)
+    try:
+        # Held for the whole wait: probes go into this container's netns and root, never into
+        # whatever process may get its pid once it has ended.
+        view = ContainerView(pid)
+    except EngineError:
+        return "gone", "info", "container ended before it was ready"
+    with view:
+        while True:
+            if not view.alive():
+                return "gone", "info", "container ended before it was ready"
+            if view.ready(want["ready"]):
+                break
+            if time.monotonic() > deadline:
+                return "timeout", "warning", f"not ready after {cfg.capture_ready_timeout}s; giving up"
+            time.sleep(poll)
 
     store = Store.for_config(cfg).init()
     with store.name_lock(ref, namespace):

@@ -9,6 +9,7 @@ belongs to the namespace of the container's pod (or `_local` outside Kubernetes)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import datetime
 
@@ -55,6 +56,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
     if state.get("status") != "running":
         raise CaptureError(f"container {container_id} is {state.get('status')}, not running")
     bundle = Bundle.load(state["bundle"])
+    _refuse_foreign_criu_config(cfg, container_id, state, bundle)
     namespace = ann.namespace_of(bundle.annotations)
     pid = int(state["pid"])
     store = Store.for_config(cfg).init()
@@ -121,6 +123,19 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         if summary.skipped:
             log(f"rootfs entries not carried (sockets, devices, fifos): {summary.skipped[:10]}")
         return snap
+
+
+def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict, bundle: Bundle) -> None:
+    """runc hands CRIU the configuration file a container's spec names (org.criu.config) when it
+    checkpoints it, and CRIU runs as root: a spec that names one could run its own action
+    scripts on the host. Only the file thaw itself named for a restore (gone by now) is fine."""
+    from .runc import CRIU_CONFIG
+    for named in ((state.get("annotations") or {}).get(CRIU_CONFIG), bundle.annotations.get(CRIU_CONFIG)):
+        ours = os.path.join(cfg.state_dir, "containers", container_id + ".d", "criu.conf")
+        if named and named != ours:
+            raise CaptureError(f"container {container_id} names a CRIU configuration file ({CRIU_CONFIG}: "
+                               f"{named!r}); a container must not choose CRIU's options, so thaw does not "
+                               "capture it")
 
 
 def _creds(pid: int) -> tuple[fmt.ProcessCreds, ...]:

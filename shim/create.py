@@ -149,7 +149,13 @@ def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
         msg = f"thaw: restore required but failed, container not created: {outcome.reason}"
         fields = {"reason": outcome.reason, "code": code}
     if cfg.logs(level):
-        runc_log.append(call.log_path, level, msg, call.log_format)
+        if call.log_path:
+            runc_log.append(call.log_path, level, msg, call.log_format)
+        elif level == "error":
+            # No --log (Podman's conmon passes none): runc reports errors on stderr, so does thaw.
+            # A cold start's reason stays off the container's stderr (it is in the events log).
+            import sys
+            sys.stderr.write(runc_log.format_line(level, msg, "text"))
     events.emit(cfg, kind, msg, cid, level, **fields)
     phases = outcome.record.phases if isinstance(outcome, Restored) else None
     metrics.record_create(cfg, kind, code, phases)

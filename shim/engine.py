@@ -1,13 +1,17 @@
 """Calls to the inference engine inside a container: quiesce/resume URLs and readiness probes.
 
 The URLs name 127.0.0.1 *inside the container*: the request is made from a forked child that
-has joined the container's network namespace (setns on /proc/PID/ns/net), so it works for pods
-whose network is not reachable from the host's.
+has joined the container's network namespace, so it works for pods whose network is not
+reachable from the host's. A `ContainerView` opens the container's network namespace and root
+once, from a pid it has just checked (with its start time); later calls go through those
+descriptors, never through /proc/PID again: a pid that was reused after the container ended
+cannot turn a probe into a request from the host's network or a look at the host's files.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import urllib.error
@@ -15,22 +19,117 @@ import urllib.request
 
 from thaw.oci import ThawError
 
+from .procs import ProcessHandle
+
 CLONE_NEWNET = 0x40000000
+_SYS_OPENAT2 = 437                 # the same number on every architecture (generic syscall table)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_IN_ROOT = 0x10
 
 
 class EngineError(ThawError):
     pass
 
 
-def _setns(path: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def open_in_root(root_fd: int, path: str) -> int:
+    """An O_PATH descriptor of `path` resolved inside root_fd as if it were `/` (openat2
+    RESOLVE_IN_ROOT: absolute symlinks and `..` stay inside; no /proc magic links)."""
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(_SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+class ContainerView:
+    """A running container's network namespace and root, held by descriptors."""
+
+    def __init__(self, pid: int):
+        self.handle = ProcessHandle.of(pid)
+        try:
+            self.netns_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            self.root_fd = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise EngineError(f"container process {pid} is gone: {exc.strerror}") from exc
+        if not self.handle.alive():          # the pid named another process by the time we looked
+            self.close()
+            raise EngineError(f"container process {pid} is gone")
+
+    def alive(self) -> bool:
+        return self.handle.alive()
+
+    def close(self) -> None:
+        for fd in (getattr(self, "netns_fd", -1), getattr(self, "root_fd", -1)):
+            if fd >= 0:
+                os.close(fd)
+        self.netns_fd = self.root_fd = -1
+
+    def __enter__(self) -> ContainerView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, url: str, method: str = "POST", timeout: float = 60.0) -> tuple[int, str]:
+        """An HTTP request made from inside the container's network namespace."""
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the forked child
+            os.close(r)
+            try:
+                if _libc().setns(self.netns_fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns: {os.strerror(err)}")
+                status, body = _request(url, method, timeout)
+                answer: dict = {"status": status, "body": body}
+            except Exception as exc:  # noqa: BLE001 - everything goes back to the parent
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            os.write(w, json.dumps(answer).encode())
+            os._exit(0)
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(child, 0)
+        try:
+            out: dict = json.loads(b"".join(chunks) or b"{}")
+        except ValueError:
+            out = {}
+        if "error" in out or "status" not in out:
+            raise EngineError(f"{method} {url} in the netns of pid {self.handle.pid}: {out.get('error', 'no answer')}")
+        return int(out["status"]), str(out["body"])
+
+    def file_exists(self, path: str) -> bool:
+        try:
+            os.close(open_in_root(self.root_fd, path))
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return False
+            raise EngineError(f"cannot look for {path} in the container: {exc}") from exc
+
+    def ready(self, probe: str, timeout: float = 5.0) -> bool:
+        """One readiness probe: `http://...` (GET, 2xx is ready) or `file:/path` (exists inside
+        the container's root file system)."""
+        if probe.startswith("file:"):
+            return self.file_exists(probe[len("file:"):])
+        try:
+            status, _ = self.request(probe, "GET", timeout)
+        except EngineError:
+            return False
+        return 200 <= status < 300
 
 
 def _request(url: str, method: str, timeout: float) -> tuple[int, str]:
@@ -42,54 +141,19 @@ def _request(url: str, method: str, timeout: float) -> tuple[int, str]:
         return exc.code, exc.read(65536).decode(errors="replace")
 
 
-def request_in_netns(pid: int | None, url: str, method: str = "POST", timeout: float = 60.0) -> tuple[int, str]:
-    """Make an HTTP request from inside pid's network namespace (pid None: from here)."""
-    if pid is None:
-        return _request(url, method, timeout)
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the forked child
-        os.close(r)
-        try:
-            _setns(f"/proc/{pid}/ns/net")
-            status, body = _request(url, method, timeout)
-            answer: dict = {"status": status, "body": body}
-        except Exception as exc:  # noqa: BLE001 - everything goes back to the parent
-            answer = {"error": f"{type(exc).__name__}: {exc}"}
-        os.write(w, json.dumps(answer).encode())
-        os._exit(0)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 65536):
-        chunks.append(chunk)
-    os.close(r)
-    os.waitpid(child, 0)
-    try:
-        out: dict = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        out = {}
-    if "error" in out or "status" not in out:
-        raise EngineError(f"{method} {url} in netns of pid {pid}: {out.get('error', 'no answer')}")
-    return int(out["status"]), str(out["body"])
-
-
-def call(url: str, pid: int | None, timeout: float = 120.0) -> str:
-    """POST to a quiesce/resume URL; a non-2xx answer is an error."""
-    status, body = request_in_netns(pid, url, "POST", timeout)
+def call(url: str, pid: int, timeout: float = 120.0) -> str:
+    """POST to a quiesce/resume URL inside the container of `pid`; a non-2xx answer is an error."""
+    with ContainerView(pid) as view:
+        status, body = view.request(url, "POST", timeout)
     if not 200 <= status < 300:
         raise EngineError(f"POST {url} answered {status}: {body[:200]}")
     return body
 
 
-def ready(probe: str, pid: int | None, rootfs: str | None = None, timeout: float = 5.0) -> bool:
-    """One readiness probe: `http://...` (GET, 2xx is ready) or `file:/path` (exists inside the
-    container's root file system)."""
-    if probe.startswith("file:"):
-        path = probe[len("file:"):]
-        base = f"/proc/{pid}/root" if pid else (rootfs or "/")
-        return os.path.exists(os.path.join(base, path.lstrip("/")))
+def ready(probe: str, pid: int, timeout: float = 5.0) -> bool:
+    """One readiness probe of the container of `pid` (a container that is gone is not ready)."""
     try:
-        status, _ = request_in_netns(pid, probe, "GET", timeout)
+        with ContainerView(pid) as view:
+            return view.ready(probe, timeout)
     except EngineError:
         return False
-    return 200 <= status < 300

@@ -105,21 +105,29 @@ class _DiffWriter:
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if rel in self.excluded:
                 continue
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if self.overlay and _is_whiteout(st):
-                self.diff.deleted.append(rel)
-            elif stat.S_ISDIR(st.st_mode):
-                self._directory(dir_fd, name, rel)
-            elif stat.S_ISLNK(st.st_mode):
-                if self._changed(st):
-                    info = self._info(rel, st, tarfile.SYMTYPE)
-                    info.linkname = os.readlink(name, dir_fd=dir_fd)
-                    self._emit(info)
-            elif stat.S_ISREG(st.st_mode):
-                if self._changed(st):
-                    self._file(dir_fd, name, rel)
-            else:
-                self.diff.skipped.append(rel)
+            try:
+                self._entry(dir_fd, name, rel)
+            except RootfsError:
+                raise
+            except OSError as exc:      # gone, or not what it was a moment ago
+                raise RootfsError(f"rootfs changed during capture at {rel}: {exc.strerror}") from exc
+
+    def _entry(self, dir_fd: int, name: str, rel: str) -> None:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if self.overlay and _is_whiteout(st):
+            self.diff.deleted.append(rel)
+        elif stat.S_ISDIR(st.st_mode):
+            self._directory(dir_fd, name, rel)
+        elif stat.S_ISLNK(st.st_mode):
+            if self._changed(st):
+                info = self._info(rel, st, tarfile.SYMTYPE)
+                info.linkname = os.readlink(name, dir_fd=dir_fd)
+                self._emit(info)
+        elif stat.S_ISREG(st.st_mode):
+            if self._changed(st):
+                self._file(dir_fd, name, rel)
+        else:
+            self.diff.skipped.append(rel)
 
     def _directory(self, parent_fd: int, name: str, rel: str) -> None:
         try:

@@ -152,6 +152,10 @@ class Runc:
         finally:
             for fd in fds.values():
                 os.close(fd)
+            # runc keeps the annotation in its own copy of the spec: a later `runc checkpoint` of
+            # this container would hand CRIU this restore's options. CRIU ignores a missing file.
+            if os.path.exists(conf):
+                os.unlink(conf)
             annotations = bundle.spec.setdefault("annotations", {})
             if annotations.get(CRIU_CONFIG) == conf:
                 if previous is None:

@@ -56,7 +56,7 @@ class Record:
     phases: dict | None
     cold_reason: str | None
     capture: dict | None
-    watcher_pid: int | None
+    watcher: dict | None
     captured: str | None
     capture_s: float | None
     hook_error: str | None
@@ -74,7 +74,7 @@ class Record:
         "phases": None,        # restore timings {name: seconds}
         "cold_reason": None,
         "capture": None,       # auto-capture request {snapshot, ready, quiesce, resume, root}
-        "watcher_pid": None,   # auto-capture watcher
+        "watcher": None,       # auto-capture watcher's process handle {pid, start}
         "captured": None,      # NAME:TAG the watcher published
         "capture_s": None,
         "hook_error": None,    # why the prestart hook failed a restore
@@ -207,11 +207,11 @@ def finish(cfg, container_id: str, how: str) -> Record | None:
     if record.phase == Phase.RESTORING and how == "poststop":
         # runc runs poststop when a restore fails: thaw-runtime is mid-restore and cleans up itself.
         return None
-    if record.watcher_pid:
-        try:
-            os.kill(int(record.watcher_pid), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+    if record.watcher:
+        from .procs import ProcessHandle
+        watcher = ProcessHandle.from_json(record.watcher)
+        if watcher is not None:
+            watcher.signal(signal.SIGTERM)      # never a process that reused the watcher's pid
     now = time.time()
     restored = record.phase in (Phase.RESTORED, Phase.RUNNING)
     events.emit(cfg, "finished", f"{'restored' if restored else 'cold-started'} container ended ({how})",

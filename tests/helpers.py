@@ -73,7 +73,8 @@ def unique(prefix: str = "t") -> str:
 
 def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | None = None,
                 netns: str | None = None, python: bool = False, env: list[str] | None = None,
-                cgroup: str | None = None, binds: dict[str, str] | None = None) -> str:
+                cgroup: str | None = None, binds: dict[str, str] | None = None,
+                image: str | None = "default") -> str:
     """A runc bundle at `path`: busybox rootfs (plus the host's /usr, read-only, when python),
     a new or joined (netns path) network namespace, the given process args and annotations."""
     rootfs = os.path.join(path, "rootfs")
@@ -124,10 +125,7 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
         "root": {"path": "rootfs", "readonly": False},
         "hostname": "thaw-test",
         "mounts": mounts,
-        # An image name, as ctr or an image builder would set: without one (and without an overlay
-        # rootfs to identify the image by) thaw never restores a container.
-        "annotations": {"org.opencontainers.image.ref.name": f"thaw-test/{'python' if python else 'busybox'}:1",
-                        **(annotations or {})},
+        "annotations": {**_image_annotation(image, python), **(annotations or {})},
         "linux": {
             "cgroupsPath": cgroup or f"/thaw-test/{os.path.basename(path)}",
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
@@ -139,6 +137,16 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(spec, f, indent=1)
     return path
+
+
+def _image_annotation(image: str | None, python: bool) -> dict[str, str]:
+    """An image name, as ctr or an image builder would set: without one (and without an overlay
+    rootfs to identify the image by) thaw never restores a container. None: no name."""
+    if image is None:
+        return {}
+    if image == "default":
+        image = f"thaw-test/{'python' if python else 'busybox'}:1"
+    return {"org.opencontainers.image.ref.name": image}
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_auto_capture_then_restore(thaw_env, tmp_path):
     first.start()
     wait_for_snapshot(thaw_env, "auto:1")
     record = json.load(open(os.path.join(thaw_env.state, "containers", first.id + ".json")))
-    assert record["captured"] == "auto:1" and record["watcher_pid"]
+    assert record["captured"] == "auto:1" and record["watcher"]["pid"]
     first_ticks = ticks(first.output())
     assert first.state()["status"] == "running"       # captured, left running
 
