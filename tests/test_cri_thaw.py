@@ -126,14 +126,43 @@ def test_auto_capture_first_cold_second_restored(thaw_cri):
     assert records(node)[cid1].get("captured") == "cri-auto:1"
     assert cri.container_status(cid1).state == _client.CONTAINER_RUNNING   # left running
 
+    # A replica of the same template: containerd gives it another HOSTNAME (its pod's name), which
+    # the node config lets differ (env_may_differ), so it restores.
     pod2, cid2 = start_app(cri, "second", ann)
     assert records(node)[cid2]["phase"] == "running"
+    env1, env2 = (json.loads(containerd.bundle_dir(c).joinpath("config.json").read_text())["process"]["env"]
+                  for c in (cid1, cid2))
+    assert "HOSTNAME=first" in env1 and "HOSTNAME=second" in env2
     got = wait_for(lambda: ticks_in_log(cri, pod2), 30, "second pod's ticks")
     assert got[0] >= 10                                    # restored from the ready state
     assert int(http_get(cri.pod_ip(pod2), "/count")) >= 10
     assert http_get(cri.pod_ip(pod2), "/ready").strip() == "ok"
     teardown_clean(containerd, cri, node, pod1)
     teardown_clean(containerd, cri, node, pod2)
+
+
+def test_snapshots_belong_to_the_namespace_that_captured_them(thaw_cri):
+    """team-b's pod auto-captures NAME first; team-a's pods neither restore it nor are kept from
+    capturing their own; team-a's next pod restores team-a's."""
+    containerd, cri, node = thaw_cri
+    ann = {"thaw.dev/snapshot": "cri-ns:1", "thaw.dev/capture": "on-ready",
+           "thaw.dev/ready": "http://127.0.0.1:8080/ready"}
+
+    def published(ns):
+        return {(s["namespace"], s["ref"]): s["digest"] for s in json.loads(thaw(node, "ls", "--json").stdout)}.get((ns, "cri-ns:1"))
+    pod_b, cid_b = start_app(cri, "b-first", ann, namespace="team-b")
+    digest_b = wait_for(lambda: published("team-b"), 60, "team-b's capture")
+    pod_a, cid_a = start_app(cri, "a-first", ann, namespace="team-a")
+    rec = records(node)[cid_a]
+    assert rec["phase"] == "cold" and "not found in namespace team-a" in rec["cold_reason"]
+    digest_a = wait_for(lambda: published("team-a"), 60, "team-a's own capture")
+    assert digest_a != digest_b
+    pod_a2, cid_a2 = start_app(cri, "a-second", ann, namespace="team-a")
+    assert records(node)[cid_a2]["phase"] == "running" and records(node)[cid_a2]["manifest"] == digest_a
+    events = [json.loads(line) for line in open(Path(node["state"]) / "events.log")]
+    assert not [e for e in events if e["kind"] == "auto_capture" and e["outcome"] == "exists"]
+    for pod in (pod_b, pod_a, pod_a2):
+        teardown_clean(containerd, cri, node, pod)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
