@@ -35,7 +35,12 @@ def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
 
 
 def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
-    """Wait for readiness, then capture once. Returns what happened (also in the events log)."""
+    """Wait for readiness, then capture once. Returns what happened (also in the events log).
+    SIGTERM (the container is being deleted) unwinds a capture in progress, so that its staging
+    area and the source's GPU state are cleaned up on the way out."""
+    import signal
+    import sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     outcome, level, msg = _watch(cfg, container_id, pid, poll)
     events.emit(cfg, "auto_capture", f"auto-capture: {msg}", container_id, level, outcome=outcome)
     return outcome

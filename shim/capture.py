@@ -19,7 +19,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.spec import Bundle
 
-from . import fingerprint, rootfs
+from . import faults, fingerprint, rootfs
 from .config import Config
 from .phases import Phases
 from .runc import Runc
@@ -82,8 +82,10 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             # What the processes really hold (CRIU restores exactly this), read just before and
             # just after the dump: a privilege gained in between shows in the second reading.
             processes = _creds(pid)
+            faults.point("checkpoint")
             phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
                        leave_running=leave_running)
+            faults.point("checkpointed")
             processes += _creds(pid) if leave_running else ()
         finally:
             # The source keeps serving whatever happened to the dump.
@@ -98,6 +100,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             fmt.ROOTFS_LAYER)
         summary = diffs[0]
         deleted_desc = staging.put_bytes(fmt.deleted_blob(summary.deleted), fmt.DELETED_LAYER)
+        faults.point("package")
         whole, parts, hashes, criu_bytes = phases.run("package_criu", staging.package_images, images)
 
         from thaw.oci.files import make_private_dir
@@ -119,6 +122,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             gpu=gpu_session.describe() if gpu_session else fmt.GpuState(),
             network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None))
         snap = staging.write_snapshot(config, whole, parts, rootfs_desc, deleted_desc)
+        faults.point("publish")
         store.publish(snap, images, "captured", hashes)
         if summary.skipped:
             log(f"rootfs entries not carried (sockets, devices, fifos): {summary.skipped[:10]}")

@@ -202,11 +202,17 @@ def events(ctx, follow, container, as_json):
 @cli.command()
 @click.option("--quiet", is_flag=True, help="Print only problems.")
 @click.option("--skip-containerd", is_flag=True, help="Do not check containerd's thaw handler.")
+@click.option("--fix", is_flag=True, help="First clean up what dead thaw processes left (restores, "
+                                         "records, staging areas, unused store files).")
 @click.pass_context
-def doctor(ctx, quiet, skip_containerd):
+def doctor(ctx, quiet, skip_containerd, fix):
     """Check this node: CRIU, runc, kernel, store and state permissions, containerd's thaw
     handler. Non-zero on problems."""
+    from .doctor import fix as fix_node
     from .doctor import run_checks
+    if fix:
+        for line in fix_node(_cfg(ctx)):
+            click.echo(f"[ fix] {line}")
     problems = 0
     for ok, what, detail in run_checks(_cfg(ctx), containerd=not skip_containerd):
         if not ok:

@@ -22,7 +22,7 @@ from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook
 
 from .config import Config
-from .state import ContainerState, Record
+from .state import ContainerState, Phase, Record, finish
 
 
 @dataclass
@@ -42,7 +42,14 @@ class Refused:
     code: str
 
 
-Outcome = Restored | ColdStart | Refused
+@dataclass
+class NotOurs:
+    """The id belongs to a container that exists (runc's, or another create's): thaw touches
+    nothing and hands the create to runc, whose answer ("already exists") is the result."""
+    reason: str
+
+
+Outcome = Restored | ColdStart | Refused | NotOurs
 
 
 def reason_code(exc: BaseException) -> str:
@@ -67,6 +74,9 @@ def describe(exc: BaseException) -> str:
 
 def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Outcome:
     """Restore the container `call` creates, or prepare its cold start."""
+    in_use = _id_in_use(call, cfg, next_runtime)
+    if in_use:
+        return NotOurs(in_use)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
     original_spec = json.dumps(bundle.spec)
     _add_thaw_hooks(bundle, cfg, ("prestart", "poststop"))
@@ -81,6 +91,28 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
     capture = _record_cold_start(call, bundle, cfg, reason)
     _add_thaw_hooks(bundle, cfg, ("prestart", "poststop") if capture else ("poststop",))
     return ColdStart(reason, code)
+
+
+def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
+    """Why this create's id is not free for thaw, if it is not. A record left by a thaw-runtime
+    that died mid-restore is cleaned up first (then the id is free)."""
+    from . import recovery
+    from .runc import Runc
+    cid = call.container_id or ""
+    state = ContainerState(cfg.state_dir, cid)
+    record = state.read()
+    runc_has_it = Runc.for_call(next_runtime, cfg.resolve_criu(), call).state(cid) is not None
+    if record is not None:
+        if recovery.stale(record):
+            recovery.recover(cfg, cid, record, "found by the next create of its id")
+            runc_has_it = False
+        elif runc_has_it or record.phase == Phase.RESTORING:
+            return f"container {cid} is already thaw's ({record.phase})"
+        else:                  # its container was deleted behind thaw's back, hooks and all
+            finish(cfg, cid, "stale")
+    if runc_has_it:
+        return f"a container {cid} exists"
+    return None
 
 
 def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Record:
@@ -144,6 +176,10 @@ def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
         level, kind, code = "warning", "cold_start", outcome.code
         msg = f"thaw: cold start (restore not possible: {outcome.reason})"
         fields = {"reason": outcome.reason, "code": code}
+    elif isinstance(outcome, NotOurs):
+        # runc reports the create's failure itself; thaw only tells its own log.
+        events.emit(cfg, "not_ours", f"thaw: left to runc: {outcome.reason}", cid, "warning")
+        return
     else:
         level, kind, code = "error", "refused", outcome.code
         msg = f"thaw: restore required but failed, container not created: {outcome.reason}"

@@ -74,3 +74,48 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     if containerd:
         from .containerd.checks import doctor_checks
         yield from doctor_checks()
+
+
+def fix(cfg: Config) -> list[str]:
+    """`thaw doctor --fix`: clean up what dead thaw processes left. Restores whose thaw-runtime
+    died (recovery), records of containers runc no longer has (deleted without their hooks),
+    staging areas of dead captures and imports, and blobs and image directories no snapshot uses
+    (store gc). Returns what it did, one line each."""
+    from . import recovery
+    from .state import ContainerState, Phase, finish
+    from .store import Store
+    done = []
+    records_dir = os.path.join(cfg.state_dir, "containers")
+    names = sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        cid = name[:-5]
+        try:
+            st = ContainerState(cfg.state_dir, cid)
+        except ValueError:
+            continue
+        record = st.read()
+        if record is None:
+            st.remove()
+            done.append(f"{cid}: unreadable record removed")
+        elif recovery.stale(record):
+            cleaned = recovery.recover(cfg, cid, record, "thaw doctor --fix")
+            done.append(f"{cid}: dead restore cleaned up ({', '.join(cleaned) or 'state only'})")
+        elif record.phase != Phase.RESTORING:
+            runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root)
+            if runc.state(cid) is None:
+                finish(cfg, cid, "doctor")
+                done.append(f"{cid}: record of a container runc no longer has removed")
+    if os.path.isdir(cfg.store_dir):
+        store = Store.for_config(cfg)
+        before = _store_files(store.root)
+        store.init().gc()
+        freed = before - _store_files(store.root)
+        if freed:
+            done.append(f"store: {freed} leftover files of dead captures, imports or removed snapshots deleted")
+    return done
+
+
+def _store_files(root: str) -> int:
+    return sum(len(files) for _d, _dirs, files in os.walk(root))

@@ -24,7 +24,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
 
-from . import fingerprint
+from . import faults, fingerprint
 from .config import Config
 from .phases import Phases
 from .runc import Runc
@@ -101,27 +101,34 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
               state: ContainerState, image_dir: str) -> Record:
     cid = call.container_id or ""
     snap, phases = plan.snapshot, plan.phases
-    from .rootfs import RootfsApplier
+    from .rootfs import RootfsApplier, undo_dir_for
     work = state.make_work_dir()
-    # The prestart hook (run by runc restore) reads this and checks the target network namespace.
-    record = state.begin_restore(snap.ref, time.time(), bundle.namespace_path("network"),
-                                 [s.to_json() for s in snap.config.network.listen])
-    applier = RootfsApplier(bundle.rootfs, os.path.join(work, "undo"))
+    undo = undo_dir_for(bundle.rootfs, cid)
+    # The prestart hook (run by runc restore) reads this and checks the target network namespace;
+    # whoever finds it after this process died cleans up from it (shim/recovery.py).
+    record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root,
+                                 bool(call.global_flags.get("systemd-cgroup")), bundle.namespace_path("network"),
+                                 [s.to_json() for s in snap.config.network.listen], undo)
+    applier = RootfsApplier(bundle.rootfs, undo)
     container_may_exist = False
     try:
+        faults.point("restore_recorded")
         deleted = store.deleted_paths(snap)
         with store.open_rootfs_layer(snap) as layer:
             def apply() -> int:
                 applier.delete(deleted)
                 return applier.apply_tar(layer)
             phases.run("rootfs", apply)
+        faults.point("rootfs_applied")
         pid_file = call.flags.get("pid-file")
         pid_file = pid_file if isinstance(pid_file, str) else os.path.join(work, "pid")
         console = call.flags.get("console-socket")
         cuda_init = _start_cuda_init() if plan.gpus is not None else None
         container_may_exist = True
+        faults.point("runc_restore")
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
                    console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")))
+        faults.point("runc_restored")
         if cuda_init is not None:
             phases.run("cuda_init_wait", cuda_init.join)
         with open(pid_file) as f:
@@ -131,6 +138,7 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         if plan.request.resume:
             from . import engine
             phases.run("resume", engine.call, plan.request.resume, pid)
+        faults.point("resumed")
         phases.add("total", phases.elapsed())
         record = state.restored(record, pid=pid, manifest=snap.manifest.digest, bundle=bundle.path,
                                 root=call.root, phases=phases.rounded())

@@ -14,6 +14,7 @@ directory first.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -227,44 +228,84 @@ def _safe_relpath(name: str) -> str:
     return rel
 
 
+def undo_dir_for(rootfs: str, container_id: str) -> str:
+    """Where a restore keeps what it displaces: on the file system backing the rootfs (moves
+    stay renames, nothing lands in state_dir's RAM) and outside the container's view — beside
+    the overlay's upper directory, or beside a plain rootfs directory in the bundle."""
+    upper, _ = overlay_dirs(rootfs)
+    base = os.path.dirname(upper) if upper else os.path.dirname(os.path.realpath(rootfs))
+    return os.path.join(base, f".thaw-undo-{container_id}")
+
+
 class RootfsApplier:
-    """Applies a diff to `rootfs`, keeping what it displaces in `undo_dir` until commit/undo."""
+    """Applies a diff to `rootfs` so that it can be undone, even by another process after this
+    one died: every change is written to `undo_dir/journal` before it is made.
+
+    What a change displaces is kept in `undo_dir` — except, on an overlay, an entry that comes from
+    the image's (read-only) lower layers: removing it only hides it, and undo copies it back from
+    the lower layer, so nothing is copied unless a restore fails."""
 
     def __init__(self, rootfs: str, undo_dir: str):
         self.rootfs = os.path.realpath(rootfs)
         self.undo_dir = undo_dir
-        self._created: list[str] = []                  # host paths, in creation order
-        self._moved: list[tuple[str, str]] = []        # (original host path, backup path)
+        self.upper, self.lowers = overlay_dirs(self.rootfs)
+        self._journal: IO[str] | None = None
+        self._backups = 0
 
+    # --- the journal ------------------------------------------------------------------------------
+    def _log(self, op: str, rel: str, backup: str = "") -> None:
+        if self._journal is None:
+            os.makedirs(self.undo_dir, mode=0o700, exist_ok=True)
+            self._journal = open(os.path.join(self.undo_dir, "journal"), "a")
+        # Before the change: a process killed right after it still finds it listed (the page
+        # cache outlives the process; a lost machine loses the container anyway).
+        self._journal.write(json.dumps({"op": op, "path": rel, "backup": backup}) + "\n")
+        self._journal.flush()
+
+    def _close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    # --- applying ---------------------------------------------------------------------------------
     def _parent(self, rel: str) -> str:
         """Host path of rel's parent inside the rootfs; creates missing directories; refuses
         symlinks and non-directories on the way."""
         cur = self.rootfs
-        for part in rel.split("/")[:-1]:
+        parts = rel.split("/")[:-1]
+        for i, part in enumerate(parts):
             cur = os.path.join(cur, part)
             try:
                 st = os.lstat(cur)
             except FileNotFoundError:
+                self._log("created", "/".join(parts[:i + 1]))
                 os.mkdir(cur, 0o755)
-                self._created.append(cur)
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise RootfsError(f"rootfs diff path {rel!r} crosses a non-directory or symlink at "
                                   f"{os.path.relpath(cur, self.rootfs)!r}")
         return cur
 
-    def _displace(self, path: str) -> None:
-        os.makedirs(self.undo_dir, mode=0o700, exist_ok=True)
-        backup = os.path.join(self.undo_dir, str(len(self._moved)))
-        shutil.move(path, backup)
-        self._moved.append((path, backup))
+    def _from_lower(self, rel: str) -> bool:
+        """On an overlay whose upper layer has nothing at rel: the entry is the image's own."""
+        return self.upper is not None and not os.path.lexists(os.path.join(self.upper, rel))
+
+    def _displace(self, rel: str, path: str) -> None:
+        if self._from_lower(rel):
+            self._log("lower", rel)
+            _remove(path)
+            return
+        self._backups += 1
+        backup = str(self._backups)
+        self._log("moved", rel, backup)
+        shutil.move(path, os.path.join(self.undo_dir, backup))
 
     def delete(self, paths: list[str]) -> None:
         for name in paths:
             rel = _safe_relpath(name)
             target = os.path.join(self._parent_existing(rel), os.path.basename(rel))
             if os.path.lexists(target):
-                self._displace(target)
+                self._displace(rel, target)
 
     def _parent_existing(self, rel: str) -> str:
         cur = self.rootfs
@@ -286,28 +327,23 @@ class RootfsApplier:
                 rel = _safe_relpath(member.name)
                 target = os.path.join(self._parent(rel), os.path.basename(rel))
                 exists = os.path.lexists(target)
+                if member.isdir() and exists and os.path.isdir(target) and not os.path.islink(target):
+                    continue
+                if not (member.isdir() or member.isreg() or member.issym()):
+                    raise RootfsError(f"rootfs diff entry {member.name!r} has an unsupported type")
+                if exists:
+                    self._displace(rel, target)
+                self._log("created", rel)
                 if member.isdir():
-                    if exists and os.path.isdir(target) and not os.path.islink(target):
-                        continue
-                    if exists:
-                        self._displace(target)
                     os.mkdir(target, member.mode & 0o7777)
                 elif member.isreg():
-                    if exists:
-                        self._displace(target)
                     f = tar.extractfile(member)
                     assert f is not None
                     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                     with os.fdopen(fd, "wb") as out:
                         shutil.copyfileobj(f, out, 1 << 20)
-                    os.chmod(target, member.mode & 0o7777)
-                elif member.issym():
-                    if exists:
-                        self._displace(target)
-                    os.symlink(member.linkname, target)
                 else:
-                    raise RootfsError(f"rootfs diff entry {member.name!r} has an unsupported type")
-                self._created.append(target)
+                    os.symlink(member.linkname, target)
                 os.lchown(target, member.uid, member.gid)
                 if not member.issym():
                     os.chmod(target, member.mode & 0o7777)  # after chown, which clears setuid
@@ -315,25 +351,74 @@ class RootfsApplier:
                 count += 1
         return count
 
+    # --- ending -----------------------------------------------------------------------------------
     def undo(self) -> None:
-        """Put the rootfs back as it was before apply."""
-        for path in reversed(self._created):
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        for path, backup in reversed(self._moved):
-            if os.path.lexists(path):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-            shutil.move(backup, path)
-        self._created.clear()
-        self._moved.clear()
-        shutil.rmtree(self.undo_dir, ignore_errors=True)
+        """Put the rootfs back as it was before apply (from the journal, so also after a crash)."""
+        self._close()
+        undo(self.rootfs, self.undo_dir)
 
     def commit(self) -> None:
+        self._close()
         shutil.rmtree(self.undo_dir, ignore_errors=True)
-        self._created.clear()
-        self._moved.clear()
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def undo(rootfs: str, undo_dir: str) -> None:
+    """Reverse the changes `undo_dir/journal` lists, newest first, then drop undo_dir. Tolerates
+    a journal whose last change was never made (the process died in between)."""
+    try:
+        with open(os.path.join(undo_dir, "journal")) as f:
+            entries = [json.loads(line) for line in f if line.strip().endswith("}")]
+    except FileNotFoundError:
+        entries = []
+    rootfs = os.path.realpath(rootfs)
+    upper, lowers = overlay_dirs(rootfs)
+    for e in reversed(entries):
+        rel = _safe_relpath(e["path"])
+        path = os.path.join(rootfs, rel)
+        if e["op"] == "created":
+            _remove(path)
+        elif e["op"] == "moved":
+            backup = os.path.join(undo_dir, e["backup"])
+            if os.path.lexists(backup):
+                _remove(path)
+                shutil.move(backup, path)
+        elif e["op"] == "lower" and upper and os.path.lexists(os.path.join(upper, rel)):
+            _remove(path)
+            _copy_from_lower(rel, path, lowers)
+    shutil.rmtree(undo_dir, ignore_errors=True)
+
+
+def _copy_from_lower(rel: str, dest: str, lowers: list[str]) -> None:
+    """Bring an image entry back into view: copy it from the topmost lower layer that has it
+    (contents, modes, owners, times, symlinks as symlinks)."""
+    for lower in lowers:
+        src = os.path.join(lower, rel)
+        if os.path.lexists(src):
+            break
+    else:
+        return
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dest, symlinks=True, copy_function=_copy_owned)
+        for d, _dirs, _files in os.walk(src):      # copytree leaves directories root's, 0755
+            target = os.path.normpath(os.path.join(dest, os.path.relpath(d, src)))
+            st = os.lstat(d)
+            os.lchown(target, st.st_uid, st.st_gid)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    else:
+        _copy_owned(src, dest)
+
+
+def _copy_owned(src: str, dest: str) -> None:
+    shutil.copy2(src, dest, follow_symlinks=False)
+    st = os.lstat(src)
+    os.lchown(dest, st.st_uid, st.st_gid)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dest, stat.S_IMODE(st.st_mode))   # after chown, which clears setuid

@@ -35,6 +35,28 @@ def _env() -> dict[str, str]:
 CRIU_CONFIG = "org.criu.config"
 
 
+def cgroup_dir(spec: dict, container_id: str, systemd: bool, root: str = "/sys/fs/cgroup") -> str | None:
+    """Where runc puts a container's cgroup on a unified (v2) hierarchy: cgroupsPath under the
+    root with the cgroupfs driver; with systemd's, "slice:prefix:name" is the unit
+    prefix-name.scope in that slice (a slice "a-b-c.slice" nests as a.slice/a-b.slice/a-b-c.slice).
+    None when the spec names none."""
+    path = (spec.get("linux") or {}).get("cgroupsPath") or ""
+    if not systemd:
+        return os.path.join(root, path.lstrip("/")) if path else None
+    parts = path.split(":")
+    if len(parts) != 3:
+        return None
+    slice_, prefix, name = parts
+    slice_ = slice_ or "system.slice"
+    nested, words = [], slice_.removesuffix(".slice").split("-")
+    for i in range(len(words)):
+        nested.append("-".join(words[:i + 1]) + ".slice")
+    if slice_ == "-.slice":
+        nested = []
+    unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+    return os.path.join(root, *nested, unit)
+
+
 def stdio_descriptors(image_path: str) -> list[str]:
     """What the checkpointed init's fds 0-2 were (runc's descriptors.json in the image): e.g.
     "pipe:[1234]", "/dev/null", "/dev/pts/0"."""

@@ -74,7 +74,12 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     if not known:
         return
     if call.command == "delete":
-        state.finish(cfg, call.container_id, "delete")      # then runc deletes the container
+        from thaw.shim import recovery
+        record = state.ContainerState(cfg.state_dir, call.container_id).read()
+        if record is not None and recovery.stale(record):
+            recovery.recover(cfg, call.container_id, record, "found by delete")
+        else:
+            state.finish(cfg, call.container_id, "delete")  # then runc deletes the container
     elif state.ContainerState(cfg.state_dir, call.container_id).started():
         sys.exit(0)
 

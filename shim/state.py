@@ -62,6 +62,9 @@ class Record:
     hook_error: str | None
     netns: str | None
     listen: list | None
+    owner: dict | None
+    undo: str | None
+    systemd_cgroup: bool | None
 
     _FIELDS = {
         "phase": None,
@@ -80,6 +83,9 @@ class Record:
         "hook_error": None,    # why the prestart hook failed a restore
         "netns": None,         # network namespace path the restore joins
         "listen": None,        # the snapshot's listening sockets [{addr, port}]
+        "owner": None,         # the thaw-runtime restoring it {pid, start}: dead owner = stale record
+        "undo": None,          # the rootfs diff's undo directory (its journal)
+        "systemd_cgroup": None,  # runc's cgroup driver for this container (--systemd-cgroup)
     }
     __slots__ = tuple(_FIELDS) + ("id",)
 
@@ -150,16 +156,21 @@ class ContainerState:
         return self.work_dir
 
     # --- transitions ------------------------------------------------------------------------------
-    def begin_restore(self, snapshot: str, created: float, netns: str | None, listen: list[dict]) -> Record:
-        record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created,
-                        netns=netns, listen=listen)
+    def begin_restore(self, snapshot: str, created: float, bundle: str, root: str | None,
+                      systemd_cgroup: bool, netns: str | None, listen: list[dict], undo: str) -> Record:
+        """Written before anything is changed: what a later caller needs to clean up if the
+        restoring thaw-runtime dies (its owner handle says whether it did)."""
+        from .procs import ProcessHandle
+        record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created, bundle=bundle,
+                        root=root, systemd_cgroup=systemd_cgroup, netns=netns, listen=listen, undo=undo,
+                        owner=ProcessHandle.me().to_json())
         self.write(record)
         return record
 
     def restored(self, record: Record, **fields) -> Record:
         for k, v in fields.items():
             setattr(record, k, v)
-        record.phase = Phase.RESTORED
+        record.phase, record.owner, record.undo = Phase.RESTORED, None, None
         self.write(record)
         return record
 
@@ -204,8 +215,9 @@ def finish(cfg, container_id: str, how: str) -> Record | None:
     if record is None:
         st.remove()
         return None
-    if record.phase == Phase.RESTORING and how == "poststop":
-        # runc runs poststop when a restore fails: thaw-runtime is mid-restore and cleans up itself.
+    if record.phase == Phase.RESTORING:
+        # runc runs poststop when a restore fails, and a shim may delete while a create runs:
+        # the restoring thaw-runtime cleans up itself (or, if it died, recovery does).
         return None
     if record.watcher:
         from .procs import ProcessHandle

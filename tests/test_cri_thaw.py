@@ -150,12 +150,19 @@ def test_snapshots_belong_to_the_namespace_that_captured_them(thaw_cri):
 
     def published(ns):
         return {(s["namespace"], s["ref"]): s["digest"] for s in json.loads(thaw(node, "ls", "--json").stdout)}.get((ns, "cri-ns:1"))
+
+    def events_tail() -> str:
+        path = Path(node["state"]) / "events.log"
+        return path.read_text()[-3000:] if path.exists() else ""
     pod_b, cid_b = start_app(cri, "b-first", ann, namespace="team-b")
-    digest_b = wait_for(lambda: published("team-b"), 60, "team-b's capture")
+    digest_b = wait_for(lambda: published("team-b"), 120, "team-b's capture")
     pod_a, cid_a = start_app(cri, "a-first", ann, namespace="team-a")
     rec = records(node)[cid_a]
     assert rec["phase"] == "cold" and "not found in namespace team-a" in rec["cold_reason"]
-    digest_a = wait_for(lambda: published("team-a"), 60, "team-a's own capture")
+    try:
+        digest_a = wait_for(lambda: published("team-a"), 120, "team-a's own capture")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; events: {events_tail()}") from None
     assert digest_a != digest_b
     pod_a2, cid_a2 = start_app(cri, "a-second", ann, namespace="team-a")
     assert records(node)[cid_a2]["phase"] == "running" and records(node)[cid_a2]["manifest"] == digest_a
