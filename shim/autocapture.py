@@ -28,6 +28,8 @@ def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
     env = {"PATH": os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     if cfg.source:
         env["THAW_CONFIG"] = cfg.source
+    if "THAW_TEST_FAULTS" in os.environ:
+        env["THAW_TEST_FAULTS"] = os.environ["THAW_TEST_FAULTS"]
     proc = subprocess.Popen([cfg.hook, "watch", container_id, str(pid)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)

@@ -82,10 +82,11 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             # What the processes really hold (CRIU restores exactly this), read just before and
             # just after the dump: a privilege gained in between shows in the second reading.
             processes = _creds(pid)
-            faults.point("checkpoint")
-            phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
-                       leave_running=leave_running)
-            faults.point("checkpointed")
+            with runc.resumed_if_we_die(container_id):
+                faults.point("checkpoint")
+                phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
+                           leave_running=leave_running)
+                faults.point("checkpointed")
             processes += _creds(pid) if leave_running else ()
         finally:
             # The source keeps serving whatever happened to the dump.

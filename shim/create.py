@@ -13,6 +13,7 @@ outcome where operators and containerd look (runc's log file, the events log, me
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -130,10 +131,11 @@ def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> Non
     prestart is added only where thaw needs it (the restore path; a cold start with auto-capture):
     a prestart hook that fails fails the container, so a plain cold start must not depend on it.
     poststop failures are only logged by runc."""
-    import os
     if not cfg.hook or not os.access(cfg.hook, os.X_OK):
         return                                   # doctor reports a hook that is not executable
     env = [f"THAW_CONFIG={cfg.source}"] if cfg.source else []
+    if "THAW_TEST_FAULTS" in os.environ:     # the fault-injection tests reach the hook and watcher
+        env.append(f"THAW_TEST_FAULTS={os.environ['THAW_TEST_FAULTS']}")
     for stage in stages:
         hook = {"path": cfg.hook, "args": ["thaw-hook", stage], "timeout": 60}
         if env:

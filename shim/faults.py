@@ -5,6 +5,7 @@ restore and capture paths then acts:
   kill        SIGKILL this process (its children, e.g. runc and CRIU, go on)
   killgroup   SIGKILL this process's whole process group (runc and CRIU die too)
   fail        raise FaultInjected (an ordinary failure at that point)
+  sleep:S     wait S seconds there (so that a test can act meanwhile)
   ACTION@S    do ACTION S seconds later, from a timer, while the work goes on
 
 Without the variable a point costs one dictionary lookup; passthrough never reaches one.
@@ -41,7 +42,10 @@ def point(name: str) -> None:
 
 
 def _act(name: str, action: str) -> None:
-    if action == "kill":
+    if action.startswith("sleep:"):
+        import time
+        time.sleep(float(action[len("sleep:"):]))
+    elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "killgroup":
         os.killpg(os.getpgid(0), signal.SIGKILL)

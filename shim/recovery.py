@@ -35,7 +35,7 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
     from thaw.oci.spec import Bundle, SpecError
 
     from .rootfs import undo
-    from .runc import Runc, cgroup_dir
+    from .runc import Runc, cgroup_dirs
     done = []
     runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root)
     bundle = None
@@ -44,28 +44,37 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
             bundle = Bundle.load(record.bundle)
         except SpecError:
             bundle = None
+    # Mounts first: runc's restore bind-mounts the rootfs at <root>/<id>/criu-root, and a runc
+    # that dies mid-restore leaves it there; `runc delete` then removes <root>/<id> recursively —
+    # through that mount, emptying the container's rootfs. So runc's restore mounts (criu-root,
+    # the spec's bind mounts under the rootfs) and CRIU's cgroup yard in the work dir go before
+    # runc is asked to delete anything.
+    rootfs = os.path.realpath(bundle.rootfs) if bundle is not None else None
+    leaked = _mounts_under(ContainerState(cfg.state_dir, container_id).work_dir)
+    if record.root:
+        leaked += _mounts_under(os.path.join(record.root, container_id))
+    if rootfs:
+        leaked += _mounts_under(rootfs, strictly=True)
+    for m in sorted(set(leaked), key=len, reverse=True):
+        _umount(m)
+    if leaked:
+        done.append(f"{len(set(leaked))} mounts")
     if runc.state(container_id) is not None:
         runc.delete_force(container_id)
         done.append("runc container")
-    if bundle is not None:
-        path = cgroup_dir(bundle.spec, container_id, systemd=bool(record.systemd_cgroup))
-        if path and os.path.isdir(path) and _kill_cgroup(path):
-            done.append(f"processes of cgroup {path}")
-        rootfs = os.path.realpath(bundle.rootfs)
-        leaked = _mounts_under(rootfs, strictly=True)
-        if record.root:
-            leaked += _mounts_under(os.path.join(record.root, container_id))
-        for m in sorted(set(leaked), key=len, reverse=True):
-            _umount(m)
-        if leaked:
-            done.append(f"{len(set(leaked))} mounts")
+    if bundle is not None and rootfs is not None:
+        dirs = [d for d in cgroup_dirs(bundle.spec, bool(record.systemd_cgroup)) if os.path.isdir(d)]
+        if dirs:
+            killed = _kill_cgroup(dirs)
+            done.append(f"cgroup {dirs[0].split('/', 4)[-1]}" + (f" and {killed} processes" if killed else ""))
         if record.undo and os.path.isdir(record.undo):
             undo(rootfs, record.undo)
             done.append("rootfs diff")
     if record.root:
         # runc's own half-written state (no state.json: runc died before it had a container)
         leftover = os.path.join(record.root, container_id)
-        if os.path.isdir(leftover) and not os.path.exists(os.path.join(leftover, "state.json")):
+        if (os.path.isdir(leftover) and not os.path.exists(os.path.join(leftover, "state.json"))
+                and not _mounts_under(leftover)):
             shutil.rmtree(leftover, ignore_errors=True)
             done.append("runc state directory")
     ContainerState(cfg.state_dir, container_id).remove()
@@ -74,37 +83,53 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
     return done
 
 
-def _kill_cgroup(path: str) -> bool:
-    """Kill every process of a (v2) cgroup and remove it; True if any process was there."""
-    procs = os.path.join(path, "cgroup.procs")
-    try:
-        with open(procs) as f:
-            had = bool(f.read().split())
-    except OSError:
-        return False
-    try:
-        with open(os.path.join(path, "cgroup.kill"), "w") as f:
-            f.write("1")
-    except OSError:
-        for pid in open(procs).read().split():
+def _kill_cgroup(dirs: list[str]) -> int:
+    """Kill every process of a container's cgroup (in all its hierarchies) and remove it.
+    v2: cgroup.kill. v1: freeze (so nothing forks meanwhile), SIGKILL each, thaw. Returns how
+    many processes there were."""
+    def pids() -> set[int]:
+        found: set[int] = set()
+        for d in dirs:
+            for sub, _dirs, _files in os.walk(d):
+                try:
+                    with open(os.path.join(sub, "cgroup.procs")) as f:
+                        found.update(int(p) for p in f.read().split())
+                except (OSError, ValueError):
+                    pass
+        return found
+    first = pids()
+    freezer = next((d for d in dirs if os.path.exists(os.path.join(d, "freezer.state"))), None)
+    deadline = time.monotonic() + 10
+    while (left := pids()) and time.monotonic() < deadline:
+        killer = next((d for d in dirs if os.path.exists(os.path.join(d, "cgroup.kill"))), None)
+        if killer:
+            _write(os.path.join(killer, "cgroup.kill"), "1")
+        else:
+            if freezer:
+                _write(os.path.join(freezer, "freezer.state"), "FROZEN")
+            for pid in left:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            if freezer:
+                _write(os.path.join(freezer, "freezer.state"), "THAWED")
+        time.sleep(0.02)
+    for d in dirs:
+        for sub, _dirs, _files in sorted(os.walk(d), key=lambda w: -len(w[0])):
             try:
-                os.kill(int(pid), 9)
+                os.rmdir(sub)
             except OSError:
                 pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            if not open(procs).read().split():
-                break
-        except OSError:
-            break
-        time.sleep(0.02)
-    for d, _dirs, _files in sorted(os.walk(path, topdown=False), key=lambda w: -len(w[0])):
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-    return had
+    return len(first)
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        pass
 
 
 def _mounts_under(path: str, strictly: bool = False) -> list[str]:

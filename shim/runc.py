@@ -9,9 +9,11 @@ start. The error text is carried into the exception instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 from thaw.oci import ThawError, runc_args
@@ -34,27 +36,48 @@ def _env() -> dict[str, str]:
 
 CRIU_CONFIG = "org.criu.config"
 
+# The checkpoint guard (see Runc.resumed_if_we_die): argv[1] is runc's `state` command line.
+_GUARD = """
+import json, subprocess, sys
+state = json.loads(sys.argv[1])
+if sys.stdin.buffer.read() != b"done":
+    out = subprocess.run(state, capture_output=True).stdout
+    try:
+        paused = json.loads(out).get("status") == "paused"
+    except ValueError:
+        paused = False
+    if paused:
+        subprocess.run(state[:-2] + ["resume", state[-1]], capture_output=True)
+"""
 
-def cgroup_dir(spec: dict, container_id: str, systemd: bool, root: str = "/sys/fs/cgroup") -> str | None:
-    """Where runc puts a container's cgroup on a unified (v2) hierarchy: cgroupsPath under the
-    root with the cgroupfs driver; with systemd's, "slice:prefix:name" is the unit
-    prefix-name.scope in that slice (a slice "a-b-c.slice" nests as a.slice/a-b.slice/a-b-c.slice).
-    None when the spec names none."""
+
+def cgroup_dirs(spec: dict, systemd: bool, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """Where runc puts a container's cgroup, in every cgroup hierarchy mounted here (one on a
+    unified v2 host, one per controller on v1): cgroupsPath under each hierarchy's root with the
+    cgroupfs driver; with systemd's, "slice:prefix:name" is the unit prefix-name.scope in that slice
+    (a slice "a-b-c.slice" nests as a.slice/a-b.slice/a-b-c.slice). Empty when the spec names none."""
     path = (spec.get("linux") or {}).get("cgroupsPath") or ""
-    if not systemd:
-        return os.path.join(root, path.lstrip("/")) if path else None
-    parts = path.split(":")
-    if len(parts) != 3:
-        return None
-    slice_, prefix, name = parts
-    slice_ = slice_ or "system.slice"
-    nested, words = [], slice_.removesuffix(".slice").split("-")
-    for i in range(len(words)):
-        nested.append("-".join(words[:i + 1]) + ".slice")
-    if slice_ == "-.slice":
-        nested = []
-    unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
-    return os.path.join(root, *nested, unit)
+    if not path:
+        return []
+    if systemd:
+        parts = path.split(":")
+        if len(parts) != 3:
+            return []
+        slice_, prefix, name = parts
+        slice_ = slice_ or "system.slice"
+        words = slice_.removesuffix(".slice").split("-")
+        nested = [] if slice_ == "-.slice" else ["-".join(words[:i + 1]) + ".slice" for i in range(len(words))]
+        rel = os.path.join(*nested, f"{prefix}-{name}.scope" if prefix else f"{name}.scope")
+    else:
+        rel = path.lstrip("/")
+    hierarchies = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype in ("cgroup", "cgroup2"):
+                hierarchies.append(fields[4])
+    return [os.path.join(h, rel) for h in hierarchies]
 
 
 def stdio_descriptors(image_path: str) -> list[str]:
@@ -188,6 +211,25 @@ class Runc:
         if proc.returncode != 0:
             detail = _last_errors(log, os.path.join(work_path, "restore.log"), os.path.join(work_path, "runc.stderr"))
             raise RuncError(f"runc restore exited {proc.returncode}: {detail or 'no error logged'}")
+
+    @contextlib.contextmanager
+    def resumed_if_we_die(self, container_id: str):
+        """While CRIU dumps a container it keeps it frozen; if this process (and CRIU with it) is
+        killed meanwhile, the container would stay frozen for good. A small guard process of its
+        own session waits on a pipe: if the pipe closes without "done", it resumes the container
+        if runc says it is paused. No thaw code runs in it: only Python's standard library."""
+        r, w = os.pipe()
+        argv = [self.binary, *runc_args.render(self.global_flags, "state", {}, [container_id])]
+        guard = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARD, json.dumps(argv)],
+                                 stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True, close_fds=True, env=_env())
+        os.close(r)
+        try:
+            yield
+        finally:
+            os.write(w, b"done")
+            os.close(w)
+            guard.wait()
 
     def checkpoint(self, container_id: str, image_path: str, work_path: str,
                    leave_running: bool = True, timeout: float = 900) -> None:

@@ -222,7 +222,10 @@ class Store:
                 self._check_seal(snap, path, verify)
             except CorruptSnapshot:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                self._repair(snap, path)
+                try:
+                    self._check_seal(snap, path, verify)    # a concurrent restore repaired it
+                except CorruptSnapshot:
+                    self._repair(snap, path)
                 fcntl.flock(fd, fcntl.LOCK_SH)
             yield path
 

@@ -139,6 +139,50 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
     return path
 
 
+def overlay_bundle(path: str, lower: str, args: list[str], **kw) -> str:
+    """make_bundle, with the rootfs an overlay of `lower` (read-only, the image) and a fresh
+    upper directory — the shape containerd's snapshotters give a container. Unmount with
+    `umount_overlay(bundle)`."""
+    b = make_bundle(path, args, **kw)
+    rootfs = os.path.join(b, "rootfs")
+    upper, work = os.path.join(path, "upper"), os.path.join(path, "work")
+    os.makedirs(upper)
+    os.makedirs(work)
+    shutil.rmtree(rootfs)
+    os.makedirs(rootfs)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={work}", rootfs], check=True)
+    return b
+
+
+def umount_overlay(bundle: str) -> None:
+    subprocess.run(["umount", "-l", os.path.join(bundle, "rootfs")], capture_output=True)
+
+
+def tree_digest(root: str) -> dict[str, tuple]:
+    """Everything a container sees of a file tree: per path its type, mode, owner, size and
+    content digest or link target (not directory mtimes, which any change of a child moves)."""
+    import hashlib
+    import stat as st_mod
+    out: dict[str, tuple] = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if st_mod.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+            elif st_mod.S_ISLNK(st.st_mode):
+                what = os.readlink(p)
+            else:
+                what = ""
+            out[rel] = (st_mod.S_IFMT(st.st_mode), st_mod.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                        st.st_size if st_mod.S_ISREG(st.st_mode) else 0, what,
+                        st.st_mtime_ns if not st_mod.S_ISDIR(st.st_mode) else 0)
+    return out
+
+
 def _image_annotation(image: str | None, python: bool) -> dict[str, str]:
     """An image name, as ctr or an image builder would set: without one (and without an overlay
     rootfs to identify the image by) thaw never restores a container. None: no name."""
@@ -173,15 +217,16 @@ class ShimContainer:
     def _global(self) -> list[str]:
         return [self.runtime, "--root", self.root, "--log", self.log_path, "--log-format", "json"]
 
-    def create(self, env: dict[str, str] | None = None, timeout: float = 300) -> int:
+    def create(self, env: dict[str, str] | None = None, timeout: float = 300, session: bool = False) -> int:
         """`create --bundle B --pid-file P ID` with stdin /dev/null and stdout/stderr pipes that
-        this object drains (the container holds their write ends after create)."""
+        this object drains (the container holds their write ends after create). `session`: in a
+        process group of its own (a fault that kills its group must not kill the test)."""
         t = time.perf_counter()
         with self.pipes() as (out_w, err_w):
             proc = subprocess.Popen(self._global() + ["create", "--bundle", self.bundle, "--pid-file",
                                                       self.pid_file, self.id],
                                     stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                    env={**os.environ, **(env or {})})
+                                    env={**os.environ, **(env or {})}, start_new_session=session)
         self.create_rc = proc.wait(timeout=timeout)
         self.create_s = time.perf_counter() - t
         return self.create_rc
