@@ -68,6 +68,9 @@ class Dumped:
             report = self.zoo.report()
         finally:
             self.zoo.kill()
+            # a failed restore kills what it had forked; the next one needs those pids free
+            mz.wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in self.before.pids.values()),
+                        60, "the dumped pids to be free")
         self.restores[tag] = report
         return report
 

@@ -50,6 +50,8 @@ static const char *dir;
 static char role[32] = "parent";
 static long page;
 static volatile sig_atomic_t report_wanted;
+/* where PROT_NONE data is read to; touched at start so that reports do not change memory use */
+static char mem[CHUNK];
 
 static void die(const char *what)
 {
@@ -373,7 +375,6 @@ static uint64_t hash_buf(const void *p, size_t len, uint64_t h)
 static void write_report(void)
 {
 	char path[4096], tmp[4200], buf[65536];
-	static char mem[CHUNK];
 	FILE *f;
 	int in, out, memfd;
 	ssize_t n;
@@ -479,6 +480,7 @@ int main(int argc, char **argv)
 	children = argc > 4 ? atoi(argv[4]) : 2;
 	page = sysconf(_SC_PAGESIZE);
 	seed();
+	memset(mem, 1, sizeof(mem));
 
 	setsid();
 	null = open("/dev/null", O_RDWR);
