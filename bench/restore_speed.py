@@ -40,24 +40,40 @@ def variants(workers: list[int]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def free_page_reporting() -> bool:
+    """A virtio balloon with free page reporting (feature bit 5): freed huge-page-sized blocks go
+    back to the host, and fresh huge pages then cost host faults (slow THP on such VMs)."""
+    base = "/sys/bus/virtio/devices"
+    for d in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            with open(f"{base}/{d}/device") as f, open(f"{base}/{d}/features") as g:
+                if int(f.read(), 16) == 5 and g.read()[5] == "1":
+                    return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
+
+
 def thp_mode() -> str:
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         return re.search(r"\[(\w+)\]", f.read())[1]
 
 
-def fill_seconds(images: str, log: str) -> float | None:
-    """Longest "page fill: ... workers" to "page fill: done" span among the restored processes."""
-    starts, spans = {}, []
+def fill_of_largest(images: str, log: str) -> tuple[int, float] | None:
+    """(bytes, seconds) of the page fill of the restored process with the most to fill, from the
+    restorer's "page fill: N KiB, W workers" and "page fill: done" log lines."""
+    started, fills = {}, []
     for line in mz.criu_log_lines(images, log, r"page fill: (\d+ KiB|done)"):
-        m = re.match(r"\((\d+\.\d+)\) pie: (\d+): page fill: (done)?", line)
+        m = re.match(r"\((\d+\.\d+)\) pie: (\d+): page fill: (?:(\d+) KiB|done)", line)
         if not m:
             continue
         t, pid = float(m[1]), m[2]
         if m[3]:
-            spans.append(t - starts.pop(pid, t))
-        else:
-            starts[pid] = t
-    return max(spans) if spans else None
+            started[pid] = (t, int(m[3]) * 1024)
+        elif pid in started:
+            t0, size = started.pop(pid)
+            fills.append((size, t - t0))
+    return max(fills) if fills else None
 
 
 def main() -> None:
@@ -99,12 +115,15 @@ def main() -> None:
             if rnd == 0:
                 print(f"  check {tag}: memory matches the dump ({took:.2f} s, not timed)", flush=True)
                 continue
-            fill = fill_seconds(images, log)
-            runs[tag].append({"round": rnd, "position": order.index((tag, opts)), "restore_s": round(took, 4),
-                              "gib_per_s": round(size / 2**30 / took, 3),
-                              "fill_s": round(fill, 4) if fill is not None else None})
+            fill = fill_of_largest(images, log)
+            run = {"round": rnd, "position": order.index((tag, opts)), "restore_s": round(took, 4),
+                   "gib_per_s": round(size / 2**30 / took, 3)}
+            if fill:
+                run.update(fill_bytes=fill[0], fill_s=round(fill[1], 4),
+                           fill_gib_per_s=round(fill[0] / 2**30 / fill[1], 3))
+            runs[tag].append(run)
             print(f"  round {rnd} {tag:>8}: {took:6.2f} s  {size / 2**30 / took:5.2f} GiB/s"
-                  + (f"  (fill {fill:.2f} s)" if fill is not None else ""), flush=True)
+                  + (f"  (page fill {fill[0] / 2**30:.2f} GiB in {fill[1]:.2f} s)" if fill else ""), flush=True)
             os.unlink(os.path.join(images, log))
 
     summary = {}
@@ -115,13 +134,17 @@ def main() -> None:
         med = statistics.median(ts)
         summary[tag] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
                         "median_gib_per_s": round(size / 2**30 / med, 3), "speedup_vs_stock": round(stock_med / med, 3)}
-        print(f"{tag:>9} {med:9.2f} {min(ts):7.2f} {max(ts):7.2f} {size / 2**30 / med:15.2f} {stock_med / med:8.2f}x")
+        fills = [r["fill_gib_per_s"] for r in runs[tag] if "fill_gib_per_s" in r]
+        if fills:
+            summary[tag]["median_fill_gib_per_s"] = statistics.median(fills)
+        print(f"{tag:>9} {med:9.2f} {min(ts):7.2f} {max(ts):7.2f} {size / 2**30 / med:15.2f} {stock_med / med:8.2f}x"
+              + (f"   page fill alone {statistics.median(fills):.2f} GiB/s" if fills else ""))
 
     version = subprocess.run([args.criu, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     path = save(args.name, {
         "what": "criu restore -d of memzoo, stock vs --page-restore-workers (and --page-restore-hugepages)",
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename, "kernel": os.uname().release,
-        "cpus": os.cpu_count(), "thp": thp_mode(), "criu": args.criu, "criu_version": version,
+        "cpus": os.cpu_count(), "thp": thp_mode(), "free_page_reporting": free_page_reporting(), "criu": args.criu, "criu_version": version,
         "size_gib_requested": args.size_gib, "pages_bytes": size, "dump_s": round(dump_s, 3),
         "rounds": args.rounds, "order": "variants reversed on every other round; round 0 checks memory, untimed",
         "page_cache": "pages-*.img hot in the page cache (just dumped)",

@@ -8,7 +8,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -227,7 +226,3 @@ def pages_bytes(images: str) -> int:
 def criu_log_lines(images: str, log: str, pattern: str) -> list[str]:
     with open(os.path.join(images, log)) as f:
         return [line.rstrip() for line in f if re.search(pattern, line)]
-
-
-def copy_tree(src: str, dst: str) -> None:
-    shutil.copytree(src, dst)
