@@ -188,6 +188,21 @@ class Memzoo:
         wait_for(lambda: not _group_alive(self.pid), timeout, "memzoo children to be reaped")
         self.pid = None
 
+    def tree(self) -> dict[int, int]:
+        """Every process in the tree's process group (zombies too), with its number of threads."""
+        out = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                if int(fields[2]) == self.pid:
+                    out[int(d)] = int(fields[17])
+        return out
+
     def _clear(self, pattern: str) -> None:
         for p in glob.glob(os.path.join(self.dir, pattern)):
             os.unlink(p)

@@ -59,6 +59,7 @@ class Dumped:
         self.images = os.path.join(base, "images")
         self.zoo.start()
         self.before = self.zoo.report()
+        self.threads = {r: self.zoo.tree()[pid] for r, pid in self.before.pids.items()}
         self.zoo.dump(self.images)
         self.restores: dict[str, mz.Report] = {}
 
@@ -67,6 +68,8 @@ class Dumped:
         try:
             self.zoo.restore(images, *options, log=f"restore-{tag}.log")
             report = self.zoo.report()
+            # no helper left behind: the tree is the dumped processes with their threads, no more
+            assert self.zoo.tree() == {report.pids[r]: self.threads[r] for r in self.zoo.roles}
         finally:
             self.zoo.kill()
             # a failed restore kills what it had forked; the next one needs those pids free
