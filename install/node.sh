@@ -9,7 +9,8 @@
 #
 # Environment: THAW_PREFIX (virtualenv and stamps, default /opt/thaw), THAW_BIN_DIR (where
 # thaw, thaw-runtime and thaw-hook go, default /usr/local/bin), THAW_BUILD_CACHE (CRIU source
-# and build, the test containerds; default /var/cache/thaw).
+# and build, the test containerds; default /var/cache/thaw), THAW_CRIU_DIR (where the patched
+# CRIU goes, default /usr/local/sbin).
 set -euo pipefail
 
 CRIU_VERSION=4.1.1
@@ -18,6 +19,7 @@ PREFIX=${THAW_PREFIX:-/opt/thaw}
 # Where the commands go (a second, private installation for development sets both).
 BIN_DIR=${THAW_BIN_DIR:-/usr/local/bin}
 CACHE=${THAW_BUILD_CACHE:-/var/cache/thaw}
+CRIU_DIR=${THAW_CRIU_DIR:-/usr/local/sbin}
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 DEV=0
@@ -26,7 +28,7 @@ for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
     --containerd) CONTAINERD=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "node.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -124,7 +126,9 @@ if [ "$DEV" = 1 ]; then
   exec 9>&-
 fi
 
-# --- CRIU >= 4.0 --------------------------------------------------------------------------------
+# --- CRIU: 4.1.1 with thaw's patches ------------------------------------------------------------
+# thaw needs its own patches (install/criu-patches), so it builds CRIU itself and records what it
+# built next to the binary; any other CRIU, or one built from other patches, is rebuilt.
 criu_ok() {  # $1 = criu binary; true if version >= 4.0, `criu check` passes and it can dump
   local v
   v=$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
@@ -147,11 +151,16 @@ criu_dumps_tcp() {  # Linux >= 6.16 breaks socket dumps of unpatched CRIU 4.1.x:
   rm -rf "$dir"
   return $rc
 }
-CRIU_BIN=$(command -v criu || true)
-if [ -n "$CRIU_BIN" ] && criu_ok "$CRIU_BIN"; then
-  say "criu: keeping $CRIU_BIN ($("$CRIU_BIN" --version | sed -n 's/^Version: *//p'), criu check passes)"
+CRIU_WANT="criu $CRIU_VERSION; patches: $(cd "$SRC/install/criu-patches" && sha256sum -- *.patch | tr -s ' \n' ' ')"
+CRIU_STAMP="$CRIU_DIR/criu.thaw-build"
+if [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$CRIU_WANT" ] && criu_ok "$CRIU_DIR/criu"; then
+  say "criu: keeping $CRIU_DIR/criu ($CRIU_VERSION, built from the current patches, criu check passes)"
 else
-  [ -n "$CRIU_BIN" ] && say "criu: $CRIU_BIN is older than 4.0, fails 'criu check' or cannot dump sockets; building $CRIU_VERSION"
+  if [ -f "$CRIU_STAMP" ]; then
+    say "criu: $CRIU_DIR/criu was built from other patches or fails its checks; rebuilding $CRIU_VERSION"
+  else
+    say "criu: building $CRIU_VERSION with thaw's patches"
+  fi
   mkdir -p "$CACHE"
   TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
   if ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
@@ -177,13 +186,16 @@ else
   done
   say "criu: building (make -j$(nproc) criu)"
   make -C "$BUILD" -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 || die "criu: build failed, see $CACHE/criu-build.log"
-  install -D -m 0755 "$BUILD/criu/criu" /usr/local/sbin/criu
+  rm -f "$CRIU_STAMP"
+  install -D -m 0755 "$BUILD/criu/criu" "$CRIU_DIR/criu"
   hash -r
-  criu_ok /usr/local/sbin/criu || die "criu: /usr/local/sbin/criu built but 'criu check' fails: $(/usr/local/sbin/criu check 2>&1 | tail -n 3)"
-  say "criu: installed /usr/local/sbin/criu ($CRIU_VERSION)"
-  if [ -n "$CRIU_BIN" ] && [ "$CRIU_BIN" != /usr/local/sbin/criu ]; then
-    say "criu: note: $CRIU_BIN (old) is still installed; /usr/local/sbin comes first on root's PATH"
-  fi
+  criu_ok "$CRIU_DIR/criu" || die "criu: $CRIU_DIR/criu built but 'criu check' fails: $("$CRIU_DIR/criu" check 2>&1 | tail -n 3)"
+  echo "$CRIU_WANT" > "$CRIU_STAMP"
+  say "criu: installed $CRIU_DIR/criu ($CRIU_VERSION)"
+fi
+CRIU_BIN=$(command -v criu || true)
+if [ -n "$CRIU_BIN" ] && [ "$CRIU_BIN" != "$CRIU_DIR/criu" ]; then
+  say "criu: note: $CRIU_BIN comes first on PATH, not $CRIU_DIR/criu"
 fi
 
 # --- thaw virtualenv ----------------------------------------------------------------------------
