@@ -127,7 +127,7 @@ def make_bundle(path: str, args: list[str], *, annotations: dict[str, str] | Non
         "mounts": mounts,
         "annotations": {**_image_annotation(image, python), **(annotations or {})},
         "linux": {
-            "cgroupsPath": cgroup or f"/thaw-test/{os.path.basename(path)}",
+            "cgroupsPath": cgroup or f"/thaw-test/{os.path.basename(path)}-{uuid.uuid4().hex[:8]}",
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
             "namespaces": namespaces,
             "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],

@@ -18,9 +18,8 @@ import subprocess
 import time
 import uuid
 
-import pytest
-
 import memzoo as mz
+import pytest
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 

@@ -11,9 +11,9 @@ import re
 import shutil
 import subprocess
 
+import memzoo as mz
 import pytest
 
-import memzoo as mz
 from helpers import make_bundle, unique
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]

@@ -84,7 +84,7 @@ def first_tick(c) -> int:
 
 def assert_cold_start(env, c, rc, reason_words):
     assert rc == 0, c.log_text()
-    warnings = [e for e in c.log_entries() if e.get("level") == "warning"]
+    warnings = [e for e in c.log_entries() if e.get("level") == "warning" and e["msg"].startswith("thaw:")]
     assert warnings, c.log_text()
     msg = warnings[-1]["msg"]
     assert "cold start" in msg and all(w in msg for w in reason_words), msg

@@ -52,7 +52,8 @@ def status_of(pid: int) -> dict[str, str]:
 
 
 def warnings_of(c) -> list[str]:
-    return [e["msg"] for e in c.log_entries() if e.get("level") == "warning"]
+    """thaw's warnings in the container's runtime log (runc may add its own)."""
+    return [e["msg"] for e in c.log_entries() if e.get("level") == "warning" and e["msg"].startswith("thaw:")]
 
 
 # --- 1. capture cannot be redirected to host files --------------------------------------------------
