@@ -62,6 +62,18 @@ class Policy(_Record):
                      if pub != namespace and (namespace in readers or "*" in readers))
 
 
+class Restore(_Record):
+    """How CRIU fills a restored process's memory (thaw's CRIU patch 0002; a CRIU without it
+    restores at stock speed whatever these say). workers: -1 = one per core, up to 16; 0 = stock.
+    hugepages: "auto" = what the node's measured probe says, else "on"/"off"."""
+    workers: int
+    hugepages: str
+    _fields = {"workers": -1, "hugepages": "auto"}
+
+    def worker_count(self) -> int:
+        return min(16, os.cpu_count() or 1) if self.workers < 0 else self.workers
+
+
 class Config(_Record):
     store_dir: str
     state_dir: str
@@ -73,14 +85,16 @@ class Config(_Record):
     metrics_dir: str
     events_max_bytes: int
     policy: Policy
+    restore: Restore
     source: str | None
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
-               "policy": None, "source": None}
+               "policy": None, "restore": None, "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
+        values.setdefault("restore", Restore())
         super().__init__(**values)
 
     def resolve_next_runtime(self) -> str:
@@ -199,15 +213,39 @@ def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
     return out
 
 
+def _restore_section(raw: object, where: str) -> Restore:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}must be a mapping")
+    unknown = set(raw) - {"workers", "hugepages"}
+    if unknown:
+        raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    workers = raw.get("workers", "auto")
+    if workers == "auto" or workers is None:
+        workers = -1
+    elif isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+        raise ConfigError(f"{where}workers must be auto or a number from 0 to 64")
+    hugepages = raw.get("hugepages", "auto")
+    if hugepages is True or hugepages is False:
+        hugepages = "on" if hugepages else "off"
+    if hugepages is None:
+        hugepages = "auto"
+    if hugepages not in ("auto", "on", "off"):
+        raise ConfigError(f"{where}hugepages must be auto, true or false")
+    return Restore(workers=workers, hugepages=hugepages)
+
+
 def _from_mapping(raw: object, source: str | None) -> Config:
     where = f"{source}: "
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}top level must be a mapping")
-    top = {k: v for k, v in raw.items() if k != "policy"}
+    top = {k: v for k, v in raw.items() if k not in ("policy", "restore")}
     values = _section(top, _TOP, Config._fields, where)
     values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
+    values["restore"] = _restore_section(raw.get("restore"), where + "restore.")
     return Config(**values, source=source)
 
 
@@ -215,6 +253,8 @@ def _to_mapping(cfg: Config) -> dict:
     out = {k: getattr(cfg, k) for k in _TOP}
     out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
                      for k, v in ((k, getattr(cfg.policy, k)) for k in _POLICY)}
+    out["restore"] = {"workers": "auto" if cfg.restore.workers < 0 else cfg.restore.workers,
+                      "hugepages": cfg.restore.hugepages}
     return out
 
 

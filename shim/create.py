@@ -172,8 +172,8 @@ def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
         r = outcome.record
         total = (r.phases or {}).get("total", 0.0)
         level, kind, code = "info", "restored", None
-        msg = f"thaw: restored {cid} from {r.snapshot} in {total:.3f}s {r.phases}"
-        fields = {"snapshot": r.snapshot, "phases": r.phases}
+        msg = f"thaw: restored {cid} from {r.snapshot} in {total:.3f}s (fill: {r.fill}) {r.phases}"
+        fields = {"snapshot": r.snapshot, "phases": r.phases, "fill": r.fill}
     elif isinstance(outcome, ColdStart):
         level, kind, code = "warning", "cold_start", outcome.code
         msg = f"thaw: cold start (restore not possible: {outcome.reason})"

@@ -43,6 +43,7 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
         yield criu.version_tuple(v) >= (4, 0), "criu version", f"{binary} {v} (need >= 4.0)"
         ok, detail = criu.check(binary)
         yield ok, "criu check", detail
+        yield from _fast_restore(cfg, binary)
 
     ipt = shutil.which("iptables-restore", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     yield bool(ipt), "iptables-restore", ipt or "missing: CRIU's network lock needs it (apt install iptables)"
@@ -74,6 +75,27 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     if containerd:
         from .containerd.checks import doctor_checks
         yield from doctor_checks()
+
+
+def _fast_restore(cfg: Config, binary: str) -> Iterator[Check]:
+    """Which page fill restores get here: thaw's CRIU options (patch 0002) or CRIU's stock one,
+    and whether huge pages help on this machine (measured once, kept for `hugepages: auto`)."""
+    from thaw.oci.files import make_private_dir
+    have = criu.features(binary, make_private_dir(cfg.state_dir))
+    if criu.PAGE_WORKERS not in have:
+        yield True, "fast restore", (f"{binary} is a CRIU without thaw's page-fill patch: restores fill memory "
+                                     "at stock speed (install/node.sh builds the patched one)")
+        return
+    probe = criu.read_thp_probe(cfg.state_dir)
+    if probe is None and criu.thp_mode() == "madvise" and os.geteuid() == 0:
+        try:
+            probe = criu.measure_thp_fill(cfg.state_dir, cfg.state_dir)
+        except OSError as exc:
+            yield False, "fast restore", f"cannot measure the huge-page fill probe: {exc}"
+    opts = criu.restore_options(cfg.restore.worker_count(), cfg.restore.hugepages, have, probe)
+    measured = (f"; probe: {probe['small_gib_s']} GiB/s in 4 KiB pages, {probe['huge_gib_s']} GiB/s in huge pages"
+                if probe else "")
+    yield True, "fast restore", f"{' '.join(opts) or 'stock fill (restore.workers: 0)'} (THP {criu.thp_mode()}{measured})"
 
 
 def fix(cfg: Config) -> list[str]:

@@ -125,9 +125,10 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         console = call.flags.get("console-socket")
         cuda_init = _start_cuda_init() if plan.gpus is not None else None
         container_may_exist = True
+        fill = _fill_options(cfg)
         faults.point("runc_restore")
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
-                   console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")))
+                   console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")), fill)
         faults.point("runc_restored")
         if cuda_init is not None:
             phases.run("cuda_init_wait", cuda_init.join)
@@ -141,7 +142,7 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         faults.point("resumed")
         phases.add("total", phases.elapsed())
         record = state.restored(record, pid=pid, manifest=snap.manifest.digest, bundle=bundle.path,
-                                root=call.root, phases=phases.rounded())
+                                root=call.root, phases=phases.rounded(), fill=" ".join(fill) or "stock")
         applier.commit()
         return record
     except BaseException as exc:
@@ -153,6 +154,14 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         if hook_error:
             raise Incompatible(f"snapshot {snap.ref}: {hook_error}") from exc
         raise
+
+
+def _fill_options(cfg: Config) -> tuple[str, ...]:
+    """How CRIU fills memory for this restore: the node config, what the node's CRIU can do, and
+    (for hugepages: auto) the node's measured probe."""
+    from . import criu
+    return criu.restore_options(cfg.restore.worker_count(), cfg.restore.hugepages,
+                                criu.features(cfg.resolve_criu(), cfg.state_dir), criu.read_thp_probe(cfg.state_dir))
 
 
 def _start_cuda_init() -> threading.Thread:

@@ -65,6 +65,7 @@ class Record:
     owner: dict | None
     undo: str | None
     systemd_cgroup: bool | None
+    fill: str | None
 
     _FIELDS = {
         "phase": None,
@@ -86,6 +87,7 @@ class Record:
         "owner": None,         # the thaw-runtime restoring it {pid, start}: dead owner = stale record
         "undo": None,          # the rootfs diff's undo directory (its journal)
         "systemd_cgroup": None,  # runc's cgroup driver for this container (--systemd-cgroup)
+        "fill": None,          # how CRIU filled memory: thaw's CRIU options, or "stock"
     }
     __slots__ = tuple(_FIELDS) + ("id",)
 
