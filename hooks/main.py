@@ -6,19 +6,21 @@ A hook's stdout/stderr may be the runtime's pipes: it writes there only to repor
 failure, and never lingers (the watcher is a process of its own with its stdio on /dev/null).
 
   thaw-hook prestart|poststop < state.json
-  thaw-hook watch CONTAINER_ID PID
+  thaw-hook watch CONTAINER_ID PID        the auto-capture watcher
+  thaw-hook prepare NAMESPACE SNAPSHOT    started beside a pod sandbox's create (shim/prefetch.py)
 """
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: thaw-hook prestart|poststop < state.json | thaw-hook watch CONTAINER_ID PID\n"
+USAGE = ("usage: thaw-hook prestart|poststop < state.json | thaw-hook watch CONTAINER_ID PID | "
+         "thaw-hook prepare NAMESPACE SNAPSHOT\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("prestart", "createRuntime", "poststop", "watch"):
+    if not argv or argv[0] not in ("prestart", "createRuntime", "poststop", "watch", "prepare"):
         sys.stderr.write(USAGE)
         sys.exit(2)
     from thaw.oci import ThawError
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(2)
             autocapture.watch(cfg, argv[1], int(argv[2]))
             sys.exit(0)
+        if argv[0] == "prepare":
+            if len(argv) != 3:
+                sys.stderr.write(USAGE)
+                sys.exit(2)
+            from . import stages
+            sys.exit(stages.prepare(cfg, argv[1], argv[2]))
         oci_state = OciState.read(sys.stdin.buffer)
     except ThawError as exc:
         sys.stderr.write(f"thaw-hook: {exc}\n")

@@ -6,6 +6,7 @@
             cold path with `thaw.dev/capture: on-ready`: start the capture watcher.
   poststop  stop the watcher, record the container's end, remove its thaw state.
   watch     the auto-capture watcher itself (started by prestart as its own process).
+  prepare   started by thaw-runtime beside a pod sandbox's create: get its snapshot ready.
 """
 
 from __future__ import annotations
@@ -46,4 +47,23 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
 def poststop(oci_state: OciState, cfg: Config) -> int:
     from thaw.shim.state import finish
     finish(cfg, oci_state.id, "poststop")
+    return 0
+
+
+def prepare(cfg: Config, namespace: str, snapshot: str) -> int:
+    """Read the snapshot a pod will ask for into the page cache, in the background of its
+    sandbox's create; at idle I/O priority, with no file but its own open."""
+    import os
+
+    from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
+    from thaw.shim import prefetch
+    os.closerange(3, 65536)
+    try:
+        ref = SnapshotRef.parse(snapshot)
+    except AnnotationError:
+        return 0                                   # the container's create reports the bad name
+    if not valid_namespace(namespace):
+        return 0
+    prefetch.idle_io()
+    prefetch.warm(cfg, ref, namespace)
     return 0

@@ -247,18 +247,26 @@ class Sizes:
     rootfs_bytes: int = 0
     rootfs_entries: int = 0
     rootfs_deleted: int = 0
-    gpu_bytes: int = 0
+    gpu_bytes: int = 0                # device memory the CUDA checkpoint moved into host memory
+    # What the captured processes' memory held when CRIU dumped it, in bytes by kind of mapping:
+    # heap, anonymous (GPU state staged by the CUDA checkpoint is here), stack, file_private
+    # (libraries' and other files' private dirty pages), shared (memfd, shmem, SysV).
+    composition: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"criu_bytes": self.criu_bytes, "rootfs_bytes": self.rootfs_bytes,
                 "rootfs_entries": self.rootfs_entries, "rootfs_deleted": self.rootfs_deleted,
-                "gpu_bytes": self.gpu_bytes}
+                "gpu_bytes": self.gpu_bytes, "composition": dict(self.composition)}
 
     @classmethod
     def from_json(cls, obj: Any) -> Sizes:
         obj = obj or {}
+        composition = _get(obj, "composition", dict, {})
+        if not all(isinstance(v, int) for v in composition.values()):
+            raise SnapshotFormatError("'composition' must map kinds of memory to bytes")
         return cls(**{k: _get(obj, k, int, 0) for k in
-                      ("criu_bytes", "rootfs_bytes", "rootfs_entries", "rootfs_deleted", "gpu_bytes")})
+                      ("criu_bytes", "rootfs_bytes", "rootfs_entries", "rootfs_deleted", "gpu_bytes")},
+                   composition=dict(composition))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ belongs to the namespace of the container's pod (or `_local` outside Kubernetes)
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from datetime import datetime
 
@@ -82,6 +83,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             # What the processes really hold (CRIU restores exactly this), read just before and
             # just after the dump: a privilege gained in between shows in the second reading.
             processes = _creds(pid)
+            composition = _composition(pid)
             with runc.resumed_if_we_die(container_id):
                 faults.point("checkpoint")
                 phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
@@ -118,7 +120,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
                               container_name=fp.container.container_name, left_running=leave_running),
             sizes=fmt.Sizes(criu_bytes=criu_bytes, rootfs_bytes=rootfs_desc.size,
                             rootfs_entries=summary.entries, rootfs_deleted=len(summary.deleted),
-                            gpu_bytes=gpu_session.gpu_bytes if gpu_session else 0),
+                            gpu_bytes=gpu_session.gpu_bytes if gpu_session else 0, composition=composition),
             phases=phases.rounded(),
             gpu=gpu_session.describe() if gpu_session else fmt.GpuState(),
             network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None))
@@ -141,6 +143,33 @@ def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict, bun
             raise CaptureError(f"container {container_id} names a CRIU configuration file ({CRIU_CONFIG}: "
                                f"{named!r}); a container must not choose CRIU's options, so thaw does not "
                                "capture it")
+
+
+_SMAPS_HEAD = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) \S+ \S+ \d+\s*(.*)$")
+
+
+def _composition(pid: int) -> dict[str, int]:
+    """What the container's processes hold in memory, by kind of mapping (from smaps), just
+    before the dump: what the snapshot will carry (file mappings: their private dirty pages)."""
+    from .cuda import process_tree
+    out = {"heap": 0, "anonymous": 0, "stack": 0, "file_private": 0, "shared": 0}
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        kind = None
+        for line in lines:
+            head = _SMAPS_HEAD.match(line)
+            if head:
+                perms, name = head.group(1), head.group(2).strip()
+                kind = ("shared" if perms[3] == "s" else "heap" if name == "[heap]" else
+                        "stack" if name.startswith("[stack") else
+                        "file_private" if name.startswith("/") else "anonymous")
+            elif kind and line.startswith("Private_Dirty:" if kind == "file_private" else "Rss:"):
+                out[kind] += int(line.split()[1]) * 1024
+    return out
 
 
 def _creds(pid: int) -> tuple[fmt.ProcessCreds, ...]:

@@ -172,6 +172,31 @@ def import_(ctx, file):
 
 
 @cli.command()
+@click.argument("name")
+@_namespace_option
+@click.pass_context
+@_one_line_errors
+def warm(ctx, name, namespace):
+    """Read snapshot NAME into the page cache ahead of the pods that will restore it (what a pod's
+    sandbox create starts by itself)."""
+    from . import prefetch
+    ref = _ref(name)
+    show = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            click.echo(f"\r{done >> 20} / {total >> 20} MiB", nl=False, err=True)
+    result = prefetch.warm(_cfg(ctx), ref, namespace, progress)
+    if show:
+        click.echo("", err=True)
+    rate = result["bytes"] / result["seconds"] / 2**30 if result["seconds"] else 0
+    click.echo(f"{ref} ({namespace}): {result['outcome']}, {_human(result['bytes'])} in {result['seconds']:.2f}s"
+               + (f" ({rate:.2f} GiB/s)" if rate else ""))
+    if result["outcome"] not in ("warm", "busy"):
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they happen.")
 @click.option("--container", "container", default=None, help="Only this container's events.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")

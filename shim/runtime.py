@@ -54,6 +54,8 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
     except SpecError:
         return                                      # the next runtime reports it
     if not ann.wants_thaw(bundle.annotations):
+        if ann.is_sandbox(bundle.annotations) and ann.SNAPSHOT in bundle.annotations:
+            _prepare_in_background(cfg, bundle.annotations)
         return
     from thaw.shim import create
     outcome = create.create(call, bundle, cfg, next_runtime)
@@ -62,6 +64,28 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         sys.exit(0)
     if isinstance(outcome, create.Refused):
         sys.exit(1)
+
+
+def _prepare_in_background(cfg: config.Config, annotations: dict[str, str]) -> None:
+    """A pod asking for a snapshot has its sandbox created first: start getting the snapshot ready
+    (shim/prefetch.py) beside it, without waiting and without ever failing the sandbox. Spawned
+    directly (posix_spawn: no subprocess import on this path), in a session of its own, with
+    /dev/null for stdio: the sandbox's pipes must not be held by it."""
+    if not cfg.hook:
+        return
+    from thaw.oci import annotations as ann
+    env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
+    if cfg.source:
+        env["THAW_CONFIG"] = cfg.source
+    if "THAW_TEST_FAULTS" in os.environ:
+        env["THAW_TEST_FAULTS"] = os.environ["THAW_TEST_FAULTS"]
+    namespace = annotations.get(ann.CRI_SANDBOX_NAMESPACE) or ann.LOCAL_NAMESPACE
+    try:
+        os.posix_spawn(cfg.hook, [cfg.hook, "prepare", namespace, annotations[ann.SNAPSHOT]], env,
+                       file_actions=[(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)],
+                       setsid=True)
+    except OSError:
+        pass                                  # only a later restore is slower for it
 
 
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:

@@ -34,6 +34,9 @@ ATTN_ROWS = 32  # decode attention gathers the K/V of at most this many sequence
 CONFIGS = {
     "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, inter=3072,
                        vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048),
+    # A 4B-class shape (Qwen3-4B's): 8 GB of bf16 weights, for measuring how restore grows with size.
+    "qwen3-4b": dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, inter=9728,
+                     vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inter=128,
                  vocab=512, rope_theta=1e6, eps=1e-6, dtype="float32", max_len=256),
 }
@@ -84,6 +87,37 @@ def init_weights(c, path):
     save_file(tensors, tmp, metadata={"seed": str(SEED), "format": "pt"})
     os.chmod(tmp, 0o644)  # readable by whichever user the container runs as
     os.replace(tmp, path)
+
+
+def load_weights(path, device, dtype):
+    """Load weights the way vLLM-style engines do: map the safetensors file and copy each tensor
+    straight out of the mapping to the device. The mapping is page cache, dropped when done, so
+    the process keeps no CPU copy of its weights (which a snapshot would carry as heap)."""
+    import mmap
+    import struct
+    import warnings
+    kinds = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    out = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # frombuffer of a read-only mapping: we only read
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                kind = kinds[info["dtype"]]
+                a, b = info["data_offsets"]
+                view = torch.frombuffer(m, dtype=kind, count=(b - a) // kind.itemsize, offset=8 + n + a)
+                out[name] = view.view(info["shape"]).to(device=device, dtype=dtype, copy=True)
+                del view
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        m.close()
+    return out
 
 
 # ---- device memory at a fixed address (CUDA VMM) ----------------------------------------------
@@ -244,7 +278,6 @@ class Engine:
         self.phase = "import"
         import torch as _torch
         import torch.nn.functional as _F
-        from safetensors.torch import load_file
         torch, F = _torch, _F
         tm["import_s"] = time.perf_counter() - t
         dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,8 +296,7 @@ class Engine:
             init_weights(c, a.weights)
             created, tm["init_weights_s"] = True, time.perf_counter() - t
         self.phase, t = "load", time.perf_counter()
-        w = load_file(a.weights, device=str(self.dev))
-        w = {k: v.to(self.dtype) for k, v in w.items()}
+        w = load_weights(a.weights, self.dev, self.dtype)
         self.emb, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
         names = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                  "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",

@@ -1,0 +1,106 @@
+"""Getting a snapshot ready before its container asks for it: the pod's sandbox (pause container)
+is created before CNI, the image pull and the container's own create, and carries the pod's
+annotations. thaw-runtime hands that sandbox's create to runc at once and starts `thaw-hook
+prepare NAMESPACE REF` beside it: a process of its own session, stdio on /dev/null, idle I/O
+priority, that reads the snapshot's CRIU files into the page cache (so that CRIU's page fill reads
+memory, not disk). `thaw warm` does the same for an operator.
+
+Bounded: one reader at a time per snapshot, however many pods ask (a lock; the others leave); one
+sequential stream through a fixed 8 MiB buffer; it stops when the node's available memory would
+fall under a floor (page cache must not push out what the node's processes use).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import time
+from collections.abc import Callable
+
+from thaw.oci.annotations import SnapshotRef
+from thaw.oci.files import make_private_dir
+
+from . import events, faults
+from .config import Config
+from .store import Store, StoreError
+
+CHUNK = 8 << 20
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+_IOPRIO_CLASS_IDLE = 3
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def floor_bytes() -> int:
+    """Keep at least this much memory available: 1 GiB or a tenth of the node, the larger."""
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    return max(1 << 30, total // 10)
+
+
+def idle_io() -> None:
+    """This process's I/O only when the disk is otherwise idle; and a low CPU priority."""
+    nr = _IOPRIO_SET.get(os.uname().machine)
+    if nr is not None:
+        ctypes.CDLL(None, use_errno=True).syscall(nr, 1, 0, _IOPRIO_CLASS_IDLE << 13)   # IOPRIO_WHO_PROCESS, self
+    os.nice(10)
+
+
+def warm(cfg: Config, ref: SnapshotRef, namespace: str,
+         progress: Callable[[int, int], None] | None = None) -> dict:
+    """Read snapshot `ref` of `namespace` (or of a namespace the policy lets publish to it) into
+    the page cache. Returns what happened (also in the events log)."""
+    locks = make_private_dir(os.path.join(cfg.state_dir, "prefetch"))
+    lock = os.open(os.path.join(locks, f"{namespace}_{ref.name}_{ref.tag}.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _report(cfg, ref, namespace, "busy", "another prefetch of it is under way")
+        store = Store.for_config(cfg)
+        try:
+            snap = store.resolve(ref, namespace, cfg.policy.readable_from(namespace))
+        except StoreError as exc:
+            return _report(cfg, ref, namespace, "absent", str(exc))
+        faults.point("prefetch")
+        with store.image_dir(snap) as path:
+            names = sorted(os.listdir(path))
+            total = sum(os.path.getsize(os.path.join(path, n)) for n in names)
+            done, t = 0, time.perf_counter()
+            floor = floor_bytes()
+            buf = bytearray(CHUNK)
+            for name in names:
+                fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    while n := os.readv(fd, [buf]):
+                        done += n
+                        if done % (256 << 20) < n:
+                            if mem_available() < floor:
+                                return _report(cfg, ref, namespace, "stopped",
+                                               f"node memory is short: read {done >> 20} of {total >> 20} MiB",
+                                               done, time.perf_counter() - t)
+                            if progress:
+                                progress(done, total)
+                finally:
+                    os.close(fd)
+            if progress:
+                progress(done, total)
+            return _report(cfg, ref, namespace, "warm", f"{done >> 20} MiB read", done, time.perf_counter() - t)
+    finally:
+        os.close(lock)
+
+
+def _report(cfg: Config, ref: SnapshotRef, namespace: str, outcome: str, msg: str,
+            done: int = 0, seconds: float = 0.0) -> dict:
+    events.emit(cfg, "prefetch", f"prefetch of {ref} ({namespace}): {outcome}: {msg}", None,
+                "info" if outcome in ("warm", "busy") else "warning", snapshot=str(ref),
+                namespace=namespace, outcome=outcome, bytes=done, seconds=round(seconds, 3))
+    return {"outcome": outcome, "bytes": done, "seconds": round(seconds, 3)}
