@@ -1,9 +1,7 @@
 """What thaw-hook does at each stage; each returns the hook's exit code (hooks/main.py exits).
 
-  prestart  restore path (runc restore runs it before the processes come back): check that the
-            target network namespace has the addresses the snapshot's listening sockets need;
-            a failure fails the restore, and thaw-runtime then cold-starts the container.
-            cold path with `thaw.dev/capture: on-ready`: start the capture watcher.
+  prestart  cold path with `thaw.dev/capture: on-ready`: start the capture watcher (the restore
+            path has no prestart hook: thaw-runtime checks the network itself, shim/restore.py).
   poststop  stop the watcher, record the container's end, remove its thaw state.
   watch     the auto-capture watcher itself (started by prestart as its own process).
   prepare   started by thaw-runtime beside a pod sandbox's create: get its snapshot ready.
@@ -25,16 +23,6 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
     record = st.read()
     if record is None:
         return 0                               # not a container thaw handles
-    if record.phase == Phase.RESTORING:
-        if not record.netns:
-            return 0                           # CRIU recreates a namespace of its own
-        from thaw.shim import netcheck
-        problems = netcheck.problems(record.netns, [s["addr"] for s in record.listen or []])
-        if problems:
-            # thaw-runtime reads the reason from the record: runc's stderr here is the container's.
-            st.update(hook_error="; ".join(problems))
-            return 1
-        return 0
     if record.phase == Phase.COLD and record.capture and not record.watcher and oci_state.pid:
         try:
             from thaw.shim import autocapture

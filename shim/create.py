@@ -80,7 +80,7 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
         return NotOurs(in_use)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
     original_spec = json.dumps(bundle.spec)
-    _add_thaw_hooks(bundle, cfg, ("prestart", "poststop"))
+    _add_thaw_hooks(bundle, cfg, ("poststop",))   # runc runs poststop after a failed restore too
     try:
         return Restored(_restore(call, bundle, cfg, next_runtime))
     except Exception as exc:  # noqa: BLE001 - any failure becomes a cold start
@@ -128,7 +128,7 @@ def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> 
 def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> None:
     """Add thaw-hook for `stages` to config.json (idempotent; other hooks keep their order).
 
-    prestart is added only where thaw needs it (the restore path; a cold start with auto-capture):
+    prestart is added only where thaw needs it (a cold start with auto-capture):
     a prestart hook that fails fails the container, so a plain cold start must not depend on it.
     poststop failures are only logged by runc."""
     if not cfg.hook or not os.access(cfg.hook, os.X_OK):

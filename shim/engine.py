@@ -14,8 +14,6 @@ import ctypes
 import errno
 import json
 import os
-import urllib.error
-import urllib.request
 
 from thaw.oci import ThawError
 
@@ -83,6 +81,7 @@ class ContainerView:
 
     def request(self, url: str, method: str = "POST", timeout: float = 60.0) -> tuple[int, str]:
         """An HTTP request made from inside the container's network namespace."""
+        import urllib.request  # noqa: F401 - imported here, before the fork: only a call pays for it
         r, w = os.pipe()
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the forked child
@@ -133,6 +132,8 @@ class ContainerView:
 
 
 def _request(url: str, method: str, timeout: float) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

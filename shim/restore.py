@@ -43,6 +43,7 @@ class Plan:
     snapshot: fmt.Snapshot
     gpus: list | None              # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
     phases: Phases
+    cuda_init: threading.Thread | None = None   # importing cuda-python and cuInit, meanwhile
 
 
 def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
@@ -55,6 +56,7 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
                       cfg.policy.readable_from(namespace))
     t = time.perf_counter()
     gpus = None
+    cuda_init = None
     gpu_fp = fmt.GpuFingerprint()
     if snap.config.gpu.pids:
         # The snapshot holds checkpointed CUDA processes: this node must be able to restore them.
@@ -64,6 +66,7 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
                                "driver or cuda-python")
         gpus = cuda.container_gpus(bundle.spec)
         gpu_fp = cuda.gpu_fingerprint(gpus)
+        cuda_init = _start_cuda_init()   # ~0.5 s of import and cuInit, while the rest goes on
     from thaw.oci.files import make_private_dir
     cache = make_private_dir(cfg.state_dir)
     if node is None:
@@ -75,10 +78,23 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     reasons += fingerprint.compare_identity(snap.config.identity, fingerprint.identity(bundle.spec),
                                             cfg.policy.env_may_differ)
     reasons += fingerprint.excess_privileges(snap.config.processes, bundle.spec)
+    reasons += _network_problems(snap, bundle)
     phases.add("fingerprint", time.perf_counter() - t)
     if reasons:
         raise Incompatible(f"snapshot {snap.ref} does not fit here: " + "; ".join(reasons))
-    return Plan(request, snap, gpus, phases)
+    return Plan(request, snap, gpus, phases, cuda_init)
+
+
+def _network_problems(snap: fmt.Snapshot, bundle: Bundle) -> list[str]:
+    """CRIU re-binds the snapshot's listening sockets: in a network namespace joined by path (a
+    pod's, set up by CNI before any container's create) their addresses must exist. Checked here,
+    before anything changes, rather than from a prestart hook inside runc restore (a process
+    start per restore for the same answer)."""
+    netns = bundle.namespace_path("network")
+    if not netns or not snap.config.network.listen:
+        return []
+    from . import netcheck
+    return netcheck.problems(netns, [s.addr for s in snap.config.network.listen])
 
 
 def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store,
@@ -104,11 +120,9 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
     from .rootfs import RootfsApplier, undo_dir_for
     work = state.make_work_dir()
     undo = undo_dir_for(bundle.rootfs, cid)
-    # The prestart hook (run by runc restore) reads this and checks the target network namespace;
-    # whoever finds it after this process died cleans up from it (shim/recovery.py).
+    # Whoever finds this record after this process died cleans up from it (shim/recovery.py).
     record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root,
-                                 bool(call.global_flags.get("systemd-cgroup")), bundle.namespace_path("network"),
-                                 [s.to_json() for s in snap.config.network.listen], undo)
+                                 bool(call.global_flags.get("systemd-cgroup")), undo)
     applier = RootfsApplier(bundle.rootfs, undo)
     container_may_exist = False
     try:
@@ -123,15 +137,14 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         pid_file = call.flags.get("pid-file")
         pid_file = pid_file if isinstance(pid_file, str) else os.path.join(work, "pid")
         console = call.flags.get("console-socket")
-        cuda_init = _start_cuda_init() if plan.gpus is not None else None
         container_may_exist = True
         fill = _fill_options(cfg)
         faults.point("runc_restore")
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
                    console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")), fill)
         faults.point("runc_restored")
-        if cuda_init is not None:
-            phases.run("cuda_init_wait", cuda_init.join)
+        if plan.cuda_init is not None:
+            phases.run("cuda_init_wait", plan.cuda_init.join)
         with open(pid_file) as f:
             pid = int(f.read().strip())
         if plan.gpus is not None:
@@ -145,14 +158,11 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
                                 root=call.root, phases=phases.rounded(), fill=" ".join(fill) or "stock")
         applier.commit()
         return record
-    except BaseException as exc:
-        hook_error = (state.read() or record).hook_error
+    except BaseException:
         if container_may_exist:
             runc.delete_force(cid)
         applier.undo()
         state.remove()
-        if hook_error:
-            raise Incompatible(f"snapshot {snap.ref}: {hook_error}") from exc
         raise
 
 
@@ -165,7 +175,8 @@ def _fill_options(cfg: Config) -> tuple[str, ...]:
 
 
 def _start_cuda_init() -> threading.Thread:
-    """cuInit costs ~0.2 s: pay it while CRIU restores memory."""
+    """Importing cuda-python and cuInit cost ~0.5 s: pay them while the fingerprint is checked,
+    the rootfs diff applied and CRIU restores memory."""
     from . import cuda
     thread = threading.Thread(target=cuda.init_quietly, daemon=True)
     thread.start()

@@ -59,9 +59,6 @@ class Record:
     watcher: dict | None
     captured: str | None
     capture_s: float | None
-    hook_error: str | None
-    netns: str | None
-    listen: list | None
     owner: dict | None
     undo: str | None
     systemd_cgroup: bool | None
@@ -81,9 +78,6 @@ class Record:
         "watcher": None,       # auto-capture watcher's process handle {pid, start}
         "captured": None,      # NAME:TAG the watcher published
         "capture_s": None,
-        "hook_error": None,    # why the prestart hook failed a restore
-        "netns": None,         # network namespace path the restore joins
-        "listen": None,        # the snapshot's listening sockets [{addr, port}]
         "owner": None,         # the thaw-runtime restoring it {pid, start}: dead owner = stale record
         "undo": None,          # the rootfs diff's undo directory (its journal)
         "systemd_cgroup": None,  # runc's cgroup driver for this container (--systemd-cgroup)
@@ -159,12 +153,12 @@ class ContainerState:
 
     # --- transitions ------------------------------------------------------------------------------
     def begin_restore(self, snapshot: str, created: float, bundle: str, root: str | None,
-                      systemd_cgroup: bool, netns: str | None, listen: list[dict], undo: str) -> Record:
+                      systemd_cgroup: bool, undo: str) -> Record:
         """Written before anything is changed: what a later caller needs to clean up if the
         restoring thaw-runtime dies (its owner handle says whether it did)."""
         from .procs import ProcessHandle
         record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created, bundle=bundle,
-                        root=root, systemd_cgroup=systemd_cgroup, netns=netns, listen=listen, undo=undo,
+                        root=root, systemd_cgroup=systemd_cgroup, undo=undo,
                         owner=ProcessHandle.me().to_json())
         self.write(record)
         return record

@@ -30,7 +30,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import IO, Any
 
@@ -268,6 +267,8 @@ class Store:
             except (OSError, fmt.SnapshotFormatError):
                 ok = False
             return None if ok else p.file
+
+        from concurrent.futures import ThreadPoolExecutor
 
         def check_whole(name: str) -> str | None:
             try:
@@ -543,6 +544,7 @@ class Staging:
         """Describe a CRIU image directory as layers without copying it: small files go into the
         whole-file tar, large ones become file parts hashed in parallel (pread per range).
         Returns (tar descriptor, parts, digests of the whole files, total bytes)."""
+        from concurrent.futures import ThreadPoolExecutor
         sizes = {n: os.path.getsize(os.path.join(images, n)) for n in fmt.criu_dir_entries(images)}
         whole, ranges = fmt.split_for_parts(sizes)
         with ThreadPoolExecutor(_workers()) as pool:

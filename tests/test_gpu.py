@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from thaw.shim import cuda
+from thaw.shim.phases import Phases
 
 pytestmark = pytest.mark.gpu
 
@@ -54,9 +55,9 @@ def test_checkpoint_and_restore_keep_gpu_data(worker):
     assert cuda.state(pid) == "CHECKPOINTED"
     assert not any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia")
                    for fd in os.listdir(f"/proc/{pid}/fd"))
-    timing = {}
-    assert cuda.restore_tree(pid, None, timing) == [pid]
-    assert cuda.state(pid) == "RUNNING" and timing["cuda_restore"] > 0
+    phases = Phases()
+    assert cuda.restore_tree(pid, None, phases) == [pid]
+    assert cuda.state(pid) == "RUNNING" and phases.times["cuda_restore"] > 0
     worker.stdin.write("go\n")
     worker.stdin.flush()
     _, got, want = worker.stdout.readline().split()

@@ -19,7 +19,7 @@ ln -sf /tmp/site/bin/thaw "$B/"
 PY=$(command -v python3)
 SITE=$(python3 -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
 for c in "thaw-runtime thaw.shim.runtime" "thaw-hook thaw.hooks.main"; do
-  set -- $c
+  set -- $c   # (the sourcing script's arguments are lost: session.sh saves them)
   printf '#!%s -IS\nimport sys\nsys.path[:0] = ["/tmp/site", "%s"]\nfrom %s import main\nmain()\n' "$PY" "$SITE" "$2" > "$B/$1"
   chmod +x "$B/$1"
 done
@@ -30,4 +30,4 @@ next_runtime: $B/runc
 criu: $B/criu
 hook: $B/thaw-hook
 CFG
-export THAW_CONFIG=/tmp/thaw/config.yaml
+export THAW_CONFIG=/tmp/thaw/config.yaml THAW_TEST_CRIU=$B/criu THAW_TEST_MEMZOO=$C/bin/memzoo

@@ -12,9 +12,11 @@ for b in /usr/local/sbin/criu "$(command -v runc)" /usr/sbin/xtables-nft-multi; 
   cp -L "$b" "$C/bin/"
   for l in $(libs "$b"); do cp -Ln "$l" "$C/lib/" 2>/dev/null || true; done
 done
+# memzoo as the tests build it (dynamic: glibc 2.36 here runs on 2.39 there), for a machine without gcc
+gcc -O2 -Wall -pthread -o "$C/bin/memzoo" tests/workloads/memzoo.c
 cp -rL /usr/lib/x86_64-linux-gnu/xtables "$C/xtables"
 for l in $(for f in "$C"/xtables/*.so; do libs "$f"; done | sort -u); do cp -Ln "$l" "$C/lib/" 2>/dev/null || true; done
 /opt/thaw/venv/bin/pip wheel -q --no-deps -w "$C/wheels" . 2>&1 | grep -v "is ignored" || true
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform any -d "$C/wheels" pyroute2 2>&1 | grep -v "is ignored" || true
+  --platform manylinux_2_17_x86_64 --platform any -d "$C/wheels" pyroute2 tomlkit 2>&1 | grep -v "is ignored" || true
 du -sh "$C"; ls "$C/bin" "$C/wheels"

@@ -89,6 +89,25 @@ def init_weights(c, path):
     os.replace(tmp, path)
 
 
+def host_memory():
+    """Resident host memory by kind of mapping (bytes), as the process stands: what a snapshot
+    taken now would hold before any GPU state is staged into it."""
+    out = {"heap": 0, "anonymous": 0, "file": 0}
+    kind = None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    path = head[5] if len(head) > 5 else ""
+                    kind = "heap" if path == "[heap]" else "file" if path.startswith("/") else "anonymous"
+                elif head[0] == "Rss:" and kind:
+                    out[kind] += int(head[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def load_weights(path, device, dtype):
     """Load weights the way vLLM-style engines do: map the safetensors file and copy each tensor
     straight out of the mapping to the device. The mapping is page cache, dropped when done, so
@@ -347,7 +366,7 @@ class Engine:
                          num_blocks=self.num_blocks, block_size=BLOCK_SIZE, max_model_len=self.max_len,
                          kv_bytes=self.kv_bytes, kv_allocator=self.allocator, kv_ptr=hex(self.pool.data_ptr()),
                          cuda_graph=bool(self.graphs), graphs=len(self.graphs), max_batch=self.max_batch,
-                         graph_batch_sizes=sorted(self.graphs))
+                         graph_batch_sizes=sorted(self.graphs), host_memory=host_memory())
         self._ready()
         print("READY " + json.dumps({**{k: round(v, 4) for k, v in tm.items()}, **self.info}), flush=True)
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: what the GPU machine offers, the GPU tests, CRIU's page fill proven byte-exact
+# and timed on its cores, then the end-to-end benchmark. Everything goes to $OUT (logs tee'd, so
+# a call stopped at its limit still returns what it had).
+#   bash bench/device/session.sh [gpu_e2e.py arguments...]
+# Environment: SKIP_TESTS=1, SKIP_SPEED=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3"
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+E2E_ARGS=("$@")   # env.sh sets positional parameters
+# CRIU keeps its kernel-feature probe (kdat) in /run/criu.kdat only where /run is a tmpfs, as it
+# is on real nodes but not on the GPU machine: give this session (and only it: a private mount
+# namespace) a tmpfs /run with the host's entries bound back in, so the probe is not counted.
+if [ -z "${THAW_RUN_TMPFS:-}" ] && [ "$(stat -f -c %T /run)" != tmpfs ]; then
+  exec env THAW_RUN_TMPFS=1 unshare -m --propagation private bash "$0" "$@"
+fi
+if [ -n "${THAW_RUN_TMPFS:-}" ]; then
+  mkdir -p /tmp/run.host && mount --bind /run /tmp/run.host && mount -t tmpfs -o mode=755 tmpfs /run
+  for e in /tmp/run.host/* /tmp/run.host/.[!.]*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    n=/run/${e##*/}
+    if [ -L "$e" ]; then cp -P "$e" "$n"; continue; fi
+    if [ -d "$e" ]; then mkdir -p "$n"; else : > "$n"; fi
+    mount --bind "$e" "$n" || echo "warning: /run/${e##*/} not carried into the tmpfs /run"
+  done
+fi
+export PYTHONUNBUFFERED=1
+source bench/device/env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+bash bench/device/probe.sh > "$OUT/probe.txt" 2>&1
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_criu_page_restore.py 2>&1 \
+    | tee "$OUT/tests.txt" | tail -5
+fi
+if [ -z "${SKIP_SPEED:-}" ]; then
+  mkdir -p /var/tmp/speed
+  timeout 200 python3 bench/restore_speed.py ${SPEED_ARGS:---size-gib 8 --workers 4,8,16 --rounds 3} \
+    --dir /var/tmp/speed 2>&1 | tee "$OUT/restore-speed.log" | tail -15
+  cp bench/results/restore_speed-latest.json "$OUT/restore-speed.json" 2>/dev/null
+  rm -rf /var/tmp/speed
+fi
+python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/gpu-e2e.log"
