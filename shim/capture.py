@@ -67,7 +67,10 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         images = staging.new_dir("images")
         work = staging.new_dir("work")
 
-        from . import cuda, engine, netcheck
+        from thaw.oci.files import make_private_dir
+
+        from . import criu, cuda, engine, netcheck
+        dump_options = criu.dump_options(cfg.resolve_criu(), make_private_dir(cfg.state_dir))
         listen = netcheck.listening_sockets(pid)
         gpu_session = None
         if gpu is not False and cuda.available():
@@ -87,7 +90,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             with runc.resumed_if_we_die(container_id):
                 faults.point("checkpoint")
                 phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
-                           leave_running=leave_running)
+                           leave_running=leave_running, criu_options=dump_options)
                 faults.point("checkpointed")
             processes += _creds(pid) if leave_running else ()
         finally:

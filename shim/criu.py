@@ -75,6 +75,53 @@ def features(criu: str, cache_dir: str | None = None) -> frozenset[str]:
     return frozenset(found) if isinstance(found, list) else frozenset()
 
 
+NFTABLES_LOCK = "network_lock_nftables"
+
+# CRIU caches its kernel probe in /run/criu.kdat, only where /run is a tmpfs, writing it through
+# this file with O_EXCL; a CRIU killed between the two leaves it behind, and no CRIU caches the
+# probe again until it is removed (each dump and restore then probes the kernel afresh). Where /run
+# is not a tmpfs, CRIU 4.1.1 leaves the file after every run, harmlessly: it caches nothing there.
+KDAT_TMP = "/run/criu.kdat.tmp"
+
+
+def run_is_tmpfs() -> bool:
+    fstype = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[1] == "/run":
+                    fstype = fields[2]           # the last one mounted there is the one seen
+    except OSError:
+        return False
+    return fstype == "tmpfs"
+
+
+def stale_kdat_tmp(min_age: float = 60.0) -> str | None:
+    """KDAT_TMP if it stops the cache (a tmpfs /run) and is older than any CRIU still writing it."""
+    import time
+    try:
+        old = time.time() - os.lstat(KDAT_TMP).st_mtime > min_age
+    except OSError:
+        return None
+    return KDAT_TMP if old and run_is_tmpfs() else None
+
+
+def dump_options(criu: str, cache_dir: str | None = None) -> tuple[str, ...]:
+    """Lines of thaw's CRIU config file for a dump. The network lock: CRIU's default (iptables)
+    runs iptables-restore to lock the container's network namespace during the dump and again to
+    unlock it at the end of every restore (~0.1 s each on the GPU machine); nftables does both
+    in-process. A restore uses the method its image was dumped with, so this is chosen at capture,
+    where this CRIU and kernel support it."""
+    def ask(path: str) -> bool:
+        try:
+            return subprocess.run([path, "check", "--feature", NFTABLES_LOCK], capture_output=True,
+                                  timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return ("network-lock nftables",) if _cached(criu, cache_dir, "nftables-lock", ask) is True else ()
+
+
 def check(criu: str) -> tuple[bool, str]:
     """Run `criu check`; (passed, its last output line)."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -44,6 +45,17 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
         ok, detail = criu.check(binary)
         yield ok, "criu check", detail
         yield from _fast_restore(cfg, binary)
+        yield from _network_lock(cfg, binary)
+        stale = criu.stale_kdat_tmp()
+        # A slower restore (~30 ms), not a broken node: reported, not failed.
+        if not criu.run_is_tmpfs():
+            kdat = "warning: /run is not a tmpfs: CRIU probes the kernel on every dump and restore"
+        elif stale:
+            kdat = (f"warning: {stale} left by a CRIU that died stops CRIU from caching its kernel probe "
+                    "(every dump and restore probes again); thaw doctor --fix removes it")
+        else:
+            kdat = "/run is a tmpfs: CRIU keeps its kernel probe"
+        yield True, "criu kdat cache", kdat
 
     ipt = shutil.which("iptables-restore", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     yield bool(ipt), "iptables-restore", ipt or "missing: CRIU's network lock needs it (apt install iptables)"
@@ -75,6 +87,13 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     if containerd:
         from .containerd.checks import doctor_checks
         yield from doctor_checks()
+
+
+def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
+    from thaw.oci.files import make_private_dir
+    lock = criu.dump_options(binary, make_private_dir(cfg.state_dir))
+    yield True, "network lock", ("nftables, in-process (captures made here restore without iptables-restore)"
+                                 if lock else "iptables (CRIU's default: an iptables-restore run per restore)")
 
 
 def _fast_restore(cfg: Config, binary: str) -> Iterator[Check]:
@@ -129,6 +148,11 @@ def fix(cfg: Config) -> list[str]:
             if runc.state(cid) is None:
                 finish(cfg, cid, "doctor")
                 done.append(f"{cid}: record of a container runc no longer has removed")
+    stale = criu.stale_kdat_tmp()
+    if stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+        done.append(f"{stale}: removed (CRIU caches its kernel probe again)")
     if os.path.isdir(cfg.store_dir):
         store = Store.for_config(cfg)
         before = _store_files(store.root)

@@ -142,8 +142,9 @@ class Runc:
         return [self.binary, *runc_args.render(gflags, command, flags, args)]
 
     def _run(self, argv: list[str], timeout: float | None = 60, capture: bool = True,
-             stdio: tuple | None = None, pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
-        kwargs: dict = {"env": _env(), "timeout": timeout, "pass_fds": pass_fds}
+             stdio: tuple | None = None, pass_fds: tuple[int, ...] = (),
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        kwargs: dict = {"env": {**_env(), **(env or {})}, "timeout": timeout, "pass_fds": pass_fds}
         if stdio is not None:
             kwargs.update(stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         else:
@@ -232,12 +233,21 @@ class Runc:
             guard.wait()
 
     def checkpoint(self, container_id: str, image_path: str, work_path: str,
-                   leave_running: bool = True, timeout: float = 900) -> None:
+                   leave_running: bool = True, criu_options: tuple[str, ...] = (), timeout: float = 900) -> None:
+        """`runc checkpoint`; criu_options: lines of a CRIU config file for this dump, handed to
+        CRIU through CRIU_CONFIG_FILE in runc's environment (runc's own way, the org.criu.config
+        annotation, is read from the container's create-time spec, which thaw does not rewrite)."""
         flags: dict[str, str | bool] = {"image-path": image_path, "work-path": work_path}
         if leave_running:
             flags["leave-running"] = True
+        env = None
+        if criu_options:
+            conf = os.path.join(work_path, "criu-dump.conf")
+            with open(conf, "w") as f:
+                f.write("".join(line + "\n" for line in criu_options))
+            env = {"CRIU_CONFIG_FILE": conf}
         log = os.path.join(work_path, "runc.log")
-        proc = self._run(self._argv("checkpoint", flags, [container_id], log=log), timeout=timeout)
+        proc = self._run(self._argv("checkpoint", flags, [container_id], log=log), timeout=timeout, env=env)
         if proc.returncode != 0:
             detail = _last_errors(log, os.path.join(work_path, "dump.log"))
             stderr = proc.stderr.decode(errors="replace").strip()[-400:]

@@ -334,3 +334,22 @@ def test_concurrent_captures_of_one_name(thaw_env, tmp_path, image):
     finally:
         for b in bundles:
             umount_overlay(b)
+
+
+def test_criu_killed_while_caching_its_kernel_probe(thaw_env):
+    """CRIU writes /run/criu.kdat through criu.kdat.tmp (O_EXCL): one killed in between leaves the
+    file, and no CRIU caches its kernel probe again. doctor names it, --fix removes it. Run in a
+    mount namespace of its own with a fresh tmpfs /run (CRIU caches only on a tmpfs)."""
+    script = ("set -e; mount -t tmpfs tmpfs /run; "
+              ": > /run/criu.kdat.tmp; touch -d '-5 min' /run/criu.kdat.tmp; "   # what the killed CRIU left
+              "criu check >/dev/null 2>&1; ls /run; echo ---; "
+              "thaw doctor --skip-containerd || true; echo ---; thaw doctor --fix --skip-containerd; echo ---; "
+              "criu check >/dev/null 2>&1; ls /run")
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "THAW_CONFIG": thaw_env.config})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stuck, doctor, fixed, after = proc.stdout.split("---\n")
+    assert stuck.split() == ["criu.kdat.tmp"]                  # the probe is not cached while it is there
+    assert "criu kdat cache" in doctor and "warning: /run/criu.kdat.tmp left by a CRIU that died" in doctor
+    assert "/run/criu.kdat.tmp: removed" in fixed
+    assert "criu.kdat" in after.split() and "criu.kdat.tmp" not in after.split()   # cached again

@@ -38,4 +38,9 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   cp bench/results/restore_speed-latest.json "$OUT/restore-speed.json" 2>/dev/null
   rm -rf /var/tmp/speed
 fi
+if [ -n "${PROBES:-}" ]; then        # the disk under a cold-cache restore; where the worker's heap comes from
+  { bash bench/device/disk_probe.sh /var/tmp 4
+    python3 examples/inference-server/server.py --init-weights-only --config qwen3-0.6b --weights /var/tmp/w.st >/dev/null
+    python3 bench/device/heap_probe.py /var/tmp/w.st; rm -f /var/tmp/w.st; } 2>&1 | tee "$OUT/probes.txt"
+fi
 python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/gpu-e2e.log"
