@@ -23,7 +23,9 @@ def step(name: str) -> None:
 
 step("python")
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+server.torch, server.F = torch, F   # what Engine.load() sets
 step("import torch")
 dev = torch.device("cuda")
 torch.zeros(1, device=dev)

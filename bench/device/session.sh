@@ -3,7 +3,7 @@
 # and timed on its cores, then the end-to-end benchmark. Everything goes to $OUT (logs tee'd, so
 # a call stopped at its limit still returns what it had).
 #   bash bench/device/session.sh [gpu_e2e.py arguments...]
-# Environment: SKIP_TESTS=1, SKIP_SPEED=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3"
+# Environment: SKIP_TESTS=1, SKIP_SPEED=1, DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 E2E_ARGS=("$@")   # env.sh sets positional parameters
@@ -38,9 +38,11 @@ if [ -z "${SKIP_SPEED:-}" ]; then
   cp bench/results/restore_speed-latest.json "$OUT/restore-speed.json" 2>/dev/null
   rm -rf /var/tmp/speed
 fi
-if [ -n "${PROBES:-}" ]; then        # the disk under a cold-cache restore; where the worker's heap comes from
-  { bash bench/device/disk_probe.sh /var/tmp 4
-    python3 examples/inference-server/server.py --init-weights-only --config qwen3-0.6b --weights /var/tmp/w.st >/dev/null
-    python3 bench/device/heap_probe.py /var/tmp/w.st; rm -f /var/tmp/w.st; } 2>&1 | tee "$OUT/probes.txt"
+if [ -n "${DISK_PROBE:-}" ]; then    # the disk under a cold-cache restore
+  bash bench/device/disk_probe.sh /var/tmp 4 2>&1 | tee "$OUT/disk-probe.txt"
+fi
+if [ -n "${HEAP_PROBE:-}" ]; then    # where the worker's heap comes from
+  { python3 examples/inference-server/server.py --init-weights-only --config qwen3-0.6b --weights /var/tmp/w.st >/dev/null
+    python3 bench/device/heap_probe.py /var/tmp/w.st; rm -f /var/tmp/w.st; } 2>&1 | tee "$OUT/heap-probe.txt"
 fi
 python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/gpu-e2e.log"
