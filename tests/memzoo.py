@@ -23,7 +23,11 @@ class MemzooError(Exception):
 
 
 def build(out_dir: str) -> str:
-    """Compile memzoo with the node's compiler (build-essential, installed by node.sh)."""
+    """Compile memzoo with the node's compiler (build-essential, installed by node.sh), or take the
+    prebuilt one THAW_TEST_MEMZOO names (e.g. a static build, to run the same tests against it)."""
+    prebuilt = os.environ.get("THAW_TEST_MEMZOO")
+    if prebuilt:
+        return prebuilt
     binary = os.path.join(out_dir, "memzoo")
     subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", binary, SOURCE], check=True,
                    capture_output=True, text=True)
