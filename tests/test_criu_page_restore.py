@@ -4,9 +4,9 @@ memzoo (tests/workloads/memzoo.c) holds random memory in every kind of mapping C
 parent and two children that share memory copy-on-write. It is dumped once, then restored with the
 stock loop (workers 0) and with the new one; every restore must give back every region byte for
 byte (checksums), the same mappings and memory use as the stock restore (in private file mappings:
-their anonymous memory, see compared_fields), and the only allowed
-difference is the documented one: with huge pages on, a private anonymous area the restore filled
-completely may carry MADV_HUGEPAGE ("hg") that it was dumped without.
+their anonymous memory, see compared_fields), and the only allowed difference is the documented one:
+with huge pages on, a private anonymous area the restore filled completely may carry MADV_HUGEPAGE
+("hg") that it was dumped without.
 
 The CRIU under test is THAW_TEST_CRIU (default /usr/local/sbin/criu, what install/node.sh builds)."""
 
