@@ -24,8 +24,9 @@ class MemzooError(Exception):
 
 
 def build(out_dir: str) -> str:
-    """Compile memzoo with the node's compiler (build-essential, installed by node.sh), or take
-    THAW_TEST_MEMZOO (a binary carried to a machine without a compiler: bench/device/pack.sh)."""
+    """Compile memzoo with the node's compiler (build-essential, installed by node.sh), or take the
+    prebuilt one THAW_TEST_MEMZOO names (a static build, to run the same tests against it; a binary
+    carried to a machine without a compiler: bench/device/pack.sh)."""
     binary = os.path.join(out_dir, "memzoo")
     if os.environ.get("THAW_TEST_MEMZOO"):
         shutil.copy(os.environ["THAW_TEST_MEMZOO"], binary)
