@@ -120,9 +120,8 @@ def test_unknown_snapshot(tmp_path, node):
         check(tmp_path, node, {"thaw.dev/snapshot": "nope:1"})
 
 
+@pytest.mark.no_gpu
 def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
-    if os.path.exists("/dev/nvidiactl"):
-        pytest.skip("this machine has an NVIDIA driver")
     cfg, store = node
     gpu_cfg = dataclasses.replace(SNAP_CONFIG, gpu=fmt.GpuState(pids=1, uuids=("GPU-a",)))
     fake_snapshot(store, "gpu:1", config=gpu_cfg, namespace="team-a")

@@ -153,8 +153,7 @@ def test_sparse_members_are_refused_on_apply(fs, tmp_path):
     assert not (fs / "big").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount overlayfs")
-@pytest.mark.root
+@pytest.mark.root                     # mounts overlayfs
 def test_overlay_diff_sees_upper_and_whiteouts(tmp_path):
     lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
     for d in (lower, upper, work, merged):
