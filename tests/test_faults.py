@@ -159,6 +159,42 @@ def test_thaw_runtime_killed_mid_restore(env, target, fault, then):
     c.destroy()
 
 
+DEAD_RESTORE = r"""
+import sys
+from thaw.shim.state import ContainerState
+state, cid, bundle, root = sys.argv[1:5]
+ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, None, [], bundle + "/.thaw-undo")
+"""
+
+
+def test_recovery_unmounts_the_rootfs_bind_before_runc_deletes(env, tmp_path):
+    """What a runc restore killed half-way leaves: a runc container whose state directory holds the
+    rootfs bind-mounted at criu-root, and thaw's RESTORING record of a dead thaw-runtime. `runc
+    delete` removes its state directory recursively; the next call for the id (the shim's delete)
+    must take the bind away first, or runc empties the container's rootfs through it."""
+    bundle = make_bundle(str(tmp_path / "b"), COUNTER)
+    rootfs = os.path.join(bundle, "rootfs")
+    before = tree_digest(rootfs)
+    cid = unique("dead")
+    subprocess.run(["runc", "--root", env.root, "create", "--bundle", bundle, cid], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+    criu_root = os.path.join(env.root, cid, "criu-root")
+    os.mkdir(criu_root)
+    subprocess.run(["mount", "--bind", rootfs, criu_root], check=True)
+    try:
+        subprocess.run([sys.executable, "-c", DEAD_RESTORE, env.state, cid, bundle, env.root], check=True)
+        c = env.container(bundle, cid)
+        c.run("delete", "--force", cid)                    # as the shim does after a failed create
+        assert cid not in env.runc_ids() and env.state_entries() == []
+        assert not [m for m in mounts() if m.startswith(os.path.join(env.root, cid))]
+        assert tree_digest(rootfs) == before               # nothing removed through the bind
+        [recovered] = [json.loads(line) for line in open(os.path.join(env.state, "events.log"))
+                       if '"recovered"' in line]
+        assert recovered["container"] == cid and "1 mounts" in recovered["cleaned"], recovered
+    finally:
+        subprocess.run(["umount", "-l", criu_root], capture_output=True)
+        subprocess.run(["runc", "--root", env.root, "delete", "--force", cid], capture_output=True)
+
 def test_a_failure_after_runc_restore_leaves_nothing_and_cold_starts(env, target):
     """The resume call fails after runc restore succeeded: the restored container is deleted,
     the rootfs is back as the image made it, the original create runs. (The restored process ran
