@@ -1,6 +1,16 @@
-"""Shared fixtures. Tests marked root/runc/criu drive the real runc and CRIU; they skip with a
-reason when those are missing, except under THAW_TEST_STRICT=1 (set by .ci/run), where a missing
-prerequisite is a failure: CI must run them for real."""
+"""Shared fixtures, and the one place where a test may give up for want of a prerequisite.
+
+Tests marked root/runc/criu/containerd drive the real runc, CRIU and containerd: without them a test
+is skipped with the reason, except under THAW_TEST_STRICT=1 (set by .ci/run and install/test.sh),
+where every skip is a failure: CI must run everything for real. The exceptions are the machine's GPU:
+tests marked `gpu` skip on a machine without one, and tests marked `no_gpu` (a node without an
+NVIDIA driver) skip on one, unless THAW_TEST_GPU=1 says the machine must have a GPU (then a missing
+one fails). A test that needs anything else calls `prerequisite_missing(reason)`.
+
+Tests marked `example` test an example application (examples/), tests marked `plain_runc` run runc
+or containerd without thaw (the reference thaw is compared with): the summary counts them apart
+from thaw's own tests.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +27,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import ShimContainer, unique  # noqa: E402
 
 STRICT = os.environ.get("THAW_TEST_STRICT") == "1"
+GPU_EXPECTED = os.environ.get("THAW_TEST_GPU") == "1"
+# Tests that strict mode lets skip: GPU tests on a machine that is not declared to have one.
+_ALLOWED_SKIPS: dict[str, str] = {}
+
+
+def has_nvidia_driver() -> bool:
+    return os.path.exists("/dev/nvidiactl")
+
+
+def prerequisite_missing(reason: str) -> None:
+    """Give up on the running test: a skip, or under THAW_TEST_STRICT=1 a failure."""
+    if STRICT:
+        pytest.fail(f"prerequisite missing under THAW_TEST_STRICT: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def _missing(item: pytest.Item) -> str | None:
@@ -32,12 +56,61 @@ def _missing(item: pytest.Item) -> str | None:
     return None
 
 
+def _gpu_skip(item: pytest.Item) -> str | None:
+    marks = {m.name for m in item.iter_markers()}
+    if "gpu" in marks and not has_nvidia_driver():
+        return "no NVIDIA GPU on this machine (/dev/nvidiactl missing)"
+    if "no_gpu" in marks and has_nvidia_driver():
+        return "checks a node without an NVIDIA driver; this machine has one"
+    return None
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     reason = _missing(item)
     if reason:
-        if STRICT:
-            pytest.fail(f"prerequisite missing under THAW_TEST_STRICT: {reason}")
-        pytest.skip(reason)
+        prerequisite_missing(reason)
+    reason = _gpu_skip(item)
+    if reason:
+        gpu_skip(item, reason)
+
+
+def gpu_skip(item: pytest.Item, reason: str) -> None:
+    """A GPU test that cannot run on this machine: skipped, also under THAW_TEST_STRICT=1 unless
+    THAW_TEST_GPU=1 declares that the machine has a GPU (then it fails)."""
+    if STRICT and GPU_EXPECTED == ("gpu" in {m.name for m in item.iter_markers()}):
+        pytest.fail(f"under THAW_TEST_STRICT{' and THAW_TEST_GPU' if GPU_EXPECTED else ''}: {reason}",
+                    pytrace=False)
+    _ALLOWED_SKIPS[item.nodeid] = reason
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under THAW_TEST_STRICT=1 a skip from anywhere else (pytest.skip, skipif, importorskip in a
+    test or fixture) is a failure: nothing may quietly not run in CI."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and item.nodeid not in _ALLOWED_SKIPS and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped under THAW_TEST_STRICT=1, which runs everything: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many of the tests that ran are thaw's, and how many test an example or plain runc."""
+    kinds: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") != "call" and outcome == "passed":
+                continue
+            keywords = getattr(report, "keywords", {})
+            kind = "example" if "example" in keywords else "plain runc" if "plain_runc" in keywords else "thaw"
+            kinds.setdefault(kind, {}).setdefault(outcome, 0)
+            kinds[kind][outcome] += 1
+    if kinds:
+        terminalreporter.write_line("tests by subject: " + "; ".join(
+            f"{kind}: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+            for kind, counts in sorted(kinds.items(), key=lambda kv: kv[0] != "thaw")))
 
 
 @dataclass

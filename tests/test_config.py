@@ -56,6 +56,17 @@ def test_policy_share_and_env(tmp_path, monkeypatch):
     assert config.load(str(p)) == cfg                    # the same from the cache
 
 
+def test_policy_required_and_verify_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("policy:\n  required: true\n  verify: digest\n")
+    for _ in ("parsed", "cached"):
+        cfg = config.load(str(p))
+        assert cfg.policy.required is True and cfg.policy.verify == "digest"
+    p.write_text("store_dir: /s\n")
+    assert config.load(str(p)).policy.required is False
+
+
 @pytest.mark.parametrize("text", ["store_dir: relative\n", "bogus: 1\n", "policy:\n  verify: maybe\n",
                                   "policy:\n  allow_cross_namespace: true\n", "policy:\n  share: [a]\n",
                                   "policy:\n  share: {a: b}\n", "policy:\n  env_may_differ: HOSTNAME\n",

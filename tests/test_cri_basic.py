@@ -38,6 +38,7 @@ SERVER = ["nc", "-ll", "-p", "8080", "-e", "echo", "pong"]
 CRI_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d) (stdout|stderr) [FP] (.*)$")
 
 
+from conftest import prerequisite_missing  # noqa: E402
 from helpers import wait_for as _wait_for  # noqa: E402
 
 
@@ -139,6 +140,7 @@ def _pod_roundtrip(containerd, cri, handler: str) -> dict:
     return t
 
 
+@pytest.mark.plain_runc
 def test_pod_runc(containerd, cri):
     t = _pod_roundtrip(containerd, cri, "runc")
     print("timings runc:", {k: round(v, 3) for k, v in t.items()})
@@ -146,11 +148,12 @@ def test_pod_runc(containerd, cri):
 
 def test_pod_thaw(containerd, cri):
     if not containerd.thaw_is_real:
-        pytest.skip("thaw-runtime not installed (the thaw handler would run plain runc)")
+        prerequisite_missing("thaw-runtime not installed (the thaw handler would run plain runc)")
     t = _pod_roundtrip(containerd, cri, "thaw")
     print("timings thaw:", {k: round(v, 3) for k, v in t.items()})
 
 
+@pytest.mark.plain_runc          # containerd and runc alone: what thaw relies on, not thaw
 @pytest.mark.parametrize("handler", ["runc", "record"])
 def test_handler_annotations_and_argv(containerd, cri, handler):
     """thaw.dev/* annotations reach config.json only through a handler that allows them, and the

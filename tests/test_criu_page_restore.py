@@ -22,6 +22,8 @@ import uuid
 import memzoo as mz
 import pytest
 
+from conftest import prerequisite_missing
+
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
 SLACK_KB = 16        # per mapping: a few pages of stack or vdso that a report itself may touch
@@ -38,9 +40,7 @@ def thp_mode() -> str:
 @pytest.fixture(scope="module", autouse=True)
 def criu_has_patch():
     if not os.access(mz.CRIU, os.X_OK):
-        if os.environ.get("THAW_TEST_STRICT") == "1":
-            pytest.fail(f"no CRIU at {mz.CRIU}")
-        pytest.skip(f"no CRIU at {mz.CRIU}")
+        prerequisite_missing(f"no CRIU at {mz.CRIU}")
     out = subprocess.run([mz.CRIU, "--help"], capture_output=True, text=True).stdout
     assert "--page-restore-workers" in out and "--page-restore-hugepages" in out, \
         f"{mz.CRIU} lacks thaw's patch 0002"
@@ -288,7 +288,7 @@ def test_restore_succeeds_when_helpers_cannot_be_created(small_zoo):
     """Under the tightest pids limit the stock restore fits in, the restorer fills alone."""
     base = _pids_controller()
     if base is None:
-        pytest.skip("no pids cgroup controller to limit the restore with")
+        prerequisite_missing("no pids cgroup controller to limit the restore with")
     cg = os.path.join(base, f"thaw-test-{uuid.uuid4().hex[:8]}")
     os.mkdir(cg)
     wrapper = os.path.join(small_zoo.images, "criu-in-cgroup.sh")

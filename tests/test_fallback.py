@@ -10,11 +10,13 @@ import shutil
 
 import pytest
 
-from helpers import make_bundle, unique
+from helpers import make_bundle, tree_digest, unique
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
-COUNTER = ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
+# The captured program writes a file first, so the snapshot's rootfs diff is not empty: a restore
+# applies it, and a failed one must take it back out.
+COUNTER = ["sh", "-c", "echo written > /tmp/state; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def golden(tmp_path_factory):
     src.wait_output(lambda t: "tick 10" in t)
     env.thaw("capture", src.id, "--name", "snap:1", "--root", env.root)
     src.destroy()
+    assert snapshot_info(env)["config"]["sizes"]["rootfs_entries"] == 2       # tmp, tmp/state
     return env
 
 
@@ -59,20 +62,13 @@ def writable(path: str) -> str:
     return path
 
 
-def rootfs_listing(bundle: str) -> list[str]:
-    out = []
-    for d, dirs, files in os.walk(os.path.join(bundle, "rootfs")):
-        out += [os.path.relpath(os.path.join(d, n), bundle) for n in dirs + files]
-    return sorted(out)
-
-
 def attempt(env, tmp_path, annotations, required=False, bundle_kw=None):
     ann = {"io.kubernetes.cri.sandbox-namespace": "team-a", **annotations}
     if required:
         ann["thaw.dev/required"] = "true"
     # The snapshot's own command: a restore continues its count, a cold start counts from 0.
     bundle = make_bundle(str(tmp_path / unique("b")), COUNTER, annotations=ann, **(bundle_kw or {}))
-    before = rootfs_listing(bundle)
+    before = tree_digest(os.path.join(bundle, "rootfs"))
     c = env.container(bundle)
     rc = c.create()
     return c, rc, before
@@ -82,8 +78,9 @@ def first_tick(c) -> int:
     return int(re.search(r"tick (\d+)", c.wait_output(lambda t: "tick" in t)).group(1))
 
 
-def assert_cold_start(env, c, rc, reason_words):
+def assert_cold_start(env, c, rc, before, reason_words):
     assert rc == 0, c.log_text()
+    assert tree_digest(os.path.join(c.bundle, "rootfs")) == before   # the cold start sees the image's rootfs
     warnings = [e for e in c.log_entries() if e.get("level") == "warning" and e["msg"].startswith("thaw:")]
     assert warnings, c.log_text()
     msg = warnings[-1]["msg"]
@@ -106,7 +103,7 @@ def assert_clean_failure(env, c, rc, before, reason_words):
     assert errors and "required" in errors[-1]["msg"], c.log_text()
     assert all(w in errors[-1]["msg"] for w in reason_words), errors[-1]["msg"]
     assert c.id not in env.runc_ids() and env.state_entries() == []
-    assert rootfs_listing(c.bundle) == before       # the rootfs diff was undone
+    assert tree_digest(os.path.join(c.bundle, "rootfs")) == before   # the rootfs diff was undone
     spec = json.load(open(os.path.join(c.bundle, "config.json")))
     assert "hooks" not in spec                      # config.json as containerd wrote it
 
@@ -177,8 +174,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cold_start(env, tmp_path, case):
     annotations, words = CASES[case](env)
-    c, rc, _ = attempt(env, tmp_path, annotations)
-    assert_cold_start(env, c, rc, words)
+    c, rc, before = attempt(env, tmp_path, annotations)
+    assert_cold_start(env, c, rc, before, words)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -211,14 +208,51 @@ def test_a_damaged_file_is_rebuilt_and_the_restore_goes_on(env, tmp_path):
 
 
 def test_other_namespace_cold_starts_unless_policy_shares(env, tmp_path):
-    c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1",
-                                       "io.kubernetes.cri.sandbox-namespace": "team-b"})
-    assert_cold_start(env, c, rc, ["not found", "team-b"])
+    c, rc, before = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1",
+                                            "io.kubernetes.cri.sandbox-namespace": "team-b"})
+    assert_cold_start(env, c, rc, before, ["not found", "team-b"])
 
     env.write_config(policy={"share": {"team-a": ["team-b"]}})
     c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1",
                                        "io.kubernetes.cri.sandbox-namespace": "team-b"})
     assert rc == 0
+    c.start()
+    assert first_tick(c) > 10
+    c.destroy()
+
+
+def test_a_container_of_no_namespace_does_not_get_a_namespace_s_snapshot(env, tmp_path):
+    c, rc, before = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1", "io.kubernetes.cri.sandbox-namespace": ""})
+    assert_cold_start(env, c, rc, before, ["not found", "_local"])
+
+
+def test_policy_required_in_the_node_config_refuses(env, tmp_path):
+    env.write_config(policy={"required": True})
+    c, rc, before = attempt(env, tmp_path, {"thaw.dev/snapshot": "nope:1"})
+    assert_clean_failure(env, c, rc, before, ["nope:1", "not found"])
+
+
+def flip_keeping_size_and_mtime(path: str) -> None:
+    st = os.stat(path)
+    writable(path)
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_policy_verify_digest_checks_the_files_before_a_restore(env, tmp_path):
+    """A changed byte that keeps size and mtime passes the stat seal (the default, a documented
+    tradeoff); with `verify: digest` the file is found changed and rebuilt from its verified tar
+    before CRIU reads it."""
+    flip_keeping_size_and_mtime(os.path.join(image_dir(env), "pages-1.img"))
+    env.write_config(policy={"verify": "digest"})
+    c, rc, _ = attempt(env, tmp_path, {"thaw.dev/snapshot": "snap:1"})
+    assert rc == 0 and not [e for e in c.log_entries() if e.get("level") == "warning"], c.log_text()
+    assert [e["msg"] for e in events(env) if e["kind"] == "store"] == [
+        "snapshot snap:1 (team-a): image directory failed its seal; rebuilt pages-1.img"]
     c.start()
     assert first_tick(c) > 10
     c.destroy()

@@ -11,12 +11,23 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
-import time
 
 import pytest
 
-from helpers import make_bundle, overlay_bundle, tree_digest, umount_overlay, unique, wait_for
+from helpers import (
+    PYTHON,
+    make_bundle,
+    netns,
+    netns_delete,
+    overlay_bundle,
+    tree_digest,
+    umount_overlay,
+    unique,
+    wait_for,
+    wait_http_ready,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
@@ -25,6 +36,9 @@ pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 SOURCE = ["sh", "-c", "mkdir -p /data; echo restored-state > /data/state.txt; rm -f /etc/motd; "
           "rm -rf /etc/conf.d; echo changed > /etc/app.conf; i=0; "
           "while true; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
+
+
+COUNTER = ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.05; done"]
 
 
 def ticks(text: str) -> list[int]:
@@ -145,6 +159,42 @@ def test_thaw_runtime_killed_mid_restore(env, target, fault, then):
     c.destroy()
 
 
+DEAD_RESTORE = r"""
+import sys
+from thaw.shim.state import ContainerState
+state, cid, bundle, root = sys.argv[1:5]
+ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, None, [], bundle + "/.thaw-undo")
+"""
+
+
+def test_recovery_unmounts_the_rootfs_bind_before_runc_deletes(env, tmp_path):
+    """What a runc restore killed half-way leaves: a runc container whose state directory holds the
+    rootfs bind-mounted at criu-root, and thaw's RESTORING record of a dead thaw-runtime. `runc
+    delete` removes its state directory recursively; the next call for the id (the shim's delete)
+    must take the bind away first, or runc empties the container's rootfs through it."""
+    bundle = make_bundle(str(tmp_path / "b"), COUNTER)
+    rootfs = os.path.join(bundle, "rootfs")
+    before = tree_digest(rootfs)
+    cid = unique("dead")
+    subprocess.run(["runc", "--root", env.root, "create", "--bundle", bundle, cid], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+    criu_root = os.path.join(env.root, cid, "criu-root")
+    os.mkdir(criu_root)
+    subprocess.run(["mount", "--bind", rootfs, criu_root], check=True)
+    try:
+        subprocess.run([sys.executable, "-c", DEAD_RESTORE, env.state, cid, bundle, env.root], check=True)
+        c = env.container(bundle, cid)
+        c.run("delete", "--force", cid)                    # as the shim does after a failed create
+        assert cid not in env.runc_ids() and env.state_entries() == []
+        assert not [m for m in mounts() if m.startswith(os.path.join(env.root, cid))]
+        assert tree_digest(rootfs) == before               # nothing removed through the bind
+        [recovered] = [json.loads(line) for line in open(os.path.join(env.state, "events.log"))
+                       if '"recovered"' in line]
+        assert recovered["container"] == cid and "1 mounts" in recovered["cleaned"], recovered
+    finally:
+        subprocess.run(["umount", "-l", criu_root], capture_output=True)
+        subprocess.run(["runc", "--root", env.root, "delete", "--force", cid], capture_output=True)
+
 def test_a_failure_after_runc_restore_leaves_nothing_and_cold_starts(env, target):
     """The resume call fails after runc restore succeeded: the restored container is deleted,
     the rootfs is back as the image made it, the original create runs. (The restored process ran
@@ -185,6 +235,187 @@ def test_a_second_create_with_a_running_containers_id_harms_nothing(env, target,
         umount_overlay(other)
 
 
+
+# --- the resume call: made after runc restore, and a refusal undoes everything ----------------------
+
+# A service that changes its rootfs as SOURCE does, then serves: POST /resume answers 200, any other
+# POST 500; each answer is printed, so the container's output says who answered what.
+SERVER = [PYTHON, "-c", r"""
+import http.server, os, shutil
+os.makedirs("/data", exist_ok=True)
+with open("/data/state.txt", "w") as f:
+    f.write("restored-state\n")
+for gone in ("/etc/motd",):
+    if os.path.exists(gone):
+        os.unlink(gone)
+shutil.rmtree("/etc/conf.d", ignore_errors=True)
+with open("/etc/app.conf", "w") as f:
+    f.write("changed\n")
+print("cold start", flush=True)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        code = 200 if self.path == "/resume" else 500
+        print(f"POST {self.path} answered {code}", flush=True)
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+http.server.HTTPServer(("127.0.0.1", 8080), Handler).serve_forever()
+"""]
+
+
+@pytest.fixture(scope="module")
+def server_image(tmp_path_factory) -> str:
+    """SERVER's image: the host's Python (through the /usr bind) and the files it changes."""
+    d = tmp_path_factory.mktemp("server-image")
+    rootfs = os.path.join(make_bundle(str(d / "b"), ["true"], python=True), "rootfs")
+    with open(os.path.join(rootfs, "etc", "motd"), "w") as f:
+        f.write("welcome\n")
+    with open(os.path.join(rootfs, "etc", "app.conf"), "w") as f:
+        f.write("original\n")
+    os.makedirs(os.path.join(rootfs, "etc", "conf.d"))
+    with open(os.path.join(rootfs, "etc", "conf.d", "0.conf"), "w") as f:
+        f.write("conf 0\n")
+    return rootfs
+
+
+@pytest.fixture(scope="module")
+def server_golden(tmp_path_factory, server_image):
+    """server:1, captured in a network namespace joined by path (as a pod's is)."""
+    from conftest import ThawEnv
+    d = tmp_path_factory.mktemp("server-golden")
+    env = ThawEnv(dir=str(d), config=str(d / "config.yaml"), store=str(d / "store"),
+                  state=str(d / "state"), root=str(d / "runc-root"))
+    env.write_config()
+    ns = unique("thawns")
+    b = overlay_bundle(str(d / "src"), server_image, SERVER, python=True, netns=netns(ns))
+    try:
+        src = env.container(b)
+        assert src.create() == 0, src.log_text()
+        src.start()
+        wait_http_ready(src.pid(), "http://127.0.0.1:8080/ready", 30)
+        env.thaw("capture", src.id, "--name", "server:1", "--root", env.root)
+        src.destroy()
+    finally:
+        umount_overlay(b)
+        netns_delete(ns)
+    return env
+
+
+@pytest.fixture
+def server_target(thaw_env, server_golden, server_image, tmp_path):
+    """A fresh overlay bundle of SERVER asking for server:1 with the given resume URL, and its rootfs
+    before the create."""
+    shutil.copytree(server_golden.store, thaw_env.store, symlinks=True)
+    made: list[tuple[str, str]] = []
+
+    def target(resume: str) -> tuple[str, dict]:
+        ann = {"thaw.dev/snapshot": "server:1", "thaw.dev/resume": resume}
+        ns = unique("thawns")
+        b = overlay_bundle(str(tmp_path / unique("dst")), server_image, SERVER, python=True, annotations=ann,
+                           netns=netns(ns))
+        made.append((b, ns))
+        return b, tree_digest(os.path.join(b, "rootfs"))
+    yield target
+    for b, ns in made:
+        umount_overlay(b)
+        netns_delete(ns)
+
+
+def test_a_restore_calls_the_resume_url(thaw_env, server_target):
+    bundle, _ = server_target("http://127.0.0.1:8080/resume")
+    c = thaw_env.container(bundle)
+    assert c.create() == 0, c.log_text()
+    assert not [e for e in c.log_entries() if e.get("level") == "warning"], c.log_text()
+    # The restored process answered the call during the create, on the new container's stdout.
+    assert c.wait_output(lambda t: "POST /resume answered 200" in t).count("POST") == 1
+    c.start()
+    assert "cold start" not in c.output()
+    [restored] = [e for e in events_of(thaw_env) if e["kind"] == "restored"]
+    assert restored["container"] == c.id and "resume" in restored["phases"]
+    c.destroy()
+
+
+def test_a_resume_url_answering_500_leaves_nothing_and_cold_starts(thaw_env, server_target):
+    """runc restore succeeded, then the restored service refused to resume: the restored container
+    is deleted, the rootfs diff undone (the service's changes to the image are gone before the cold
+    start runs), and the original create cold-starts the container."""
+    bundle, before = server_target("http://127.0.0.1:8080/refuse")
+    c = thaw_env.container(bundle)
+    assert c.create() == 0, c.log_text()
+    [cold] = [e for e in events_of(thaw_env) if e["kind"] == "cold_start"]
+    assert cold["code"] == "resume_failed" and "answered 500" in cold["reason"], cold
+    c.wait_output(lambda t: "POST /refuse answered 500" in t)      # the restored process ran, and answered
+    assert tree_digest(os.path.join(bundle, "rootfs")) == before    # the image's rootfs, exactly
+    assert thaw_env.runc_ids() == [c.id] and c.state()["status"] == "created"
+    assert not [n for n in os.listdir(bundle) if n.startswith(".thaw-undo")]
+    record = json.load(open(os.path.join(thaw_env.state, "containers", c.id + ".json")))
+    assert record["phase"] == "cold"
+    c.start()
+    out = c.wait_output(lambda t: "cold start" in t)
+    assert out.index("POST /refuse answered 500") < out.index("cold start")
+    from thaw.shim.runc import cgroup_dirs
+    spec = json.load(open(os.path.join(bundle, "config.json")))
+    procs = set()
+    for d in cgroup_dirs(spec, systemd=False):
+        if os.path.exists(os.path.join(d, "cgroup.procs")):
+            procs |= {int(p) for p in open(os.path.join(d, "cgroup.procs")).read().split()}
+    assert procs == {c.pid()}                    # the restored service is gone; only the cold one runs
+    c.destroy()
+    assert thaw_env.runc_ids() == [] and thaw_env.state_entries() == []
+
+
+def events_of(env) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(env.state, "events.log"))]
+
+
+# --- the capture guard: a container a dead capture left frozen runs again ---------------------------
+
+GUARDED = r"""
+import os, signal, subprocess, sys
+from thaw.shim.runc import Runc
+runc, root, cid, die = sys.argv[1:5]
+with Runc.with_root(runc, "criu", root).resumed_if_we_die(cid):
+    subprocess.run([runc, "--root", root, "pause", cid], check=True)   # as CRIU freezes it to dump
+    if die == "die":
+        os.kill(os.getpid(), signal.SIGKILL)                        # as a shim's timeout kills a capture
+"""
+
+
+def test_a_capture_killed_while_its_container_is_frozen_leaves_it_running(thaw_env, tmp_path):
+    """The guard of `thaw capture` (Runc.resumed_if_we_die), run for real: the capturing process
+    dies while the container is paused, and the guard resumes it; a capture that ends normally
+    leaves the container as it was (the guard acts only when its capture died)."""
+    c = thaw_env.container(make_bundle(str(tmp_path / "c"), COUNTER))
+    assert c.create() == 0
+    c.start()
+    c.wait_output(lambda t: len(ticks(t)) > 3)
+    runc = shutil.which("runc")
+
+    def guarded(then: str) -> int:
+        return subprocess.run([sys.executable, "-c", GUARDED, runc, thaw_env.root, c.id, then],
+                              capture_output=True, timeout=60).returncode
+    assert guarded("die") == -9
+    wait_for(lambda: c.state()["status"] == "running", 10, "the guard to resume the container")
+    n = len(ticks(c.output()))
+    wait_for(lambda: len(ticks(c.output())) > n + 3, 10, "the container to go on counting")
+    assert guarded("live") == 0
+    assert c.state()["status"] == "paused"        # the capture's own business, not the guard's
+    c.run("resume", c.id)
+    c.destroy()
+
+
 @pytest.mark.parametrize("fault", ["checkpoint=killgroup@0.08", "checkpointed=kill", "package=kill", "publish=kill"])
 def test_capture_killed_leaves_the_source_running_and_no_litter(thaw_env, tmp_path, image, fault):
     b = overlay_bundle(str(tmp_path / "src"), image, SOURCE)
@@ -222,8 +453,17 @@ def test_pod_deleted_mid_auto_capture(thaw_env, tmp_path, image):
         assert c.create(env={"THAW_TEST_FAULTS": "package=sleep:30"}) == 0
         c.start()
         staging = os.path.join(thaw_env.store, "staging")
-        wait_for(lambda: os.path.isdir(staging) and os.listdir(staging), 60, "the capture to be under way")
-        time.sleep(1)                                       # inside the packaging pause
+
+        def packaging() -> bool:
+            """The capture wrote its two rootfs blobs: it is at (or in) its packaging pause."""
+            for area in os.listdir(staging) if os.path.isdir(staging) else []:
+                try:
+                    with open(os.path.join(staging, area, ".blobs")) as f:
+                        return len(f.read().split()) == 2
+                except FileNotFoundError:
+                    pass
+            return False
+        wait_for(packaging, 60, "the capture to reach its packaging pause")
         c.destroy()                                         # delete -> the watcher gets SIGTERM
         wait_for(lambda: not os.listdir(staging), 15, "the capture's staging area to go")
         assert "auto:1" not in thaw_env.thaw("ls").stdout

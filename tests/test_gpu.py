@@ -1,6 +1,6 @@
 """On a GPU machine: thaw's CUDA module checkpoints a live CUDA process's GPU memory away and
 restores it intact. Skips with a reason elsewhere (CI has no GPU; bench/gpu_e2e.py is the full
-container run on the GPU machine)."""
+container run on the GPU machine), even under THAW_TEST_STRICT=1 unless THAW_TEST_GPU=1."""
 
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import gpu_skip
 from thaw.shim import cuda
 from thaw.shim.phases import Phases
 
@@ -36,10 +37,10 @@ def _skip_reason():
 
 
 @pytest.fixture
-def worker():
+def worker(request):
     reason = _skip_reason()
     if reason:
-        pytest.skip(reason)
+        gpu_skip(request.node, reason)
     p = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().startswith("ready")
     yield p

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+# The example server's own behaviour (examples/inference-server), not thaw's: counted apart.
+pytestmark = pytest.mark.example
+
 SERVER = Path(__file__).resolve().parent.parent / "examples" / "inference-server" / "server.py"
 READY_TIMEOUT_S = 60
 PROMPT = [5, 9, 100, 3, 77, 42, 1, 0, 511, 256, 17, 18, 19]  # crosses no block boundary at first

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import threading
 import time
 
-from helpers import fake_snapshot
+from helpers import fake_snapshot, wait_for
 from thaw.oci.annotations import SnapshotRef
 from thaw.shim import events, metrics
 from thaw.shim.config import Config
@@ -37,15 +38,27 @@ def test_events_follow_sees_new_events_across_a_rotation(tmp_path):
     cfg = cfg_in(tmp_path, events_max_bytes=600)
     events.emit(cfg, "restored", "before", "c0")
     seen: list[str] = []
-    t = threading.Thread(target=lambda: seen.extend(e["msg"] for e in
-                                                    events.follow(cfg.state_dir, poll=0.05, stop=3)))
+    following = threading.Event()
+
+    def follow() -> None:
+        for e in events.follow(cfg.state_dir, poll=0.02, stop=60):
+            seen.append(e["msg"])
+            if e["msg"].startswith("probe"):
+                following.set()
+            if e["msg"] == "after 11":
+                return
+    t = threading.Thread(target=follow)
     t.start()
-    time.sleep(0.3)
+    for i in range(200):                    # it follows from the end of the log: probe until it sees one
+        events.emit(cfg, "restored", f"probe {i}", "c0")
+        if following.wait(0.05):
+            break
+    assert following.is_set(), "the follower never saw an event"
     for i in range(12):                     # enough to rotate at least once
         events.emit(cfg, "restored", f"after {i}", "c1", detail="y" * 40)
-        time.sleep(0.05)
-    t.join()
-    assert "before" not in seen and seen[-1] == "after 11", seen
+        wait_for(lambda i=i: f"after {i}" in seen, 10, f"the follower to see event {i}", 0.01)
+    t.join(timeout=10)
+    assert "before" not in seen and seen[-12:] == [f"after {i}" for i in range(12)], seen
     assert os.path.exists(os.path.join(cfg.state_dir, "events.log.1"))
 
 
@@ -59,12 +72,23 @@ def test_thaw_events_cli(thaw_env):
     assert [e["kind"] for e in lines] == ["restored"]
     proc = subprocess.Popen(["thaw", "events", "--follow", "--json"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "THAW_CONFIG": thaw_env.config})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
-        time.sleep(1.0)
-        events.emit(cfg, "captured", "captured late", "ghi")
+        # Once it prints a probe it is following: then the event it must show.
         line = ""
+        for i in range(300):
+            events.emit(cfg, "restored", f"probe {i}", "probe")
+            try:
+                while "probe" not in line:
+                    line = lines.get(timeout=0.05)
+                break
+            except queue.Empty:
+                continue
+        assert "probe" in line, "thaw events --follow printed no new event"
+        events.emit(cfg, "captured", "captured late", "ghi")
         while "captured late" not in line:
-            line = proc.stdout.readline()
+            line = lines.get(timeout=10)
         assert json.loads(line)["container"] == "ghi"
     finally:
         proc.kill()

@@ -90,6 +90,39 @@ def test_another_namespace_reads_only_by_policy(tmp_path, node):
         check(tmp_path, node, other, share={"team-a": ["team-c"]})
 
 
+def test_outside_any_namespace_only_local_snapshots_are_found(tmp_path, node):
+    """A container of no Kubernetes namespace (Podman, ctr, a bare runc bundle) is in `_local`: it
+    never gets a namespace's snapshot, and a pod never gets a `_local` one."""
+    cfg, store = node
+    no_namespace = {"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.sandbox-namespace": ""}
+    with pytest.raises(SnapshotNotFound, match="_local"):
+        check(tmp_path, node, no_namespace)
+    fake_snapshot(store, "local:1", config=SNAP_CONFIG, namespace="_local")
+    assert check(tmp_path, node, {**no_namespace, "thaw.dev/snapshot": "local:1"}).snapshot.namespace == "_local"
+    with pytest.raises(SnapshotNotFound, match="team-a"):
+        check(tmp_path, node, {"thaw.dev/snapshot": "local:1"})
+
+
+def test_a_captured_process_may_not_hold_more_than_the_new_spec_grants(tmp_path, node):
+    """The spec is the capturing one (identity matches), but a captured process became root with
+    every capability (a setuid binary): restoring it would hand that to the new container."""
+    cfg, store = node
+    root = fmt.ProcessCreds(pid=7, uids=(0, 0, 0, 0), gids=(0, 0, 0, 0), cap_prm=(1 << 41) - 1,
+                            cap_eff=(1 << 41) - 1, cap_bnd=(1 << 41) - 1)
+    user = {"user": {"uid": 1000, "gid": 1000}}
+    captured = dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(spec_for(**user)), processes=(root,))
+    fake_snapshot(store, "suid:1", config=captured, namespace="team-a")
+    with pytest.raises(restore.Incompatible) as err:
+        check(tmp_path, node, {"thaw.dev/snapshot": "suid:1"}, process=user)
+    assert "captured process 7 holds more than the spec grants" in str(err.value)
+    assert "uids [0, 0, 0, 0]" in str(err.value) and "CapEff" in str(err.value)
+    # the same process as it was started (uid 1000, the spec's capabilities) is fine
+    kill = 1 << 5
+    started = dataclasses.replace(root, uids=(1000,) * 4, gids=(1000,) * 4, cap_prm=kill, cap_eff=kill, cap_bnd=kill)
+    fake_snapshot(store, "suid:1", config=dataclasses.replace(captured, processes=(started,)), namespace="team-a")
+    assert check(tmp_path, node, {"thaw.dev/snapshot": "suid:1"}, process=user).snapshot.ref == "suid:1"
+
+
 @pytest.mark.parametrize("field, process, words", [
     ("user", {"user": {"uid": 1000, "gid": 1000}}, ["process.user"]),
     ("caps", {"capabilities": {"bounding": [], "effective": [], "permitted": []}}, ["process.capabilities"]),
@@ -120,9 +153,8 @@ def test_unknown_snapshot(tmp_path, node):
         check(tmp_path, node, {"thaw.dev/snapshot": "nope:1"})
 
 
+@pytest.mark.no_gpu
 def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
-    if os.path.exists("/dev/nvidiactl"):
-        pytest.skip("this machine has an NVIDIA driver")
     cfg, store = node
     gpu_cfg = dataclasses.replace(SNAP_CONFIG, gpu=fmt.GpuState(pids=1, uuids=("GPU-a",)))
     fake_snapshot(store, "gpu:1", config=gpu_cfg, namespace="team-a")

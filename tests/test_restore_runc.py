@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import tarfile
 import threading
-import time
 
 import pytest
 
-from helpers import PYTHON, make_bundle, tcp_in_netns, unique
+from helpers import PYTHON, make_bundle, tcp_in_netns, unique, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
@@ -90,11 +90,12 @@ def start_counter(env, tmp_path, annotations=None, name="src"):
 
 def test_counter_continues_on_new_pipes(thaw_env, tmp_path):
     src = start_counter(thaw_env, tmp_path)
+    before = max(ticks(src.output()))                   # printed before the capture began
     capture(thaw_env, src.id, "counter:v1")
-    captured_at = max(ticks(src.output()))
     snap = json.loads(thaw_env.thaw("inspect", "counter:v1").stdout)
     assert snap["ref"] == "counter:v1" and snap["config"]["sizes"]["criu_bytes"] > 0
-    src.destroy()
+    src.destroy()                                       # all its output read
+    after = max(ticks(src.output()))                    # printed by the time it was killed
 
     # The same command: a cold start would count from 0, the restored loop goes on.
     bundle = make_bundle(str(tmp_path / "dst"), COUNTER, annotations={"thaw.dev/snapshot": "counter:v1"})
@@ -104,7 +105,8 @@ def test_counter_continues_on_new_pipes(thaw_env, tmp_path):
     dst.start()                                     # a no-op for a restored container
     out = dst.wait_output(lambda t: len(ticks(t)) > 10)
     got = ticks(out)
-    assert got[0] >= captured_at - 2 and got[0] <= captured_at + 40, (captured_at, got[:5])
+    # The dump froze the loop between `before` and `after`: it goes on with the next number.
+    assert before < got[0] <= after + 1, (before, after, got[:5])
     assert got == list(range(got[0], got[0] + len(got)))  # contiguous: the same loop continued
     assert dst.pid() == dst.state()["pid"]
     assert os.path.exists(os.path.join(thaw_env.state, "containers", dst.id + ".json"))
@@ -120,16 +122,13 @@ def test_tcp_server_restored_into_other_netns(thaw_env, tmp_path, netns_pair):
     src = thaw_env.container(bundle)
     assert src.create() == 0
     src.start()
-    deadline = time.time() + 10
-    while True:
+    def count(ns: str) -> int:
         try:
-            tcp_in_netns(ns_src, 8080, b"GET /count HTTP/1.0\r\n\r\n")
-            break
+            answer = tcp_in_netns(ns, 8080, b"GET /count HTTP/1.0\r\n\r\n")
         except ConnectionError:
-            assert time.time() < deadline, "server never came up"
-            time.sleep(0.1)
-    time.sleep(0.5)
-    before = int(tcp_in_netns(ns_src, 8080, b"GET /count HTTP/1.0\r\n\r\n").split(b"\r\n\r\n")[1])
+            return -1
+        return int(answer.split(b"\r\n\r\n")[1]) if b"200 OK" in answer else -1
+    before = wait_for(lambda: (lambda n: n > 5 and n)(count(ns_src)), 20, "the server's count to pass 5")
     capture(thaw_env, src.id, "web:1")
     src.destroy()
     # Dumped with the in-process nftables lock (shim/criu.py dump_options): the restore below then
@@ -143,13 +142,54 @@ def test_tcp_server_restored_into_other_netns(thaw_env, tmp_path, netns_pair):
     dst = thaw_env.container(bundle2)
     assert dst.create() == 0, dst.log_text()
     dst.start()
-    first = tcp_in_netns(ns_dst, 8080, b"GET /count HTTP/1.0\r\n\r\n")
-    time.sleep(0.3)
-    second = tcp_in_netns(ns_dst, 8080, b"GET /count HTTP/1.0\r\n\r\n")
-    assert b"200 OK" in first
-    n1, n2 = int(first.split(b"\r\n\r\n")[1]), int(second.split(b"\r\n\r\n")[1])
-    assert n1 >= before > 5 and n2 > n1    # the captured loop keeps counting from where it was
+    n1 = count(ns_dst)
+    assert n1 >= before                     # served at once, by the restored server, from where it was
+    wait_for(lambda: count(ns_dst) > n1, 10, "the captured loop to go on counting")
     dst.destroy()
+
+
+def test_a_plain_rootfs_diff_holds_only_what_the_container_wrote(thaw_env, tmp_path):
+    """A bundle's rootfs that is a plain directory has no base to compare with: the diff is what
+    changed after the container was created (runc's `created` time), not the image around it."""
+    writer = ["sh", "-c", "mkdir -p /tmp/app; echo state > /tmp/app/state; touch -d @1000000000 /tmp/app/old; "
+              "echo ok; exec sleep 1000"]
+    src = thaw_env.container(make_bundle(str(tmp_path / "src"), writer))
+    assert src.create() == 0
+    src.start()
+    src.wait_output(lambda t: "ok" in t)
+    capture(thaw_env, src.id, "plain:1")
+    src.destroy()
+    info = json.loads(thaw_env.thaw("inspect", "plain:1").stdout)
+    layer = next(l for l in info["layers"] if "rootfs.diff" in l["mediaType"])
+    blob = os.path.join(thaw_env.store, "layout", "blobs", "sha256", layer["digest"].split(":")[1])
+    with tarfile.open(blob) as tar:
+        names = tar.getnames()
+    # tmp/app/old has an old mtime but a new ctime: it was written after the create too
+    assert names == ["tmp", "tmp/app", "tmp/app/old", "tmp/app/state"], names
+    assert info["config"]["sizes"]["rootfs_entries"] == 4
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: a container whose network namespace runc creates (no path) "
+                   "is restored with `lo` down and no address: runc checkpoints no netns image and restore "
+                   "sets up no loopback, so a server on 127.0.0.1 (and the resume URL) is unreachable")
+def test_a_loopback_server_in_its_own_network_namespace_answers_after_restore(thaw_env, tmp_path):
+    """A bare runc bundle with a network namespace of its own (no path): the restored server must
+    answer on 127.0.0.1 inside it, as it did before the capture."""
+    from thaw.shim import engine
+    serve = ["sh", "-c", "mkdir -p /www; echo hello > /www/index.html; exec httpd -f -p 127.0.0.1:8080 -h /www"]
+    src = thaw_env.container(make_bundle(str(tmp_path / "src"), serve))
+    assert src.create() == 0
+    src.start()
+    wait_for(lambda: engine.ready("http://127.0.0.1:8080/", src.pid()), 10, "the source server")
+    capture(thaw_env, src.id, "own-netns:1")
+    src.destroy()
+    dst = thaw_env.container(make_bundle(str(tmp_path / "dst"), serve, annotations={"thaw.dev/snapshot": "own-netns:1"}))
+    assert dst.create() == 0 and "restored" in dst.log_text(), dst.log_text()
+    dst.start()
+    try:
+        wait_for(lambda: engine.ready("http://127.0.0.1:8080/", dst.pid()), 5, "the restored server on loopback")
+    finally:
+        dst.destroy()
 
 
 def test_python_heap_survives(thaw_env, tmp_path):

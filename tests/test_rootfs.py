@@ -2,6 +2,7 @@ import io
 import os
 import subprocess
 import tarfile
+import uuid
 
 import pytest
 
@@ -69,13 +70,21 @@ def test_commit_keeps_changes(fs, tmp_path):
     assert (fs / "etc" / "app.conf").read_text() == "changed" and not (tmp_path / "undo").exists()
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs/../../escape", "hostlink/tmp/owned"])
-def test_refuses_escapes(fs, tmp_path, name):
+@pytest.mark.parametrize("name, lands", [("../escape", "escape"), ("/abs/../../escape", "escape"),
+                                         ("hostlink/tmp/owned", "/tmp/owned")])
+def test_refuses_escapes(fs, tmp_path, name, lands):
+    """`lands`: where a write that followed the name would go (beside the rootfs, or through its
+    symlink to / on the host)."""
+    target = os.path.join(str(tmp_path), lands) if not lands.startswith("/") else lands
+    token = uuid.uuid4().hex[:12]
+    name, target = name.replace("owned", f"owned-{token}"), target.replace("owned", f"owned-{token}")
+    assert not os.path.lexists(target)
     a = RootfsApplier(str(fs), str(tmp_path / "undo"))
     with pytest.raises(RootfsError):
         a.apply_tar(tar_of([(name, "file", b"x")]))
     a.undo()
-    assert not os.path.exists("/tmp/owned")
+    assert not os.path.lexists(target)
+    assert tree(fs) == {"etc": "dir", "etc/motd": b"welcome", "etc/app.conf": b"original", "hostlink": "/"}
 
 
 def diff_of(root: str, exclude=(), created_after=None) -> tuple[rootfs.Diff, dict[str, tarfile.TarInfo], bytes]:
@@ -139,6 +148,29 @@ def test_a_directory_swapped_for_a_symlink_is_refused(tmp_path, monkeypatch):
         diff_of(str(r))
 
 
+def test_a_file_swapped_for_a_symlink_is_refused(tmp_path, monkeypatch):
+    """As above, for a file: between the listing's stat and the open, `f` becomes a symlink to a
+    host file. The open refuses it; no byte of the host file reaches the diff."""
+    r = tmp_path / "r"
+    r.mkdir()
+    (r / "f").write_text("container bytes")
+    secret = tmp_path / "host-secret"
+    secret.write_text("host bytes")
+    real_stat = os.stat
+
+    def stat_then_swap(path, *a, **kw):
+        st = real_stat(path, *a, **kw)
+        if path == "f":
+            os.unlink(r / "f")
+            os.symlink(str(secret), r / "f")
+        return st
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    buf = io.BytesIO()
+    with pytest.raises(rootfs.RootfsError, match="cannot be opened as a file"):
+        rootfs.write_diff(str(r), [], buf)
+    assert b"host bytes" not in buf.getvalue()
+
+
 def test_sparse_members_are_refused_on_apply(fs, tmp_path):
     big = tmp_path / "big"
     with open(big, "wb") as f:
@@ -149,12 +181,11 @@ def test_sparse_members_are_refused_on_apply(fs, tmp_path):
     applier = RootfsApplier(str(fs), str(tmp_path / "undo"))
     with open(archive, "rb") as f, pytest.raises(RootfsError, match="sparse"):
         applier.apply_tar(f)
+    assert not (fs / "big").exists()                 # refused before anything was written (not undone)
     applier.undo()
-    assert not (fs / "big").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount overlayfs")
-@pytest.mark.root
+@pytest.mark.root                     # mounts overlayfs
 def test_overlay_diff_sees_upper_and_whiteouts(tmp_path):
     lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
     for d in (lower, upper, work, merged):

@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import subprocess
 import tarfile
 
 import pytest
@@ -254,9 +256,12 @@ def test_import_rejects_damaged_and_hostile_archives(tmp_path, store, damage):
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot):
         other.import_archive(archive)
-    assert other.snapshots() == []
-    assert not os.path.exists("/etc/evil") and not os.path.exists("/etc/x:1")
+    assert other.snapshots() == [] and json.load(open(other.layout.index_path))["manifests"] == []
     assert os.listdir(other.images_dir) == [] and os.listdir(other.staging_dir) == []
+    # Nothing was written where a name from the archive points: not beside the store (where
+    # "../../etc/evil" leads from its layout), not anywhere under this test's directory.
+    written = [os.path.join(d, n) for d, _, names in os.walk(tmp_path) for n in names]
+    assert not [p for p in written if os.path.basename(p) in ("evil", "x:1")], written
 
 
 def _rewrite_index(archive: str, ref: str) -> None:
@@ -273,6 +278,16 @@ def _rewrite_index(archive: str, ref: str) -> None:
     _archive_with(archive, out)
 
 
+def _concatenate(archive: str, more: str) -> None:
+    """Append the members of the tar `more` to `archive` (its end-of-archive blocks dropped)."""
+    raw = open(archive, "rb").read()
+    end = len(raw)
+    while end >= 512 and raw[end - 512:end] == b"\0" * 512:
+        end -= 512
+    with open(archive, "wb") as f:
+        f.write(raw[:end] + open(more, "rb").read())
+
+
 def _append_member_header(archive: str, info: tarfile.TarInfo) -> str:
     """An archive whose last member declares `info.size` bytes it does not hold."""
     raw = open(archive, "rb").read()
@@ -283,6 +298,111 @@ def _append_member_header(archive: str, info: tarfile.TarInfo) -> str:
     with open(out, "wb") as f:
         f.write(raw[:end] + info.tobuf(tarfile.GNU_FORMAT))
     return out
+
+
+def _flip_in_blob(path: str) -> None:
+    """Change one byte of a stored blob, keeping its size (and, for JSON, its validity)."""
+    os.chmod(path, 0o600)
+    data = bytearray(open(path, "rb").read())
+    data[:] = _changed(bytes(data))
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _changed(data: bytes) -> bytes:
+    """The same bytes with one changed where no parser notices: in a tar, a byte of its first
+    file's content; in JSON, a digit of its creation time or a letter of a path; else the middle."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            at = next(m.offset_data for m in tar.getmembers() if m.size)
+    except (tarfile.TarError, StopIteration):
+        created = re.search(rb'created": "(\d)', data)
+        at = created.start(1) if created else data.find(b"motd") if b"motd" in data else len(data) // 2
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+BLOBS = {"criu-tar": lambda s: s.criu_whole, "rootfs": lambda s: s.rootfs, "deleted": lambda s: s.deleted}
+
+
+@pytest.mark.parametrize("blob", BLOBS)
+def test_export_refuses_a_damaged_blob(tmp_path, store, blob):
+    snap = fake_snapshot(store, "a:1")
+    _flip_in_blob(store.layout.blob_path(BLOBS[blob](snap).digest))
+    with pytest.raises(CorruptSnapshot, match=BLOBS[blob](snap).digest):
+        store.export(A1, "_local", str(tmp_path / "a.tar"))
+    assert not os.path.exists(tmp_path / "a.tar") and os.listdir(tmp_path) == ["store"]
+
+
+def _damage_member(archive: str, digest: str) -> None:
+    """Change the content of the archive member holding blob `digest`, in place (the tar stays a
+    valid tar: its checksums cover headers only)."""
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("blobs/sha256/" + digest.split(":")[1])
+    with open(archive, "r+b") as f:
+        f.seek(member.offset_data)
+        data = f.read(member.size)
+        f.seek(member.offset_data)
+        f.write(_changed(data))
+
+
+IMPORTED = {"manifest": lambda s: s.manifest, "config": lambda s: s.config_desc, "criu-tar": lambda s: s.criu_whole,
+            "part": lambda s: s.parts[1].desc, "rootfs": lambda s: s.rootfs, "deleted": lambda s: s.deleted}
+
+
+@pytest.mark.parametrize("blob", IMPORTED)
+def test_import_checks_every_blob_against_its_digest(tmp_path, store, small_parts, blob):
+    """An archive whose blob was changed after export (the archive's index and manifest still name
+    the old digest): the import fails, and nothing of that blob is kept under the digest it claims."""
+    snap = fake_snapshot(store, "a:1", payload=os.urandom(9000))
+    archive = str(tmp_path / "a.tar")
+    store.export(A1, "_local", archive)
+    digest = IMPORTED[blob](snap).digest
+    _damage_member(archive, digest)
+    other = Store(str(tmp_path / "other"))
+    with pytest.raises(CorruptSnapshot):
+        other.import_archive(archive)
+    assert other.snapshots() == [] and json.load(open(other.layout.index_path))["manifests"] == []
+    assert not os.path.exists(other.layout.blob_path(digest))
+    assert os.listdir(other.images_dir) == [] and os.listdir(other.staging_dir) == []
+
+
+def _sparse_file(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        f.write(b"x" * 4096)
+        f.truncate(size)                    # the rest is a hole
+
+
+def test_import_refuses_a_sparse_member_before_writing(tmp_path, store):
+    fake_snapshot(store, "a:1")
+    archive = str(tmp_path / "a.tar")
+    store.export(A1, "_local", archive)
+    blobs = tmp_path / "src" / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    _sparse_file(str(blobs / ("c" * 64)), 1 << 30)
+    sparse = str(tmp_path / "sparse.tar")       # GNU tar writes sparse members (tar -r would not)
+    subprocess.run(["tar", "--sparse", "-cf", sparse, "-C", str(tmp_path / "src"), "blobs/sha256/" + "c" * 64],
+                   check=True)
+    _concatenate(archive, sparse)
+    assert os.path.getsize(archive) < 1 << 20
+    with tarfile.open(archive) as tar:
+        assert tar.getmember("blobs/sha256/" + "c" * 64).issparse()
+    other = Store(str(tmp_path / "other"))
+    with pytest.raises(CorruptSnapshot, match="not a plain regular file"):
+        other.import_archive(archive)
+    assert other.snapshots() == [] and list(other.layout.all_blobs()) == []
+
+
+def test_a_sparse_criu_file_is_never_unpacked(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _sparse_file(str(src / "pages-1.img"), 64 << 20)
+    tar = tmp_path / "criu.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(tar), "-C", str(src), "pages-1.img"], check=True)
+    dest = tmp_path / "images"
+    dest.mkdir()
+    with open(tar, "rb") as f, pytest.raises(fmt.SnapshotFormatError, match="unexpected entry"):
+        fmt.unpack_whole_files(f, str(dest), 1 << 40)      # no size bound helps here: only the type
+    assert not (dest / "pages-1.img").exists()
 
 
 def test_layout_rejects_bad_digests(tmp_path):
