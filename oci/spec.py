@@ -56,6 +56,11 @@ class Bundle:
                 return ns.get("path") or None
         return None
 
+    def creates_namespace(self, ns_type: str) -> bool:
+        """The runtime makes a new namespace of this type (listed, with no path)."""
+        return any(ns.get("type") == ns_type and not ns.get("path")
+                   for ns in (self.spec.get("linux") or {}).get("namespaces") or [])
+
     def save(self) -> None:
         """Write config.json back atomically, keeping its permissions."""
         cfg = os.path.join(self.path, CONFIG)

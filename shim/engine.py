@@ -14,6 +14,7 @@ import ctypes
 import errno
 import json
 import os
+from collections.abc import Callable
 
 from thaw.oci import ThawError
 
@@ -79,9 +80,9 @@ class ContainerView:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, url: str, method: str = "POST", timeout: float = 60.0) -> tuple[int, str]:
-        """An HTTP request made from inside the container's network namespace."""
-        import urllib.request  # noqa: F401 - imported here, before the fork: only a call pays for it
+    def _in_netns(self, fn: Callable[[], dict]) -> dict:
+        """fn() run in a forked child that joined the container's network namespace; its dict
+        (or {"error": ...}) comes back through a pipe."""
         r, w = os.pipe()
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the forked child
@@ -90,8 +91,7 @@ class ContainerView:
                 if _libc().setns(self.netns_fd, CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns: {os.strerror(err)}")
-                status, body = _request(url, method, timeout)
-                answer: dict = {"status": status, "body": body}
+                answer = fn()
             except Exception as exc:  # noqa: BLE001 - everything goes back to the parent
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
             os.write(w, json.dumps(answer).encode())
@@ -106,9 +106,26 @@ class ContainerView:
             out: dict = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
             out = {}
+        return out
+
+    def request(self, url: str, method: str = "POST", timeout: float = 60.0) -> tuple[int, str]:
+        """An HTTP request made from inside the container's network namespace."""
+        import urllib.request  # noqa: F401 - imported here, before the fork: only a call pays for it
+
+        def call() -> dict:
+            status, body = _request(url, method, timeout)
+            return {"status": status, "body": body}
+        out = self._in_netns(call)
         if "error" in out or "status" not in out:
             raise EngineError(f"{method} {url} in the netns of pid {self.handle.pid}: {out.get('error', 'no answer')}")
         return int(out["status"]), str(out["body"])
+
+    def loopback_up(self) -> None:
+        """Bring `lo` up in the container's network namespace: runc does it for a namespace it
+        creates for a new container, not for one it creates for a restore."""
+        out = self._in_netns(_loopback_up)
+        if "error" in out:
+            raise EngineError(f"loopback in the netns of pid {self.handle.pid}: {out['error']}")
 
     def file_exists(self, path: str) -> bool:
         try:
@@ -129,6 +146,21 @@ class ContainerView:
         except EngineError:
             return False
         return 200 <= status < 300
+
+
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def _loopback_up() -> dict:
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
+        flags = struct.unpack("16sH22x", ifreq)[1]
+        if not flags & _IFF_UP:
+            fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+    return {}
 
 
 def _request(url: str, method: str, timeout: float) -> tuple[int, str]:

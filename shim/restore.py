@@ -147,6 +147,10 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
             phases.run("cuda_init_wait", plan.cuda_init.join)
         with open(pid_file) as f:
             pid = int(f.read().strip())
+        if bundle.creates_namespace("network"):
+            # CRIU restored the sockets into a namespace runc made empty (runc checkpoints no
+            # network state): without lo, a server on 127.0.0.1 and the resume URL are unreachable.
+            phases.run("loopback", _loopback_up, pid)
         if plan.gpus is not None:
             _restore_gpus(plan, pid)
         if plan.request.resume:
@@ -172,6 +176,12 @@ def _fill_options(cfg: Config) -> tuple[str, ...]:
     from . import criu
     return criu.restore_options(cfg.restore.worker_count(), cfg.restore.hugepages,
                                 criu.features(cfg.resolve_criu(), cfg.state_dir), criu.read_thp_probe(cfg.state_dir))
+
+
+def _loopback_up(pid: int) -> None:
+    from . import engine
+    with engine.ContainerView(pid) as view:
+        view.loopback_up()
 
 
 def _start_cuda_init() -> threading.Thread:

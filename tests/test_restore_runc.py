@@ -169,9 +169,6 @@ def test_a_plain_rootfs_diff_holds_only_what_the_container_wrote(thaw_env, tmp_p
     assert info["config"]["sizes"]["rootfs_entries"] == 4
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: a container whose network namespace runc creates (no path) "
-                   "is restored with `lo` down and no address: runc checkpoints no netns image and restore "
-                   "sets up no loopback, so a server on 127.0.0.1 (and the resume URL) is unreachable")
 def test_a_loopback_server_in_its_own_network_namespace_answers_after_restore(thaw_env, tmp_path):
     """A bare runc bundle with a network namespace of its own (no path): the restored server must
     answer on 127.0.0.1 inside it, as it did before the capture."""
