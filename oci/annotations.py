@@ -13,6 +13,8 @@ READY = "thaw.dev/ready"
 QUIESCE = "thaw.dev/quiesce"
 RESUME = "thaw.dev/resume"
 REQUIRED = "thaw.dev/required"
+PULL = "thaw.dev/pull"          # "wait": wait (bounded) for a registry snapshot the node lacks
+PUSH = "thaw.dev/push"          # "true": push what auto-capture captured to the registry reference
 
 # Set by containerd's CRI plugin.
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
@@ -36,13 +38,24 @@ class AnnotationError(ThawError):
 
 
 class SnapshotRef:
-    __slots__ = ("name", "tag")
+    """A snapshot's name in the store: NAME:TAG, or a registry reference (REGISTRY/REPO:TAG or
+    REGISTRY/REPO@sha256:...), which is the local name of what was pulled from it (or captured
+    to be pushed there) — the same string is a valid OCI ref.name either way. `remote` holds the
+    parsed registry reference (oci/reference.py), None for a plain name."""
+    __slots__ = ("name", "tag", "remote")
 
-    def __init__(self, name: str, tag: str = DEFAULT_TAG):
-        self.name, self.tag = name, tag
+    def __init__(self, name: str, tag: str = DEFAULT_TAG, remote=None):
+        self.name, self.tag, self.remote = name, tag, remote
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.tag}"
+        return str(self.remote) if self.remote is not None else f"{self.name}:{self.tag}"
+
+    def key(self) -> str:
+        """A file-name-safe key (lock files): a registry reference is hashed."""
+        if self.remote is None:
+            return f"{self.name}_{self.tag}"
+        import hashlib
+        return "r-" + hashlib.sha256(str(self).encode()).hexdigest()[:32]
 
     def __repr__(self) -> str:
         return f"SnapshotRef({self.name!r}, {self.tag!r})"
@@ -55,6 +68,8 @@ class SnapshotRef:
 
     @classmethod
     def parse(cls, text: str) -> "SnapshotRef":
+        if "/" in text:
+            return cls.registry(text)
         name, sep, tag = text.strip().partition(":")
         if not sep:
             tag = DEFAULT_TAG
@@ -66,14 +81,28 @@ class SnapshotRef:
             raise AnnotationError(f"invalid snapshot reference {text!r}: want NAME[:TAG]")
         return cls(name, tag)
 
+    @classmethod
+    def registry(cls, text: str) -> "SnapshotRef":
+        """A registry reference as a snapshot name; a bare repository means its `latest` tag."""
+        from .reference import Reference, ReferenceError
+        try:
+            ref = Reference.parse(text)
+        except ReferenceError as exc:
+            raise AnnotationError(str(exc)) from None
+        if ref.tag is None and ref.digest is None:
+            ref = Reference(ref.registry, ref.repository, DEFAULT_TAG)
+        return cls(f"{ref.registry}/{ref.repository}", ref.digest or ref.tag or DEFAULT_TAG, ref)
+
 
 class ThawRequest:
     """What a container's annotations ask of thaw."""
 
     def __init__(self, snapshot: SnapshotRef, required: bool = False, capture_on_ready: bool = False,
-                 ready: str | None = None, quiesce: str | None = None, resume: str | None = None):
+                 ready: str | None = None, quiesce: str | None = None, resume: str | None = None,
+                 pull_wait: bool = False, push: bool = False):
         self.snapshot, self.required, self.capture_on_ready = snapshot, required, capture_on_ready
         self.ready, self.quiesce, self.resume = ready, quiesce, resume
+        self.pull_wait, self.push = pull_wait, push
 
 
 def valid_namespace(ns: str) -> bool:
@@ -126,8 +155,23 @@ def parse_request(annotations: dict[str, str]) -> ThawRequest:
     ready = _url(READY, annotations.get(READY), ("http://", "file:"))
     if capture is not None and ready is None:
         raise AnnotationError(f"{CAPTURE}: on-ready needs {READY}")
+    snapshot = SnapshotRef.parse(annotations[SNAPSHOT])
+    pull = annotations.get(PULL)
+    if pull is not None and pull.strip() not in ("wait", "background"):
+        raise AnnotationError(f"{PULL}: {pull!r} must be \"wait\" or \"background\"")
+    push = annotations.get(PUSH)
+    if push is not None and push.strip().lower() not in ("true", "false"):
+        raise AnnotationError(f"{PUSH}: {push!r} must be \"true\" or \"false\"")
+    wants_push = push is not None and push.strip().lower() == "true"
+    if (pull is not None or wants_push) and snapshot.remote is None:
+        raise AnnotationError(f"{PULL if pull is not None else PUSH} needs {SNAPSHOT} to name a registry "
+                              f"reference (REGISTRY/REPO:TAG), not {str(snapshot)!r}")
+    if wants_push and capture is None:
+        raise AnnotationError(f"{PUSH}: pushes what auto-capture captures: it needs {CAPTURE}: on-ready")
     return ThawRequest(
-        snapshot=SnapshotRef.parse(annotations[SNAPSHOT]),
+        snapshot=snapshot,
+        pull_wait=pull is not None and pull.strip() == "wait",
+        push=wants_push,
         required=is_required(annotations),
         capture_on_ready=capture is not None,
         ready=ready,

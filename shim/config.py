@@ -74,6 +74,31 @@ class Restore(_Record):
         return min(16, os.cpu_count() or 1) if self.workers < 0 else self.workers
 
 
+class Registry(_Record):
+    """How this node reaches registries (shim/distribution.py) and what pods may do with them.
+    auth_file: docker-style config.json with credentials ("" = anonymous); ca_file: PEM bundle
+    trusted besides the system's CAs; insecure: hosts spoken to over plain HTTP; pull / push:
+    Kubernetes namespace -> repository prefixes (REGISTRY/REPO...) its pods' annotations may
+    pull from / push to (default: none; the CLI, run by an operator, is not bound by these);
+    pull_timeout: how long `thaw.dev/pull: wait` holds a create."""
+    auth_file: str
+    ca_file: str
+    insecure: tuple
+    pull: dict
+    push: dict
+    pull_timeout: float
+    _fields = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0}
+
+    def allows(self, action: str, namespace: str, registry: str, repository: str) -> bool:
+        """May pods of `namespace` pull (action "pull") or push ("push") REGISTRY/REPOSITORY?"""
+        name = f"{registry}/{repository}"
+        for prefix in (self.pull if action == "pull" else self.push).get(namespace, ()):
+            prefix = prefix.rstrip("/")
+            if name == prefix or name.startswith(prefix + "/"):
+                return True
+        return False
+
+
 class Config(_Record):
     store_dir: str
     state_dir: str
@@ -86,15 +111,17 @@ class Config(_Record):
     events_max_bytes: int
     policy: Policy
     restore: Restore
+    registry: Registry
     source: str | None
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
-               "policy": None, "restore": None, "source": None}
+               "policy": None, "restore": None, "registry": None, "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
         values.setdefault("restore", Restore())
+        values.setdefault("registry", Registry())
         super().__init__(**values)
 
     def resolve_next_runtime(self) -> str:
@@ -167,6 +194,22 @@ def _share(v) -> str | None:
 def _names(v) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of names"
 
+
+def _repo_map(v) -> str | None:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
+                                           all(isinstance(x, str) and "/" in x for x in r) for k, r in v.items()):
+        return "must map a namespace to a list of repository prefixes (REGISTRY/REPO...)"
+    return None
+
+
+_REGISTRY = {
+    "auth_file": (str, _optional_abs_path),
+    "ca_file": (str, _optional_abs_path),
+    "insecure": (list, _names),
+    "pull": (dict, _repo_map),
+    "push": (dict, _repo_map),
+    "pull_timeout": (float, _positive),
+}
 
 _POLICY = {
     "share": (dict, _share),
@@ -242,10 +285,14 @@ def _from_mapping(raw: object, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}top level must be a mapping")
-    top = {k: v for k, v in raw.items() if k not in ("policy", "restore")}
+    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry")}
     values = _section(top, _TOP, Config._fields, where)
     values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
     values["restore"] = _restore_section(raw.get("restore"), where + "restore.")
+    registry = _section(raw.get("registry"), _REGISTRY, Registry._fields, where + "registry.")
+    registry["pull"] = {k: tuple(v) for k, v in registry["pull"].items()}
+    registry["push"] = {k: tuple(v) for k, v in registry["push"].items()}
+    values["registry"] = Registry(**registry)
     return Config(**values, source=source)
 
 
@@ -255,6 +302,10 @@ def _to_mapping(cfg: Config) -> dict:
                      for k, v in ((k, getattr(cfg.policy, k)) for k in _POLICY)}
     out["restore"] = {"workers": "auto" if cfg.restore.workers < 0 else cfg.restore.workers,
                       "hugepages": cfg.restore.hugepages}
+    reg = cfg.registry
+    out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
+                       "pull": {k: list(v) for k, v in reg.pull.items()},
+                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout}
     return out
 
 

@@ -58,7 +58,7 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
     """Read snapshot `ref` of `namespace` (or of a namespace the policy lets publish to it) into
     the page cache. Returns what happened (also in the events log)."""
     locks = make_private_dir(os.path.join(cfg.state_dir, "prefetch"))
-    lock = os.open(os.path.join(locks, f"{namespace}_{ref.name}_{ref.tag}.lock"),
+    lock = os.open(os.path.join(locks, f"{namespace}_{ref.key()}.lock"),
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:

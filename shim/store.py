@@ -109,7 +109,7 @@ class Store:
     def name_lock(self, ref: SnapshotRef, namespace: str):
         """Serialises captures of one snapshot name of one namespace (auto-capture)."""
         locks = make_private_dir(os.path.join(self.root, "locks"))
-        return _flock(os.path.join(locks, f"{namespace}_{ref.name}_{ref.tag}.lock"))
+        return _flock(os.path.join(locks, f"{namespace}_{ref.key()}.lock"))
 
     @contextlib.contextmanager
     def staging(self, kind: str) -> Iterator[Staging]:

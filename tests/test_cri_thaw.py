@@ -188,7 +188,10 @@ def test_bad_snapshot_still_runs_cold(thaw_cri, damage):
     pod, cid = start_app(cri, f"cold-{damage}", {"thaw.dev/snapshot": "cri-bad:1"})
     rec = records(node)[cid]
     assert rec["phase"] == "cold"
-    assert ("not found" if damage == "missing" else "removed") in rec["cold_reason"]
+    # A damaged snapshot is unpublished by whoever finds it first: the pod sandbox's prefetch
+    # (then this create finds no snapshot) or this create's restore.
+    assert "not found" in rec["cold_reason"] if damage == "missing" else \
+        any(why in rec["cold_reason"] for why in ("removed", "not found")), rec["cold_reason"]
     got = wait_for(lambda: ticks_in_log(cri, pod), 30, "cold ticks")
     assert got[0] == 0                                     # a genuine cold start
     log = json.loads(containerd.bundle_dir(cid).joinpath("log.json").read_text().splitlines()[0])

@@ -163,7 +163,7 @@ DEAD_RESTORE = r"""
 import sys
 from thaw.shim.state import ContainerState
 state, cid, bundle, root = sys.argv[1:5]
-ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, None, [], bundle + "/.thaw-undo")
+ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, bundle + "/.thaw-undo")
 """
 
 

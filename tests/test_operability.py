@@ -144,8 +144,7 @@ def test_counters_survive_concurrent_writers(tmp_path):
 def test_record_phases_and_finish(tmp_path):
     cfg = cfg_in(tmp_path)
     st = ContainerState(cfg.state_dir, "c1")
-    rec = st.begin_restore("a:1", time.time(), "/b", None, False, "/proc/1/ns/net",
-                           [{"addr": "0.0.0.0", "port": 80}], "/b/.thaw-undo-c1")
+    rec = st.begin_restore("a:1", time.time(), "/b", None, False, "/b/.thaw-undo-c1")
     assert st.read().phase == Phase.RESTORING
     assert finish(cfg, "c1", "poststop") is None and st.exists()    # mid-restore: thaw-runtime cleans up
     st.restored(rec, pid=123, phases={"total": 0.5})
