@@ -52,6 +52,5 @@ def prepare(cfg: Config, namespace: str, snapshot: str) -> int:
         return 0                                   # the container's create reports the bad name
     if not valid_namespace(namespace):
         return 0
-    prefetch.idle_io()
-    prefetch.warm(cfg, ref, namespace)
+    prefetch.warm(cfg, ref, namespace, pull=True, idle=True)
     return 0

@@ -93,5 +93,20 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
             return "failed", "error", f"capture of {ref} failed: {exc}"
     report(cfg, "auto", container_id, ref, snap)
     st.update(captured=snap.ref, capture_s=round(time.perf_counter() - t, 3))
+    pushed = _push(cfg, store, ref, namespace) if want.get("push") else ""
     return "captured", "info", (f"published {snap.ref} ({snap.manifest.digest}) "
-                                f"in {time.perf_counter() - t:.2f}s")
+                                f"in {time.perf_counter() - t:.2f}s{pushed}")
+
+
+def _push(cfg: Config, store, ref: SnapshotRef, namespace: str) -> str:
+    """thaw.dev/push: "true" — what was captured goes to the registry reference it is named by,
+    if the node policy lets this namespace push there. Returns a note for the event."""
+    from . import distribution
+    remote = ref.remote
+    if remote is None or not cfg.registry.allows("push", namespace, remote.registry, remote.repository):
+        return f"; not pushed: namespace {namespace} may not push to {ref} (node config registry.push)"
+    try:
+        result = distribution.push(cfg, store, ref, namespace, remote)
+    except Exception as exc:  # noqa: BLE001 - a watcher reports, it never raises
+        return f"; push to {ref} failed: {exc}"
+    return f"; pushed to {result['reference']}@{result['digest']}"

@@ -171,6 +171,55 @@ def import_(ctx, file):
         click.echo(f"imported {s.ref} into {s.namespace} {s.manifest.digest}")
 
 
+def _progress(as_json: bool):
+    """Progress on a terminal; JSON lines (one per blob, and a summary) with --json; else nothing."""
+    from .registry.progress import JsonLinesProgress, TerminalProgress
+    if as_json:
+        return JsonLinesProgress(sys.stdout)
+    return TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("reference", required=False)
+@_namespace_option
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per blob, then the result.")
+@click.pass_context
+@_one_line_errors
+def push(ctx, name, reference, namespace, as_json):
+    """Push snapshot NAME to the registry REFERENCE (REGISTRY/REPO:TAG; default: NAME itself, when
+    it is one). Blobs the registry already has are skipped."""
+    from . import distribution
+    ref = _ref(name)
+    result = distribution.push(_cfg(ctx), _store(ctx), ref, namespace, distribution.target_of(ref, reference),
+                               _progress(as_json))
+    click.echo(json.dumps(result) if as_json else
+               f"pushed {result['snapshot']} ({result['namespace']}) to {result['reference']}@{result['digest']} "
+               f"({_human(result['bytes'])}, {result['skipped']} of {result['blobs']} blobs already there)")
+
+
+@cli.command()
+@click.argument("reference")
+@click.option("--name", "name", default=None, help="Local name (default: REFERENCE itself).")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines: one per blob, then the result.")
+@click.pass_context
+@_one_line_errors
+def pull(ctx, reference, name, as_json):
+    """Pull the snapshot REFERENCE (REGISTRY/REPO:TAG or @sha256:...) into the store, into the
+    namespace that captured it. Every blob is verified before the snapshot becomes visible; an
+    interrupted pull resumes where it stopped."""
+    from . import distribution
+    source = _ref(reference).remote
+    if source is None:
+        raise click.BadParameter(f"{reference!r} is not a registry reference (REGISTRY/REPO:TAG)")
+    snap = distribution.pull(_cfg(ctx), _store(ctx), source, _ref(name) if name else None,
+                             listener=_progress(as_json))
+    result = {"snapshot": snap.ref, "namespace": snap.namespace, "digest": snap.manifest.digest,
+              "bytes": snap.size, "reference": str(source)}
+    click.echo(json.dumps(result) if as_json else
+               f"pulled {source} as {snap.ref} into {snap.namespace} ({_human(snap.size)}) {snap.manifest.digest}")
+
+
 @cli.command()
 @click.argument("name")
 @_namespace_option

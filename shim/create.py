@@ -153,7 +153,8 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
         snapshot = str(req.snapshot)
         if req.capture_on_ready:
             capture = {"snapshot": snapshot, "namespace": ann.namespace_of(bundle.annotations),
-                       "ready": req.ready, "root": call.root, "quiesce": req.quiesce, "resume": req.resume}
+                       "ready": req.ready, "root": call.root, "quiesce": req.quiesce, "resume": req.resume,
+                       "push": req.push}
     except ann.AnnotationError:
         pass
     try:

@@ -8,6 +8,10 @@ memory, not disk). `thaw warm` does the same for an operator.
 Bounded: one reader at a time per snapshot, however many pods ask (a lock; the others leave); one
 sequential stream through a fixed 8 MiB buffer; it stops when the node's available memory would
 fall under a floor (page cache must not push out what the node's processes use).
+
+The same mechanism pulls on demand: a registry reference the node lacks is pulled first
+(shim/distribution.py; node policy decides whether the pod's namespace may), once however many
+pods ask, so that the next pod on the node restores.
 """
 
 from __future__ import annotations
@@ -54,9 +58,11 @@ def idle_io() -> None:
 
 
 def warm(cfg: Config, ref: SnapshotRef, namespace: str,
-         progress: Callable[[int, int], None] | None = None) -> dict:
+         progress: Callable[[int, int], None] | None = None, pull: bool = False, idle: bool = False) -> dict:
     """Read snapshot `ref` of `namespace` (or of a namespace the policy lets publish to it) into
-    the page cache. Returns what happened (also in the events log)."""
+    the page cache. pull: first pull a registry reference the store lacks, for that namespace.
+    idle: read at idle I/O priority (the pull, if any, runs at normal priority). Returns what
+    happened (also in the events log)."""
     locks = make_private_dir(os.path.join(cfg.state_dir, "prefetch"))
     lock = os.open(os.path.join(locks, f"{namespace}_{ref.key()}.lock"),
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -69,8 +75,14 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         try:
             snap = store.resolve(ref, namespace, cfg.policy.readable_from(namespace))
         except StoreError as exc:
-            return _report(cfg, ref, namespace, "absent", str(exc))
+            if not (pull and ref.remote is not None):
+                return _report(cfg, ref, namespace, "absent", str(exc))
+            snap = _pull(cfg, store, ref, namespace)
+            if snap is None:
+                return {"outcome": "pull_failed", "bytes": 0, "seconds": 0.0}
         faults.point("prefetch")
+        if idle:
+            idle_io()
         with store.image_dir(snap) as path:
             names = sorted(os.listdir(path))
             total = sum(os.path.getsize(os.path.join(path, n)) for n in names)
@@ -96,6 +108,24 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
             return _report(cfg, ref, namespace, "warm", f"{done >> 20} MiB read", done, time.perf_counter() - t)
     finally:
         os.close(lock)
+
+
+def _pull(cfg: Config, store: Store, ref: SnapshotRef, namespace: str):
+    from . import distribution
+    t = time.perf_counter()
+    events.emit(cfg, "pull", f"pull of {ref} for {namespace} started", None, "info",
+                snapshot=str(ref), namespace=namespace, outcome="started")
+    try:
+        snap = distribution.pull(cfg, store, ref.remote, ref, for_namespace=namespace)
+    except (distribution.DistributionError, StoreError, OSError) as exc:
+        events.emit(cfg, "pull", f"pull of {ref} for {namespace} failed: {exc}", None, "warning",
+                    snapshot=str(ref), namespace=namespace, outcome="failed", reason=str(exc))
+        return None
+    seconds = time.perf_counter() - t
+    events.emit(cfg, "pull", f"pulled {ref} for {namespace}: {snap.size >> 20} MiB in {seconds:.1f}s", None,
+                "info", snapshot=str(ref), namespace=namespace, outcome="pulled", bytes=snap.size,
+                seconds=round(seconds, 3))
+    return snap
 
 
 def _report(cfg: Config, ref: SnapshotRef, namespace: str, outcome: str, msg: str,

@@ -58,12 +58,32 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
             _prepare_in_background(cfg, bundle.annotations)
         return
     from thaw.shim import create
+    remote = "/" in bundle.annotations.get(ann.SNAPSHOT, "")      # a registry reference
+    if remote and bundle.annotations.get(ann.PULL, "").strip() == "wait":
+        _wait_for_pull(cfg, bundle.annotations)
     outcome = create.create(call, bundle, cfg, next_runtime)
     create.report(call, cfg, outcome)
+    if remote and isinstance(outcome, create.ColdStart) and outcome.code == "not_found":
+        _prepare_in_background(cfg, bundle.annotations)         # pull it: the next pod restores
     if isinstance(outcome, create.Restored):
         sys.exit(0)
     if isinstance(outcome, create.Refused):
         sys.exit(1)
+
+
+def _wait_for_pull(cfg: config.Config, annotations: dict[str, str]) -> None:
+    """thaw.dev/pull: wait — a registry snapshot the node lacks is pulled (or its pull, started by
+    the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
+    way (restore, or cold start)."""
+    from thaw.oci import annotations as ann
+    from thaw.shim import distribution
+    try:
+        ref, namespace = ann.SnapshotRef.parse(annotations[ann.SNAPSHOT]), ann.namespace_of(annotations)
+    except ann.AnnotationError:
+        return                                          # create reports it
+    if not distribution.present(cfg, ref, namespace):
+        _prepare_in_background(cfg, annotations)        # a no-op if the sandbox's is under way
+        distribution.wait_present(cfg, ref, namespace, cfg.registry.pull_timeout)
 
 
 def _prepare_in_background(cfg: config.Config, annotations: dict[str, str]) -> None:

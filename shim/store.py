@@ -13,6 +13,10 @@
   store_dir/staging/<id>/      captures, imports and conversions in progress (owner process and
                                the blobs written so far): never visible as snapshots
   store_dir/locks/             per-snapshot-name locks (auto-capture captures once)
+  store_dir/pulls/<hex>/       a pull of manifest sha256:<hex> in progress or interrupted (CRIU
+                               files being filled, small blobs, its resume journal), locked by
+                               pulls/<hex>.lock while a pull runs; gc removes an unlocked one
+                               untouched for PULL_KEEP_S
   store_dir/.lock              serialises index changes and garbage collection
 
 A snapshot belongs to the namespace that captured it: it is found only under that namespace (or
@@ -41,6 +45,7 @@ from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, La
 
 from .procs import ProcessHandle
 
+PULL_KEEP_S = 24 * 3600              # an abandoned partial pull is kept this long for a resume
 ORIGIN = "dev.thaw.origin"          # index annotation: "captured", "imported", "pulled:REF", "migrated"
 
 
@@ -123,6 +128,39 @@ class Store:
             yield Staging(self, path)
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def pull_area(self, digest: str) -> Iterator[str]:
+        """store_dir/pulls/<hex>/ for a pull of manifest `digest`, exclusively the caller's until
+        it is done (a second pull of the same manifest waits here). Removed when the caller
+        finishes; kept, for a resume, when it fails."""
+        self._make_dirs()
+        pulls = make_private_dir(os.path.join(self.root, "pulls"))
+        hexd = _hex(digest)
+        with _flock(os.path.join(pulls, hexd + ".lock")):
+            area = make_private_dir(os.path.join(pulls, hexd))
+            os.utime(area)                          # gc's clock for an abandoned area
+            yield area
+            shutil.rmtree(area, ignore_errors=True)
+
+    def _gc_pulls(self) -> None:
+        pulls = os.path.join(self.root, "pulls")
+        import time
+        for name in os.listdir(pulls) if os.path.isdir(pulls) else []:
+            path = os.path.join(pulls, name)
+            if name.endswith(".lock") or not os.path.isdir(path):
+                continue
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue                        # a pull is filling it
+                if time.time() - os.stat(path).st_mtime > PULL_KEEP_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    os.unlink(path + ".lock")
+            finally:
+                os.close(fd)
 
     # --- reading --------------------------------------------------------------------------------
     def _index(self) -> list[Descriptor]:
@@ -402,6 +440,7 @@ class Store:
             with contextlib.suppress(StoreError):
                 live_blobs.update(d.digest for d in self.read(desc).blobs)
         live_blobs |= self._live_staging()
+        self._gc_pulls()
         blob_dir = os.path.join(self.layout.root, "blobs", "sha256")
         for name in os.listdir(blob_dir):
             if name.startswith(".") or "sha256:" + name not in live_blobs:

@@ -1,0 +1,232 @@
+"""Snapshots through OCI registries: push a published snapshot, pull one into the store.
+
+What is pushed is the stored snapshot as it is — its manifest (artifactType
+application/vnd.thaw.snapshot.v1, the same bytes, so the same digest everywhere), config, the CRIU
+whole-file tar, each file part (a byte range of a CRIU image file, read in place), the rootfs diff
+and the deleted list. A pull is the reverse, into the store's one copy: file parts are written
+straight into the CRIU files at their offsets (several in parallel), every blob verified while it
+streams; the snapshot is published only when all of them are.
+
+A pull in progress lives in the store's pull area for its manifest (Store.pull_area: the CRIU
+files being filled, the small blobs, a journal of resume points). A pull killed and run again
+resumes from the journal; a second pull of the same manifest waits for the first.
+
+The snapshot's owner namespace is the one recorded in its config, wherever it was pulled from:
+a pull made for a pod (pull on demand) publishes only a snapshot the pod's namespace may read,
+and only from repositories the node policy (registry.pull) lets that namespace pull from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from thaw.oci import ThawError
+from thaw.oci import snapshot as fmt
+from thaw.oci.annotations import SnapshotRef
+from thaw.oci.files import make_private_dir
+from thaw.oci.layout import Descriptor, LayoutError
+from thaw.oci.reference import Reference
+
+from .config import Config
+from .store import Store, StoreError
+
+SPACE_MARGIN = 256 << 20       # a pull leaves at least this much free on the store's disk
+
+Listener = Callable[[str, Any, Any], None]
+
+
+class DistributionError(ThawError):
+    """A push or pull failed; the message names the registry, repository and what went wrong."""
+
+
+class PullRefused(DistributionError):
+    """Node policy does not let this namespace pull this reference (or read what it names)."""
+
+
+def settings(cfg: Config):
+    from .registry.transport import Settings
+    reg = cfg.registry
+    return Settings(auth_config=reg.auth_file or None, ca_bundle=reg.ca_file or None,
+                    insecure_hosts=tuple(reg.insecure))
+
+
+@contextlib.contextmanager
+def _client(cfg: Config, registry: str) -> Iterator[Any]:
+    from .registry.client import RegistryClient
+    from .registry.errors import RegistryError
+    try:
+        with RegistryClient(registry, settings(cfg)) as client:
+            yield client
+    except RegistryError as exc:
+        raise DistributionError(str(exc)) from exc
+
+
+def target_of(ref: SnapshotRef, to: str | None) -> Reference:
+    """Where `thaw push` sends `ref`: the given reference, else the snapshot's own name if that
+    is a registry reference. Pushed by tag (a digest is what the registry computes)."""
+    text = to or (str(ref) if ref.remote is not None else None)
+    if text is None:
+        raise DistributionError(f"{ref} is not a registry reference: name one (thaw push NAME REGISTRY/REPO:TAG)")
+    target = SnapshotRef.registry(text).remote
+    if target.digest:
+        raise DistributionError(f"push to a tag, not a digest: {text}")
+    return target
+
+
+# --- push --------------------------------------------------------------------------------------------
+
+def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Reference,
+         listener: Listener | None = None) -> dict:
+    """Upload snapshot `ref` of `namespace` to `target` (blobs the registry has are skipped),
+    then its manifest under target's tag; the store notes where it was pushed."""
+    from .registry import transfer
+    from .registry.client import BlobRange
+    snap = store.resolve(ref, namespace)
+    manifest = store.layout.read_blob(snap.manifest, fmt.MAX_META)
+    with store.image_dir(snap) as images:           # held: no rm or gc takes it mid-upload
+        blobs = [BlobRange(d.digest, store.layout.blob_path(d.digest), 0, d.size)
+                 for d in (snap.config_desc, snap.criu_whole, snap.rootfs, snap.deleted)]
+        blobs += [BlobRange(p.desc.digest, os.path.join(images, p.file), p.offset, p.desc.size)
+                  for p in snap.parts]
+        with _client(cfg, target.registry) as client:
+            progress = _registry_call(transfer.push_blobs, client, target.repository, blobs, listener=listener)
+            digest = _registry_call(client.put_manifest, target.repository, target.tag or "latest", manifest,
+                                    fmt.MANIFEST_MEDIA_TYPE)
+    store.mark_pushed(snap, str(target))
+    skipped = sum(1 for b in progress.blobs.values() if b.outcome in ("exists", "mounted"))
+    return {"snapshot": str(ref), "namespace": snap.namespace, "reference": str(target), "digest": digest,
+            "bytes": snap.size, "blobs": len(progress.blobs), "skipped": skipped,
+            "seconds": round(progress.elapsed(), 3)}
+
+
+def _registry_call(fn, *args, **kwargs):
+    from .registry.errors import RegistryError
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError as exc:
+        raise DistributionError(str(exc)) from exc
+
+
+# --- pull --------------------------------------------------------------------------------------------
+
+def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None = None,
+         for_namespace: str | None = None, listener: Listener | None = None) -> fmt.Snapshot:
+    """Fetch the snapshot `source` names into the store, published as `local` (default: the
+    reference itself) under the namespace its config records. for_namespace: a pull made for a
+    pod of that namespace (node policy applies; the CLI passes None)."""
+    if for_namespace is not None and not cfg.registry.allows("pull", for_namespace, source.registry,
+                                                            source.repository):
+        raise PullRefused(f"namespace {for_namespace} may not pull from {source.registry}/{source.repository} "
+                          "(node config registry.pull)")
+    local = local or SnapshotRef.registry(str(source))
+    store.init()
+    with _client(cfg, source.registry) as client:
+        got = _registry_call(client.get_manifest, source.repository, source.reference, (fmt.MANIFEST_MEDIA_TYPE,))
+        desc = Descriptor(fmt.MANIFEST_MEDIA_TYPE, got.digest, len(got.data))
+        try:
+            config_desc, layers = fmt.parse_manifest(got.data, desc)
+            if config_desc.size > fmt.MAX_META:
+                raise fmt.SnapshotFormatError(f"config {config_desc.digest} is too large")
+            config_bytes = _registry_call(client.fetch_bytes, source.repository, config_desc.digest, fmt.MAX_META)
+            config = fmt.SnapshotConfig.from_json(json.loads(config_bytes))
+            snap = fmt.assemble(str(local), desc, config_desc, config, layers)
+        except (LayoutError, ValueError) as exc:
+            raise DistributionError(f"{source} is not a thaw snapshot this version can use: {exc}") from exc
+        if snap.format_version != fmt.FORMAT_VERSION:
+            raise DistributionError(f"{source} is a format {snap.format_version} snapshot; registries carry "
+                                    f"format {fmt.FORMAT_VERSION} only (import the archive instead)")
+        if for_namespace is not None and snap.namespace != for_namespace \
+                and snap.namespace not in cfg.policy.readable_from(for_namespace):
+            raise PullRefused(f"{source} belongs to namespace {snap.namespace}, which {for_namespace} may not read")
+        with store.pull_area(got.digest) as area:
+            if not os.path.isdir(store.image_path(snap)):
+                _check_space(store, snap, area)
+                _fetch(client, source, snap, area, config_bytes, listener)
+            return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}")
+
+
+def _check_space(store: Store, snap: fmt.Snapshot, area: str) -> None:
+    have = 0
+    for dirpath, _dirs, files in os.walk(area):
+        for name in files:
+            with contextlib.suppress(OSError):
+                have += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+    need = snap.size - have + SPACE_MARGIN
+    free = shutil.disk_usage(store.root).free
+    if free < need:
+        raise DistributionError(f"not enough space in {store.root} to pull {snap.ref}: "
+                                f"{free >> 20} MiB free, {need >> 20} MiB needed")
+
+
+def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
+           listener: Listener | None) -> None:
+    from .registry import transfer
+    from .registry.client import BlobRange
+    images = make_private_dir(os.path.join(area, "images"))
+    blobs = make_private_dir(os.path.join(area, "blobs"))
+    for name, size in snap.files().items():        # each CRIU file its final size; parts fill it
+        fd = os.open(os.path.join(images, name), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    ranges = [BlobRange(p.desc.digest, os.path.join(images, p.file), p.offset, p.desc.size) for p in snap.parts]
+    ranges += [BlobRange(d.digest, os.path.join(blobs, d.digest.split(":")[1]), 0, d.size)
+               for d in (snap.criu_whole, snap.rootfs, snap.deleted)]
+    _registry_call(transfer.pull_blobs, client, source.repository, ranges,
+                   journal=os.path.join(area, "journal.json"), listener=listener)
+
+
+def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, config_bytes: bytes,
+             origin: str) -> fmt.Snapshot:
+    """Every blob is verified: into the layout, the small CRIU files unpacked, then published."""
+    with store.staging("pull") as staging:
+        hashes = None
+        if os.path.isdir(store.image_path(snap)):   # this manifest is here already, under another name
+            images = staging.new_dir("images")
+        else:
+            images = os.path.join(area, "images")
+            for name in os.listdir(images):          # whole files of an earlier, interrupted unpack
+                if name not in snap.files():
+                    os.unlink(os.path.join(images, name))
+            for d in (snap.criu_whole, snap.rootfs, snap.deleted):
+                if not store.layout.has_blob(d):
+                    staging.layout.commit_blob(os.path.join(area, "blobs", d.digest.split(":")[1]), d.digest)
+            with open(store.layout.blob_path(snap.criu_whole.digest), "rb") as f:
+                hashes = fmt.unpack_whole_files(f, images, snap.criu_whole.size)
+        for data, media_type, want in ((config_bytes, fmt.CONFIG_MEDIA_TYPE, snap.config_desc.digest),
+                                       (manifest, fmt.MANIFEST_MEDIA_TYPE, snap.manifest.digest)):
+            if staging.layout.put_bytes(data, media_type).digest != want:
+                raise DistributionError(f"{snap.ref}: blob {want} changed on the way in")
+        try:
+            return store.publish(snap, images, origin, hashes)
+        except StoreError as exc:
+            raise DistributionError(f"publishing {snap.ref}: {exc}") from exc
+
+
+# --- waiting for a pull on demand (thaw.dev/pull: wait) ----------------------------------------------
+
+def present(cfg: Config, ref: SnapshotRef, namespace: str) -> bool:
+    try:
+        Store.for_config(cfg).resolve(ref, namespace, cfg.policy.readable_from(namespace))
+        return True
+    except StoreError:
+        return False
+
+
+def wait_present(cfg: Config, ref: SnapshotRef, namespace: str, timeout: float) -> bool:
+    """Whether `ref` became restorable for `namespace` within `timeout` seconds (a pull started
+    beside the caller fills it; the events log says how that pull went)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not present(cfg, ref, namespace):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
