@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 
 import click
 
@@ -109,18 +110,60 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
 @click.pass_context
 @_one_line_errors
 def ls(ctx, namespace, as_json):
-    """List snapshots in the store."""
+    """List snapshots in the store: size on disk (a blob shared by several counts for each), last
+    use (restore, else publish), where each came from."""
     store = _store(ctx)
-    snaps = store.snapshots(namespace)
     rows = [{"namespace": s.namespace, "ref": s.ref, "digest": s.manifest.digest, "size": s.size,
-             "created": s.config.created, "origin": store.origin(s)} for s in snaps]
+             "created": s.config.created, "origin": store.origin(s), "pushed": store.pushed(s),
+             "size_bytes": store.size(s), "last_used": store.last_used(s)} for s in store.snapshots(namespace)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'ORIGIN':<10}  DIGEST")
+    click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'LAST USE':<10}  {'DIGEST':<19}  ORIGIN")
     for r in rows:
-        click.echo(f"{r['namespace']:<20} {r['ref']:<32} {_human(r['size']):>10}  {r['created']:<20}  "
-                   f"{r['origin']:<10}  {r['digest'][:19]}")
+        click.echo(f"{r['namespace']:<20} {r['ref']:<32} {_human(r['size_bytes']):>10}  {r['created']:<20}  "
+                   f"{_ago(r['last_used']):<10}  {r['digest'][:19]}  {_origin(r['origin'], r['pushed'])}")
+
+
+def _ago(when: float | None) -> str:
+    if when is None:
+        return "never"
+    seconds = max(0, int(time.time() - when))
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds // n}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _origin(origin: str, pushed: str) -> str:
+    text = {"captured": "captured here", "imported": "imported", "migrated": "migrated from thaw 0.1"}.get(
+        origin, f"pulled from {origin[len('pulled:'):]}" if origin.startswith("pulled:") else origin or "?")
+    return text + (f" · pushed to {pushed}" if pushed else "")
+
+
+@cli.command()
+@click.option("--max-bytes", type=click.IntRange(min=0), default=None,
+              help="Evict down to this many bytes (default: store.max_bytes of the config; 0: evict nothing).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@_one_line_errors
+def gc(ctx, max_bytes, as_json):
+    """Delete store files no snapshot uses, then evict least recently used snapshots (never one in
+    use; captured-here and never pushed ones only with store.evict_unpushed) down to max_bytes."""
+    store, limits = _store(ctx).init(), _cfg(ctx).store
+    limit = limits.max_bytes if max_bytes is None else max_bytes
+    unreferenced = store.gc()
+    evicted = store.evict(limit, limits.evict_unpushed)
+    out = {"unreferenced_bytes": unreferenced, "evicted": [vars(e) for e in evicted], "max_bytes": limit,
+           "freed_bytes": unreferenced + sum(e.bytes_freed for e in evicted), "store_bytes": store.total_bytes()}
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        return
+    for e in evicted:
+        click.echo(f"evicted {e.ref} ({e.namespace}): {_human(e.bytes_freed)}")
+    over = f", over max_bytes {_human(limit)}: see `thaw events`" if 0 < limit < out["store_bytes"] else ""
+    click.echo(f"freed {_human(out['freed_bytes'])} ({_human(unreferenced)} unreferenced, {len(evicted)} "
+               f"snapshot(s) evicted); the store holds {_human(out['store_bytes'])}{over}")
 
 
 @cli.command()

@@ -99,6 +99,15 @@ class Registry(_Record):
         return False
 
 
+class StoreLimits(_Record):
+    """The node cache's bound. max_bytes: 0 = unbounded. evict_unpushed: also evict snapshots
+    captured or imported here that no registry holds (by default only pulled or pushed ones,
+    which can be fetched again, are evicted)."""
+    max_bytes: int
+    evict_unpushed: bool
+    _fields = {"max_bytes": 0, "evict_unpushed": False}
+
+
 class Config(_Record):
     store_dir: str
     state_dir: str
@@ -112,16 +121,18 @@ class Config(_Record):
     policy: Policy
     restore: Restore
     registry: Registry
+    store: StoreLimits
     source: str | None
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
-               "policy": None, "restore": None, "registry": None, "source": None}
+               "policy": None, "restore": None, "registry": None, "store": None, "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
         values.setdefault("restore", Restore())
         values.setdefault("registry", Registry())
+        values.setdefault("store", StoreLimits())
         super().__init__(**values)
 
     def resolve_next_runtime(self) -> str:
@@ -167,6 +178,10 @@ def _one_of(choices: tuple[str, ...]):
 
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be positive"
+
+
+def _not_negative(v: int) -> str | None:
+    return None if v >= 0 else "must not be negative"
 
 
 def _not_thaw(v: str) -> str | None:
@@ -219,6 +234,12 @@ _POLICY = {
 }
 
 
+_STORE = {
+    "max_bytes": (int, _not_negative),
+    "evict_unpushed": (bool, None),
+}
+
+
 def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
     if raw is None:
         raw = {}
@@ -244,6 +265,8 @@ def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
             raise ConfigError(f"{where}{key} must be true or false")
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"{where}{key} must be a number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}{key} must be a whole number")
         if kind in (dict, list) and not isinstance(value, kind):
             raise ConfigError(f"{where}{key} must be a {'mapping' if kind is dict else 'list'}")
         value = kind(value)
@@ -285,7 +308,7 @@ def _from_mapping(raw: object, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}top level must be a mapping")
-    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry")}
+    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry", "store")}
     values = _section(top, _TOP, Config._fields, where)
     values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
     values["restore"] = _restore_section(raw.get("restore"), where + "restore.")
@@ -293,6 +316,7 @@ def _from_mapping(raw: object, source: str | None) -> Config:
     registry["pull"] = {k: tuple(v) for k, v in registry["pull"].items()}
     registry["push"] = {k: tuple(v) for k, v in registry["push"].items()}
     values["registry"] = Registry(**registry)
+    values["store"] = StoreLimits(**_section(raw.get("store"), _STORE, StoreLimits._fields, where + "store."))
     return Config(**values, source=source)
 
 
@@ -306,6 +330,7 @@ def _to_mapping(cfg: Config) -> dict:
     out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
                        "pull": {k: list(v) for k, v in reg.pull.items()},
                        "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout}
+    out["store"] = {k: getattr(cfg.store, k) for k in _STORE}
     return out
 
 

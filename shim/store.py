@@ -9,7 +9,8 @@
                                a byte range of one of its files
   store_dir/images/<hex>.seal  what the directory held when it was published (per file: size,
                                mtime; whole files also their digest); checked before a restore
-  store_dir/images/<hex>.lock  held shared while a restore reads the directory
+  store_dir/images/<hex>.lock  held shared while a restore reads the directory; its mtime is the
+                               snapshot's last use (the node cache evicts least recently used)
   store_dir/staging/<id>/      captures, imports and conversions in progress (owner process and
                                the blobs written so far): never visible as snapshots
   store_dir/locks/             per-snapshot-name locks (auto-capture captures once)
@@ -32,9 +33,10 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from thaw.oci import ThawError
@@ -47,6 +49,7 @@ from .procs import ProcessHandle
 
 PULL_KEEP_S = 24 * 3600              # an abandoned partial pull is kept this long for a resume
 ORIGIN = "dev.thaw.origin"          # index annotation: "captured", "imported", "pulled:REF", "migrated"
+PUSHED = "dev.thaw.pushed"          # index annotation: the registry reference it was last pushed to
 
 
 class StoreError(ThawError):
@@ -71,8 +74,45 @@ def _flock(path: str, mode: int = fcntl.LOCK_EX) -> Iterator[int]:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Evicted:
+    """A snapshot the node cache removed, and the bytes that freed (its image directory and the
+    blobs no remaining snapshot uses)."""
+    ref: str
+    namespace: str
+    digest: str
+    bytes_freed: int
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
+
+
+def _unlink(path: str) -> int:
+    """Remove a file; the bytes that freed (0 if it was already gone)."""
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
+def _file_bytes(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _tree_bytes(path: str) -> int:
+    """The bytes of the files under `path` (apparent sizes, as everything the node cache counts)."""
+    total = 0
+    for d, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, name)).st_size
+    return total
 
 
 def _workers() -> int:
@@ -89,7 +129,8 @@ class Store:
 
     @classmethod
     def for_config(cls, cfg) -> Store:
-        """The node's store, reporting its size to the node's metrics."""
+        """The node's store, reporting its size to the node's metrics and bounded by the node's
+        store.max_bytes (each publish evicts down to it)."""
         return cls(cfg.store_dir, cfg)
 
     # --- setup and locking --------------------------------------------------------------------
@@ -190,11 +231,19 @@ class Store:
                 continue
         return sorted(out, key=lambda s: (s.namespace, s.ref))
 
-    def origin(self, snap: fmt.Snapshot) -> str:
+    def _annotations(self, snap: fmt.Snapshot) -> dict[str, str]:
         for desc in self._index():
             if desc.digest == snap.manifest.digest:
-                return (desc.annotations or {}).get(ORIGIN, "")
-        return ""
+                return dict(desc.annotations or {})
+        return {}
+
+    def origin(self, snap: fmt.Snapshot) -> str:
+        """How the snapshot came here: "captured", "imported", "pulled:REF" or "migrated"."""
+        return self._annotations(snap).get(ORIGIN, "")
+
+    def pushed(self, snap: fmt.Snapshot) -> str:
+        """The registry reference the snapshot was last pushed to; "" if never."""
+        return self._annotations(snap).get(PUSHED, "")
 
     def _descriptor(self, ref: SnapshotRef, namespace: str) -> Descriptor | None:
         for desc in self._index():
@@ -387,6 +436,126 @@ class Store:
         with contextlib.suppress(OSError):
             os.utime(self.image_path(snap) + ".lock")
 
+    # --- the node cache: sizes, last use, eviction ------------------------------------------------
+    def _layout_blobs(self, snap: fmt.Snapshot) -> set[str]:
+        """The digests of `snap`'s blobs kept in the layout (its file parts are not: they are
+        byte ranges of its image directory)."""
+        return {d.digest for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs, snap.deleted)}
+
+    def _held(self, snap: fmt.Snapshot) -> dict[str, int]:
+        """What `snap` holds on disk -> its bytes: each layout blob by digest, and its image
+        directory with its seal as "images/<hex>"."""
+        out = {digest: _file_bytes(self.layout.blob_path(digest)) for digest in self._layout_blobs(snap)}
+        path = self.image_path(snap)
+        out["images/" + _hex(snap.manifest.digest)] = _tree_bytes(path) + _file_bytes(path + ".seal")
+        return out
+
+    def size(self, snap: fmt.Snapshot) -> int:
+        """Bytes on disk that `snap` holds: its blobs in the layout (manifest, config, whole-file
+        tar, rootfs diff, deleted list) plus its CRIU image directory and seal; apparent file
+        sizes. A blob shared with other snapshots counts for each of them, so the sizes of
+        several snapshots can add up to more than the store holds (total_bytes counts it once)."""
+        return sum(self._held(snap).values())
+
+    def last_used(self, snap: fmt.Snapshot) -> float | None:
+        """When `snap` was last restored (the mtime of its image lock, which touch() sets), else
+        when it was published (its seal's mtime); None if neither exists."""
+        path = self.image_path(snap)
+        for p in (path + ".lock", path + ".seal"):
+            with contextlib.suppress(OSError):
+                return os.stat(p).st_mtime
+        return None
+
+    def total_bytes(self) -> int:
+        """Bytes on disk that the published snapshots hold together, each file counted once."""
+        held: dict[str, int] = {}
+        for snap in self.snapshots():
+            held.update(self._held(snap))
+        return sum(held.values())
+
+    def evict(self, max_bytes: int, evict_unpushed: bool = False) -> list[Evicted]:
+        """Remove least recently used snapshots until the published ones hold at most `max_bytes`
+        (0: unbounded, nothing is removed). Never one a restore is reading; unless
+        `evict_unpushed`, only those that can be fetched again (pulled, or pushed since). Each
+        removal goes to the events log; so does, once, why the store stays over `max_bytes` if
+        nothing more may go."""
+        if max_bytes <= 0:
+            return []
+        with self.locked():
+            evicted = self._evict_locked(max_bytes, evict_unpushed)
+            if evicted:
+                self._gc_locked()
+                self._changed()
+        return evicted
+
+    def _evict_locked(self, max_bytes: int, evict_unpushed: bool, keep: str = "") -> list[Evicted]:
+        """evict() for a caller holding the store lock, who then runs _gc_locked (which deletes
+        the blobs the evicted snapshots alone held) and _changed. `keep`: a manifest digest never
+        to evict (the snapshot just published)."""
+        index = self._index()
+        snaps: list[tuple[Descriptor, fmt.Snapshot, dict[str, int]]] = []
+        for desc in index:
+            with contextlib.suppress(StoreError):
+                snap = self.read(desc)
+                snaps.append((desc, snap, self._held(snap)))
+
+        def total(entries) -> int:
+            return sum({k: v for _d, _s, held in entries for k, v in held.items()}.values())
+        live = list(snaps)
+        now_total = total(live)
+        evicted: list[Evicted] = []
+        in_use: list[str] = []
+        unpushed: list[str] = []
+        kept = False
+        by_age = sorted(snaps, key=lambda e: (self.last_used(e[1]) or 0.0, e[1].namespace, e[1].ref))
+        for entry in by_age:
+            if now_total <= max_bytes:
+                break
+            desc, snap, _held = entry
+            name = f"{snap.ref} ({snap.namespace})"
+            ann = desc.annotations or {}
+            if snap.manifest.digest == keep:
+                kept = True
+                continue
+            if not evict_unpushed and not (ann.get(ORIGIN, "").startswith("pulled:") or ann.get(PUSHED)):
+                unpushed.append(name)
+                continue
+            used = self.last_used(snap)
+            path = self.image_path(snap)
+            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    in_use.append(name)          # a restore reads it
+                    continue
+                live.remove(entry)
+                index = [d for d in index if d is not desc]
+                self.layout.write_index(index)   # unpublished first: never an entry without its files
+                if not any(s.manifest.digest == snap.manifest.digest for _d, s, _h in live):
+                    self._remove_image_dir_held(path)
+            finally:
+                os.close(fd)
+            after = total(live)
+            evicted.append(Evicted(snap.ref, snap.namespace, snap.manifest.digest, now_total - after))
+            now_total = after
+            when = "unknown" if used is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used))
+            self.report("info", f"snapshot {name} evicted from the node cache (least recently used, last "
+                                f"{when}): {evicted[-1].bytes_freed} bytes freed, the store holds {now_total} "
+                                f"of store.max_bytes {max_bytes}")
+        if now_total > max_bytes:
+            why = []
+            if in_use:
+                why.append(f"in use by a restore: {', '.join(in_use)}")
+            if unpushed:
+                why.append(f"captured or imported here and never pushed (store.evict_unpushed is off): "
+                           f"{', '.join(unpushed)}")
+            if kept:
+                why.append("the snapshot just published is kept")
+            self.report("warning", f"store holds {now_total} bytes, over store.max_bytes {max_bytes}; "
+                                   f"nothing more may be evicted ({'; '.join(why) or 'no snapshot left'})")
+        return evicted
+
     # --- publishing and removing ------------------------------------------------------------------
     def publish(self, snap: fmt.Snapshot, staged_images: str, origin: str,
                 hashes: dict[str, str] | None = None) -> fmt.Snapshot:
@@ -396,6 +565,7 @@ class Store:
             if not self.layout.has_blob(d):
                 raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
         target = self.image_path(snap)
+        limits = getattr(self._cfg, "store", None)
         with self.locked():
             if not os.path.isdir(target):
                 for name in os.listdir(staged_images):
@@ -403,15 +573,36 @@ class Store:
                 os.chmod(staged_images, 0o700)
                 os.rename(staged_images, target)
                 self._write_seal(snap, target, hashes)
-            index = [d for d in self._index()
-                     if not ((d.annotations or {}).get(REF_NAME) == snap.ref
-                             and (d.annotations or {}).get(fmt.NAMESPACE) == snap.namespace)]
+            index, pushed = [], ""
+            for d in self._index():
+                ann = d.annotations or {}
+                if ann.get(REF_NAME) == snap.ref and ann.get(fmt.NAMESPACE) == snap.namespace:
+                    # The registry still holds what was pushed only if this is that manifest.
+                    pushed = ann.get(PUSHED, "") if d.digest == snap.manifest.digest else ""
+                    continue
+                index.append(d)
             entry = fmt.index_entry(snap)
-            index.append(replace(entry, annotations={**(entry.annotations or {}), ORIGIN: origin}))
+            ann = {**(entry.annotations or {}), ORIGIN: origin, **({PUSHED: pushed} if pushed else {})}
+            index.append(replace(entry, annotations=ann))
             self.layout.write_index(index)
+            if limits is not None and limits.max_bytes > 0:
+                # Inside the locked section: the store lock is a flock, which a second locked()
+                # of this process would wait on forever; and no other publish can come between.
+                # The snapshot just published is kept: it was made or fetched to be used.
+                self._evict_locked(limits.max_bytes, limits.evict_unpushed, keep=snap.manifest.digest)
             self._gc_locked()
             self._changed()
         return snap
+
+    def mark_pushed(self, snap: fmt.Snapshot, ref: str) -> None:
+        """Record that the registry holds `snap` at `ref` (it may then be evicted from the node
+        cache: it can be pulled again). Nothing happens if the snapshot is no longer published."""
+        with self.locked():
+            index = self._index()
+            if not any(d.digest == snap.manifest.digest for d in index):
+                return
+            self.layout.write_index([replace(d, annotations={**(d.annotations or {}), PUSHED: ref})
+                                     if d.digest == snap.manifest.digest else d for d in index])
 
     def remove(self, ref: SnapshotRef, namespace: str) -> None:
         with self.locked():
@@ -424,14 +615,15 @@ class Store:
             self._gc_locked()
             self._changed()
 
-    def gc(self) -> None:
+    def gc(self) -> int:
+        """Delete what no published snapshot references (see _gc_locked); returns bytes freed."""
         with self.locked():
-            self._gc_locked()
+            return self._gc_locked()
 
-    def _gc_locked(self) -> None:
+    def _gc_locked(self) -> int:
         """Delete blobs and image directories no published snapshot references (an image
         directory only when no restore holds it), leftover temp files, and staging areas whose
-        owner process is gone. Caller holds the store lock."""
+        owner process is gone. Caller holds the store lock. Returns the bytes freed."""
         live_blobs: set[str] = set()
         live_images: set[str] = set()
         for desc in self._index():
@@ -439,41 +631,46 @@ class Store:
             live_images.add(_hex(desc.digest))
             with contextlib.suppress(StoreError):
                 live_blobs.update(d.digest for d in self.read(desc).blobs)
+        freed = self._reap_staging()
         live_blobs |= self._live_staging()
         self._gc_pulls()
         blob_dir = os.path.join(self.layout.root, "blobs", "sha256")
         for name in os.listdir(blob_dir):
             if name.startswith(".") or "sha256:" + name not in live_blobs:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(blob_dir, name))
+                freed += _unlink(os.path.join(blob_dir, name))
         for name in os.listdir(self.images_dir):
             hexd = name.split(".", 1)[0]
             if hexd in live_images:
                 continue
             path = os.path.join(self.images_dir, name)
             if os.path.isdir(path):
-                self._remove_image_dir(path)
+                freed += self._remove_image_dir(path)
             elif not os.path.exists(os.path.join(self.images_dir, hexd)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)       # seals and locks of directories already gone
+                freed += _unlink(path)    # seals and locks of directories already gone
+        return freed
 
-    def _remove_image_dir(self, path: str) -> None:
+    def _remove_image_dir(self, path: str) -> int:
+        """Remove an image directory, its seal and lock unless a restore holds it; bytes freed."""
         fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return                   # a restore reads it: a later gc removes it
-            shutil.rmtree(path, ignore_errors=True)
-            for suffix in (".seal", ".lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path + suffix)
+                return 0                 # a restore reads it: a later gc removes it
+            return self._remove_image_dir_held(path)
         finally:
             os.close(fd)
 
-    def _live_staging(self) -> set[str]:
-        """Digests that staging areas of live owners have written; removes areas of dead owners."""
-        keep: set[str] = set()
+    @staticmethod
+    def _remove_image_dir_held(path: str) -> int:
+        """The caller holds path.lock exclusively."""
+        freed = _tree_bytes(path)
+        shutil.rmtree(path, ignore_errors=True)
+        return freed + sum(_unlink(path + suffix) for suffix in (".seal", ".lock"))
+
+    def _reap_staging(self) -> int:
+        """Remove the staging areas whose owner process is gone; returns the bytes freed."""
+        freed = 0
         for name in os.listdir(self.staging_dir):
             path = os.path.join(self.staging_dir, name)
             try:
@@ -482,9 +679,15 @@ class Store:
             except (OSError, ValueError):
                 owner = None
             if owner is None or not owner.alive():
+                freed += _tree_bytes(path)
                 shutil.rmtree(path, ignore_errors=True)
-                continue
-            with contextlib.suppress(OSError), open(os.path.join(path, ".blobs")) as f:
+        return freed
+
+    def _live_staging(self) -> set[str]:
+        """Digests that the staging areas (of live owners: _reap_staging ran first) have written."""
+        keep: set[str] = set()
+        for name in os.listdir(self.staging_dir):
+            with contextlib.suppress(OSError), open(os.path.join(self.staging_dir, name, ".blobs")) as f:
                 keep.update(line.strip() for line in f if line.strip())
         return keep
 

@@ -37,10 +37,12 @@ def wait_http_ready(pid: int, url: str, timeout: float) -> float:
     return time.perf_counter()
 
 
-def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None, namespace: str = "_local"):
+def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None, namespace: str = "_local",
+                  origin: str = "captured"):
     """Publish a snapshot whose CRIU images are stand-ins (for tests of the store and of the
     restore decision, which never hand them to CRIU). `config`: a SnapshotConfig to record (its
-    ref and namespace are replaced)."""
+    ref and namespace are replaced). `origin`: what the store records as its origin ("pulled:REF"
+    for one a registry holds)."""
     import dataclasses
     import io
     import tarfile
@@ -64,7 +66,7 @@ def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None
             config = fmt.SnapshotConfig(ref=ref, fingerprint=fmt.Fingerprint(), phases={"total": 1.0})
         config = dataclasses.replace(config, ref=ref, namespace=namespace)
         snap = staging.write_snapshot(config, whole, parts, rootfs, deleted)
-        return store.publish(snap, images, "captured", hashes)
+        return store.publish(snap, images, origin, hashes)
 
 
 def unique(prefix: str = "t") -> str:
