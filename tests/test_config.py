@@ -78,3 +78,42 @@ def test_bad_configs(tmp_path, monkeypatch, text):
     p.write_text(text)
     with pytest.raises(config.ConfigError):
         config.load(str(p))
+
+
+def test_store_limits_defaults_values_and_the_cache(tmp_path, monkeypatch):
+    import marshal
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("store_dir: /s\n")
+    assert config.load(str(p)).store == config.StoreLimits(max_bytes=0, evict_unpushed=False)
+    p.write_text("store:\n  max_bytes: 50000000000\n  evict_unpushed: true\n")
+    parsed = config.load(str(p))
+    assert (parsed.store.max_bytes, parsed.store.evict_unpushed, parsed.store_dir) == (50_000_000_000, True, "/var/lib/thaw")
+    assert config.load(str(p)) == parsed                 # the same through the marshal cache
+    [cache] = list((tmp_path / "cache").iterdir())
+    cached = marshal.loads(cache.read_bytes())
+    assert cached["config"]["store"] == {"max_bytes": 50_000_000_000, "evict_unpushed": True}
+    cached["config"]["store"]["max_bytes"] = 7                     # what is read is the cache
+    cache.write_bytes(marshal.dumps(cached))
+    assert config.load(str(p)).store.max_bytes == 7
+
+
+@pytest.mark.parametrize("text", ["store:\n  max_bytes: -1\n", "store:\n  max_bytes: lots\n",
+                                  "store:\n  max_bytes: true\n", "store:\n  max_bytes: 1.5\n",
+                                  "store:\n  evict_unpushed: 1\n", "store:\n  evict_unpushed: 'yes'\n",
+                                  "store:\n  bogus: 1\n", "store: [max_bytes]\n", "store: 10\n"])
+def test_bad_store_limits(tmp_path, monkeypatch, text):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError, match="store"):
+        config.load(str(p))
+
+
+def test_the_shipped_config_documents_the_defaults(tmp_path, monkeypatch):
+    """install/config.yaml names every section and key, each with its default value."""
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    shipped = config.load(os.path.join(os.path.dirname(__file__), "..", "install", "config.yaml"))
+    assert config._to_mapping(shipped) == config._to_mapping(config.Config())
+    text = open(os.path.join(os.path.dirname(__file__), "..", "install", "config.yaml")).read()
+    assert "\nstore:\n  " in text and "  max_bytes: 0\n" in text and "  evict_unpushed: false\n" in text
