@@ -73,6 +73,8 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
             ok, detail = False, f"{cfg.hook}: {exc}"
         yield ok, "thaw-hook", detail
     yield _owner_only(cfg.store_dir)
+    if cfg.store.max_bytes and os.path.isdir(cfg.store_dir):
+        yield _node_cache(cfg)
     yield _owner_only(cfg.state_dir)
 
     from . import cuda
@@ -94,6 +96,16 @@ def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
     lock = criu.dump_options(binary, make_private_dir(cfg.state_dir))
     yield True, "network lock", ("nftables, in-process (captures made here restore without iptables-restore)"
                                  if lock else "iptables (CRIU's default: an iptables-restore run per restore)")
+
+
+def _node_cache(cfg: Config) -> Check:
+    """Over store.max_bytes is reported, not failed: what could not be evicted is in use or
+    exists nowhere else."""
+    from .store import Store
+    held, limit = Store(cfg.store_dir).total_bytes(), cfg.store.max_bytes
+    state = ("warning: over it (thaw gc evicts what may go; thaw events says what may not)"
+             if held > limit else "within it")
+    return True, "node cache", f"{held} bytes of store.max_bytes {limit}: {state}"
 
 
 def _fast_restore(cfg: Config, binary: str) -> Iterator[Check]:

@@ -276,3 +276,16 @@ def test_thaw_ls_shows_size_last_use_and_origin(thaw_env):
         assert r["size_bytes"] == store.size(snap) and r["last_used"] == store.last_used(snap)
     assert (rows["pulled:1"]["origin"], rows["pulled:1"]["pushed"]) == (PULLED, "")
     assert (rows["pushed:1"]["origin"], rows["pushed:1"]["pushed"]) == ("captured", "registry.example/team/pushed:1")
+
+
+def test_thaw_doctor_reports_the_node_cache(thaw_env):
+    store = Store(thaw_env.store).init()
+    fake_snapshot(store, "mine:1", b"M" * 30_000)             # captured here: gc may not evict it
+    held = store.total_bytes()
+    thaw_env.write_config(store={"max_bytes": held - 1})
+    out = thaw_env.thaw("doctor", "--skip-containerd", check=False).stdout
+    [line] = [x for x in out.splitlines() if "node cache" in x]
+    assert line.startswith("[  ok]") and f"{held} bytes of store.max_bytes {held - 1}: warning: over it" in line
+    thaw_env.write_config(store={"max_bytes": held})
+    assert f"{held} bytes of store.max_bytes {held}: within it" in thaw_env.thaw("doctor", "--skip-containerd",
+                                                                                check=False).stdout
