@@ -98,7 +98,7 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
             digest = _registry_call(client.put_manifest, target.repository, target.tag or "latest", manifest,
                                     fmt.MANIFEST_MEDIA_TYPE)
     store.mark_pushed(snap, str(target))
-    skipped = sum(1 for b in progress.blobs.values() if b.outcome in ("exists", "mounted"))
+    skipped = sum(1 for b in progress.blobs.values() if b.outcome in ("present", "mounted"))
     return {"snapshot": str(ref), "namespace": snap.namespace, "reference": str(target), "digest": digest,
             "bytes": snap.size, "blobs": len(progress.blobs), "skipped": skipped,
             "seconds": round(progress.elapsed(), 3)}
