@@ -19,7 +19,7 @@ _PKG = "tests.cri" if __name__.startswith("tests.") else "cri"
 if os.environ.get("THAW_TEST_STRICT") != "1":
     pytest.importorskip("grpc", reason="needs grpcio")
     pytest.importorskip("grpc_tools", reason="needs grpcio-tools")
-pytest_plugins = [f"{_PKG}.fixtures"]
+pytest_plugins = [f"{_PKG}.fixtures", "registry_fixture.fixtures"]
 _client = importlib.import_module(f"{_PKG}.client")
 _images = importlib.import_module(f"{_PKG}.images")
 
@@ -173,6 +173,43 @@ def test_snapshots_belong_to_the_namespace_that_captured_them(thaw_cri):
     assert not [e for e in events if e["kind"] == "auto_capture" and e["outcome"] == "exists"]
     for pod in (pod_b, pod_a, pod_a2):
         teardown_clean(containerd, cri, node, pod)
+
+
+@pytest.mark.registry
+def test_a_registry_snapshot_the_node_lacks_is_pulled_for_the_next_pod(thaw_cri, tls_registry):
+    """A pod asks for a registry reference this node does not have: it cold-starts at once, the
+    pull starts from its sandbox's create, and the next pod restores."""
+    import uuid
+    containerd, cri, node = thaw_cri
+    config = Path(node["config"])
+    original = config.read_text()
+    target = f"{tls_registry.host}/thaw/team-a/cri-{uuid.uuid4().hex[:8]}:v1"
+    registry = {"auth_file": tls_registry.auth_config, "ca_file": tls_registry.ca.ca,
+                "pull": {"team-a": [f"{tls_registry.host}/thaw/team-a"]}}
+    config.write_text(original + "registry: " + json.dumps(registry) + "\n")   # JSON is YAML
+    try:
+        pod, cid = start_app(cri, "to-push")
+        wait_for(lambda: len(ticks_in_log(cri, pod)) > 5, 30, "ticks")
+        thaw(node, "capture", cid, "--name", "cri-reg:1", "--root", str(containerd.runc_root))
+        teardown_clean(containerd, cri, node, pod)
+        thaw(node, "push", "cri-reg:1", target, "-n", "team-a")
+        thaw(node, "rm", "cri-reg:1", "-n", "team-a")
+
+        lacks, cid2 = start_app(cri, "lacks", {"thaw.dev/snapshot": target})
+        rec = records(node)[cid2]
+        assert rec["phase"] == "cold" and "not found" in rec["cold_reason"], rec
+        assert wait_for(lambda: ticks_in_log(cri, lacks), 30, "cold ticks")[0] == 0
+        wait_for(lambda: target in thaw(node, "ls", "-n", "team-a").stdout, 120, "the pull on demand")
+        (row,) = [r for r in json.loads(thaw(node, "ls", "--json").stdout) if r["ref"] == target]
+        assert row["origin"] == f"pulled:{target}" and row["namespace"] == "team-a"
+
+        restored, cid3 = start_app(cri, "restores", {"thaw.dev/snapshot": target})
+        assert records(node)[cid3]["phase"] == "running", (records(node)[cid3], thaw(node, "events").stdout[-3000:])
+        assert wait_for(lambda: ticks_in_log(cri, restored), 30, "restored ticks")[0] > 5
+        teardown_clean(containerd, cri, node, lacks)
+        teardown_clean(containerd, cri, node, restored)
+    finally:
+        config.write_text(original)
 
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
