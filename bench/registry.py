@@ -9,6 +9,9 @@ registry has no link to the blobs there, so every byte is uploaded); each pull w
 file. Everything runs on loopback on this machine, so the numbers are CPU-bound (TLS, SHA-256 in
 the registry and here, HTTP parsing) and page-cache-bound, not network-bound: each phase also
 records the CPU seconds of the client (this process) and of the registry, which share the cores.
+Then the same through thaw: a stand-in snapshot whose pages file is --gib of random bytes,
+`thaw push` from one store and `thaw pull` into another (shim/distribution.py: file parts read
+and written in place, every blob verified, published when complete).
 JSON goes to bench/results/registry-*.json.
 """
 
@@ -23,9 +26,11 @@ import tempfile
 import time
 
 import psutil
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from registry_fixture.server import PASSWORD, USER, RegistryServer, TestCA, new_repo  # noqa: E402
 
-from common import machine, save  # also puts tests/ on sys.path
+from common import machine, save  # noqa: E402
 from thaw.shim.registry.client import BlobRange, RegistryClient  # noqa: E402
 from thaw.shim.registry.transfer import pull_blobs, push_blobs  # noqa: E402
 from thaw.shim.registry.transport import Settings  # noqa: E402
@@ -100,6 +105,36 @@ def run(client: RegistryClient, registry_pid: int, blobs: list[BlobRange], paral
     return out
 
 
+def snapshot_run(work: str, size: int, server: RegistryServer, settings: Settings) -> dict:
+    """thaw push / thaw pull of a snapshot between two stores, through the library calls."""
+    from helpers import fake_snapshot
+    from thaw.oci.annotations import SnapshotRef
+    from thaw.shim import distribution
+    from thaw.shim.config import Config, Registry
+    from thaw.shim.store import Store
+    reg = Registry(auth_file=settings.auth_config or "", ca_file=settings.ca_bundle or "",
+                   insecure=tuple(settings.insecure_hosts))
+    a = Config(store_dir=os.path.join(work, "store-a"), state_dir=os.path.join(work, "state"), registry=reg)
+    b = Config(store_dir=os.path.join(work, "store-b"), state_dir=os.path.join(work, "state"), registry=reg)
+    store_a, store_b = Store.for_config(a).init(), Store.for_config(b).init()
+    t = time.perf_counter()
+    snap = fake_snapshot(store_a, "bench:1", payload=os.urandom(size), namespace="bench")
+    capture_s = time.perf_counter() - t
+    target = SnapshotRef.registry(f"{server.host}/{new_repo('bench/s')}:v1").remote
+    with Clock(server.proc.pid) as push:
+        distribution.push(a, store_a, SnapshotRef.parse("bench:1"), "bench", target)
+    with Clock(server.proc.pid) as pull:
+        got = distribution.pull(b, store_b, target)
+    assert got.manifest.digest == snap.manifest.digest
+    out = {"snapshot_bytes": snap.size, "parts": len(snap.parts), "write_and_package_s": round(capture_s, 3)}
+    for name, c in (("push", push), ("pull", pull)):
+        out.update({f"thaw_{name}_s": round(c.wall, 3), f"thaw_{name}_MBps": round(snap.size / c.wall / 1e6, 1),
+                    f"thaw_{name}_registry_cpu_s": round(c.registry_cpu, 2)})
+    shutil.rmtree(a.store_dir, ignore_errors=True)
+    shutil.rmtree(b.store_dir, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=2.0)
@@ -129,6 +164,12 @@ def main() -> None:
                           + "  ".join(f"{n} {r[n + '_MBps']:6.1f} MB/s ({r[n + '_s']:.1f} s; CPU s: client user "
                                       f"{r[n + '_client_user_s']:.1f} sys {r[n + '_client_sys_s']:.1f}, "
                                       f"registry {r[n + '_registry_cpu_s']:.1f})" for n in ("push", "pull")), flush=True)
+                if tls:
+                    s = snapshot_run(work, size, server, settings)
+                    results["snapshot"] = s
+                    print(f"thaw push {s['thaw_push_MBps']:.1f} MB/s ({s['thaw_push_s']:.1f} s), thaw pull "
+                          f"{s['thaw_pull_MBps']:.1f} MB/s ({s['thaw_pull_s']:.1f} s) of a {s['snapshot_bytes'] / 2**30:.2f} "
+                          f"GiB snapshot ({s['parts']} file parts)", flush=True)
             shutil.rmtree(server.storage, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
