@@ -48,8 +48,13 @@ def _one_line_errors(fn):
 
 
 def _store(ctx: click.Context):
+    """The node's store; a format 1 store (thaw 0.1) is converted by the first command that opens it."""
     from .store import Store
-    return Store.for_config(_cfg(ctx))
+    store = Store.for_config(_cfg(ctx))
+    if not store.is_format_1():
+        return store
+    from .importer import open_store
+    return open_store(store)
 
 
 def _namespace_option(fn):
@@ -210,7 +215,8 @@ def export(ctx, name, file, namespace):
 def import_(ctx, file):
     """Import snapshots from an OCI archive FILE (digests verified before they become visible),
     each into the namespace that captured it."""
-    for s in _store(ctx).import_archive(file):
+    from .importer import import_archive
+    for s in import_archive(_store(ctx), file):
         click.echo(f"imported {s.ref} into {s.namespace} {s.manifest.digest}")
 
 
@@ -327,6 +333,7 @@ def doctor(ctx, quiet, skip_containerd, fix):
     handler. Non-zero on problems."""
     from .doctor import fix as fix_node
     from .doctor import run_checks
+    _store(ctx)                          # converts a store thaw 0.1 left (node.sh runs doctor)
     if fix:
         for line in fix_node(_cfg(ctx)):
             click.echo(f"[ fix] {line}")

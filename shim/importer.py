@@ -21,7 +21,19 @@ from thaw.oci.layout import CHUNK, REF_NAME, Descriptor, HashingWriter, LayoutEr
 from .store import CorruptSnapshot, Staging, Store
 
 
+def open_store(store: Store) -> Store:
+    """The store, created if needed, a format 1 store thaw 0.1 left converted first (once)."""
+    store.init()
+    if store.is_format_1():
+        migrate_v1_store(store)
+    return store
+
+
 def import_archive(store: Store, path: str) -> list[fmt.Snapshot]:
+    """Import an OCI archive: headers checked first, every blob verified against its digest
+    while it streams, file parts written straight into their CRIU files; format 1 snapshots
+    are converted to format 2; then the snapshots are published under the namespace that
+    captured them."""
     store.init()
     free = shutil.disk_usage(store.root).free
     try:

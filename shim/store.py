@@ -135,12 +135,13 @@ class Store:
 
     # --- setup and locking --------------------------------------------------------------------
     def init(self) -> Store:
-        """Create the store if needed; convert a format 1 store thaw 0.1 left (once)."""
+        """Create the store if needed (a format 1 store thaw 0.1 left is converted by
+        importer.open_store, which every `thaw` command goes through)."""
         self._make_dirs()
-        if os.path.isdir(os.path.join(self.root, "layers")):
-            from .importer import migrate_v1_store
-            migrate_v1_store(self)
         return self
+
+    def is_format_1(self) -> bool:
+        return os.path.isdir(os.path.join(self.root, "layers"))
 
     def _make_dirs(self) -> None:
         for d in (self.root, self.images_dir, self.staging_dir):
@@ -717,14 +718,6 @@ class Store:
         with self.image_dir(snap, verify):
             fmt.write_archive([snap], lambda d: self.open_blob(snap, d), out_path)
         return snap
-
-    def import_archive(self, path: str) -> list[fmt.Snapshot]:
-        """Import an OCI archive: headers checked first, every blob verified against its digest
-        while it streams, file parts written straight into their CRIU files; format 1 snapshots
-        are converted to format 2; then the snapshots are published under the namespace that
-        captured them."""
-        from .importer import import_archive
-        return import_archive(self, path)
 
 
 class _NotingLayout(ImageLayout):
