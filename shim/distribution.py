@@ -94,7 +94,8 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
         blobs += [BlobRange(p.desc.digest, os.path.join(images, p.file), p.offset, p.desc.size)
                   for p in snap.parts]
         with _client(cfg, target.registry) as client:
-            progress = _registry_call(transfer.push_blobs, client, target.repository, blobs, listener=listener)
+            progress = _registry_call(transfer.push_blobs, client, target.repository, blobs, listener=listener,
+                                      mount_from=_mount_sources(store, snap, target))
             digest = _registry_call(client.put_manifest, target.repository, target.tag or "latest", manifest,
                                     fmt.MANIFEST_MEDIA_TYPE)
     store.mark_pushed(snap, str(target))
@@ -102,6 +103,22 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
     return {"snapshot": str(ref), "namespace": snap.namespace, "reference": str(target), "digest": digest,
             "bytes": snap.size, "blobs": len(progress.blobs), "skipped": skipped,
             "seconds": round(progress.elapsed(), 3)}
+
+
+def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple[str, ...]:
+    """Repositories of the target's registry that hold this snapshot's blobs (where it was pulled
+    from or pushed to): the registry may mount them instead of taking an upload."""
+    out = []
+    for mark in (store.origin(snap).removeprefix("pulled:"), store.pushed(snap) or ""):
+        if "/" not in mark:
+            continue
+        try:
+            ref = SnapshotRef.registry(mark).remote
+        except ThawError:
+            continue
+        if ref.registry == target.registry and ref.repository != target.repository:
+            out.append(ref.repository)
+    return tuple(dict.fromkeys(out))
 
 
 def _registry_call(fn, *args, **kwargs):

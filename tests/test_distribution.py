@@ -101,6 +101,9 @@ def test_push_then_pull_on_another_node(nodes, tls_registry, tmp_path):
     assert out[-1]["digest"] == snap.manifest.digest and out[-1]["skipped"] == 0
     again = json_lines(a.thaw("push", "worker:1", target, "-n", "team-a", "--json").stdout)[-1]
     assert again["skipped"] == again["blobs"]               # HEAD found every blob: nothing uploaded
+    elsewhere = json_lines(a.thaw("push", "worker:1", f"{tls_registry.host}/{new_repo()}:v1", "-n", "team-a",
+                                  "--json").stdout)
+    assert {e["outcome"] for e in elsewhere if e.get("event") == "blob"} == {"mounted"}   # from where it was pushed
 
     pulled = json_lines(b.thaw("pull", target, "--json").stdout)[-1]
     assert pulled["digest"] == snap.manifest.digest        # the same manifest bytes, the same digest
