@@ -95,20 +95,10 @@ def gpu_bundle(path: str, args: list[str], work: str, ns: str, annotations: dict
 def generate(pid: int) -> dict:
     """POST /generate from inside the container's network namespace."""
     with engine.ContainerView(pid) as view:
-        status, body = _post_json(view)
+        status, body = view.request(f"{URL}/generate", "POST", 180, json_body=PROMPT)
     if status != 200:
         raise RuntimeError(f"/generate answered {status}: {body[:400]}")
     return json.loads(body)
-
-
-def _post_json(view: engine.ContainerView) -> tuple[int, str]:
-    # engine's request() posts no body; /generate needs one: a small client in the container's netns
-    code = ("import json,sys,urllib.request as u;r=u.Request(%r,data=%r,method='POST',"
-            "headers={'Content-Type':'application/json'});print(u.urlopen(r,timeout=120).read().decode())"
-            % (f"{URL}/generate", json.dumps(PROMPT).encode()))
-    proc = subprocess.run(["nsenter", f"--net=/proc/{view.handle.pid}/ns/net", sys.executable, "-c", code],
-                          capture_output=True, text=True, timeout=180)
-    return (200, proc.stdout) if proc.returncode == 0 else (500, proc.stderr[-400:])
 
 
 def ready_line(c: ShimContainer) -> dict:

@@ -34,7 +34,7 @@ import time
 import uuid
 
 from common import machine, save
-from helpers import ShimContainer, make_bundle, overlay_bundle, wait_for
+from helpers import ShimContainer, etc_image, overlay_bundle, wait_for
 
 # The captured program changes its rootfs (adds /data/state.txt, deletes the image's /etc/motd and
 # /etc/conf.d, replaces /etc/app.conf) and counts: a restore applies the diff and goes on counting.
@@ -119,16 +119,7 @@ class Soak:
     def _image(self) -> str:
         """The image's layer (the overlay's read-only lower): busybox, /etc/motd, /etc/app.conf and
         a directory /etc/conf.d that the captured program deletes or replaces."""
-        rootfs = os.path.join(make_bundle(os.path.join(self.tmp, "image"), ["true"]), "rootfs")
-        with open(os.path.join(rootfs, "etc", "motd"), "w") as f:
-            f.write("welcome\n")
-        with open(os.path.join(rootfs, "etc", "app.conf"), "w") as f:
-            f.write("original\n")
-        os.makedirs(os.path.join(rootfs, "etc", "conf.d"))
-        for i in range(3):
-            with open(os.path.join(rootfs, "etc", "conf.d", f"{i}.conf"), "w") as f:
-                f.write(f"conf {i}\n")
-        return rootfs
+        return etc_image(os.path.join(self.tmp, "image"))
 
     def configure(self) -> None:
         import yaml

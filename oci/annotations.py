@@ -68,7 +68,8 @@ class SnapshotRef:
 
     @classmethod
     def parse(cls, text: str) -> "SnapshotRef":
-        if "/" in text:
+        from .reference import is_registry_reference
+        if is_registry_reference(text):
             return cls.registry(text)
         name, sep, tag = text.strip().partition(":")
         if not sep:

@@ -32,8 +32,8 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -489,10 +489,6 @@ def _check_parts(parts: list[FilePart]) -> None:
         expected[p.file] = p.offset + p.desc.size
 
 
-def with_config(snap: Snapshot, config: SnapshotConfig) -> Snapshot:
-    return replace(snap, config=config)
-
-
 def read_deleted(data: bytes) -> list[str]:
     try:
         obj = json.loads(data)
@@ -719,16 +715,3 @@ def scan_archive(path: str, max_bytes: int) -> ArchiveIndex:
         if m.digest not in members:
             raise SnapshotFormatError(f"archive lacks manifest {m.digest}")
     return ArchiveIndex(manifests, members)
-
-
-def read_member(path: str, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """The bytes of one archive member, in chunks (the archive is read by offset)."""
-    with open(path, "rb") as f:
-        f.seek(member.offset_data)
-        left = member.size
-        while left:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                raise SnapshotFormatError(f"{path}: archive is truncated")
-            left -= len(chunk)
-            yield chunk

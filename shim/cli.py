@@ -14,6 +14,7 @@ from thaw.oci import ThawError
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
 
 from .config import Config, load
+from .registry.progress import human_bytes as _human
 
 
 def _cfg(ctx: click.Context) -> Config:
@@ -25,15 +26,6 @@ def _ref(text: str) -> SnapshotRef:
         return SnapshotRef.parse(text)
     except ThawError as exc:
         raise click.BadParameter(str(exc)) from exc
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
 
 
 def _one_line_errors(fn):

@@ -99,7 +99,6 @@ def run_is_tmpfs() -> bool:
 
 def stale_kdat_tmp(min_age: float = 60.0) -> str | None:
     """KDAT_TMP if it stops the cache (a tmpfs /run) and is older than any CRIU still writing it."""
-    import time
     try:
         old = time.time() - os.lstat(KDAT_TMP).st_mtime > min_age
     except OSError:
@@ -114,18 +113,15 @@ def dump_options(criu: str, cache_dir: str | None = None) -> tuple[str, ...]:
     in-process. A restore uses the method its image was dumped with, so this is chosen at capture,
     where this CRIU and kernel support it."""
     def ask(path: str) -> bool:
-        try:
-            return subprocess.run([path, "check", "--feature", NFTABLES_LOCK], capture_output=True,
-                                  timeout=30).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
+        return check(path, NFTABLES_LOCK)[0]
     return ("network-lock nftables",) if _cached(criu, cache_dir, "nftables-lock", ask) is True else ()
 
 
-def check(criu: str) -> tuple[bool, str]:
-    """Run `criu check`; (passed, its last output line)."""
+def check(criu: str, feature: str | None = None) -> tuple[bool, str]:
+    """Run `criu check` (of one `feature` if given); (passed, its last output line)."""
     try:
-        proc = subprocess.run([criu, "check"], capture_output=True, timeout=60)
+        proc = subprocess.run([criu, "check", *(("--feature", feature) if feature else ())],
+                              capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)
     text = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()

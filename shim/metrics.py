@@ -15,7 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from typing import Any, Iterable
+from typing import Any
 
 from thaw.oci.files import atomic_write, make_private_dir
 
@@ -157,7 +157,3 @@ def parse(text: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
-
-
-def families(text: str) -> Iterable[str]:
-    return [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]

@@ -60,10 +60,6 @@ def overlay_dirs(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> tu
     return found
 
 
-def overlay_upperdir(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    return overlay_dirs(mountpoint, mountinfo)[0]
-
-
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 

@@ -57,8 +57,9 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         if ann.is_sandbox(bundle.annotations) and ann.SNAPSHOT in bundle.annotations:
             _prepare_in_background(cfg, bundle.annotations)
         return
+    from thaw.oci.reference import is_registry_reference
     from thaw.shim import create
-    remote = "/" in bundle.annotations.get(ann.SNAPSHOT, "")      # a registry reference
+    remote = is_registry_reference(bundle.annotations.get(ann.SNAPSHOT, ""))
     if remote and bundle.annotations.get(ann.PULL, "").strip() == "wait":
         _wait_for_pull(cfg, bundle.annotations)
     outcome = create.create(call, bundle, cfg, next_runtime)

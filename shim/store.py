@@ -84,6 +84,21 @@ class Evicted:
     bytes_freed: int
 
 
+@contextlib.contextmanager
+def _flock_if_free(path: str) -> Iterator[bool]:
+    """Hold `path` exclusively for the block if nobody holds it (True), else do not wait (False)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
 
@@ -187,22 +202,14 @@ class Store:
 
     def _gc_pulls(self) -> None:
         pulls = os.path.join(self.root, "pulls")
-        import time
         for name in os.listdir(pulls) if os.path.isdir(pulls) else []:
             path = os.path.join(pulls, name)
             if name.endswith(".lock") or not os.path.isdir(path):
                 continue
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue                        # a pull is filling it
-                if time.time() - os.stat(path).st_mtime > PULL_KEEP_S:
+            with _flock_if_free(path + ".lock") as free:   # not free: a pull is filling it
+                if free and time.time() - os.stat(path).st_mtime > PULL_KEEP_S:
                     shutil.rmtree(path, ignore_errors=True)
                     os.unlink(path + ".lock")
-            finally:
-                os.close(fd)
 
     # --- reading --------------------------------------------------------------------------------
     def _index(self) -> list[Descriptor]:
@@ -523,11 +530,8 @@ class Store:
                 continue
             used = self.last_used(snap)
             path = self.image_path(snap)
-            fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+            with _flock_if_free(path + ".lock") as free:
+                if not free:
                     in_use.append(name)          # a restore reads it
                     continue
                 live.remove(entry)
@@ -535,8 +539,6 @@ class Store:
                 self.layout.write_index(index)   # unpublished first: never an entry without its files
                 if not any(s.manifest.digest == snap.manifest.digest for _d, s, _h in live):
                     self._remove_image_dir_held(path)
-            finally:
-                os.close(fd)
             after = total(live)
             evicted.append(Evicted(snap.ref, snap.namespace, snap.manifest.digest, now_total - after))
             now_total = after
@@ -652,15 +654,9 @@ class Store:
 
     def _remove_image_dir(self, path: str) -> int:
         """Remove an image directory, its seal and lock unless a restore holds it; bytes freed."""
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0                 # a restore reads it: a later gc removes it
-            return self._remove_image_dir_held(path)
-        finally:
-            os.close(fd)
+        with _flock_if_free(path + ".lock") as free:
+            # not free: a restore reads it, a later gc removes it
+            return self._remove_image_dir_held(path) if free else 0
 
     @staticmethod
     def _remove_image_dir_held(path: str) -> int:

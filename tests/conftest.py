@@ -122,6 +122,14 @@ class ThawEnv:
     state: str
     root: str
 
+    @classmethod
+    def in_dir(cls, d) -> "ThawEnv":
+        """One under directory `d`, its config written."""
+        env = cls(dir=str(d), config=os.path.join(d, "config.yaml"), store=os.path.join(d, "store"),
+                  state=os.path.join(d, "state"), root=os.path.join(d, "runc-root"))
+        env.write_config()
+        return env
+
     def write_config(self, **extra) -> None:
         import yaml
         config = {"store_dir": self.store, "state_dir": self.state, **extra}
@@ -152,9 +160,7 @@ class ThawEnv:
 
 @pytest.fixture
 def thaw_env(tmp_path, monkeypatch) -> ThawEnv:
-    env = ThawEnv(dir=str(tmp_path), config=str(tmp_path / "config.yaml"), store=str(tmp_path / "store"),
-                  state=str(tmp_path / "state"), root=str(tmp_path / "runc-root"))
-    env.write_config()
+    env = ThawEnv.in_dir(tmp_path)
     monkeypatch.setenv("THAW_CONFIG", env.config)
     yield env
     # Leave nothing running: kill and delete whatever the test left under its runc root.

@@ -18,15 +18,15 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 PYTHON = "/usr/bin/python3"   # Debian's, inside containers through a read-only /usr bind
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
-    """Poll pred() until it returns something truthy; fail after timeout seconds."""
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05, error: type[Exception] = AssertionError):
+    """Poll pred() until it returns something truthy; raise `error` after timeout seconds."""
     deadline = time.monotonic() + timeout
     while True:
         v = pred()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise error(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 
@@ -67,6 +67,41 @@ def fake_snapshot(store, ref: str, payload: bytes = b"pages" * 1000, config=None
         config = dataclasses.replace(config, ref=ref, namespace=namespace)
         snap = staging.write_snapshot(config, whole, parts, rootfs, deleted)
         return store.publish(snap, images, origin, hashes)
+
+
+def etc_image(path: str, owners: bool = False) -> str:
+    """An image layer (an overlay's read-only lower) at PATH/rootfs: busybox, /etc/motd,
+    /etc/app.conf and a directory /etc/conf.d of three files (owners: uid 1000-1002, mode 0640)."""
+    rootfs = os.path.join(make_bundle(path, ["true"]), "rootfs")
+    with open(os.path.join(rootfs, "etc", "motd"), "w") as f:
+        f.write("welcome\n")
+    with open(os.path.join(rootfs, "etc", "app.conf"), "w") as f:
+        f.write("original\n")
+    os.makedirs(os.path.join(rootfs, "etc", "conf.d"))
+    for i in range(3):
+        p = os.path.join(rootfs, "etc", "conf.d", f"{i}.conf")
+        with open(p, "w") as f:
+            f.write(f"conf {i}\n")
+        if owners:
+            os.chown(p, 1000 + i, 1000)
+            os.chmod(p, 0o640)
+    return rootfs
+
+
+def dead_capture(store):
+    """What a capture killed before publish leaves: its staging area (renamed to capture-dead),
+    holding a temp blob of 1000 bytes and a committed, unpublished blob, with an owner handle that
+    names no live process (our pid, another start time). Returns (that area, the blob's descriptor)."""
+    with store.staging("capture") as staging:
+        orphan = staging.put_bytes(b"half a snapshot", "application/octet-stream")
+        with open(os.path.join(staging.path, ".blob-leftover"), "wb") as f:
+            f.write(b"x" * 1000)
+        dead = os.path.join(store.staging_dir, "capture-dead")
+        os.rename(staging.path, dead)
+        with open(os.path.join(dead, ".owner"), "w") as f:
+            json.dump({"pid": os.getpid(), "start": 1}, f)
+        os.mkdir(staging.path)
+    return dead, orphan
 
 
 def unique(prefix: str = "t") -> str:

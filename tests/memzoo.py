@@ -14,6 +14,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
+import helpers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "workloads", "memzoo.c")
 CRIU = os.environ.get("THAW_TEST_CRIU", "/usr/local/sbin/criu")
@@ -37,14 +39,7 @@ def build(out_dir: str) -> str:
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise MemzooError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    return helpers.wait_for(pred, timeout, what, interval, error=MemzooError)
 
 
 @dataclass
@@ -196,25 +191,15 @@ class Memzoo:
 
     def tree(self) -> dict[int, int]:
         """Every process in the tree's process group (zombies too), with its number of threads."""
-        out = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        stat = f.read()
-                except OSError:
-                    continue
-                fields = stat[stat.rindex(")") + 2:].split()
-                if int(fields[2]) == self.pid:
-                    out[int(d)] = int(fields[17])
-        return out
+        return dict(_group(self.pid))
 
     def _clear(self, pattern: str) -> None:
         for p in glob.glob(os.path.join(self.dir, pattern)):
             os.unlink(p)
 
 
-def _group_alive(pgid: int) -> bool:
+def _group(pgid: int):
+    """(pid, threads) of every process in process group `pgid`, zombies too."""
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
@@ -224,8 +209,11 @@ def _group_alive(pgid: int) -> bool:
                 continue
             fields = stat[stat.rindex(")") + 2:].split()
             if int(fields[2]) == pgid:
-                return True
-    return False
+                yield int(d), int(fields[17])
+
+
+def _group_alive(pgid: int) -> bool:
+    return next(_group(pgid), None) is not None
 
 
 def run_criu(args: list[str], images: str, timeout: float) -> None:
@@ -247,3 +235,45 @@ def pages_bytes(images: str) -> int:
 def criu_log_lines(images: str, log: str, pattern: str) -> list[str]:
     with open(os.path.join(images, log)) as f:
         return [line.rstrip() for line in f if re.search(pattern, line)]
+
+
+# --- memzoo in a runc container (tests/test_fast_restore.py, tests/test_criu_page_restore_runc.py) --
+
+CPU_QUOTA = (50000, 100000)           # half a CPU
+
+
+def container_bundle(path: str, work: str, total_mib: int, annotations: dict | None = None,
+                     memory_limit: int | None = None) -> str:
+    """A runc bundle running WORK/memzoo (4 threads, 1 child) with WORK bound read-write at /work,
+    half a CPU, and a memory limit (swap included) if given."""
+    helpers.make_bundle(path, ["/work/memzoo", "/work", str(total_mib), "4", "1"], python=True,
+                        annotations=annotations, cgroup=f"/thaw-test/{helpers.unique('zoo')}")
+    os.makedirs(os.path.join(path, "rootfs", "work"), exist_ok=True)
+    with open(os.path.join(path, "config.json")) as f:
+        spec = json.load(f)
+    spec["mounts"].append({"destination": "/work", "type": "bind", "source": work, "options": ["rbind", "rw"]})
+    res = spec["linux"]["resources"]
+    res["cpu"] = {"quota": CPU_QUOTA[0], "period": CPU_QUOTA[1]}
+    if memory_limit:
+        res["memory"] = {"limit": memory_limit, "swap": memory_limit}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    return path
+
+
+def memory_facts(pid: int) -> dict[str, int]:
+    """Peak memory and OOM kills of the memory cgroup (v1 or v2) that `pid` is in."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        lines = f.read().splitlines()
+    cg = next(("/sys/fs/cgroup/memory" + line.split(":", 2)[2] for line in lines
+               if "memory" in line.split(":", 2)[1].split(",")), None)
+    if cg is None:
+        cg = "/sys/fs/cgroup" + next(line[3:] for line in lines if line.startswith("0::"))
+    if os.path.exists(os.path.join(cg, "memory.max_usage_in_bytes")):        # cgroup v1
+        peak = int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read())
+        oom = open(os.path.join(cg, "memory.oom_control")).read()
+    else:
+        peak = int(open(os.path.join(cg, "memory.peak")).read())
+        oom = open(os.path.join(cg, "memory.events")).read()
+    kills = re.search(r"oom_kill (\d+)", oom)
+    return {"peak": peak, "oom_kill": int(kills[1]) if kills else 0}

@@ -14,12 +14,11 @@ import subprocess
 import memzoo as mz
 import pytest
 
-from helpers import make_bundle, unique
+from helpers import unique
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
 TOTAL_MIB = 384
-CPU_QUOTA = (50000, 100000)           # half a CPU
 
 
 class RuncZoo:
@@ -36,22 +35,8 @@ class RuncZoo:
         self.ids: list[str] = []
 
     def bundle(self, name: str, memory_limit: int | None, criu_conf: str | None) -> str:
-        path = os.path.join(self.base, name)
         annotations = {"org.criu.config": criu_conf} if criu_conf else {}
-        make_bundle(path, ["/work/memzoo", "/work", str(TOTAL_MIB), "4", "1"], python=True,
-                    annotations=annotations, cgroup=f"/thaw-test/{unique('pagefill')}")
-        with open(os.path.join(path, "config.json")) as f:
-            spec = json.load(f)
-        os.makedirs(os.path.join(path, "rootfs", "work"), exist_ok=True)
-        spec["mounts"].append({"destination": "/work", "type": "bind", "source": self.work,
-                               "options": ["rbind", "rw"]})
-        res = spec["linux"]["resources"]
-        res["cpu"] = {"quota": CPU_QUOTA[0], "period": CPU_QUOTA[1]}
-        if memory_limit:
-            res["memory"] = {"limit": memory_limit, "swap": memory_limit}
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(spec, f, indent=1)
-        return path
+        return mz.container_bundle(os.path.join(self.base, name), self.work, TOTAL_MIB, annotations, memory_limit)
 
     def runc(self, *args: str, timeout: float = 300) -> None:
         proc = subprocess.run(["runc", "--root", self.root, "--criu", mz.CRIU, *args], stdin=subprocess.DEVNULL,
@@ -86,27 +71,9 @@ class RuncZoo:
         with open(os.path.join(work, "restore.log")) as f:
             return f.read()
 
-    def memory_cgroup(self) -> str:
-        state = subprocess.run(["runc", "--root", self.root, "state", self.cid], capture_output=True, text=True)
-        pid = json.loads(state.stdout)["pid"]
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            _, controllers, path = line.split(":", 2)
-            if "memory" in controllers.split(","):
-                return "/sys/fs/cgroup/memory" + path
-        return "/sys/fs/cgroup" + [p for p in lines if p.startswith("0::")][0][3:]
-
     def memory_facts(self) -> dict[str, int]:
-        cg = self.memory_cgroup()
-        if os.path.exists(os.path.join(cg, "memory.max_usage_in_bytes")):          # cgroup v1
-            peak = int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read())
-            oom = open(os.path.join(cg, "memory.oom_control")).read()
-        else:
-            peak = int(open(os.path.join(cg, "memory.peak")).read())
-            oom = open(os.path.join(cg, "memory.events")).read()
-        kills = re.search(r"oom_kill (\d+)", oom)
-        return {"peak": peak, "oom_kill": int(kills[1]) if kills else 0}
+        state = subprocess.run(["runc", "--root", self.root, "state", self.cid], capture_output=True, text=True)
+        return mz.memory_facts(json.loads(state.stdout)["pid"])
 
     def destroy(self) -> None:
         for cid in self.ids:

@@ -24,9 +24,7 @@ def golden(tmp_path_factory):
     """One captured snapshot per module; each test works on its own copy of the store."""
     from conftest import ThawEnv
     d = tmp_path_factory.mktemp("golden")
-    env = ThawEnv(dir=str(d), config=str(d / "config.yaml"), store=str(d / "store"),
-                  state=str(d / "state"), root=str(d / "runc-root"))
-    env.write_config()
+    env = ThawEnv.in_dir(d)
     ann = {"io.kubernetes.cri.sandbox-namespace": "team-a"}
     bundle = make_bundle(str(d / "src"), COUNTER, annotations=ann)
     src = env.container(bundle)

@@ -13,45 +13,13 @@ import shutil
 import memzoo as mz
 import pytest
 
-from helpers import make_bundle, unique
-
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
 TOTAL_MIB = 384
-CPU_QUOTA = (50000, 100000)           # half a CPU
 
 
 def bundle(path: str, work: str, annotations=None, memory_limit: int | None = None) -> str:
-    make_bundle(path, ["/work/memzoo", "/work", str(TOTAL_MIB), "4", "1"], python=True,
-                annotations=annotations, cgroup=f"/thaw-test/{unique('fill')}")
-    os.makedirs(os.path.join(path, "rootfs", "work"), exist_ok=True)
-    with open(os.path.join(path, "config.json")) as f:
-        spec = json.load(f)
-    spec["mounts"].append({"destination": "/work", "type": "bind", "source": work, "options": ["rbind", "rw"]})
-    res = spec["linux"]["resources"]
-    res["cpu"] = {"quota": CPU_QUOTA[0], "period": CPU_QUOTA[1]}
-    if memory_limit:
-        res["memory"] = {"limit": memory_limit, "swap": memory_limit}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(spec, f, indent=1)
-    return path
-
-
-def memory_facts(pid: int) -> dict[str, int]:
-    with open(f"/proc/{pid}/cgroup") as f:
-        lines = f.read().splitlines()
-    cg = next(("/sys/fs/cgroup/memory" + line.split(":", 2)[2] for line in lines
-               if "memory" in line.split(":", 2)[1].split(",")), None)
-    if cg is None:
-        cg = "/sys/fs/cgroup" + next(line[3:] for line in lines if line.startswith("0::"))
-    if os.path.exists(os.path.join(cg, "memory.max_usage_in_bytes")):        # cgroup v1
-        peak = int(open(os.path.join(cg, "memory.max_usage_in_bytes")).read())
-        oom = open(os.path.join(cg, "memory.oom_control")).read()
-    else:
-        peak = int(open(os.path.join(cg, "memory.peak")).read())
-        oom = open(os.path.join(cg, "memory.events")).read()
-    kills = re.search(r"oom_kill (\d+)", oom)
-    return {"peak": peak, "oom_kill": int(kills[1]) if kills else 0}
+    return mz.container_bundle(path, work, TOTAL_MIB, annotations, memory_limit)
 
 
 def test_fast_and_stock_fill_give_the_dumped_memory(thaw_env, tmp_path):
@@ -84,7 +52,7 @@ def test_fast_and_stock_fill_give_the_dumped_memory(thaw_env, tmp_path):
     stock, record, log, stock_report = restore("stock", 0, False)
     assert record["fill"] == "stock" and "page fill" not in log
     assert stock_report.hashes() == dumped.hashes()
-    stock_peak = memory_facts(stock.pid())["peak"]
+    stock_peak = mz.memory_facts(stock.pid())["peak"]
     stock.destroy()
 
     # The fast fill runs inside the container's cgroup: a limit just above what the stock restore
@@ -93,7 +61,7 @@ def test_fast_and_stock_fill_give_the_dumped_memory(thaw_env, tmp_path):
     fast, record, log, fast_report = restore("fast", 4, True, limit)
     assert record["fill"] == "page-restore-workers 4 page-restore-hugepages"
     assert max(int(m) for m in re.findall(r"page fill: \d+ KiB, (\d+) workers", log)) == 4
-    facts = memory_facts(fast.pid())
+    facts = mz.memory_facts(fast.pid())
     assert facts["oom_kill"] == 0 and facts["peak"] <= limit, (facts, limit)
     assert fast_report.hashes() == dumped.hashes(), "memory differs after the fast fill"
     for role in stock_report.smaps:                   # the same mappings, where and how they were

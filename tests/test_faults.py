@@ -18,6 +18,7 @@ import pytest
 
 from helpers import (
     PYTHON,
+    etc_image,
     make_bundle,
     netns,
     netns_delete,
@@ -48,20 +49,7 @@ def ticks(text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> str:
     """The image's (lower, read-only) layer."""
-    d = tmp_path_factory.mktemp("image")
-    rootfs = os.path.join(make_bundle(str(d / "b"), ["true"]), "rootfs")
-    with open(os.path.join(rootfs, "etc", "motd"), "w") as f:
-        f.write("welcome\n")
-    with open(os.path.join(rootfs, "etc", "app.conf"), "w") as f:
-        f.write("original\n")
-    os.makedirs(os.path.join(rootfs, "etc", "conf.d"))
-    for i in range(3):
-        p = os.path.join(rootfs, "etc", "conf.d", f"{i}.conf")
-        with open(p, "w") as f:
-            f.write(f"conf {i}\n")
-        os.chown(p, 1000 + i, 1000)
-        os.chmod(p, 0o640)
-    return rootfs
+    return etc_image(str(tmp_path_factory.mktemp("image") / "b"), owners=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +57,7 @@ def golden(tmp_path_factory, image):
     """One snapshot of SOURCE; each test works on its own copy of the store."""
     from conftest import ThawEnv
     d = tmp_path_factory.mktemp("golden")
-    env = ThawEnv(dir=str(d), config=str(d / "config.yaml"), store=str(d / "store"),
-                  state=str(d / "state"), root=str(d / "runc-root"))
-    env.write_config()
+    env = ThawEnv.in_dir(d)
     b = overlay_bundle(str(d / "src"), image, SOURCE)
     try:
         src = env.container(b)
@@ -295,9 +281,7 @@ def server_golden(tmp_path_factory, server_image):
     """server:1, captured in a network namespace joined by path (as a pod's is)."""
     from conftest import ThawEnv
     d = tmp_path_factory.mktemp("server-golden")
-    env = ThawEnv(dir=str(d), config=str(d / "config.yaml"), store=str(d / "store"),
-                  state=str(d / "state"), root=str(d / "runc-root"))
-    env.write_config()
+    env = ThawEnv.in_dir(d)
     ns = unique("thawns")
     b = overlay_bundle(str(d / "src"), server_image, SERVER, python=True, netns=netns(ns))
     try:

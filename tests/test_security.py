@@ -46,6 +46,16 @@ def ticks(text: str) -> list[int]:
     return [int(x) for x in re.findall(r"tick (\d+)", text)]
 
 
+def captured_counter(env, tmp_path, name: str, after_ticks: int) -> None:
+    """COUNTER run, captured as `name` once it has ticked `after_ticks` times, then removed."""
+    src = env.container(make_bundle(str(tmp_path / "src"), COUNTER))
+    assert src.create() == 0
+    src.start()
+    src.wait_output(lambda t: len(ticks(t)) > after_ticks)
+    env.thaw("capture", src.id, "--name", name, "--root", env.root)
+    src.destroy()
+
+
 def status_of(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
@@ -241,12 +251,7 @@ def test_file_readiness_never_looks_at_host_paths(thaw_env, tmp_path):
 # --- 7. process memory is root-only ------------------------------------------------------------------
 
 def test_process_memory_is_root_only_everywhere(thaw_env, tmp_path):
-    src = thaw_env.container(make_bundle(str(tmp_path / "src"), COUNTER))
-    assert src.create() == 0
-    src.start()
-    src.wait_output(lambda t: len(ticks(t)) > 5)
-    thaw_env.thaw("capture", src.id, "--name", "modes:1", "--root", thaw_env.root)
-    src.destroy()
+    captured_counter(thaw_env, tmp_path, "modes:1", 5)
     assert os.stat(thaw_env.store).st_mode & 0o077 == 0
     [images] = [os.path.join(thaw_env.store, "images", n) for n in os.listdir(os.path.join(thaw_env.store, "images"))
                 if os.path.isdir(os.path.join(thaw_env.store, "images", n))]
@@ -301,12 +306,7 @@ class ConsoleSocket:
 
 
 def test_terminal_mismatch_cold_starts_into_the_terminal(thaw_env, tmp_path):
-    src = thaw_env.container(make_bundle(str(tmp_path / "src"), COUNTER))
-    assert src.create() == 0
-    src.start()
-    src.wait_output(lambda t: len(ticks(t)) > 10)
-    thaw_env.thaw("capture", src.id, "--name", "notty:1", "--root", thaw_env.root)
-    src.destroy()
+    captured_counter(thaw_env, tmp_path, "notty:1", 10)
 
     bundle = make_bundle(str(tmp_path / "dst"), COUNTER, annotations={"thaw.dev/snapshot": "notty:1"})
     edit_spec(bundle, lambda spec: spec["process"].__setitem__("terminal", True))
@@ -332,12 +332,7 @@ def test_terminal_mismatch_cold_starts_into_the_terminal(thaw_env, tmp_path):
 
 
 def test_a_failed_restore_writes_nothing_into_the_container(thaw_env, tmp_path):
-    src = thaw_env.container(make_bundle(str(tmp_path / "src"), COUNTER))
-    assert src.create() == 0
-    src.start()
-    src.wait_output(lambda t: len(ticks(t)) > 10)
-    thaw_env.thaw("capture", src.id, "--name", "broken:1", "--root", thaw_env.root)
-    src.destroy()
+    captured_counter(thaw_env, tmp_path, "broken:1", 10)
     manifest = json.loads(thaw_env.thaw("inspect", "broken:1").stdout)["manifest"]
     inv = os.path.join(thaw_env.store, "images", manifest.split(":")[1], "inventory.img")
     st = os.stat(inv)
@@ -451,12 +446,7 @@ def test_a_container_naming_a_criu_config_is_not_captured(thaw_env, tmp_path):
     assert p.returncode == 1 and "CRIU configuration file" in p.stderr
     assert not marker.exists()
     # a restore ignores the annotation of the spec it restores into (thaw names its own file)
-    src = thaw_env.container(make_bundle(str(tmp_path / "src"), COUNTER))
-    assert src.create() == 0
-    src.start()
-    src.wait_output(lambda t: len(ticks(t)) > 10)
-    thaw_env.thaw("capture", src.id, "--name", "fine:1", "--root", thaw_env.root)
-    src.destroy()
+    captured_counter(thaw_env, tmp_path, "fine:1", 10)
     dst = thaw_env.container(make_bundle(str(tmp_path / "dst"), COUNTER, annotations={
         "thaw.dev/snapshot": "fine:1", "org.criu.config": str(conf)}))
     assert dst.create() == 0 and not warnings_of(dst), dst.log_text()        # restored

@@ -13,7 +13,7 @@ import tarfile
 
 import pytest
 
-from helpers import fake_snapshot
+from helpers import dead_capture, fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import ImageLayout, LayoutError
@@ -417,15 +417,7 @@ def test_layout_rejects_bad_digests(tmp_path):
 def test_killed_capture_leaves_no_snapshot_and_is_collected(store):
     # A capture that dies before publish: its staging area (with a temp blob and a committed,
     # unpublished blob) names an owner that is gone.
-    with store.staging("capture") as staging:
-        orphan = staging.put_bytes(b"half a snapshot", "application/octet-stream")
-        with open(os.path.join(staging.path, ".blob-leftover"), "wb") as f:
-            f.write(b"x" * 1000)
-        dead = os.path.join(store.staging_dir, "capture-dead")
-        os.rename(staging.path, dead)
-        with open(os.path.join(dead, ".owner"), "w") as f:
-            json.dump({"pid": os.getpid(), "start": 1}, f)      # our pid, another start time
-        os.mkdir(staging.path)
+    dead, orphan = dead_capture(store)
     assert store.snapshots() == []
     fake_snapshot(store, "b:1")          # any publish collects garbage
     assert not os.path.exists(store.layout.blob_path(orphan.digest))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import fake_snapshot
+from helpers import dead_capture, fake_snapshot
 from thaw.oci.annotations import SnapshotRef
 from thaw.shim import events
 from thaw.shim.cli import _human
@@ -201,15 +201,7 @@ def test_gc_returns_the_bytes_it_freed(store):
     path = store.image_path(snap)
     with store.image_dir(snap):
         store.remove(SnapshotRef("a", "1"), "_local")         # the image dir stays while held
-    with store.staging("capture") as staging:
-        orphan = staging.put_bytes(b"half a snapshot", "application/octet-stream")
-        with open(os.path.join(staging.path, ".blob-leftover"), "wb") as f:
-            f.write(b"x" * 1000)
-        dead = os.path.join(store.staging_dir, "capture-dead")
-        os.rename(staging.path, dead)
-        with open(os.path.join(dead, ".owner"), "w") as f:
-            json.dump({"pid": os.getpid(), "start": 1}, f)      # our pid, another start time
-        os.mkdir(staging.path)
+    dead, orphan = dead_capture(store)
     expected = file_bytes(dead, path, path + ".seal") + orphan.size
     assert file_bytes(dead) > 1000 and os.path.exists(path) and store.gc() == expected
     assert not os.path.exists(dead) and not os.path.exists(path) and store.gc() == 0

@@ -7,19 +7,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from .transfer import BlobProgress, Progress
+if TYPE_CHECKING:            # the byte formatter is also the CLI's: no client import for it
+    from .transfer import BlobProgress, Progress
 
 REDRAW_S = 0.25
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"
+    return f"{n:.1f} TiB"
 
 
 def human_duration(s: float | None) -> str:
