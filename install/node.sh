@@ -151,18 +151,9 @@ criu_dumps_tcp() {  # Linux >= 6.16 breaks socket dumps of unpatched CRIU 4.1.x:
   rm -rf "$dir"
   return $rc
 }
-CRIU_WANT="criu $CRIU_VERSION; patches: $(cd "$SRC/install/criu-patches" && sha256sum -- *.patch | tr -s ' \n' ' ')"
-CRIU_STAMP="$CRIU_DIR/criu.thaw-build"
-if [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$CRIU_WANT" ] && criu_ok "$CRIU_DIR/criu"; then
-  say "criu: keeping $CRIU_DIR/criu ($CRIU_VERSION, built from the current patches, criu check passes)"
-else
-  if [ -f "$CRIU_STAMP" ]; then
-    say "criu: $CRIU_DIR/criu was built from other patches or fails its checks; rebuilding $CRIU_VERSION"
-  else
-    say "criu: building $CRIU_VERSION with thaw's patches"
-  fi
+TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
+criu_tarball() {  # CRIU's source, sha256-verified, in $TARBALL: the build and thaw's image schemas
   mkdir -p "$CACHE"
-  TARBALL="$CACHE/criu_${CRIU_VERSION}.orig.tar.xz"
   if ! echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status 2>/dev/null; then
     # Debian publishes CRIU 4.1.1 in trixie (see private_apt above).
     private_apt criu "deb-src trixie"
@@ -176,6 +167,18 @@ else
     echo "$CRIU_SHA256  $TARBALL" | sha256sum -c --status || { rm -f "$TARBALL"; die "criu: sha256 mismatch for $TARBALL"; }
   fi
   say "criu: tarball sha256 verified"
+}
+CRIU_WANT="criu $CRIU_VERSION; patches: $(cd "$SRC/install/criu-patches" && sha256sum -- *.patch | tr -s ' \n' ' ')"
+CRIU_STAMP="$CRIU_DIR/criu.thaw-build"
+if [ "$(cat "$CRIU_STAMP" 2>/dev/null)" = "$CRIU_WANT" ] && criu_ok "$CRIU_DIR/criu"; then
+  say "criu: keeping $CRIU_DIR/criu ($CRIU_VERSION, built from the current patches, criu check passes)"
+else
+  if [ -f "$CRIU_STAMP" ]; then
+    say "criu: $CRIU_DIR/criu was built from other patches or fails its checks; rebuilding $CRIU_VERSION"
+  else
+    say "criu: building $CRIU_VERSION with thaw's patches"
+  fi
+  criu_tarball
   BUILD="$CACHE/criu-${CRIU_VERSION}"
   rm -rf "$BUILD" && mkdir -p "$BUILD"
   tar -xJf "$TARBALL" -C "$BUILD" --strip-components=1
@@ -211,15 +214,32 @@ SPEC="thaw${EXTRAS:+[$EXTRAS]} from $SRC"
 STAMP="$PREFIX/.installed"
 # Always a regular (non-editable) install: an editable one adds a path finder to every Python
 # start, ~10 ms on each runtime call. Reinstall whenever the sources change.
-WANT="$( (cd "$SRC" && find oci shim hooks pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16) $EXTRAS"
+# The CRIU image schemas (thaw.shim.criu_proto) are generated from this CRIU's images/*.proto.
+PROTOC_VERSION=$(protoc --version 2>/dev/null) || die "protoc: not found (apt package protobuf-compiler)"
+WANT="$( (cd "$SRC" && find oci shim hooks pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16) $EXTRAS; criu $CRIU_SHA256; $PROTOC_VERSION"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import thaw.shim" 2>/dev/null; then
   say "thaw: pip install $SPEC"
   BUILD_TMP=$(mktemp -d)
   cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/oci" "$SRC/shim" "$SRC/hooks" "$BUILD_TMP/"
+  # Python classes for CRIU's image format, from the .proto files of the CRIU thaw builds (a build
+  # product, never committed). protoc emits top-level imports between the generated modules:
+  # made package-relative, as CRIU's own pycriu build does.
+  criu_tarball
+  PROTOS=$(mktemp -d)
+  tar -xJf "$TARBALL" -C "$PROTOS" --strip-components=1 --wildcards '*/images/*.proto' \
+    || die "criu: no images/*.proto in $TARBALL"
+  rm -f "$BUILD_TMP"/shim/criu_proto/*_pb2.py
+  protoc -I"$PROTOS/images" --python_out="$BUILD_TMP/shim/criu_proto" "$PROTOS"/images/*.proto \
+    || die "protoc: compiling CRIU's image schemas failed"
+  sed -i -E 's/^import ([A-Za-z0-9_]+_pb2) as /from . import \1 as /' "$BUILD_TMP"/shim/criu_proto/*_pb2.py
+  rm -rf "$PROTOS"
   "$VENV/bin/pip" install -q --disable-pip-version-check "$BUILD_TMP${EXTRAS:+[$EXTRAS]}" 2>&1 \
     | grep -v "is ignored: it is neither" || true
   rm -rf "$BUILD_TMP"
-  "$VENV/bin/python" -c "import thaw.shim.runtime, thaw.hooks.main, thaw.oci.snapshot" || die "thaw: pip install failed"
+  "$VENV/bin/python" -c "import thaw.shim.runtime, thaw.hooks.main, thaw.oci.snapshot, thaw.shim.criu_images" \
+    || die "thaw: pip install failed"
+  "$VENV/bin/python" -c "from thaw.shim import criu_images; criu_images.schemas()" \
+    || die "thaw: CRIU's image schemas do not load with this protobuf runtime"
   echo "$WANT" > "$STAMP"
 else
   say "thaw: $VENV is up to date"
