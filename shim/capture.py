@@ -93,6 +93,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
                            leave_running=leave_running, criu_options=dump_options)
                 faults.point("checkpointed")
             processes += _creds(pid) if leave_running else ()
+            _record_seccomp(cfg, container_id, images, bundle, log)
         finally:
             # The source keeps serving whatever happened to the dump.
             if gpu_session and leave_running:
@@ -133,6 +134,18 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         if summary.skipped:
             log(f"rootfs entries not carried (sockets, devices, fifos): {summary.skipped[:10]}")
         return snap
+
+
+def _record_seccomp(cfg: Config, container_id: str, images: str, bundle: Bundle,
+                    log: Callable[[str], None]) -> None:
+    """Remember the filter this node's runtime installs for the container's seccomp profile: a
+    restore proves its snapshot's filters start with it (shim/confinement.py)."""
+    from . import confinement, criu_images
+    try:
+        confinement.record_from_capture(cfg.state_dir, images, bundle.spec, cfg.resolve_next_runtime(),
+                                        f"capture of {container_id}")
+    except (criu_images.ImageError, OSError) as exc:
+        log(f"seccomp filter not recorded: {exc}")
 
 
 def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict, bundle: Bundle) -> None:

@@ -126,13 +126,15 @@ def schemas() -> Any:
     """The generated modules (imported on first use: ~10 ms, only on the restore path)."""
     global _pb
     if _pb is None:
+        import importlib
         try:
-            from .criu_proto import core_pb2, inventory_pb2, pstree_pb2, seccomp_pb2
+            mod = {name: importlib.import_module(f"{__package__}.criu_proto.{name}_pb2")
+                   for name in ("core", "pstree", "seccomp", "inventory")}
         except ImportError as exc:
             raise ImageError(f"CRIU's image schemas are not installed (install/node.sh generates them): "
                              f"{exc}") from exc
-        _pb = _Schemas(core_pb2.core_entry, pstree_pb2.pstree_entry, seccomp_pb2.seccomp_entry,
-                       inventory_pb2.inventory_entry)
+        _pb = _Schemas(mod["core"].core_entry, mod["pstree"].pstree_entry, mod["seccomp"].seccomp_entry,
+                       mod["inventory"].inventory_entry)
     return _pb
 
 

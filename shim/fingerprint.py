@@ -21,6 +21,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.spec import Bundle
 
 from . import criu as criu_mod
+from .confinement import CAP_BITS, CAP_SETGID, CAP_SETUID
 
 # CPU feature flags that decide whether restored code keeps running: instruction-set extensions
 # (glibc and JITs pick code paths by them at start-up) and the xsave state layout CRIU restores.
@@ -192,7 +193,6 @@ def _compare_gpu(sg: fmt.GpuFingerprint, hg: fmt.GpuFingerprint) -> list[str]:
 
 # Device nodes restore pairs instead of comparing (the GPU fingerprint checks model and count).
 _GPU_NODE = re.compile(r"/dev/nvidia\d+")
-CAP_SETUID, CAP_SETGID = 7, 6
 
 
 def _canon(value: Any) -> str:
@@ -251,7 +251,10 @@ def compare_identity(captured: dict[str, Any], here: dict[str, Any], env_may_dif
     reasons = []
     for key in sorted(set(captured) | set(here)):
         a, b = captured.get(key), here.get(key)
-        if key == "env":
+        if key in _MAY_GRANT_MORE:
+            if _MAY_GRANT_MORE[key](a, b):
+                reasons.append(f"{_IDENTITY_NAMES.get(key, key)}: snapshot {_short(a)}, container {_short(b)}")
+        elif key == "env":
             ea, eb = _env_map(a or []), _env_map(b or [])
             differ = sorted(k for k in set(ea) | set(eb) if ea.get(k) != eb.get(k) and k not in env_may_differ)
             if differ:
@@ -260,6 +263,16 @@ def compare_identity(captured: dict[str, Any], here: dict[str, Any], env_may_dif
             reasons.append(f"{_IDENTITY_NAMES.get(key, key)}: snapshot {_short(a)}, container {_short(b)}")
     return reasons
 
+
+# Privileges the new spec may grant beyond the capturing one's: the restored processes keep less
+# (what CRIU restores is proven within the new spec from the images and the kernel, shim/confinement.py).
+# Each says whether the captured value (a) is more than the new spec's (b) — an early refusal.
+_MAY_GRANT_MORE = {
+    "capabilities": lambda a, b: any(set((a or {}).get(k) or []) - set((b or {}).get(k) or [])
+                                     for k in set(a or {}) | set(b or {})),
+    "noNewPrivileges": lambda a, b: bool(b) and not a,
+    "seccomp": lambda a, b: b is not None and a != b,
+}
 
 _IDENTITY_NAMES = {"user": "process.user", "capabilities": "process.capabilities",
                    "noNewPrivileges": "process.noNewPrivileges", "seccomp": "linux.seccomp",
@@ -299,7 +312,7 @@ def process_creds(pid: int) -> fmt.ProcessCreds | None:
 def _cap_mask(names: list[str]) -> int:
     mask = 0
     for name in names:
-        bit = _CAP_BITS.get(name.upper().removeprefix("CAP_"))
+        bit = CAP_BITS.get(name.upper().removeprefix("CAP_"))
         if bit is None:
             return -1                    # a capability this table does not know: grant nothing extra
         mask |= 1 << bit
@@ -338,13 +351,3 @@ def excess_privileges(procs: tuple[fmt.ProcessCreds, ...], spec: dict[str, Any])
         if problems:
             out.append(f"captured process {p.pid} holds more than the spec grants: {'; '.join(problems)}")
     return out
-
-
-# Linux capability numbers (include/uapi/linux/capability.h).
-_CAP_BITS = {name: i for i, name in enumerate((
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))}

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from thaw.oci import ThawError
 from thaw.oci import annotations as ann
@@ -31,9 +32,15 @@ from .runc import Runc
 from .state import ContainerState, Record
 from .store import Store
 
+if TYPE_CHECKING:
+    from . import confinement, criu_images
+
 
 class Incompatible(ThawError):
     """The snapshot cannot be restored into this container on this node."""
+
+
+LEAVE_STOPPED = "leave-stopped"      # CRIU's option: restored tasks stay stopped until thaw resumes them
 
 
 @dataclass
@@ -108,13 +115,45 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
     t = time.perf_counter()
     with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
         plan.phases.add("verify_layer", time.perf_counter() - t)
-        record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir)
+        proof = plan.phases.run("image_check", _check_images, image_dir, bundle, cfg, next_runtime)
+        record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir, proof)
     store.touch(plan.snapshot)
     return record
 
 
+def _check_images(image_dir: str, bundle: Bundle, cfg: Config, next_runtime: str) -> Proof:
+    """What the images would restore, within the new spec (else Incompatible naming the excess):
+    the snapshot's config said so too, but only the images are what CRIU reads."""
+    from . import confinement, criu_images
+    seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
+    reference = confinement.reference(cfg.state_dir, confinement.profile_key(seccomp, next_runtime)) if seccomp else None
+    grant = confinement.Grant.of(bundle.spec, reference)
+    try:
+        return Proof(grant, confinement.check_images(image_dir, bundle.spec, grant))
+    except (confinement.ConfinementError, criu_images.ImageError) as exc:
+        raise Incompatible(str(exc)) from exc
+
+
+@dataclass
+class Proof:
+    """The grant of the new spec and the images' tasks, proven within it: what the kernel check
+    compares the restored tasks with."""
+    grant: confinement.Grant
+    images: criu_images.Images
+
+
+def _check_kernel(pid: int, proof: Proof) -> None:
+    """Before the restored tasks run (CRIU left them stopped): what the kernel says they hold."""
+    from . import confinement
+    try:
+        confinement.check_kernel(pid, proof.images, proof.grant)
+    except confinement.ConfinementError as exc:
+        raise Incompatible(str(exc)) from exc
+    confinement.resume(pid, proof.images)
+
+
 def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store, runc: Runc,
-              state: ContainerState, image_dir: str) -> Record:
+              state: ContainerState, image_dir: str, proof: Proof) -> Record:
     cid = call.container_id or ""
     snap, phases = plan.snapshot, plan.phases
     from .rootfs import RootfsApplier, undo_dir_for
@@ -140,13 +179,19 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         container_may_exist = True
         fill = _fill_options(cfg)
         faults.point("runc_restore")
+        # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
-                   console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")), fill)
+                   console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")),
+                   fill + (LEAVE_STOPPED,))
         faults.point("runc_restored")
-        if plan.cuda_init is not None:
-            phases.run("cuda_init_wait", plan.cuda_init.join)
         with open(pid_file) as f:
             pid = int(f.read().strip())
+        # Credentials before anything else: the CUDA restore needs the tasks running (the driver's
+        # thread in the process does the work) and changes no credentials; their CUDA calls stay
+        # blocked until the unlock anyway.
+        phases.run("kernel_check", _check_kernel, pid, proof)
+        if plan.cuda_init is not None:
+            phases.run("cuda_init_wait", plan.cuda_init.join)
         if bundle.creates_namespace("network"):
             # CRIU restored the sockets into a namespace runc made empty (runc checkpoints no
             # network state): without lo, a server on 127.0.0.1 and the resume URL are unreachable.

@@ -1,0 +1,439 @@
+"""Whether what a restore brings back stays within the new spec: who each restored thread is and
+what it may do, proven twice and never taken from the snapshot's own word (its config is only a
+hint, checked earlier by fingerprint.py, and may only refuse):
+
+  images_excess()   before CRIU runs: every task and thread of the snapshot's CRIU images
+                    (shim/criu_images.py) against what the spec grants
+  kernel_excess()   after CRIU restored the tasks and left them stopped, before any of them runs
+                    user code: every thread's /proc status against the same grant
+  resume()          then let them run (SIGCONT)
+
+A thread may hold less than the spec grants, never more. Seccomp: the filter the spec's profile
+installs must be the oldest of every thread's chain (filters added later only restrict); which
+filter that is on this node is known only from a container of the same profile on this node
+(recorded at capture: the oldest filter of the captured init, read from the kernel by CRIU's
+dump). Without such a record the restore is not attempted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from thaw.oci import ThawError
+
+from . import criu_images
+from .criu_images import SECCOMP_FILTER, Images
+
+# Linux capability numbers (include/uapi/linux/capability.h).
+CAP_BITS = {name: i for i, name in enumerate((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))}
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
+CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_AUDIT_CONTROL = 23, 24, 30
+CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")
+_SPEC_SETS = {"inh": "inheritable", "prm": "permitted", "eff": "effective", "bnd": "bounding", "amb": "ambient"}
+# Securebits a process may hold without CAP_SETPCAP: KEEP_CAPS (prctl PR_SET_KEEPCAPS needs no
+# privilege) and those that only take privilege away (NOROOT, the locks, NO_CAP_AMBIENT_RAISE).
+# NO_SETUID_FIXUP (bit 2) keeps capabilities across uid changes: only with CAP_SETPCAP.
+_SECBITS_UNPRIVILEGED = 0b11_1111_1111 & ~(1 << 2)
+_RLIM_INFINITY = (1 << 64) - 1
+_RLIMITS: dict[str, int] = {name: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+_RLIM_NLIMITS: int = getattr(resource, "RLIM_NLIMITS", 16)
+_UNLIMITED_SCHED = (0, 3, 5)          # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE: no privilege needed
+
+
+class ConfinementError(ThawError):
+    """A restore would give a thread more than the spec grants (or that cannot be proven)."""
+
+
+@dataclass(frozen=True)
+class Excess:
+    """One thing one restored thread would hold beyond the spec."""
+    task: int
+    thread: int
+    field: str
+    snapshot: str
+    spec: str
+
+    def __str__(self) -> str:
+        who = f"task {self.task}" + (f" thread {self.thread}" if self.thread != self.task else "")
+        return f"{who}: {self.field} {self.snapshot} (the spec grants {self.spec})"
+
+
+def cap_mask(names: list[str] | None) -> int:
+    """The capability names of a spec as a mask; a name this table does not know grants nothing."""
+    mask = 0
+    for name in names or []:
+        bit = CAP_BITS.get(name.upper().removeprefix("CAP_"))
+        if bit is not None:
+            mask |= 1 << bit
+    return mask
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a runtime spec grants the container's processes, and what a cold start of it would
+    inherit from the runtime (rlimits the spec does not set, oom_score_adj, nice, loginuid, LSM label)."""
+    uid: int
+    gid: int
+    gids: frozenset[int]
+    caps: dict[str, int]
+    no_new_privs: bool
+    seccomp: dict[str, Any] | None
+    seccomp_reference: tuple[bytes, int] | None     # (BPF program, flags) of the profile on this node
+    rlimits: dict[int, int]                         # RLIMIT_* number -> hard limit
+    oom_score_adj: int
+    nice: int
+    loginuid: int | None
+    lsm_label: str
+
+    def may(self, cap: int) -> bool:
+        return bool(self.caps["prm"] >> cap & 1)
+
+    @classmethod
+    def of(cls, spec: dict[str, Any], seccomp_reference: tuple[bytes, int] | None = None) -> Grant:
+        proc = spec.get("process") or {}
+        user = proc.get("user") or {}
+        caps = proc.get("capabilities") or {}
+        uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
+        rlimits = {}
+        for number in range(_RLIM_NLIMITS):
+            hard = resource.getrlimit(number)[1]
+            rlimits[number] = _RLIM_INFINITY if hard == resource.RLIM_INFINITY else hard
+        for r in proc.get("rlimits") or []:
+            named = _RLIMITS.get(str(r.get("type", "")))
+            if named is not None:
+                rlimits[named] = int(r.get("hard", 0))
+        oom = proc.get("oomScoreAdj")
+        return cls(uid=uid, gid=gid, gids=frozenset({gid, *(int(g) for g in user.get("additionalGids") or [])}),
+                   caps={k: cap_mask(caps.get(_SPEC_SETS[k])) for k in CAP_SETS},
+                   no_new_privs=bool(proc.get("noNewPrivileges")),
+                   seccomp=(spec.get("linux") or {}).get("seccomp") or None,
+                   seccomp_reference=seccomp_reference, rlimits=rlimits,
+                   oom_score_adj=int(oom) if oom is not None else _read_int("/proc/self/oom_score_adj", 0),
+                   nice=os.getpriority(os.PRIO_PROCESS, 0), loginuid=_read_int("/proc/self/loginuid", None),
+                   lsm_label=proc.get("apparmorProfile") or proc.get("selinuxLabel") or _own_label())
+
+
+def _read_int(path: str, default: Any) -> Any:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return default
+
+
+def _own_label() -> str:
+    try:
+        with open("/proc/self/attr/current") as f:
+            return f.read().strip("\0\n ")
+    except OSError:
+        return ""
+
+
+def _label(text: str) -> str:
+    """An LSM label without AppArmor's " (enforce)" mode suffix."""
+    head, sep, tail = text.strip("\0\n ").rpartition(" (")
+    return head if sep and tail.endswith(")") else text.strip("\0\n ")
+
+
+def _fmt_caps(mask: int) -> str:
+    return f"{mask:016x}"
+
+
+def _ids(values: Any) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+# --- the images ---------------------------------------------------------------------------------------
+
+def images_excess(images: Images, grant: Grant) -> list[Excess]:
+    """What the images would restore beyond `grant`, thread by thread (empty: nothing)."""
+    out: list[Excess] = []
+    for task in images.tasks:
+        if not task.runs:
+            continue                                     # a zombie: CRIU recreates it dead
+        out += _task_excess(task, grant)
+        for th in task.threads:
+            out += _creds_excess(task.pid, th.tid, th.uids, th.gids, th.groups, th.caps, th.no_new_privs, grant)
+            out += _thread_excess(th, grant)
+    return out
+
+
+def _task_excess(task: criu_images.Task, grant: Grant) -> list[Excess]:
+    out = []
+
+    def add(field: str, snap: Any, spec: Any) -> None:
+        out.append(Excess(task.pid, task.pid, field, str(snap), str(spec)))
+    if not grant.may(CAP_SYS_RESOURCE):
+        for number, (_soft, hard) in enumerate(task.rlimits):
+            allowed = grant.rlimits.get(number, _RLIM_INFINITY)
+            if hard > allowed:
+                name = next((n for n, v in _RLIMITS.items() if v == number), str(number))
+                add(f"{name} hard limit", _limit(hard), _limit(allowed))
+        if task.oom_score_adj is not None and task.oom_score_adj < grant.oom_score_adj:
+            add("oom_score_adj", task.oom_score_adj, f">= {grant.oom_score_adj}")
+    if (task.loginuid is not None and task.loginuid != grant.loginuid and grant.loginuid is not None
+            and not grant.may(CAP_AUDIT_CONTROL)):
+        add("loginuid", task.loginuid, grant.loginuid)
+    return out
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value >= _RLIM_INFINITY else str(value)
+
+
+def _creds_excess(pid: int, tid: int, uids: tuple[int, ...], gids: tuple[int, ...], groups: tuple[int, ...],
+                  caps: dict[str, int], no_new_privs: bool | None, grant: Grant) -> list[Excess]:
+    """The checks the images and the kernel share: ids, groups, capabilities, no_new_privs."""
+    out = []
+
+    def add(field: str, snap: str, spec: str) -> None:
+        out.append(Excess(pid, tid, field, snap, spec))
+    if not grant.may(CAP_SETUID) and any(u != grant.uid for u in uids):
+        add("uids (real, effective, saved, fs)", _ids(uids), f"uid {grant.uid}")
+    if not grant.may(CAP_SETGID):
+        if any(g not in grant.gids for g in gids):
+            add("gids (real, effective, saved, fs)", _ids(gids), _ids(sorted(grant.gids)))
+        extra = sorted(set(groups) - grant.gids)
+        if extra:
+            add("supplementary groups", _ids(groups), _ids(sorted(grant.gids)))
+    for k in CAP_SETS:
+        if caps[k] & ~grant.caps[k]:
+            add(f"Cap{k.capitalize()}", _fmt_caps(caps[k]), _fmt_caps(grant.caps[k]))
+    if grant.no_new_privs and not no_new_privs:
+        add("no_new_privs", "off" if no_new_privs is False else "not recorded", "on (noNewPrivileges)")
+    return out
+
+
+def _thread_excess(th: criu_images.Thread, grant: Grant) -> list[Excess]:
+    out = []
+
+    def add(field: str, snap: Any, spec: Any) -> None:
+        out.append(Excess(th.pid, th.tid, field, str(snap), str(spec)))
+    if th.secbits & ~_SECBITS_UNPRIVILEGED and not grant.may(CAP_SETPCAP):
+        add("securebits", f"{th.secbits:#x}", f"{_SECBITS_UNPRIVILEGED:#x} without CAP_SETPCAP")
+    if grant.seccomp is not None:
+        add_seccomp = _seccomp_excess(th, grant)
+        if add_seccomp:
+            add("seccomp", *add_seccomp)
+    if th.apparmor_data:
+        add("AppArmor policy data (creds.apparmor_data)", "present", "none: thaw never loads policy")
+    if th.lsm_profile and _label(th.lsm_profile) != _label(grant.lsm_label):
+        add("LSM label", repr(th.lsm_profile), repr(grant.lsm_label))
+    if th.lsm_sockcreate:
+        add("LSM socket-create label", repr(th.lsm_sockcreate), "none")
+    if not grant.may(CAP_SYS_NICE):
+        if th.sched_policy is not None and th.sched_policy not in _UNLIMITED_SCHED:
+            add("scheduling policy", th.sched_policy, "SCHED_OTHER/BATCH/IDLE")
+        if th.sched_nice is not None and th.sched_nice < grant.nice:
+            add("nice", th.sched_nice, f">= {grant.nice}")
+    return out
+
+
+def _seccomp_excess(th: criu_images.Thread, grant: Grant) -> tuple[str, str] | None:
+    """(snapshot, spec) if the thread's chain does not start with the spec profile's filter."""
+    if th.seccomp_mode != SECCOMP_FILTER or not th.seccomp_chain:
+        mode = {0: "disabled", 1: "strict", 2: "filter"}.get(th.seccomp_mode, str(th.seccomp_mode))
+        return f"mode {mode}", "a filter (linux.seccomp)"
+    ref = grant.seccomp_reference
+    if ref is None:
+        return (f"{len(th.seccomp_chain)} filter(s), not provable",
+                "linux.seccomp's filter, of which this node holds no record (recorded when a container "
+                "of this profile is captured here)")
+    oldest_program, oldest_flags = th.seccomp_chain[-1]
+    if (oldest_program, oldest_flags) != ref:
+        return (f"oldest filter sha256:{hashlib.sha256(oldest_program).hexdigest()[:16]} "
+                f"({len(oldest_program) // 8} instructions, flags {oldest_flags:#x})",
+                f"the profile's filter sha256:{hashlib.sha256(ref[0]).hexdigest()[:16]} "
+                f"({len(ref[0]) // 8} instructions, flags {ref[1]:#x})")
+    return None
+
+
+# --- the seccomp reference of a profile on this node --------------------------------------------------
+
+def profile_key(seccomp: dict[str, Any], runtime: str) -> str:
+    """What decides the BPF a profile compiles to here: the profile, the machine, the kernel
+    (libseccomp probes its API level) and the runtime binary (its libseccomp)."""
+    import shutil
+    path = shutil.which(runtime) or runtime
+    try:
+        st = os.stat(path)
+        who = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        who = path
+    u = os.uname()
+    blob = json.dumps({"profile": seccomp, "arch": u.machine, "kernel": u.release, "runtime": who},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _reference_path(state_dir: str, key: str) -> str:
+    return os.path.join(state_dir, "seccomp", key + ".json")
+
+
+def reference(state_dir: str, key: str) -> tuple[bytes, int] | None:
+    try:
+        with open(_reference_path(state_dir, key)) as f:
+            obj = json.load(f)
+        return bytes.fromhex(obj["filter"]), int(obj["flags"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_reference(state_dir: str, key: str, program: bytes, flags: int, source: str) -> None:
+    """Remember the filter a container of this profile got from the runtime on this node."""
+    import time
+
+    from thaw.oci.files import atomic_write, make_private_dir
+    make_private_dir(os.path.join(state_dir, "seccomp"))
+    atomic_write(_reference_path(state_dir, key), json.dumps(
+        {"filter": program.hex(), "flags": flags, "source": source, "recorded": time.time()}).encode())
+
+
+def record_from_capture(state_dir: str, image_dir: str, spec: dict[str, Any], runtime: str, source: str) -> None:
+    """At capture: the captured init's oldest filter is the one the runtime installed for the
+    spec's profile before any of the container's code ran (a process can only add filters),
+    read from the kernel by CRIU's dump into images nothing else has touched yet."""
+    seccomp = (spec.get("linux") or {}).get("seccomp")
+    if not seccomp:
+        return
+    images = criu_images.read(image_dir, frozenset(_NAMESPACES))
+    init = images.tasks[0].threads[0]
+    if init.seccomp_mode == SECCOMP_FILTER and init.seccomp_chain:
+        program, flags = init.seccomp_chain[-1]
+        record_reference(state_dir, profile_key(seccomp, runtime), program, flags, source)
+
+
+_NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+
+
+def spec_namespaces(spec: dict[str, Any]) -> frozenset[str]:
+    """The namespaces runc creates for the spec (not those it joins by path)."""
+    return frozenset(n.get("type", "") for n in (spec.get("linux") or {}).get("namespaces") or []
+                     if not n.get("path"))
+
+
+def check_images(image_dir: str, spec: dict[str, Any], grant: Grant) -> Images:
+    """The images' tasks, if nothing in them exceeds the grant; else ConfinementError naming each
+    excess (criu_images.ImageError for an image thaw does not restore)."""
+    images = criu_images.read(image_dir, spec_namespaces(spec))
+    excess = images_excess(images, grant)
+    if excess:
+        raise ConfinementError(_describe("the snapshot's images", excess))
+    return images
+
+
+def _describe(where: str, excess: list[Excess]) -> str:
+    shown = "; ".join(str(e) for e in excess[:6])
+    more = f"; and {len(excess) - 6} more" if len(excess) > 6 else ""
+    return f"{where} hold more than the spec grants: {shown}{more}"
+
+
+# --- the kernel -------------------------------------------------------------------------------------------
+
+def tree(root_pid: int) -> list[int]:
+    """root_pid and its descendants (every thread's children), parents first."""
+    out, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    return out
+
+
+def _status(path: str) -> dict[str, str]:
+    with open(path) as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def kernel_excess(root_pid: int, images: Images, grant: Grant) -> list[Excess]:
+    """Every thread of the restored tree, as the kernel has it, against the grant; and the tree
+    itself against the images (the same tasks and threads, each seccomp chain as long)."""
+    out: list[Excess] = []
+    want = {th.tid: th for t in images.tasks if t.runs for th in t.threads}
+    seen: set[int] = set()
+    for pid in tree(root_pid):
+        try:
+            tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+        except OSError:
+            continue
+        for tid_text in tids:
+            try:
+                st = _status(f"/proc/{pid}/task/{tid_text}/status")
+            except OSError:
+                continue
+            if st.get("State", "").startswith(("Z", "X")):
+                continue                                 # a zombie runs nothing
+            # Ids in the container's pid namespace (the images' numbering): the last of each list.
+            vpid, vtid = _last(st.get("NStgid"), pid), _last(st.get("NSpid"), int(tid_text))
+            seen.add(vtid)
+            caps = {k: int(st.get("Cap" + k.capitalize(), "0"), 16) for k in CAP_SETS}
+            nnp = st.get("NoNewPrivs", "0").strip() == "1"
+            out += _creds_excess(vpid, vtid, _ints(st, "Uid"), _ints(st, "Gid"), _ints(st, "Groups"), caps, nnp, grant)
+            mode = int(st.get("Seccomp", "0"))
+            filters = int(st.get("Seccomp_filters", "0"))
+            th = want.get(vtid)
+            if th is None:
+                out.append(Excess(vpid, vtid, "thread", "restored, not in the images", "only the images' tasks"))
+                continue
+            if grant.seccomp is not None and mode != SECCOMP_FILTER:
+                out.append(Excess(vpid, vtid, "seccomp", f"mode {mode}", "a filter (linux.seccomp)"))
+            elif mode != th.seccomp_mode or (mode == SECCOMP_FILTER and filters != len(th.seccomp_chain)):
+                out.append(Excess(vpid, vtid, "seccomp", f"mode {mode} with {filters} filter(s)",
+                                  f"the images' mode {th.seccomp_mode} with {len(th.seccomp_chain)}"))
+    missing = sorted(set(want) - seen)
+    if missing:
+        out.append(Excess(root_pid, root_pid, "threads", f"{_ids(missing)} missing from the restored tree",
+                          "every thread of the images"))
+    return out
+
+
+def _ints(status: dict[str, str], key: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in status.get(key, "").split())
+
+
+def _last(nspid: str | None, default: int) -> int:
+    fields = (nspid or "").split()
+    return int(fields[-1]) if fields else default
+
+
+def check_kernel(root_pid: int, images: Images, grant: Grant) -> None:
+    excess = kernel_excess(root_pid, images, grant)
+    if excess:
+        raise ConfinementError(_describe("the restored tasks (kernel)", excess))
+
+
+def resume(root_pid: int, images: Images) -> None:
+    """Let the restored tasks run: SIGCONT to each task CRIU left stopped at thaw's request (a
+    task that was stopped when captured stays stopped)."""
+    stopped = {t.pid for t in images.tasks if t.state == criu_images.TASK_STOPPED}
+    for pid in tree(root_pid):
+        try:
+            vpid = _last(_status(f"/proc/{pid}/status").get("NSpid"), pid)
+        except OSError:
+            continue
+        if vpid not in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
