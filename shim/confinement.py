@@ -28,7 +28,7 @@ from typing import Any
 from thaw.oci import ThawError
 
 from . import criu_images
-from .criu_images import SECCOMP_FILTER, Images
+from .criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC, Images
 
 # Linux capability numbers (include/uapi/linux/capability.h).
 CAP_BITS = {name: i for i, name in enumerate((
@@ -195,16 +195,17 @@ def _limit(value: int) -> str:
 
 def _creds_excess(pid: int, tid: int, uids: tuple[int, ...], gids: tuple[int, ...], groups: tuple[int, ...],
                   caps: dict[str, int], no_new_privs: bool | None, grant: Grant) -> list[Excess]:
-    """The checks the images and the kernel share: ids, groups, capabilities, no_new_privs."""
+    """The checks the images and the kernel share: ids (real, effective, saved, fs), groups,
+    capabilities, no_new_privs."""
     out = []
 
     def add(field: str, snap: str, spec: str) -> None:
         out.append(Excess(pid, tid, field, snap, spec))
     if not grant.may(CAP_SETUID) and any(u != grant.uid for u in uids):
-        add("uids (real, effective, saved, fs)", _ids(uids), f"uid {grant.uid}")
+        add("uids", _ids(uids), f"uid {grant.uid}")
     if not grant.may(CAP_SETGID):
         if any(g not in grant.gids for g in gids):
-            add("gids (real, effective, saved, fs)", _ids(gids), _ids(sorted(grant.gids)))
+            add("gids", _ids(gids), _ids(sorted(grant.gids)))
         extra = sorted(set(groups) - grant.gids)
         if extra:
             add("supplementary groups", _ids(groups), _ids(sorted(grant.gids)))
@@ -251,8 +252,8 @@ def _seccomp_excess(th: criu_images.Thread, grant: Grant) -> tuple[str, str] | N
         return (f"{len(th.seccomp_chain)} filter(s), not provable",
                 "linux.seccomp's filter, of which this node holds no record (recorded when a container "
                 "of this profile is captured here)")
-    oldest_program, oldest_flags = th.seccomp_chain[-1]
-    if (oldest_program, oldest_flags) != ref:
+    oldest_program, oldest_flags = th.seccomp_chain[0]
+    if (oldest_program, oldest_flags & ~SECCOMP_FILTER_FLAG_TSYNC) != ref:
         return (f"oldest filter sha256:{hashlib.sha256(oldest_program).hexdigest()[:16]} "
                 f"({len(oldest_program) // 8} instructions, flags {oldest_flags:#x})",
                 f"the profile's filter sha256:{hashlib.sha256(ref[0]).hexdigest()[:16]} "
@@ -311,8 +312,11 @@ def record_from_capture(state_dir: str, image_dir: str, spec: dict[str, Any], ru
     images = criu_images.read(image_dir, frozenset(_NAMESPACES))
     init = images.tasks[0].threads[0]
     if init.seccomp_mode == SECCOMP_FILTER and init.seccomp_chain:
-        program, flags = init.seccomp_chain[-1]
-        record_reference(state_dir, profile_key(seccomp, runtime), program, flags, source)
+        program, flags = init.seccomp_chain[0]
+        # TSYNC is CRIU's way of restoring a chain all threads share (criu_images._synced), not a
+        # property of the filter.
+        record_reference(state_dir, profile_key(seccomp, runtime), program, flags & ~SECCOMP_FILTER_FLAG_TSYNC,
+                         source)
 
 
 _NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
@@ -335,9 +339,13 @@ def check_images(image_dir: str, spec: dict[str, Any], grant: Grant) -> Images:
 
 
 def _describe(where: str, excess: list[Excess]) -> str:
-    shown = "; ".join(str(e) for e in excess[:6])
-    more = f"; and {len(excess) - 6} more" if len(excess) > 6 else ""
-    return f"{where} hold more than the spec grants: {shown}{more}"
+    """Each kind of excess once (its first thread), then how many more threads repeat them."""
+    first: dict[str, Excess] = {}
+    for e in excess:
+        first.setdefault(e.field, e)
+    more = len(excess) - len(first)
+    return (f"{where} hold more than the spec grants: " + "; ".join(str(e) for e in first.values())
+            + (f"; and {more} more in other threads or tasks" if more else ""))
 
 
 # --- the kernel -------------------------------------------------------------------------------------------
@@ -392,12 +400,14 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> list[Excess]:
             out += _creds_excess(vpid, vtid, _ints(st, "Uid"), _ints(st, "Gid"), _ints(st, "Groups"), caps, nnp, grant)
             mode = int(st.get("Seccomp", "0"))
             filters = int(st.get("Seccomp_filters", "0"))
+            if not st.get("State", "").startswith(("T", "t")):
+                # CRIU was asked to leave every task stopped: one that is not may have run code.
+                out.append(Excess(vpid, vtid, "state", st.get("State", "?"), "stopped until checked"))
+            if grant.seccomp is not None and mode != SECCOMP_FILTER:
+                out.append(Excess(vpid, vtid, "seccomp", f"mode {mode}", "a filter (linux.seccomp)"))
             th = want.get(vtid)
             if th is None:
                 out.append(Excess(vpid, vtid, "thread", "restored, not in the images", "only the images' tasks"))
-                continue
-            if grant.seccomp is not None and mode != SECCOMP_FILTER:
-                out.append(Excess(vpid, vtid, "seccomp", f"mode {mode}", "a filter (linux.seccomp)"))
             elif mode != th.seccomp_mode or (mode == SECCOMP_FILTER and filters != len(th.seccomp_chain)):
                 out.append(Excess(vpid, vtid, "seccomp", f"mode {mode} with {filters} filter(s)",
                                   f"the images' mode {th.seccomp_mode} with {len(th.seccomp_chain)}"))

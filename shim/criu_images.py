@@ -20,6 +20,7 @@ fields) is refused rather than guessed at.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import struct
@@ -224,7 +225,9 @@ class Thread:
     secbits: int
     no_new_privs: bool | None           # None: the image does not say (CRIU leaves it off)
     seccomp_mode: int
-    seccomp_chain: tuple[tuple[bytes, int], ...]   # (BPF program, flags), newest first
+    # (BPF program, flags), oldest first: the order CRIU installs them in (thread_core names the
+    # oldest filter of the chain, and each filter's `prev` the next newer one; criu/seccomp.c).
+    seccomp_chain: tuple[tuple[bytes, int], ...]
     lsm_profile: str
     lsm_sockcreate: str
     apparmor_data: bool
@@ -349,12 +352,30 @@ def read(image_dir: str, namespaces: frozenset[str]) -> Images:
                     raise ImageError(f"{name}: per-task seccomp fields (an old image form thaw does not read)")
             threads.append(_thread(e.pid, tid, core, chains, name))
         assert leader_tc is not None
+        threads = _synced(threads)
         rl = tuple((int(r.cur), int(r.max)) for r in leader_tc.rlimits.rlimits) if leader_tc.HasField("rlimits") else ()
         tasks.append(Task(pid=e.pid, ppid=e.ppid, state=leader_tc.task_state, comm=leader_tc.comm, rlimits=rl,
                           oom_score_adj=leader_tc.oom_score_adj if leader_tc.HasField("oom_score_adj") else None,
                           loginuid=leader_tc.loginuid if leader_tc.HasField("loginuid") else None,
                           threads=tuple(threads)))
     return Images(tuple(tasks), tuple(names), arch)
+
+
+SECCOMP_FILTER_FLAG_TSYNC = 1
+
+
+def _synced(threads: list[Thread]) -> list[Thread]:
+    """Where every thread shared the leader's chain, CRIU's dump keeps the chain on the leader
+    alone, flagged TSYNC, and leaves the others' mode disabled: installing it on the leader
+    (oldest first) gives every thread without a chain of its own the leader's chain up to its
+    newest TSYNC filter. That is what such a thread holds after the restore."""
+    leader = threads[0]
+    synced = [i for i, (_, flags) in enumerate(leader.seccomp_chain) if flags & SECCOMP_FILTER_FLAG_TSYNC]
+    if leader.seccomp_mode != SECCOMP_FILTER or not synced:
+        return threads
+    chain = leader.seccomp_chain[:synced[-1] + 1]
+    return [leader] + [dataclasses.replace(t, seccomp_mode=SECCOMP_FILTER, seccomp_chain=chain)
+                       if t.seccomp_mode == SECCOMP_DISABLED else t for t in threads[1:]]
 
 
 def _thread(pid: int, tid: int, core: Any, chains: list[tuple[bytes, int, int | None]], name: str) -> Thread:

@@ -1,0 +1,480 @@
+"""What CRIU restores is proven within the new spec (shim/confinement.py), attacked for real: real
+captures, forged the way an attacker would — the CRIU images re-encoded with the classes generated
+from CRIU's .proto files, the snapshot re-packed with correct digests and brought in with
+`thaw import` — and restored into a restricted spec. Each attack must cold-start with an event
+naming the cause and leave nothing behind; the untouched snapshot must restore, also into a spec
+that grants more than the captured one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from helpers import PYTHON, make_bundle, unique, wait_for
+from thaw.oci import snapshot as fmt
+from thaw.oci.annotations import SnapshotRef
+from thaw.shim import confinement, criu_images
+from thaw.shim.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
+from thaw.shim.runc import cgroup_dirs
+from thaw.shim.store import Store
+
+pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
+
+# Two extra threads and a child task, so that there is a non-leader thread and a second task.
+WORKLOAD = r"""
+import subprocess, threading, time
+for _ in range(2):
+    threading.Thread(target=time.sleep, args=(10**6,), daemon=True).start()
+child = subprocess.Popen(["/usr/bin/sleep", "1000000"])
+i = 0
+while True:
+    print("tick", i, flush=True)
+    i += 1
+    time.sleep(0.05)
+"""
+SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
+           "syscalls": [{"names": ["mount", "umount2"], "action": "SCMP_ACT_ERRNO"}]}
+# Every capability this machine's root holds (the test machines' root lacks CAP_SYS_RESOURCE).
+ALL_CAPS = ["CAP_" + name for name, bit in confinement.CAP_BITS.items()
+            if int(confinement._status("/proc/self/status")["CapBnd"], 16) >> bit & 1]
+ALL_CAP_WORDS = [0xFFFFFFFF, (1 << (len(confinement.CAP_BITS) - 32)) - 1]
+ALLOW_ALL_BPF = bytes([0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0x7F])   # BPF_RET|BPF_K SECCOMP_RET_ALLOW
+
+
+def restricted(spec: dict, uid: int = 0) -> None:
+    """No capabilities, no-new-privs, a seccomp profile. uid 0: the test machines' root lacks
+    CAP_SYS_RESOURCE, without which CRIU cannot dump another uid's process (prlimit); the uid
+    attacks restore uid-0 images into a uid-1000 spec instead."""
+    p = spec["process"]
+    p["user"] = {"uid": uid, "gid": uid}
+    p["capabilities"] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    p["noNewPrivileges"] = True
+    spec["linux"]["seccomp"] = SECCOMP
+
+
+def privileged(spec: dict) -> None:
+    p = spec["process"]
+    p["user"] = {"uid": 0, "gid": 0}
+    p["capabilities"] = {k: ALL_CAPS for k in ("bounding", "effective", "permitted")}
+    p["noNewPrivileges"] = False
+    spec["linux"].pop("seccomp", None)
+
+
+def more_than_captured(spec: dict) -> None:
+    """The restricted spec, granting more: capabilities, no NNP, no seccomp."""
+    restricted(spec)
+    p = spec["process"]
+    p["capabilities"] = {k: ["CAP_NET_BIND_SERVICE", "CAP_KILL"] for k in ("bounding", "effective", "permitted")}
+    p["noNewPrivileges"] = False
+    del spec["linux"]["seccomp"]
+
+
+def bundle(path: str, change, snapshot: str | None = None) -> str:
+    b = make_bundle(path, [PYTHON, "-c", WORKLOAD], python=True,
+                    annotations={"thaw.dev/snapshot": snapshot} if snapshot else None)
+    cfg = os.path.join(b, "config.json")
+    with open(cfg) as f:
+        spec = json.load(f)
+    change(spec)
+    with open(cfg, "w") as f:
+        json.dump(spec, f)
+    return b
+
+
+def ticks(text: str) -> list[int]:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("tick ")]
+
+
+@dataclasses.dataclass
+class World:
+    env: object
+    dir: str
+    forged: int = 0
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One thaw installation, with two real captures: `base` (the restricted spec) and `root`
+    (uid 0, every capability, no NNP, no seccomp)."""
+    from conftest import ThawEnv
+    d = tmp_path_factory.mktemp("confinement")
+    env = ThawEnv.in_dir(d)
+    old = os.environ.get("THAW_CONFIG")
+    os.environ["THAW_CONFIG"] = env.config
+    try:
+        for name, change in (("base:1", restricted), ("root:1", privileged)):
+            src = env.container(bundle(str(d / unique("src")), change))
+            assert src.create() == 0, src.log_text()
+            src.start()
+            src.wait_output(lambda t: len(ticks(t)) > 10)
+            env.thaw("capture", src.id, "--name", name, "--root", env.root)
+            src.destroy()
+        yield World(env, str(d))
+    finally:
+        for cid in env.runc_ids():
+            subprocess.run(["runc", "--root", env.root, "delete", "--force", cid], capture_output=True)
+        if old is None:
+            os.environ.pop("THAW_CONFIG", None)
+        else:
+            os.environ["THAW_CONFIG"] = old
+
+
+# --- the attacker's tool --------------------------------------------------------------------------
+
+def read_one(images: str, name: str, magic: int, message):
+    return criu_images.read_file(os.path.join(images, name), magic, message, name != "pstree.img")
+
+
+def write(images: str, name: str, magic: int, messages: list) -> None:
+    path = os.path.join(images, name)
+    with open(path, "wb") as f:
+        f.write(criu_images.encode(messages, magic, name))
+
+
+def edit_core(images: str, tid: int, change) -> None:
+    name = f"core-{tid}.img"
+    [core] = read_one(images, name, CORE_MAGIC, criu_images.schemas().core)
+    change(core)
+    write(images, name, CORE_MAGIC, [core])
+
+
+def tasks(images: str) -> list:
+    return read_one(images, "pstree.img", PSTREE_MAGIC, criu_images.schemas().pstree)
+
+
+def forge(world: World, source: str, images=None, config=None) -> str:
+    """A snapshot made from `source`'s real files, its images edited by `images(dir)` and its
+    config by `config(SnapshotConfig)`, re-packed into an archive with correct digests and brought
+    in with `thaw import`, as an attacker (or a registry they push to) would. Returns its name."""
+    env = world.env
+    world.forged += 1
+    ref = f"forged{world.forged}:1"
+    store = Store(env.store)
+    snap = store.resolve(SnapshotRef(*source.split(":")), "_local")
+    work = Store(os.path.join(world.dir, unique("forge"))).init()
+    with work.staging("capture") as staging:
+        out = staging.new_dir("images")
+        with store.image_dir(snap) as src:
+            for name in os.listdir(src):
+                shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+        if images:
+            images(out)
+        whole, parts, hashes, _ = staging.package_images(out)
+        with store.open_rootfs_layer(snap) as layer:
+            rootfs = staging.put_stream(lambda w: shutil.copyfileobj(layer, w), fmt.ROOTFS_LAYER)
+        deleted = staging.put_bytes(fmt.deleted_blob(store.deleted_paths(snap)), fmt.DELETED_LAYER)
+        cfg = dataclasses.replace(snap.config, ref=ref)
+        new = staging.write_snapshot(config(cfg) if config else cfg, whole, parts, rootfs, deleted)
+        work.publish(new, out, "captured", hashes)
+    archive = os.path.join(world.dir, ref.replace(":", "_") + ".tar")
+    work.export(SnapshotRef(*ref.split(":")), "_local", archive)
+    env.thaw("import", archive)
+    return ref
+
+
+# --- what a user sees ------------------------------------------------------------------------------
+
+def cold_started(world: World, ref: str, *cause: str, uid: int = 0) -> str:
+    """Restore `ref` into the restricted spec: it must cold-start, say why (every word of `cause`
+    in the runtime log and the events log), and leave nothing of the restore behind."""
+    env = world.env
+    dst = env.container(bundle(os.path.join(world.dir, unique("dst")), lambda spec: restricted(spec, uid), ref))
+    assert dst.create() == 0, dst.log_text()
+    try:
+        warnings = [e["msg"] for e in dst.log_entries() if e.get("level") == "warning"]
+        assert len(warnings) == 1, warnings
+        msg = warnings[0]
+        assert "cold start" in msg, msg
+        for word in cause:
+            assert word in msg, (word, msg)
+        events = [json.loads(line) for line in open(os.path.join(env.state, "events.log"))]
+        [event] = [e for e in events if e.get("container") == dst.id and e["kind"] == "cold_start"]
+        assert all(word in event["reason"] for word in cause), event
+        # Nothing left behind: one container, its cgroup holding only runc's init (a restored task
+        # that was not killed would still be there, stopped), no thaw record but the cold start's.
+        assert env.runc_ids() == [dst.id]
+        with open(os.path.join(dst.bundle, "config.json")) as f:
+            spec = json.load(f)
+        for cg in [c for c in cgroup_dirs(spec, False) if os.path.exists(os.path.join(c, "cgroup.procs"))]:
+            with open(os.path.join(cg, "cgroup.procs")) as f:
+                assert f.read().split() == [str(dst.pid())], cg
+        dst.start()
+        out = dst.wait_output(lambda t: len(ticks(t)) > 2)
+        assert ticks(out)[0] == 0                                 # started afresh
+        st = confinement._status(f"/proc/{dst.pid()}/status")
+        assert st["Uid"].split() == [str(uid)] * 4 and st["CapEff"] == "0000000000000000"
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+        return msg
+    finally:
+        dst.destroy()
+
+
+def restored(world: World, ref: str, change=restricted) -> dict[str, str]:
+    env = world.env
+    dst = env.container(bundle(os.path.join(world.dir, unique("dst")), change, ref))
+    assert dst.create() == 0, dst.log_text()
+    try:
+        assert not [e for e in dst.log_entries() if e.get("level") == "warning"], dst.log_text()
+        dst.start()
+        assert ticks(dst.wait_output(lambda t: len(ticks(t)) > 12))[0] > 10     # it went on counting
+        return confinement._status(f"/proc/{dst.pid()}/status")
+    finally:
+        dst.destroy()
+
+
+# --- positive controls --------------------------------------------------------------------------------
+
+def test_the_captured_snapshot_restores_into_its_own_spec(world):
+    st = restored(world, "base:1")
+    assert st["Uid"].split() == ["0"] * 4 and st["CapEff"] == "0000000000000000"
+    assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2" and st["Seccomp_filters"] == "1"
+
+
+def test_a_spec_granting_more_than_captured_restores_and_the_process_keeps_less(world):
+    st = restored(world, "base:1", more_than_captured)
+    assert st["CapEff"] == "0000000000000000" and st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+
+
+def test_a_reencoded_but_unchanged_snapshot_restores(world):
+    """The forging path itself changes nothing: a re-encoded, re-packed, imported copy restores."""
+    def same(images):
+        for t in tasks(images):
+            for tid in t.threads:
+                edit_core(images, tid, lambda core: None)
+    restored(world, forge(world, "base:1", same))
+
+
+# --- attacks ------------------------------------------------------------------------------------------
+
+def test_forged_config_over_uid0_images(world):
+    """Images of a uid-0, all-capabilities container; its config rewritten to claim the restricted
+    spec's identity and to list no process."""
+    with open(os.path.join(bundle(os.path.join(world.dir, unique("id")), lambda s: restricted(s, 1000)),
+                           "config.json")) as f:
+        claimed = json.load(f)
+    from thaw.shim import fingerprint
+    ref = forge(world, "root:1", config=lambda c: dataclasses.replace(
+        c, identity=fingerprint.identity(claimed), processes=()))
+    msg = cold_started(world, ref, "task 1: uids [0, 0, 0, 0] (the spec grants uid 1000)", "gids", "CapEff",
+                       "CapPrm", "CapBnd", "no_new_privs", "seccomp mode disabled", uid=1000)
+    assert "snapshot's images" in msg
+
+
+@pytest.mark.parametrize("capset", ["cap_eff", "cap_prm", "cap_inh", "cap_amb", "cap_bnd"])
+def test_each_capability_set_alone(world, capset):
+    def grant_all(images):
+        def every_capability(core):
+            words = getattr(core.thread_core.creds, capset)
+            del words[:]
+            words.extend(ALL_CAP_WORDS)
+        edit_core(images, tasks(images)[0].pid, every_capability)
+    name = "Cap" + capset[4:].capitalize()
+    msg = cold_started(world, forge(world, "base:1", grant_all), f"task 1: {name}")
+    assert msg.count("Cap") == 1, msg                           # that set alone
+
+
+def test_no_new_privs_off(world):
+    def nnp_off(images):
+        edit_core(images, tasks(images)[0].pid, lambda core: setattr(core.thread_core.creds, "no_new_privs", 0))
+    cold_started(world, forge(world, "base:1", nnp_off), "task 1: no_new_privs off")
+
+
+def test_seccomp_absent(world):
+    def no_seccomp(images):
+        edit_core(images, tasks(images)[0].pid, lambda core: setattr(core.thread_core, "seccomp_mode", 0))
+    cold_started(world, forge(world, "base:1", no_seccomp), "task 1: seccomp mode disabled")
+
+
+def test_an_allow_all_seccomp_filter(world):
+    """Mode filter, one filter: one that allows everything, in place of the profile's."""
+    def allow_all(images):
+        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_images.schemas().seccomp)
+        f = sec.seccomp_filters.add()
+        f.filter = ALLOW_ALL_BPF
+        index = len(sec.seccomp_filters) - 1
+        write(images, "seccomp.img", SECCOMP_MAGIC, [sec])
+        for t in tasks(images):
+            for tid in t.threads:
+                edit_core(images, tid, lambda core: setattr(core.thread_core, "seccomp_filter", index))
+    cold_started(world, forge(world, "base:1", allow_all), "seccomp oldest filter", "1 instructions")
+
+
+def test_an_extra_supplementary_group(world):
+    def group(images):
+        edit_core(images, tasks(images)[0].pid, lambda core: core.thread_core.creds.groups.append(27))
+    cold_started(world, forge(world, "base:1", group), "task 1: supplementary groups [27]")
+
+
+def test_a_non_leader_thread_with_other_credentials(world):
+    def thread_root(images):
+        leader = tasks(images)[0]
+        other = [t for t in leader.threads if t != leader.pid][0]
+
+        def every_capability(core):
+            c = core.thread_core.creds
+            for words in (c.cap_eff, c.cap_prm, c.cap_bnd):
+                del words[:]
+                words.extend(ALL_CAP_WORDS)
+            c.no_new_privs = 0
+        edit_core(images, other, every_capability)
+    msg = cold_started(world, forge(world, "base:1", thread_root), "task 1 thread ", "CapEff", "no_new_privs")
+    assert "task 1:" not in msg                                  # the leader is fine, only that thread
+
+
+def test_a_task_the_config_does_not_list(world):
+    """The child task gets every capability; the config lists the leader alone."""
+    child: list[int] = []
+
+    def child_root(images):
+        task = tasks(images)[1]
+        child.append(task.pid)
+
+        def every_capability(core):
+            c = core.thread_core.creds
+            for words in (c.cap_eff, c.cap_prm, c.cap_bnd):
+                del words[:]
+                words.extend(ALL_CAP_WORDS)
+        for tid in task.threads:
+            edit_core(images, tid, every_capability)
+    ref = forge(world, "base:1", child_root, config=lambda c: dataclasses.replace(c, processes=c.processes[:1]))
+    msg = cold_started(world, ref, f"task {child[0]}: CapEff", f"task {child[0]}: CapBnd")
+    assert "task 1:" not in msg
+
+
+def test_an_apparmor_policy_blob(world):
+    """Policy CRIU would load into the kernel: an apparmor.img, or apparmor_data in the creds."""
+    def policy_image(images):
+        from thaw.shim.criu_proto import apparmor_pb2
+        entry = apparmor_pb2.apparmor_entry()
+        ns = entry.namespaces.add(name="root")
+        ns.policies.add(name="unconfined-everything", blob=b"\x04\x08\x00version\x00")
+        write(images, "apparmor.img", 0x59423047, [entry])
+    cold_started(world, forge(world, "base:1", policy_image), "apparmor.img", "AppArmor policy blobs")
+
+    def policy_in_creds(images):
+        edit_core(images, tasks(images)[0].pid,
+                  lambda core: setattr(core.thread_core.creds, "apparmor_data", b"\x04\x08\x00version\x00"))
+    cold_started(world, forge(world, "base:1", policy_in_creds), "task 1: AppArmor policy data")
+
+
+def test_an_image_kind_outside_the_allow_list(world):
+    def tun(images):
+        from thaw.shim.criu_proto import tun_pb2
+        write(images, "tunfile.img", 0x57143751, [tun_pb2.tunfile_entry(id=7, netdev="tun0")])
+    cold_started(world, forge(world, "base:1", tun), "tunfile.img", "not restored by thaw")
+
+    def old_creds(images):
+        from thaw.shim.criu_proto import creds_pb2
+        c = creds_pb2.creds_entry(uid=0, gid=0, euid=0, egid=0, suid=0, sgid=0, fsuid=0, fsgid=0, secbits=0)
+        write(images, "creds-1.img", 0x54023547, [c])
+    cold_started(world, forge(world, "base:1", old_creds), "creds-1.img", "old per-task credentials")
+
+
+def test_an_unknown_field_is_refused(world):
+    """A field CRIU 4.1.1's schema does not define, deep in a thread's credentials: a second
+    thread_core (field 5) whose creds (field 10) hold field 501, which protobuf merges in."""
+    def unknown(images):
+        name = f"core-{tasks(images)[0].pid}.img"
+        [core] = read_one(images, name, CORE_MAGIC, criu_images.schemas().core)
+        creds = bytes([0xA8, 0x1F, 0x01])                           # field 501, varint 1
+        thread_core = bytes([0x52]) + _varint(len(creds)) + creds
+        body = core.SerializeToString() + bytes([0x2A]) + _varint(len(thread_core)) + thread_core
+        with open(os.path.join(images, name), "wb") as f:
+            f.write(criu_images.header(name, CORE_MAGIC) + len(body).to_bytes(4, "little") + body)
+    cold_started(world, forge(world, "base:1", unknown), "fields CRIU 4.1.1 does not define")
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+# --- the kernel, before the restored tasks run ----------------------------------------------------------
+
+def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world):
+    """CRIU leaves the restored tasks stopped; thaw checks them and only then lets them run. A
+    task found running at the check (here: continued from outside while thaw waits) may have run
+    code: the container is killed and cold-started."""
+    env = world.env
+    dst = env.container(bundle(os.path.join(world.dir, unique("dst")), restricted, "base:1"))
+    import threading
+    found: list[int] = []
+
+    def cont():
+        def restored_init():
+            for d in cgroup_dirs(json.load(open(os.path.join(dst.bundle, "config.json"))), False):
+                try:
+                    pids = open(os.path.join(d, "cgroup.procs")).read().split()
+                except OSError:
+                    continue
+                stopped = [int(p) for p in pids
+                           if confinement._status(f"/proc/{p}/status")["State"].startswith("T")]
+                if stopped:
+                    return stopped
+            return None
+        pids = wait_for(restored_init, 60, "the restored, stopped tasks")
+        found.extend(pids)
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+    th = threading.Thread(target=cont, daemon=True)
+    th.start()
+    try:
+        assert dst.create(env={"THAW_TEST_FAULTS": "runc_restored=sleep:3"}) == 0, dst.log_text()
+        th.join(10)
+        assert found, "never saw the restored tasks stopped"
+        [msg] = [e["msg"] for e in dst.log_entries() if e.get("level") == "warning"]
+        assert "(kernel)" in msg and "state" in msg and "stopped until checked" in msg, msg
+        assert env.runc_ids() == [dst.id]
+        for p in found:                                              # the restored tasks are gone
+            assert not os.path.exists(f"/proc/{p}") or confinement._status(f"/proc/{p}/status")["State"][0] in "ZX"
+        dst.start()
+        # What the test let run printed its ticks before it was killed; the cold start counts from 0.
+        dst.wait_output(lambda t: 2 in ticks(t))
+    finally:
+        dst.destroy()
+
+
+def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
+    """kernel_excess on a live uid-0 container with every capability (stopped, as CRIU leaves a
+    restore), against the restricted spec's grant: each thread's excess from /proc, by name."""
+    env = world.env
+    src = env.container(bundle(os.path.join(world.dir, unique("live")), privileged))
+    assert src.create() == 0
+    src.start()
+    try:
+        src.wait_output(lambda t: len(ticks(t)) > 3)
+        pid = src.pid()
+        pids = confinement.tree(pid)
+        assert len(pids) == 2                                     # python and its child
+        with Store(env.store).image_dir(Store(env.store).resolve(SnapshotRef("root", "1"), "_local")) as d:
+            images = criu_images.read(d, frozenset({"pid", "ipc", "uts", "mount", "network"}))
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        wait_for(lambda: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids), 10, "stop")
+        with open(os.path.join(src.bundle, "config.json")) as f:
+            spec = json.load(f)
+        restricted(spec, 1000)
+        grant = confinement.Grant.of(spec, None)
+        excess = confinement.kernel_excess(pid, images, grant)
+        fields = {(e.task, e.field) for e in excess}
+        for field in ("uids", "CapEff", "CapPrm", "CapBnd", "no_new_privs", "seccomp"):
+            assert (1, field) in fields, excess
+        threads = {e.thread for e in excess if e.field == "CapEff"}
+        assert len(threads) == 3 + 1                              # every thread of python, and the child
+        # the same tree is within a spec that grants it all
+        with open(os.path.join(src.bundle, "config.json")) as f:
+            assert not [e for e in confinement.kernel_excess(pid, images, confinement.Grant.of(json.load(f)))
+                        if e.field not in ("thread", "threads", "seccomp")]
+    finally:
+        src.destroy()
