@@ -412,18 +412,17 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
     found: list[int] = []
 
     def cont():
-        def restored_init():
-            for d in cgroup_dirs(json.load(open(os.path.join(dst.bundle, "config.json"))), False):
-                try:
-                    pids = open(os.path.join(d, "cgroup.procs")).read().split()
-                except OSError:
-                    continue
-                stopped = [int(p) for p in pids
-                           if confinement._status(f"/proc/{p}/status")["State"].startswith("T")]
-                if stopped:
-                    return stopped
-            return None
-        pids = wait_for(restored_init, 60, "the restored, stopped tasks")
+        def restored_and_stopped():
+            # runc writes the pid file once CRIU is done; thaw then sleeps at the fault point
+            try:
+                with open(dst.pid_file) as f:
+                    pid = int(f.read())
+                pids = confinement.tree(pid)
+                states = [confinement._status(f"/proc/{p}/status")["State"] for p in pids]
+            except (OSError, ValueError, KeyError):
+                return None
+            return pids if all(s.startswith("T") for s in states) else None
+        pids = wait_for(restored_and_stopped, 60, "the restored, stopped tasks")
         found.extend(pids)
         for p in pids:
             os.kill(p, signal.SIGCONT)
