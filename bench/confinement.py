@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=200)
     ap.add_argument("--restores", type=int, default=10)
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]          # shared 2-core machine: say how busy it was
     tmp = tempfile.mkdtemp(prefix="thaw-bench-conf-")
     env = ThawEnv.in_dir(tmp)
     os.environ["THAW_CONFIG"] = env.config
@@ -103,6 +104,7 @@ def main() -> None:
             "image_check_cold_median_s": statistics.median(c["first_check_s"] for c in cold),
             "import_cold_median_s": statistics.median(c["import_s"] for c in cold),
             "goal_added_s": 0.030,
+            "load_average_1m_before_after": [load_before, os.getloadavg()[0]],
         }
         path = save("confinement", result)
         print(f"{threads} threads, {args.restores} restores through thaw-runtime (medians):")
@@ -112,6 +114,7 @@ def main() -> None:
         print(f"  image check in-process: warm {result['image_check_warm_median_s'] * 1000:.1f} ms; fresh interpreter:"
               f" imports {result['import_cold_median_s'] * 1000:.1f} ms + check "
               f"{result['image_check_cold_median_s'] * 1000:.1f} ms")
+        print(f"  load average (1 min) before/after: {result['load_average_1m_before_after']}")
         print(f"saved {path}")
     finally:
         for cid in env.runc_ids():

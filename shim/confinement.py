@@ -350,6 +350,14 @@ def _describe(where: str, excess: list[Excess]) -> str:
 
 # --- the kernel -------------------------------------------------------------------------------------------
 
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
 def tree(root_pid: int) -> list[int]:
     """root_pid and its descendants (every thread's children), parents first."""
     out, todo = [], [root_pid]
@@ -362,41 +370,64 @@ def tree(root_pid: int) -> list[int]:
             continue
         for tid in tids:
             try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
+                todo += [int(c) for c in _read(f"/proc/{pid}/task/{tid}/children").split()]
             except OSError:
                 pass
     return out
 
 
 def _status(path: str) -> dict[str, str]:
-    with open(path) as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    return dict(line.split(":\t", 1) for line in _read(path).split("\n") if ":\t" in line)
 
 
-def kernel_excess(root_pid: int, images: Images, grant: Grant) -> list[Excess]:
+_STATUS_KEYS = ("State", "NStgid", "NSpid", "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
+                "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters")
+
+
+def _fields(text: str) -> dict[str, str]:
+    """The lines of a /proc status this module reads (found by key: ~60 lines a file, 200+ files)."""
+    out = {}
+    text = "\n" + text
+    for key in _STATUS_KEYS:
+        at = text.find(f"\n{key}:")
+        if at >= 0:
+            start = at + len(key) + 2
+            end = text.find("\n", start)
+            out[key] = text[start:end if end >= 0 else None].strip()
+    return out
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The restored tree as the kernel check found it: host pid -> pid in the container."""
+    tasks: dict[int, int]
+
+
+def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Excess], Restored]:
     """Every thread of the restored tree, as the kernel has it, against the grant; and the tree
     itself against the images (the same tasks and threads, each seccomp chain as long)."""
     out: list[Excess] = []
     want = {th.tid: th for t in images.tasks if t.runs for th in t.threads}
     seen: set[int] = set()
+    tasks: dict[int, int] = {}
     for pid in tree(root_pid):
         try:
-            tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for tid_text in tids:
             try:
-                st = _status(f"/proc/{pid}/task/{tid_text}/status")
+                st = _fields(_read(f"/proc/{pid}/task/{tid_text}/status"))
             except OSError:
                 continue
             if st.get("State", "").startswith(("Z", "X")):
                 continue                                 # a zombie runs nothing
             # Ids in the container's pid namespace (the images' numbering): the last of each list.
             vpid, vtid = _last(st.get("NStgid"), pid), _last(st.get("NSpid"), int(tid_text))
+            tasks[pid] = vpid
             seen.add(vtid)
             caps = {k: int(st.get("Cap" + k.capitalize(), "0"), 16) for k in CAP_SETS}
-            nnp = st.get("NoNewPrivs", "0").strip() == "1"
+            nnp = st.get("NoNewPrivs", "0") == "1"
             out += _creds_excess(vpid, vtid, _ints(st, "Uid"), _ints(st, "Gid"), _ints(st, "Groups"), caps, nnp, grant)
             mode = int(st.get("Seccomp", "0"))
             filters = int(st.get("Seccomp_filters", "0"))
@@ -415,7 +446,7 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> list[Excess]:
     if missing:
         out.append(Excess(root_pid, root_pid, "threads", f"{_ids(missing)} missing from the restored tree",
                           "every thread of the images"))
-    return out
+    return out, Restored(tasks)
 
 
 def _ints(status: dict[str, str], key: str) -> tuple[int, ...]:
@@ -427,21 +458,18 @@ def _last(nspid: str | None, default: int) -> int:
     return int(fields[-1]) if fields else default
 
 
-def check_kernel(root_pid: int, images: Images, grant: Grant) -> None:
-    excess = kernel_excess(root_pid, images, grant)
+def check_kernel(root_pid: int, images: Images, grant: Grant) -> Restored:
+    excess, restored = kernel_excess(root_pid, images, grant)
     if excess:
         raise ConfinementError(_describe("the restored tasks (kernel)", excess))
+    return restored
 
 
-def resume(root_pid: int, images: Images) -> None:
+def resume(restored: Restored, images: Images) -> None:
     """Let the restored tasks run: SIGCONT to each task CRIU left stopped at thaw's request (a
     task that was stopped when captured stays stopped)."""
     stopped = {t.pid for t in images.tasks if t.state == criu_images.TASK_STOPPED}
-    for pid in tree(root_pid):
-        try:
-            vpid = _last(_status(f"/proc/{pid}/status").get("NSpid"), pid)
-        except OSError:
-            continue
+    for pid, vpid in restored.tasks.items():
         if vpid not in stopped:
             try:
                 os.kill(pid, signal.SIGCONT)

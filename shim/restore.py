@@ -146,10 +146,10 @@ def _check_kernel(pid: int, proof: Proof) -> None:
     """Before the restored tasks run (CRIU left them stopped): what the kernel says they hold."""
     from . import confinement
     try:
-        confinement.check_kernel(pid, proof.images, proof.grant)
+        restored = confinement.check_kernel(pid, proof.images, proof.grant)
     except confinement.ConfinementError as exc:
         raise Incompatible(str(exc)) from exc
-    confinement.resume(pid, proof.images)
+    confinement.resume(restored, proof.images)
 
 
 def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store, runc: Runc,

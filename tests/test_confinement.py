@@ -465,7 +465,7 @@ def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
             spec = json.load(f)
         restricted(spec, 1000)
         grant = confinement.Grant.of(spec, None)
-        excess = confinement.kernel_excess(pid, images, grant)
+        excess, _ = confinement.kernel_excess(pid, images, grant)
         fields = {(e.task, e.field) for e in excess}
         for field in ("uids", "CapEff", "CapPrm", "CapBnd", "no_new_privs", "seccomp"):
             assert (1, field) in fields, excess
@@ -473,7 +473,8 @@ def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
         assert len(threads) == 3 + 1                              # every thread of python, and the child
         # the same tree is within a spec that grants it all
         with open(os.path.join(src.bundle, "config.json")) as f:
-            assert not [e for e in confinement.kernel_excess(pid, images, confinement.Grant.of(json.load(f)))
-                        if e.field not in ("thread", "threads", "seccomp")]
+            excess, restored = confinement.kernel_excess(pid, images, confinement.Grant.of(json.load(f)))
+        assert not [e for e in excess if e.field not in ("thread", "threads", "seccomp")], excess
+        assert set(restored.tasks) == set(pids) and restored.tasks[pid] == 1    # host pid -> container pid
     finally:
         src.destroy()
