@@ -323,9 +323,12 @@ _NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"
 
 
 def spec_namespaces(spec: dict[str, Any]) -> frozenset[str]:
-    """The namespaces runc creates for the spec (not those it joins by path)."""
+    """The namespaces whose contents a restore may bring back: those the spec has, except a
+    network namespace joined by path (a pod's, shared by its containers: CRIU must treat it as
+    external). IPC and UTS namespaces joined by path are a pod's own and get its contents as
+    before (not compared)."""
     return frozenset(n.get("type", "") for n in (spec.get("linux") or {}).get("namespaces") or []
-                     if not n.get("path"))
+                     if not (n.get("path") and n.get("type") == "network"))
 
 
 def check_images(image_dir: str, spec: dict[str, Any], grant: Grant) -> Images:

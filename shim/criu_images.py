@@ -55,8 +55,7 @@ class Kind:
 # Anything else is refused: tun devices, BPF maps, binfmt_misc, autofs, AppArmor policy blobs
 # (apparmor.img, loaded by CRIU into the kernel), the old creds-<pid>.img, ... Namespace contents
 # (hostname, IPC objects and sysctls, network devices/addresses/routes/firewall/net sysctls, user
-# namespace maps) only where the new spec has runc create that namespace: CRIU then writes them
-# into a namespace made for this container alone (see namespace_kinds).
+# namespace maps) only where the new spec has that namespace (NAMESPACE_KINDS).
 KINDS: dict[str, Kind] = {k.pattern: k for k in (
     Kind(r"inventory\.img", INVENTORY_MAGIC, "the dump's header: image version, root namespace ids, LSM type"),
     Kind(r"pstree\.img", PSTREE_MAGIC, "the process tree: every task and thread (checked)"),
@@ -91,8 +90,8 @@ KINDS: dict[str, Kind] = {k.pattern: k for k in (
     Kind(r"cpuinfo\.img", 0x61404013, "CPU features at dump"),
 )}
 
-# Namespace contents: allowed only where the spec creates the namespace (runc joins a pod's by
-# path, and CRIU must not write a pod's network or IPC state from a snapshot).
+# Namespace contents: allowed only where the spec has the namespace (confinement.spec_namespaces:
+# a network namespace joined by path, a pod's, only in CRIU's external form).
 NAMESPACE_KINDS: dict[str, tuple[str, Kind]] = {k.pattern: (ns, k) for ns, k in (
     ("uts", Kind(r"utsns-\d+\.img", 0x54473203, "hostname and domain name")),
     ("ipc", Kind(r"ipcns-var-\d+\.img", 0x53115007, "IPC namespace sysctls")),
@@ -293,10 +292,10 @@ def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
         m = _NS_RE.fullmatch(name)
         if m:
             ns, kind = _NS_LIST[int((m.lastgroup or "n0")[1:])]
-            if ns in namespaces:
-                continue
-            raise ImageError(f"image {name} ({kind.why}) restores {ns} namespace state, but the spec does "
-                             f"not create a {ns} namespace")
+            if ns in namespaces or _EXTERNAL_NETNS.fullmatch(name):
+                continue                               # (an external netns: read() checks it is only that)
+            raise ImageError(f"image {name} ({kind.why}) restores {ns} namespace state, but the spec has "
+                             f"no {ns} namespace of the container's own")
         for pattern, why in REFUSED:
             if pattern.fullmatch(name):
                 raise ImageError(f"image {name}: {why}: not restored by thaw")
@@ -330,6 +329,20 @@ def check_magics(image_dir: str, names: list[str]) -> None:
 
 
 _DECODED = frozenset({"inventory.img", "pstree.img", "seccomp.img"})
+# A network namespace runc joins by path (a pod's) is dumped as external: an entry naming its
+# key and holding nothing else, which CRIU does not restore into (runc hands it the namespace).
+_EXTERNAL_NETNS = re.compile(r"netns-\d+\.img")
+NETNS_MAGIC = 0x55933752
+
+
+def _check_external_netns(image_dir: str, name: str) -> None:
+    import importlib
+    entry_type = importlib.import_module(f"{__package__}.criu_proto.netdev_pb2").netns_entry
+    for entry in read_file(os.path.join(image_dir, name), NETNS_MAGIC, entry_type, False):
+        fields = [f.name for f, _ in entry.ListFields()]
+        if fields != ["ext_key"]:
+            raise ImageError(f"image {name} restores network namespace state ({', '.join(fields)}), but the "
+                             "spec does not create a network namespace")
 
 
 def read(image_dir: str, namespaces: frozenset[str]) -> Images:
@@ -338,6 +351,10 @@ def read(image_dir: str, namespaces: frozenset[str]) -> Images:
     names = sorted(os.listdir(image_dir))
     check_kinds(names, namespaces)
     check_magics(image_dir, names)
+    if "network" not in namespaces:
+        for name in names:
+            if _EXTERNAL_NETNS.fullmatch(name):
+                _check_external_netns(image_dir, name)
     pb = schemas()
     path = os.path.join
     read_file(path(image_dir, "inventory.img"), INVENTORY_MAGIC, pb.inventory, True)

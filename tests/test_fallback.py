@@ -150,11 +150,12 @@ def corrupt_image_mismatch(env):
 def corrupt_criu_image_content(env):
     """A snapshot whose CRIU images are structurally broken but whose seal is intact: CRIU itself
     fails, and the runc container it began is removed."""
-    inv = writable(os.path.join(image_dir(env), "inventory.img"))
-    st = os.stat(inv)
-    with open(inv, "r+b") as f:
-        f.write(b"\0" * 8)                  # wreck the magic
-    os.utime(inv, ns=(st.st_atime_ns, st.st_mtime_ns))   # as if the seal could not see it
+    mm = writable(os.path.join(image_dir(env), "mm-1.img"))
+    st = os.stat(mm)
+    with open(mm, "r+b") as f:
+        f.seek(8)                           # past the header thaw's image check reads: CRIU's to fail on
+        f.write(b"\xff" * 8)
+    os.utime(mm, ns=(st.st_atime_ns, st.st_mtime_ns))   # as if the seal could not see it
     return {"thaw.dev/snapshot": "snap:1"}, ["runc restore"]
 
 
