@@ -263,8 +263,9 @@ class Task:
 
     @property
     def runs(self) -> bool:
-        """Whether CRIU brings it back as a task that runs (a zombie or dead task does not)."""
-        return self.state in (TASK_ALIVE, TASK_STOPPED)
+        """Whether CRIU brings it back as a task that runs: all but a dead one (a zombie), which
+        it recreates only to exit. Any other state, known or not, is checked as running."""
+        return self.state not in (TASK_DEAD, TASK_ZOMBIE)
 
 
 @dataclass(frozen=True)
