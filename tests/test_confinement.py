@@ -305,6 +305,15 @@ def test_an_allow_all_seccomp_filter(world):
     cold_started(world, forge(world, "base:1", allow_all), "seccomp oldest filter", "1 instructions")
 
 
+def test_a_seccomp_chain_that_loops(world):
+    """A filter whose `prev` names itself: CRIU's own walk of the chain would never end."""
+    def loop(images):
+        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_images.schemas().seccomp)
+        sec.seccomp_filters[0].prev = 0
+        write(images, "seccomp.img", SECCOMP_MAGIC, [sec])
+    cold_started(world, forge(world, "base:1", loop), "seccomp filter chain loops at index 0")
+
+
 def test_an_extra_supplementary_group(world):
     def group(images):
         edit_core(images, tasks(images)[0].pid, lambda core: core.thread_core.creds.groups.append(27))
