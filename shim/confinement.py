@@ -10,9 +10,9 @@ hint, checked earlier by fingerprint.py, and may only refuse):
 
 A thread may hold less than the spec grants, never more. Seccomp: the filter the spec's profile
 installs must be the oldest of every thread's chain (filters added later only restrict); which
-filter that is on this node is known only from a container of the same profile on this node
-(recorded at capture: the oldest filter of the captured init, read from the kernel by CRIU's
-dump). Without such a record the restore is not attempted.
+filter that is on this node is known only from a container of the same profile on this node:
+recorded at capture (the oldest filter of the captured init, read from the kernel by CRIU's
+dump), or learnt once from a probe container that runs nothing. Without it, no restore.
 """
 
 from __future__ import annotations
@@ -317,6 +317,89 @@ def record_from_capture(state_dir: str, image_dir: str, spec: dict[str, Any], ru
         # property of the filter.
         record_reference(state_dir, profile_key(seccomp, runtime), program, flags & ~SECCOMP_FILTER_FLAG_TSYNC,
                          source)
+
+
+def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tuple[bytes, int] | None:
+    """The filter this node's runtime installs for `seccomp`, learnt from a container that runs
+    nothing: `runtime create` of an empty rootfs under a runc root of its own, without
+    no-new-privs (then runc installs the filter before it waits to be started; with it, only
+    after), its init's filter read with ptrace (PTRACE_SECCOMP_GET_FILTER), the container deleted.
+    The BPF does not depend on no-new-privs, the user or the capabilities. Recorded like one from
+    a capture; None if it cannot be learnt (the restore then cold-starts)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from thaw.oci.files import make_private_dir
+    key = profile_key(seccomp, runtime)
+    work = tempfile.mkdtemp(prefix="probe-", dir=make_private_dir(os.path.join(state_dir, "seccomp")))
+    root, cid = os.path.join(work, "runc"), f"thaw-seccomp-probe-{os.getpid()}-{key[:12]}"
+    argv = [runtime, "--root", root]
+    try:
+        os.makedirs(os.path.join(work, "rootfs", "proc"))          # runc's init needs a /proc
+        fd = os.open(os.path.join(work, "rootfs", "probe"), os.O_CREAT | os.O_WRONLY, 0o755)
+        os.close(fd)
+        spec = {"ociVersion": "1.0.2",
+                "process": {"args": ["/probe"], "cwd": "/", "user": {"uid": 0, "gid": 0}, "env": [],
+                            "noNewPrivileges": False},
+                "root": {"path": "rootfs", "readonly": True},
+                "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+                "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts", "network")],
+                          "seccomp": seccomp}}
+        with open(os.path.join(work, "config.json"), "w") as f:
+            json.dump(spec, f)
+        pid_file = os.path.join(work, "pid")
+        proc = subprocess.run(argv + ["create", "--bundle", work, "--pid-file", pid_file, cid],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=30)
+        if proc.returncode != 0:
+            return None
+        with open(pid_file) as f:
+            pid = int(f.read())
+        found = _oldest_filter(pid)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    finally:
+        subprocess.run(argv + ["delete", "--force", cid], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    if found is None:
+        return None
+    program, flags = found
+    record_reference(state_dir, key, program, flags & ~SECCOMP_FILTER_FLAG_TSYNC, "probe container")
+    return program, flags & ~SECCOMP_FILTER_FLAG_TSYNC
+
+
+_PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 17
+_PTRACE_SECCOMP_GET_FILTER, _PTRACE_SECCOMP_GET_METADATA = 0x420C, 0x420D
+
+
+def _oldest_filter(pid: int) -> tuple[bytes, int] | None:
+    """The oldest seccomp filter of a process and its flags, read with ptrace while it is held in
+    a ptrace stop (the chain cannot change meanwhile)."""
+    import ctypes
+    count = int(_fields(_read(f"/proc/{pid}/status")).get("Seccomp_filters", "0"))
+    if count < 1:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.restype = ctypes.c_long
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(_PTRACE_SEIZE, pid, None, None) != 0:
+        return None
+    try:
+        libc.ptrace(_PTRACE_INTERRUPT, pid, None, None)
+        os.waitpid(pid, 0x40000000)                      # __WALL: the ptrace stop
+        index = count - 1                                # 0 is the newest
+        n = libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, None)
+        if n <= 0:
+            return None
+        buf = ctypes.create_string_buffer(n * 8)
+        if libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, buf) != n:
+            return None
+        meta = (ctypes.c_uint64 * 2)(index, 0)
+        flags = int(meta[1]) if libc.ptrace(_PTRACE_SECCOMP_GET_METADATA, pid, 16, meta) == 16 else 0
+        return buf.raw, flags
+    finally:
+        libc.ptrace(_PTRACE_DETACH, pid, None, None)
 
 
 _NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")

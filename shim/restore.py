@@ -126,7 +126,11 @@ def _check_images(image_dir: str, bundle: Bundle, cfg: Config, next_runtime: str
     the snapshot's config said so too, but only the images are what CRIU reads."""
     from . import confinement, criu_images
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
-    reference = confinement.reference(cfg.state_dir, confinement.profile_key(seccomp, next_runtime)) if seccomp else None
+    reference = None
+    if seccomp:
+        reference = confinement.reference(cfg.state_dir, confinement.profile_key(seccomp, next_runtime))
+        if reference is None:         # once per profile on a node: learnt from a container that runs nothing
+            reference = confinement.probe_reference(cfg.state_dir, seccomp, next_runtime)
     grant = confinement.Grant.of(bundle.spec, reference)
     try:
         return Proof(grant, confinement.check_images(image_dir, bundle.spec, grant))

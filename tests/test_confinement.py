@@ -8,6 +8,7 @@ that grants more than the captured one."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -312,6 +313,50 @@ def test_a_seccomp_chain_that_loops(world):
         sec.seccomp_filters[0].prev = 0
         write(images, "seccomp.img", SECCOMP_MAGIC, [sec])
     cold_started(world, forge(world, "base:1", loop), "seccomp filter chain loops at index 0")
+
+
+def test_a_node_that_never_ran_the_profile_learns_its_filter_from_a_probe(world, tmp_path):
+    """Another node (here: a fresh state_dir over the same store) has no record of the profile's
+    filter: it learns it from a container that runs nothing, gets byte for byte what the capture
+    recorded, and restores. A snapshot whose oldest filter is another profile's — its config
+    forged to claim this one — is refused there too."""
+    from conftest import ThawEnv
+    env = world.env
+    other = ThawEnv(dir=str(tmp_path), config=str(tmp_path / "config.yaml"), store=env.store,
+                    state=str(tmp_path / "state"), root=str(tmp_path / "runc-root"))
+    other.write_config()
+    node2 = World(other, world.dir, world.forged)
+    old = os.environ["THAW_CONFIG"]
+    os.environ["THAW_CONFIG"] = other.config
+    try:
+        restored(node2, "base:1")
+        [learnt] = os.listdir(os.path.join(other.state, "seccomp"))
+        probe = json.load(open(os.path.join(other.state, "seccomp", learnt)))
+        captured = json.load(open(os.path.join(env.state, "seccomp", learnt)))
+        assert probe["source"] == "probe container" and captured["source"].startswith("capture of")
+        assert (probe["filter"], probe["flags"]) == (captured["filter"], captured["flags"])
+
+        stricter = {**SECCOMP, "syscalls": SECCOMP["syscalls"] + [{"names": ["chmod"], "action": "SCMP_ACT_ERRNO"}]}
+
+        def claims_stricter(c):
+            identity = dict(c.identity)
+            identity["seccomp"] = hashlib.sha256(json.dumps(stricter, sort_keys=True, separators=(",", ":"))
+                                                 .encode()).hexdigest()
+            return dataclasses.replace(c, identity=identity)
+        ref = forge(node2, "base:1", config=claims_stricter)
+        dst = other.container(bundle(os.path.join(world.dir, unique("dst")),
+                                     lambda spec: (restricted(spec), spec["linux"].__setitem__("seccomp", stricter)), ref))
+        assert dst.create() == 0
+        try:
+            [msg] = [e["msg"] for e in dst.log_entries() if e.get("level") == "warning"]
+            assert "seccomp oldest filter" in msg and "the profile's filter" in msg, msg
+        finally:
+            dst.destroy()
+    finally:
+        world.forged = node2.forged
+        os.environ["THAW_CONFIG"] = old
+        for cid in other.runc_ids():
+            subprocess.run(["runc", "--root", other.root, "delete", "--force", cid], capture_output=True)
 
 
 def test_an_extra_supplementary_group(world):
