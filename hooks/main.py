@@ -7,7 +7,9 @@ failure, and never lingers (the watcher is a process of its own with its stdio o
 
   thaw-hook prestart|poststop < state.json
   thaw-hook watch CONTAINER_ID PID        the auto-capture watcher
-  thaw-hook prepare NAMESPACE SNAPSHOT    started beside a pod sandbox's create (shim/prefetch.py)
+  thaw-hook prepare NAMESPACE SNAPSHOT [CONTAINER_ID]
+                                          started beside a pod sandbox's create (shim/prefetch.py);
+                                          stopped when CONTAINER_ID is deleted
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import sys
 
 USAGE = ("usage: thaw-hook prestart|poststop < state.json | thaw-hook watch CONTAINER_ID PID | "
-         "thaw-hook prepare NAMESPACE SNAPSHOT\n")
+         "thaw-hook prepare NAMESPACE SNAPSHOT [CONTAINER_ID]\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,11 +38,11 @@ def main(argv: list[str] | None = None) -> None:
             autocapture.watch(cfg, argv[1], int(argv[2]))
             sys.exit(0)
         if argv[0] == "prepare":
-            if len(argv) != 3:
+            if len(argv) not in (3, 4):
                 sys.stderr.write(USAGE)
                 sys.exit(2)
             from . import stages
-            sys.exit(stages.prepare(cfg, argv[1], argv[2]))
+            sys.exit(stages.prepare(cfg, argv[1], argv[2], argv[3] if len(argv) == 4 else None))
         oci_state = OciState.read(sys.stdin.buffer)
     except ThawError as exc:
         sys.stderr.write(f"thaw-hook: {exc}\n")

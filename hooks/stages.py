@@ -38,10 +38,13 @@ def poststop(oci_state: OciState, cfg: Config) -> int:
     return 0
 
 
-def prepare(cfg: Config, namespace: str, snapshot: str) -> int:
-    """Read the snapshot a pod will ask for into the page cache, in the background of its
-    sandbox's create; at idle I/O priority, with no file but its own open."""
+def prepare(cfg: Config, namespace: str, snapshot: str, container_id: str | None = None) -> int:
+    """Read the snapshot a pod will ask for into the page cache (pulling it first if it is a
+    registry reference the node lacks), in the background of its sandbox's create; at idle I/O
+    priority, with no file but its own open. Stopped by SIGTERM, which thaw-runtime sends when
+    `container_id` (the sandbox) is deleted: the pod that asked is gone, so is the reason."""
     import os
+    import signal
 
     from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
     from thaw.shim import prefetch
@@ -52,5 +55,12 @@ def prepare(cfg: Config, namespace: str, snapshot: str) -> int:
         return 0                                   # the container's create reports the bad name
     if not valid_namespace(namespace):
         return 0
-    prefetch.warm(cfg, ref, namespace, pull=True, idle=True)
+    cancel = prefetch.Cancel()
+    why = f"container {container_id} it was started for was deleted" if container_id else "prepare was stopped"
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set(why))
+    try:
+        prefetch.warm(cfg, ref, namespace, pull=True, idle=True, cancel=cancel)
+    finally:
+        if container_id and "/" not in container_id and not container_id.startswith("."):
+            prefetch.unregister_prepare(cfg, container_id)
     return 0

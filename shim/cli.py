@@ -35,7 +35,8 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ThawError, OSError) as exc:
-            raise click.ClickException(str(exc)) from exc
+            from .safetext import printable  # messages may quote what a registry sent
+            raise click.ClickException(printable(exc)) from exc
     return wrapper
 
 
@@ -296,14 +297,18 @@ def events(ctx, follow, container, as_json):
     """Show what thaw did on this node: restores, cold starts (with the reason), refusals,
     captures, hook errors, container ends."""
     from . import events as ev
+    from .safetext import printable
     state_dir = _cfg(ctx).state_dir
 
     def show(e: dict) -> None:
         if as_json:
-            click.echo(json.dumps(e))
+            click.echo(json.dumps(e))           # JSON escapes every control character
         else:
-            click.echo(f"{e.get('time', '')[:23]}  {e.get('level', ''):<7} {e.get('kind', ''):<14} "
-                       f"{(e.get('container') or '-')[:24]:<24}  {e.get('msg', '')}")
+            # One event, one line: whatever a field holds (text a registry sent, a line written
+            # by hand), no control character reaches the terminal and no field runs on.
+            field = {k: printable(e.get(k) or "", 64) for k in ("time", "level", "kind")}
+            click.echo(f"{field['time'][:23]}  {field['level']:<7} {field['kind']:<14} "
+                       f"{printable(e.get('container') or '-', 24):<24}  {printable(e.get('msg', ''))}")
     for e in ev.read(state_dir, container):
         show(e)
     if follow:

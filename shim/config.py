@@ -80,14 +80,20 @@ class Registry(_Record):
     trusted besides the system's CAs; insecure: hosts spoken to over plain HTTP; pull / push:
     Kubernetes namespace -> repository prefixes (REGISTRY/REPO...) its pods' annotations may
     pull from / push to (default: none; the CLI, run by an operator, is not bound by these);
-    pull_timeout: how long `thaw.dev/pull: wait` holds a create."""
+    pull_timeout: how long `thaw.dev/pull: wait` holds a create; pull_deadline: how long any
+    one pull may take, all of it; max_blobs / max_manifest_bytes: the largest manifest a pull
+    accepts (blobs listed, bytes)."""
     auth_file: str
     ca_file: str
     insecure: tuple
     pull: dict
     push: dict
     pull_timeout: float
-    _fields = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0}
+    pull_deadline: float
+    max_blobs: int
+    max_manifest_bytes: int
+    _fields = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0,
+               "pull_deadline": 1800.0, "max_blobs": 10000, "max_manifest_bytes": 4 << 20}
 
     def allows(self, action: str, namespace: str, registry: str, repository: str) -> bool:
         """May pods of `namespace` pull (action "pull") or push ("push") REGISTRY/REPOSITORY?"""
@@ -102,10 +108,14 @@ class Registry(_Record):
 class StoreLimits(_Record):
     """The node cache's bound. max_bytes: 0 = unbounded. evict_unpushed: also evict snapshots
     captured or imported here that no registry holds (by default only pulled or pushed ones,
-    which can be fetched again, are evicted)."""
+    which can be fetched again, are evicted). quota: namespace -> bytes it may hold (0:
+    unbounded); quota_share: the quota of a namespace not listed, as a share of max_bytes (of
+    the store's file system when max_bytes is 0)."""
     max_bytes: int
     evict_unpushed: bool
-    _fields = {"max_bytes": 0, "evict_unpushed": False}
+    quota: dict
+    quota_share: float
+    _fields = {"max_bytes": 0, "evict_unpushed": False, "quota": {}, "quota_share": 0.5}
 
 
 class Config(_Record):
@@ -224,6 +234,9 @@ _REGISTRY = {
     "pull": (dict, _repo_map),
     "push": (dict, _repo_map),
     "pull_timeout": (float, _positive),
+    "pull_deadline": (float, _positive),
+    "max_blobs": (int, _positive),
+    "max_manifest_bytes": (int, _positive),
 }
 
 _POLICY = {
@@ -234,9 +247,22 @@ _POLICY = {
 }
 
 
+def _quota_map(v) -> str | None:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool)
+                                           and n >= 0 for k, n in v.items()):
+        return "must map a namespace to a number of bytes (0: unbounded)"
+    return None
+
+
+def _share_of_store(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be more than 0 and at most 1"
+
+
 _STORE = {
     "max_bytes": (int, _not_negative),
     "evict_unpushed": (bool, None),
+    "quota": (dict, _quota_map),
+    "quota_share": (float, _share_of_store),
 }
 
 
@@ -329,7 +355,9 @@ def _to_mapping(cfg: Config) -> dict:
     reg = cfg.registry
     out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
                        "pull": {k: list(v) for k, v in reg.pull.items()},
-                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout}
+                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout,
+                       "pull_deadline": reg.pull_deadline, "max_blobs": reg.max_blobs,
+                       "max_manifest_bytes": reg.max_manifest_bytes}
     out["store"] = {k: getattr(cfg.store, k) for k in _STORE}
     return out
 

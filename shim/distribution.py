@@ -9,7 +9,9 @@ streams; the snapshot is published only when all of them are.
 
 A pull in progress lives in the store's pull area for its manifest (Store.pull_area: the CRIU
 files being filled, the small blobs, a journal of resume points). A pull killed and run again
-resumes from the journal; a second pull of the same manifest waits for the first.
+before a gc resumes from the journal; a second pull of the same manifest waits for the first.
+A pull that fails removes its area at once, and gc removes one whose process is gone: space is
+taken only as bytes arrive, within what the namespace's quota let the pull claim.
 
 The snapshot's owner namespace is the one recorded in its config, wherever it was pulled from:
 a pull made for a pod (pull on demand) publishes only a snapshot the pod's namespace may read,
@@ -19,9 +21,12 @@ and only from repositories the node policy (registry.pull) lets that namespace p
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,56 +137,169 @@ def _registry_call(fn, *args, **kwargs):
 # --- pull --------------------------------------------------------------------------------------------
 
 def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None = None,
-         for_namespace: str | None = None, listener: Listener | None = None) -> fmt.Snapshot:
+         for_namespace: str | None = None, listener: Listener | None = None, cancel: Any = None) -> fmt.Snapshot:
     """Fetch the snapshot `source` names into the store, published as `local` (default: the
     reference itself) under the namespace its config records. for_namespace: a pull made for a
-    pod of that namespace (node policy applies; the CLI passes None)."""
+    pod of that namespace (node policy applies; the CLI passes None). Bounded: the manifest by
+    registry.max_manifest_bytes and max_blobs, the whole pull by registry.pull_deadline, the
+    bytes by the owner namespace's quota (claimed before anything is written). `cancel`: an
+    object whose is_set() stops the pull (its `reason`, if any, is the error's). Every outcome
+    is a `pull` event; a failed pull leaves no pull area."""
+    from . import events, safetext
+    who = for_namespace or "the operator"
+    events.emit(cfg, "pull", f"pull of {source} for {who} started", None, "info", snapshot=str(source),
+                namespace=for_namespace, outcome="started")
+    t = time.monotonic()
+    try:
+        snap = _pull_guarded(cfg, store, source, local, for_namespace, listener, cancel)
+    except Exception as exc:
+        if not isinstance(exc, DistributionError):
+            # Whatever broke (a format error in a blob, a local file): named, never a traceback.
+            exc = DistributionError(f"pulling {source} into {store.root}: {_describe(exc, store)}")
+        reason = safetext.remote(exc, limit=1500)    # it may quote what the registry sent
+        events.emit(cfg, "pull", f"pull of {source} for {who} failed: {reason}", None, "warning",
+                    snapshot=str(source), namespace=for_namespace, outcome="failed", reason=reason)
+        raise exc from None
+    seconds = time.monotonic() - t
+    events.emit(cfg, "pull", f"pulled {source} for {who}: {snap.size >> 20} MiB in {seconds:.1f}s", None, "info",
+                snapshot=str(source), namespace=for_namespace, outcome="pulled", bytes=snap.size,
+                seconds=round(seconds, 3))
+    return snap
+
+
+class PullCancelled(DistributionError):
+    """The pull passed registry.pull_deadline, or its caller cancelled it (its pod went away)."""
+
+
+class _PullGuard:
+    """One pull's deadline and cancellation: a watcher thread that, when the deadline passes or
+    the caller's cancel is set, stops the transfer's threads and aborts every connection of the
+    registry client (a registry that trickles bytes cannot hold a pull past its deadline)."""
+
+    def __init__(self, deadline_s: float, cancel: Any):
+        self.deadline_s, self.cancel = deadline_s, cancel
+        self.stop = threading.Event()
+        self.reason = ""
+        self._done = threading.Event()
+
+    def cancelled(self) -> bool:
+        return self.stop.is_set()
+
+    @contextlib.contextmanager
+    def watching(self, client) -> Iterator[None]:
+        thread = threading.Thread(target=self._watch, args=(client,), name="pull-deadline", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._done.set()
+            thread.join()
+
+    def _watch(self, client) -> None:
+        end = time.monotonic() + self.deadline_s
+        while not self._done.wait(0.05):
+            if self.cancel is not None and self.cancel.is_set():
+                self.reason = f"cancelled: {getattr(self.cancel, 'reason', '') or 'its caller stopped it'}"
+            elif time.monotonic() >= end:
+                self.reason = (f"stopped at its deadline of {self.deadline_s:g} s (registry.pull_deadline; "
+                               "raise it for larger snapshots or slower registries)")
+            else:
+                continue
+            self.stop.set()
+            client.abort()
+            return
+
+    def check(self, source: Reference) -> None:
+        if self.stop.is_set():
+            raise PullCancelled(f"pull of {source} {self.reason}; what it wrote was removed")
+
+
+def _pull_guarded(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None,
+                  for_namespace: str | None, listener: Listener | None, cancel: Any) -> fmt.Snapshot:
     if for_namespace is not None and not cfg.registry.allows("pull", for_namespace, source.registry,
                                                             source.repository):
         raise PullRefused(f"namespace {for_namespace} may not pull from {source.registry}/{source.repository} "
                           "(node config registry.pull)")
     local = local or SnapshotRef.registry(str(source))
     store.init()
-    with _client(cfg, source.registry) as client:
-        got = _registry_call(client.get_manifest, source.repository, source.reference, (fmt.MANIFEST_MEDIA_TYPE,))
-        desc = Descriptor(fmt.MANIFEST_MEDIA_TYPE, got.digest, len(got.data))
-        try:
-            config_desc, layers = fmt.parse_manifest(got.data, desc)
-            if config_desc.size > fmt.MAX_META:
-                raise fmt.SnapshotFormatError(f"config {config_desc.digest} is too large")
-            config_bytes = _registry_call(client.fetch_bytes, source.repository, config_desc.digest, fmt.MAX_META)
-            config = fmt.SnapshotConfig.from_json(json.loads(config_bytes))
-            snap = fmt.assemble(str(local), desc, config_desc, config, layers)
-        except (LayoutError, ValueError) as exc:
-            raise DistributionError(f"{source} is not a thaw snapshot this version can use: {exc}") from exc
-        if snap.format_version != fmt.FORMAT_VERSION:
-            raise DistributionError(f"{source} is a format {snap.format_version} snapshot; registries carry "
-                                    f"format {fmt.FORMAT_VERSION} only (import the archive instead)")
-        if for_namespace is not None and snap.namespace != for_namespace \
-                and snap.namespace not in cfg.policy.readable_from(for_namespace):
-            raise PullRefused(f"{source} belongs to namespace {snap.namespace}, which {for_namespace} may not read")
-        with store.pull_area(got.digest) as area:
-            if not os.path.isdir(store.image_path(snap)):
-                _check_space(store, snap, area)
-                _fetch(client, source, snap, area, config_bytes, listener)
-            return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}")
+    guard = _PullGuard(cfg.registry.pull_deadline, cancel)
+    try:
+        with _client(cfg, source.registry) as client, guard.watching(client):
+            return _pull(cfg, store, client, source, local, for_namespace, listener, guard)
+    except DistributionError as exc:
+        if guard.reason and not isinstance(exc, PullCancelled):
+            raise PullCancelled(f"pull of {source} {guard.reason}; what it wrote was removed") from exc
+        raise
+    except (ThawError, OSError) as exc:
+        if guard.reason:
+            raise PullCancelled(f"pull of {source} {guard.reason}; what it wrote was removed") from exc
+        raise DistributionError(f"pulling {source} into {store.root}: {_describe(exc, store)}") from exc
 
 
-def _check_space(store: Store, snap: fmt.Snapshot, area: str) -> None:
-    have = 0
-    for dirpath, _dirs, files in os.walk(area):
-        for name in files:
-            with contextlib.suppress(OSError):
-                have += os.stat(os.path.join(dirpath, name)).st_blocks * 512
-    need = snap.size - have + SPACE_MARGIN
-    free = shutil.disk_usage(store.root).free
-    if free < need:
+def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotRef, for_namespace: str | None,
+          listener: Listener | None, guard: _PullGuard) -> fmt.Snapshot:
+    limits = cfg.registry
+    got = _registry_call(client.get_manifest, source.repository, source.reference, (fmt.MANIFEST_MEDIA_TYPE,),
+                         limits.max_manifest_bytes)
+    desc = Descriptor(fmt.MANIFEST_MEDIA_TYPE, got.digest, len(got.data))
+    try:
+        config_desc, layers = fmt.parse_manifest(got.data, desc)
+        if len(layers) + 1 > limits.max_blobs:
+            raise DistributionError(f"{source} lists {len(layers) + 1} blobs, more than registry.max_blobs "
+                                    f"({limits.max_blobs}) allows: refused before fetching any")
+        if config_desc.size > fmt.MAX_META:
+            raise fmt.SnapshotFormatError(f"config {config_desc.digest} is too large")
+        config_bytes = _registry_call(client.fetch_bytes, source.repository, config_desc.digest, fmt.MAX_META)
+        config = fmt.SnapshotConfig.from_json(json.loads(config_bytes))
+        snap = fmt.assemble(str(local), desc, config_desc, config, layers)
+    except (LayoutError, ValueError) as exc:
+        raise DistributionError(f"{source} is not a thaw snapshot this version can use: {exc}") from exc
+    if snap.format_version != fmt.FORMAT_VERSION:
+        raise DistributionError(f"{source} is a format {snap.format_version} snapshot; registries carry "
+                                f"format {fmt.FORMAT_VERSION} only (import the archive instead)")
+    if for_namespace is not None and snap.namespace != for_namespace \
+            and snap.namespace not in cfg.policy.readable_from(for_namespace):
+        raise PullRefused(f"{source} belongs to namespace {snap.namespace}, which {for_namespace} may not read")
+    with store.pull_area(got.digest, guard.cancelled) as area:
+        if not os.path.isdir(store.image_path(snap)):
+            _check_space(store, snap)
+            store.claim_pull(area, store.charged_to(snap), snap.size, f"pulling {source} into {area}")
+            _fetch(client, source, snap, area, config_bytes, listener, guard)
+        guard.check(source)
+        return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}")
+
+
+def _describe(exc: BaseException, store: Store) -> str:
+    """An error of the local side, with what to do about it."""
+    err = exc
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__
+    code = err.errno if isinstance(err, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = (f"the file system of {store.root} is full: free space (thaw gc; thaw rm NAME -n NAMESPACE) "
+                "or give the store more room, then pull again")
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"thaw needs to write {store.root} (run as root; the store's file system must be writable)"
+    elif isinstance(exc, fmt.SnapshotFormatError):
+        hint = "the registry's snapshot is malformed: push it again from a node that has it"
+    elif isinstance(exc, StoreError):
+        return str(exc)
+    else:
+        hint = f"check the store's file system ({store.root}), then pull again"
+    return f"{exc}; {hint}"
+
+
+def _check_space(store: Store, snap: fmt.Snapshot) -> None:
+    usage = shutil.disk_usage(store.root)
+    need = snap.size + min(SPACE_MARGIN, usage.total // 20)
+    if usage.free < need:
         raise DistributionError(f"not enough space in {store.root} to pull {snap.ref}: "
-                                f"{free >> 20} MiB free, {need >> 20} MiB needed")
+                                f"{usage.free >> 20} MiB free, {need >> 20} MiB needed; free space "
+                                f"(thaw gc; thaw rm NAME -n NAMESPACE) or give the store more room")
 
 
 def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
-           listener: Listener | None) -> None:
+           listener: Listener | None, guard: _PullGuard) -> None:
     from .registry import transfer
     from .registry.client import BlobRange
     images = make_private_dir(os.path.join(area, "images"))
@@ -197,7 +315,7 @@ def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_byte
     ranges += [BlobRange(d.digest, os.path.join(blobs, d.digest.split(":")[1]), 0, d.size)
                for d in (snap.criu_whole, snap.rootfs, snap.deleted)]
     _registry_call(transfer.pull_blobs, client, source.repository, ranges,
-                   journal=os.path.join(area, "journal.json"), listener=listener)
+                   journal=os.path.join(area, "journal.json"), listener=listener, cancel=guard.stop)
 
 
 def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, config_bytes: bytes,
@@ -209,8 +327,9 @@ def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, confi
             images = staging.new_dir("images")
         else:
             images = os.path.join(area, "images")
+            part_files = snap.files()                # once: n blobs cost O(n), not O(n^2)
             for name in os.listdir(images):          # whole files of an earlier, interrupted unpack
-                if name not in snap.files():
+                if name not in part_files:
                     os.unlink(os.path.join(images, name))
             for d in (snap.criu_whole, snap.rootfs, snap.deleted):
                 if not store.layout.has_blob(d):
@@ -222,7 +341,7 @@ def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, confi
             if staging.layout.put_bytes(data, media_type).digest != want:
                 raise DistributionError(f"{snap.ref}: blob {want} changed on the way in")
         try:
-            return store.publish(snap, images, origin, hashes)
+            return store.publish(snap, images, origin, hashes, pull_area=area)
         except StoreError as exc:
             raise DistributionError(f"publishing {snap.ref}: {exc}") from exc
 

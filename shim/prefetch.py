@@ -34,6 +34,71 @@ _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
 _IOPRIO_CLASS_IDLE = 3
 
 
+PREPARE_DIR = "prepare"   # state_dir/prepare/<container id>.json: the prepare started for it
+
+
+class Cancel:
+    """Why and whether a prepare must stop: set from a signal handler (no lock taken there)."""
+
+    def __init__(self):
+        self.reason = ""
+        self._set = False
+
+    def set(self, reason: str) -> None:
+        self.reason, self._set = reason, True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def prepare_record(state_dir: str, container_id: str) -> str:
+    return os.path.join(state_dir, PREPARE_DIR, container_id + ".json")
+
+
+def register_prepare(cfg: Config, container_id: str, pid: int) -> None:
+    """Record process `pid` as the prepare started for `container_id` (a pod's sandbox), so that
+    the container's delete through thaw-runtime (cancel_prepare) stops it. Written by the
+    runtime that spawned it, before its create returns: no delete can come before the record."""
+    import json
+
+    from thaw.oci.files import atomic_write
+
+    from .procs import ProcessHandle
+    make_private_dir(os.path.join(cfg.state_dir, PREPARE_DIR))
+    atomic_write(prepare_record(cfg.state_dir, container_id), json.dumps(ProcessHandle.of(pid).to_json()).encode(),
+                 durable=False)
+
+
+def unregister_prepare(cfg: Config, container_id: str) -> None:
+    """A prepare that ends removes its record (only if it names this process)."""
+    import json
+    path = prepare_record(cfg.state_dir, container_id)
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.unlink(path)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def cancel_prepare(cfg: Config, container_id: str) -> bool:
+    """The container a prepare was started for is being deleted: SIGTERM that prepare (checked
+    by pid and start time, never a process that reused its pid), which then cancels its pull and
+    removes what it wrote. Whether one was signalled."""
+    import json
+    import signal
+
+    from .procs import ProcessHandle
+    path = prepare_record(cfg.state_dir, container_id)
+    try:
+        with open(path) as f:
+            handle = ProcessHandle.from_json(json.load(f))
+        os.unlink(path)
+    except (OSError, ValueError):
+        return False
+    return handle is not None and handle.signal(signal.SIGTERM)
+
+
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -58,11 +123,13 @@ def idle_io() -> None:
 
 
 def warm(cfg: Config, ref: SnapshotRef, namespace: str,
-         progress: Callable[[int, int], None] | None = None, pull: bool = False, idle: bool = False) -> dict:
+         progress: Callable[[int, int], None] | None = None, pull: bool = False, idle: bool = False,
+         cancel=None) -> dict:
     """Read snapshot `ref` of `namespace` (or of a namespace the policy lets publish to it) into
     the page cache. pull: first pull a registry reference the store lacks, for that namespace.
-    idle: read at idle I/O priority (the pull, if any, runs at normal priority). Returns what
-    happened (also in the events log)."""
+    idle: read at idle I/O priority (the pull, if any, runs at normal priority). cancel: an
+    object whose is_set() stops the pull and the reading (prepare's sandbox was deleted).
+    Returns what happened (also in the events log)."""
     locks = make_private_dir(os.path.join(cfg.state_dir, "prefetch"))
     lock = os.open(os.path.join(locks, f"{namespace}_{ref.key()}.lock"),
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -77,7 +144,7 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         except StoreError as exc:
             if not (pull and ref.remote is not None):
                 return _report(cfg, ref, namespace, "absent", str(exc))
-            snap = _pull(cfg, store, ref, namespace)
+            snap = _pull(cfg, store, ref, namespace, cancel)
             if snap is None:
                 return {"outcome": "pull_failed", "bytes": 0, "seconds": 0.0}
         faults.point("prefetch")
@@ -95,6 +162,9 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
                     while n := os.readv(fd, [buf]):
                         done += n
                         if done % (256 << 20) < n:
+                            if cancel is not None and cancel.is_set():
+                                return _report(cfg, ref, namespace, "stopped", "cancelled: "
+                                               f"{getattr(cancel, 'reason', '')}", done, time.perf_counter() - t)
                             if mem_available() < floor:
                                 return _report(cfg, ref, namespace, "stopped",
                                                f"node memory is short: read {done >> 20} of {total >> 20} MiB",
@@ -110,22 +180,18 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         os.close(lock)
 
 
-def _pull(cfg: Config, store: Store, ref: SnapshotRef, namespace: str):
+def _pull(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, cancel=None):
+    """The pull on demand; its outcome is a `pull` event (distribution.pull writes them). Never
+    raises: this runs in the background, where a traceback would reach no one."""
     from . import distribution
-    t = time.perf_counter()
-    events.emit(cfg, "pull", f"pull of {ref} for {namespace} started", None, "info",
-                snapshot=str(ref), namespace=namespace, outcome="started")
     try:
-        snap = distribution.pull(cfg, store, ref.remote, ref, for_namespace=namespace)
-    except (distribution.DistributionError, StoreError, OSError) as exc:
-        events.emit(cfg, "pull", f"pull of {ref} for {namespace} failed: {exc}", None, "warning",
-                    snapshot=str(ref), namespace=namespace, outcome="failed", reason=str(exc))
+        return distribution.pull(cfg, store, ref.remote, ref, for_namespace=namespace, cancel=cancel)
+    except distribution.DistributionError:
+        return None                             # the event says why
+    except Exception as exc:  # noqa: BLE001 - reported, never a traceback to /dev/null
+        events.emit(cfg, "pull", f"pull of {ref} for {namespace} failed: {type(exc).__name__}: {exc}", None,
+                    "error", snapshot=str(ref), namespace=namespace, outcome="failed", reason=str(exc))
         return None
-    seconds = time.perf_counter() - t
-    events.emit(cfg, "pull", f"pulled {ref} for {namespace}: {snap.size >> 20} MiB in {seconds:.1f}s", None,
-                "info", snapshot=str(ref), namespace=namespace, outcome="pulled", bytes=snap.size,
-                seconds=round(seconds, 3))
-    return snap
 
 
 def _report(cfg: Config, ref: SnapshotRef, namespace: str, outcome: str, msg: str,

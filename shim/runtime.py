@@ -55,24 +55,24 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         return                                      # the next runtime reports it
     if not ann.wants_thaw(bundle.annotations):
         if ann.is_sandbox(bundle.annotations) and ann.SNAPSHOT in bundle.annotations:
-            _prepare_in_background(cfg, bundle.annotations)
+            _prepare_in_background(cfg, bundle.annotations, call.container_id)
         return
     from thaw.oci.reference import is_registry_reference
     from thaw.shim import create
     remote = is_registry_reference(bundle.annotations.get(ann.SNAPSHOT, ""))
     if remote and bundle.annotations.get(ann.PULL, "").strip() == "wait":
-        _wait_for_pull(cfg, bundle.annotations)
+        _wait_for_pull(cfg, bundle.annotations, call.container_id)
     outcome = create.create(call, bundle, cfg, next_runtime)
     create.report(call, cfg, outcome)
     if remote and isinstance(outcome, create.ColdStart) and outcome.code == "not_found":
-        _prepare_in_background(cfg, bundle.annotations)         # pull it: the next pod restores
+        _prepare_in_background(cfg, bundle.annotations, call.container_id)   # pull it: the next pod restores
     if isinstance(outcome, create.Restored):
         sys.exit(0)
     if isinstance(outcome, create.Refused):
         sys.exit(1)
 
 
-def _wait_for_pull(cfg: config.Config, annotations: dict[str, str]) -> None:
+def _wait_for_pull(cfg: config.Config, annotations: dict[str, str], container_id: str | None = None) -> None:
     """thaw.dev/pull: wait — a registry snapshot the node lacks is pulled (or its pull, started by
     the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
     way (restore, or cold start)."""
@@ -83,11 +83,11 @@ def _wait_for_pull(cfg: config.Config, annotations: dict[str, str]) -> None:
     except ann.AnnotationError:
         return                                          # create reports it
     if not distribution.present(cfg, ref, namespace):
-        _prepare_in_background(cfg, annotations)        # a no-op if the sandbox's is under way
+        _prepare_in_background(cfg, annotations, container_id)   # a no-op if the sandbox's is under way
         distribution.wait_present(cfg, ref, namespace, cfg.registry.pull_timeout)
 
 
-def _prepare_in_background(cfg: config.Config, annotations: dict[str, str]) -> None:
+def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], container_id: str | None = None) -> None:
     """A pod asking for a snapshot has its sandbox created first: start getting the snapshot ready
     (shim/prefetch.py) beside it, without waiting and without ever failing the sandbox. Spawned
     directly (posix_spawn: no subprocess import on this path), in a session of its own, with
@@ -101,12 +101,31 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str]) -> N
     if "THAW_TEST_FAULTS" in os.environ:
         env["THAW_TEST_FAULTS"] = os.environ["THAW_TEST_FAULTS"]
     namespace = annotations.get(ann.CRI_SANDBOX_NAMESPACE) or ann.LOCAL_NAMESPACE
+    if container_id and ("/" in container_id or container_id.startswith(".")):
+        container_id = None
     try:
-        os.posix_spawn(cfg.hook, [cfg.hook, "prepare", namespace, annotations[ann.SNAPSHOT]], env,
-                       file_actions=[(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)],
-                       setsid=True)
+        pid = os.posix_spawn(cfg.hook, [cfg.hook, "prepare", namespace, annotations[ann.SNAPSHOT],
+                                        *([container_id] if container_id else [])], env,
+                             file_actions=[(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)],
+                             setsid=True)
     except OSError:
-        pass                                  # only a later restore is slower for it
+        return                                # only a later restore is slower for it
+    if container_id:
+        from thaw.shim import prefetch
+        try:
+            prefetch.register_prepare(cfg, container_id, pid)   # its delete stops it
+        except OSError:
+            pass
+
+
+def _cancel_prepare(cfg: config.Config, container_id: str) -> None:
+    """A container's delete stops the prepare (pull, page-cache read) started for it: one stat
+    on every delete, more only when there is one (shim/prefetch.py, cancel_prepare)."""
+    if "/" in container_id or container_id.startswith("."):
+        return
+    if os.path.exists(os.path.join(cfg.state_dir, "prepare", container_id + ".json")):
+        from thaw.shim import prefetch
+        prefetch.cancel_prepare(cfg, container_id)
 
 
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
@@ -146,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         if call.command == "create":
             _create(call, cfg, next_runtime)
         elif call.command in ("start", "delete"):
+            if call.command == "delete":
+                _cancel_prepare(cfg, call.container_id)
             _start_or_delete(call, cfg)
     passthrough(next_runtime, argv)
 

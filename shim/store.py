@@ -14,14 +14,18 @@
   store_dir/staging/<id>/      captures, imports and conversions in progress (owner process and
                                the blobs written so far): never visible as snapshots
   store_dir/locks/             per-snapshot-name locks (auto-capture captures once)
-  store_dir/pulls/<hex>/       a pull of manifest sha256:<hex> in progress or interrupted (CRIU
-                               files being filled, small blobs, its resume journal), locked by
-                               pulls/<hex>.lock while a pull runs; gc removes an unlocked one
-                               untouched for PULL_KEEP_S
+  store_dir/pulls/<hex>/       a pull of manifest sha256:<hex> in progress (CRIU files being
+                               filled, small blobs, its resume journal, .claim: the namespace
+                               charged and the bytes its manifest declares), locked by
+                               pulls/<hex>.lock while a pull runs; removed when the pull ends,
+                               however it ends; gc removes one whose pull process is gone
   store_dir/.lock              serialises index changes and garbage collection
 
 A snapshot belongs to the namespace that captured it: it is found only under that namespace (or
-by a namespace the node's policy lets read it). It becomes visible only when index.json is
+by a namespace the node's policy lets read it). Each namespace has a byte quota (Store.quota_of);
+what a namespace is charged for is what its snapshots hold, each file once per namespace (a file
+several namespaces hold counts for each), plus the declared size of its pulls in progress;
+Store.charged_to names the namespace a snapshot is charged to. It becomes visible only when index.json is
 replaced with one naming it, after every blob and file is in place and verified. Everything is
 root-only, process memory 0600 or 0400.
 """
@@ -47,7 +51,7 @@ from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, La
 
 from .procs import ProcessHandle
 
-PULL_KEEP_S = 24 * 3600              # an abandoned partial pull is kept this long for a resume
+CLAIM = ".claim"                    # in a pull area: {"namespace", "bytes"} the pull is charged
 ORIGIN = "dev.thaw.origin"          # index annotation: "captured", "imported", "pulled:REF", "migrated"
 PUSHED = "dev.thaw.pushed"          # index annotation: the registry reference it was last pushed to
 
@@ -62,6 +66,11 @@ class SnapshotNotFound(StoreError):
 
 class CorruptSnapshot(StoreError):
     pass
+
+
+class QuotaExceeded(StoreError):
+    """A capture, import or pull would take its namespace past its quota (or the store past
+    store.max_bytes), and nothing more of that namespace may be evicted."""
 
 
 @contextlib.contextmanager
@@ -82,6 +91,38 @@ class Evicted:
     namespace: str
     digest: str
     bytes_freed: int
+
+
+def _lock_free(path: str) -> bool:
+    with _flock_if_free(path) as free:
+        return free
+
+
+@contextlib.contextmanager
+def _flock_polled(path: str, cancelled: Callable[[], bool] | None) -> Iterator[int]:
+    """An exclusive flock on `path`, waited for in short polls so that `cancelled()` can end the
+    wait (a pull's deadline or its sandbox's delete); StoreError then. The lock file gc may
+    unlink between our open and our lock is detected and opened again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancelled is not None and cancelled():
+                        raise StoreError(f"stopped waiting for {path} (held by another pull)") from None
+                    time.sleep(0.1)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield fd
+                return
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -120,13 +161,15 @@ def _file_bytes(path: str) -> int:
         return 0
 
 
-def _tree_bytes(path: str) -> int:
-    """The bytes of the files under `path` (apparent sizes, as everything the node cache counts)."""
+def _tree_bytes(path: str, allocated: bool = False) -> int:
+    """The bytes of the files under `path` (apparent sizes, as everything the node cache counts;
+    `allocated`: the disk blocks they take, for sparse files being filled)."""
     total = 0
     for d, _dirs, files in os.walk(path):
         for name in files:
             with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(d, name)).st_size
+                st = os.lstat(os.path.join(d, name))
+                total += st.st_blocks * 512 if allocated else st.st_size
     return total
 
 
@@ -187,29 +230,55 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
-    def pull_area(self, digest: str) -> Iterator[str]:
+    def pull_area(self, digest: str, cancelled: Callable[[], bool] | None = None) -> Iterator[str]:
         """store_dir/pulls/<hex>/ for a pull of manifest `digest`, exclusively the caller's until
-        it is done (a second pull of the same manifest waits here). Removed when the caller
-        finishes; kept, for a resume, when it fails."""
+        it is done (a second pull of the same manifest waits here, until `cancelled()`).
+        Removed when the caller finishes, whether it succeeded or failed: what a failed pull
+        wrote is given back at once."""
         self._make_dirs()
         pulls = make_private_dir(os.path.join(self.root, "pulls"))
         hexd = _hex(digest)
-        with _flock(os.path.join(pulls, hexd + ".lock")):
+        with _flock_polled(os.path.join(pulls, hexd + ".lock"), cancelled):
             area = make_private_dir(os.path.join(pulls, hexd))
-            os.utime(area)                          # gc's clock for an abandoned area
-            yield area
-            shutil.rmtree(area, ignore_errors=True)
+            try:
+                yield area
+            finally:
+                shutil.rmtree(area, ignore_errors=True)
 
-    def _gc_pulls(self) -> None:
+    def _gc_pulls(self) -> int:
+        """Remove every pull area no pull process holds (its owner is gone); bytes freed."""
         pulls = os.path.join(self.root, "pulls")
+        freed = 0
         for name in os.listdir(pulls) if os.path.isdir(pulls) else []:
             path = os.path.join(pulls, name)
             if name.endswith(".lock") or not os.path.isdir(path):
                 continue
             with _flock_if_free(path + ".lock") as free:   # not free: a pull is filling it
-                if free and time.time() - os.stat(path).st_mtime > PULL_KEEP_S:
+                if free:
+                    freed += _tree_bytes(path, allocated=True)
                     shutil.rmtree(path, ignore_errors=True)
-                    os.unlink(path + ".lock")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + ".lock")
+        return freed
+
+    def _pull_claims(self, exclude: str | None = None) -> dict[str, int]:
+        """namespace -> bytes declared by the pulls in progress (areas whose lock is held)."""
+        pulls = os.path.join(self.root, "pulls")
+        out: dict[str, int] = {}
+        for name in os.listdir(pulls) if os.path.isdir(pulls) else []:
+            path = os.path.join(pulls, name)
+            if name.endswith(".lock") or path == exclude:
+                continue
+            try:
+                with open(os.path.join(path, CLAIM)) as f:
+                    claim = json.load(f)
+                ns, n = str(claim["namespace"]), int(claim["bytes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            with _flock_if_free(path + ".lock") as free:
+                if not free:
+                    out[ns] = out.get(ns, 0) + n
+        return out
 
     # --- reading --------------------------------------------------------------------------------
     def _index(self) -> list[Descriptor]:
@@ -559,17 +628,172 @@ class Store:
                                    f"nothing more may be evicted ({'; '.join(why) or 'no snapshot left'})")
         return evicted
 
+    # --- namespace quotas ---------------------------------------------------------------------------
+    @staticmethod
+    def charged_to(snap: fmt.Snapshot) -> str:
+        """The namespace a published snapshot's bytes are charged to: its owner namespace (today
+        the one its config records). The one place that says so: when ownership of a pulled
+        snapshot changes (the namespace the node's policy pulled it for), this follows."""
+        return snap.namespace
+
+    def _limits(self):
+        return getattr(self._cfg, "store", None)
+
+    def capacity(self) -> int:
+        """What a quota share is a share of: store.max_bytes, else the size of the store's file system."""
+        limits = self._limits()
+        if limits is not None and limits.max_bytes > 0:
+            return int(limits.max_bytes)
+        st = os.statvfs(self.root if os.path.isdir(self.root) else os.path.dirname(self.root))
+        return st.f_blocks * st.f_frsize
+
+    def quota_of(self, namespace: str) -> int:
+        """`namespace`'s byte quota (0: unbounded): store.quota[namespace], else store.quota_share
+        of capacity(). A store opened without a node config has none."""
+        limits = self._limits()
+        if limits is None:
+            return 0
+        if namespace in limits.quota:
+            return int(limits.quota[namespace])
+        return int(self.capacity() * limits.quota_share)
+
+    def _entries(self) -> list[tuple[Descriptor, fmt.Snapshot, dict[str, int]]]:
+        out = []
+        for desc in self._index():
+            with contextlib.suppress(StoreError):
+                snap = self.read(desc)
+                out.append((desc, snap, self._held(snap)))
+        return out
+
+    def _charged(self, entries, namespace: str, extra: dict[str, int] | None = None) -> int:
+        held: dict[str, int] = dict(extra or {})
+        for _d, snap, h in entries:
+            if self.charged_to(snap) == namespace:
+                held.update(h)
+        return sum(held.values())
+
+    def usage(self, namespace: str) -> int:
+        """Bytes charged to `namespace`: its snapshots' files (each once) and its pulls in progress."""
+        with self.locked():
+            return self._charged(self._entries(), namespace) + self._pull_claims().get(namespace, 0)
+
+    def claim_pull(self, area: str, namespace: str, nbytes: int, what: str) -> list[Evicted]:
+        """Before a pull writes anything: charge `nbytes` (what its manifest declares) to
+        `namespace` for as long as `area` is held, evicting that namespace's own least recently
+        used snapshots if needed. QuotaExceeded if it cannot fit."""
+        with self.locked():
+            evicted = self._make_room_locked(namespace, {"pull:" + area: nbytes}, "", area, what)
+            atomic_write(os.path.join(area, CLAIM),
+                         json.dumps({"namespace": namespace, "bytes": nbytes}).encode(), durable=False)
+            if evicted:
+                self._gc_locked()
+                self._changed()
+        return evicted
+
+    def _make_room_locked(self, namespace: str, new: dict[str, int], keep: str, exclude_area: str | None,
+                          what: str) -> list[Evicted]:
+        """Make `new` (file key -> bytes) fit `namespace`'s quota and store.max_bytes, evicting
+        only `namespace`'s own snapshots, least recently used first: never `keep`, one a
+        restore reads, one whose files all stay held by a kept snapshot, nor (unless
+        store.evict_unpushed) one no registry holds. Caller holds the store lock and runs
+        _gc_locked after. Raises QuotaExceeded, having evicted nothing, if it cannot fit."""
+        limits = self._limits()
+        if limits is None:
+            return []
+        quota, max_bytes = self.quota_of(namespace), int(limits.max_bytes)
+        claims = self._pull_claims(exclude_area)
+        index = self._index()
+        entries = self._entries()
+
+        def sizes() -> tuple[int, int]:
+            mine = self._charged(entries, namespace, new) + claims.get(namespace, 0)
+            every = dict(new)
+            for _d, _s, h in entries:
+                every.update(h)
+            return mine, sum(every.values()) + sum(claims.values())
+
+        def over() -> bool:
+            mine, total = sizes()
+            return (quota > 0 and mine > quota) or (max_bytes > 0 and total > max_bytes)
+        if not over():
+            return []
+        plan: list[tuple[Descriptor, fmt.Snapshot, int]] = []
+        skipped: list[str] = []
+        own = sorted((e for e in entries if self.charged_to(e[1]) == namespace),
+                     key=lambda e: (self.last_used(e[1]) or 0.0, e[1].ref))
+        full = list(entries)
+        for entry in own:
+            if not over():
+                break
+            desc, snap, held = entry
+            ann = desc.annotations or {}
+            name = f"{snap.ref} ({snap.namespace})"
+            if snap.manifest.digest == keep:
+                continue
+            if not limits.evict_unpushed and not (ann.get(ORIGIN, "").startswith("pulled:") or ann.get(PUSHED)):
+                skipped.append(f"{name}: captured or imported here, never pushed")
+                continue
+            others = set(new)
+            for e in entries:
+                if e is not entry:
+                    others.update(e[2])
+            if set(held) <= others:
+                skipped.append(f"{name}: its files are shared with a kept snapshot")
+                continue
+            if not _lock_free(self.image_path(snap) + ".lock"):
+                skipped.append(f"{name}: a restore reads it")
+                continue
+            entries.remove(entry)
+            plan.append((desc, snap, sum(v for k, v in held.items() if k not in others)))
+        if over():
+            entries[:] = full
+            mine, total = sizes()
+            why = (f"namespace {namespace} would hold {mine} bytes, over its quota of {quota} bytes"
+                   if quota > 0 and mine > quota else
+                   f"the store would hold {total} bytes, over store.max_bytes {max_bytes}")
+            raise QuotaExceeded(
+                f"{what}: {why}; nothing more of {namespace} may be evicted"
+                f"{' (' + '; '.join(skipped) + ')' if skipped else ''}. Remove some of its snapshots "
+                f"(thaw ls -n {namespace}; thaw rm NAME -n {namespace}) or raise store.quota for it "
+                f"(store.quota_share: {limits.quota_share}) in the node config")
+        evicted = []
+        for desc, snap, freed in plan:
+            path = self.image_path(snap)
+            with _flock_if_free(path + ".lock") as free:
+                if not free:        # a restore started since: keep it, and count it again
+                    entries.append(next(e for e in full if e[0] is desc))
+                    continue
+                index = [d for d in index if d is not desc]
+                self.layout.write_index(index)  # unpublished first: never an entry without its files
+                if not any(s.manifest.digest == snap.manifest.digest for _d, s, _h in entries):
+                    self._remove_image_dir_held(path)
+            evicted.append(Evicted(snap.ref, snap.namespace, snap.manifest.digest, freed))
+            self.report("info", f"snapshot {snap.ref} ({snap.namespace}) evicted (least recently used of its "
+                                f"namespace) to make room for {what}")
+        if over():
+            raise QuotaExceeded(f"{what}: a restore started on a snapshot chosen for eviction; try again")
+        return evicted
+
     # --- publishing and removing ------------------------------------------------------------------
     def publish(self, snap: fmt.Snapshot, staged_images: str, origin: str,
-                hashes: dict[str, str] | None = None) -> fmt.Snapshot:
+                hashes: dict[str, str] | None = None, pull_area: str | None = None) -> fmt.Snapshot:
         """Make `snap` visible under (namespace, ref), replacing that name's older snapshot: its
-        staged CRIU image directory moves into place and is sealed, then the index changes."""
+        staged CRIU image directory moves into place and is sealed, then the index changes.
+        First it must fit its namespace's quota and store.max_bytes, by evicting only that
+        namespace's own snapshots (QuotaExceeded, nothing changed, if it cannot). `pull_area`:
+        the pull it came from, whose claim it replaces."""
         for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs, snap.deleted):
             if not self.layout.has_blob(d):
                 raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
         target = self.image_path(snap)
-        limits = getattr(self._cfg, "store", None)
         with self.locked():
+            hexd = "images/" + _hex(snap.manifest.digest)
+            new = {d.digest: d.size for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs,
+                                              snap.deleted)}
+            new[hexd] = (_tree_bytes(target) + _file_bytes(target + ".seal")) if os.path.isdir(target) \
+                else _tree_bytes(staged_images)
+            self._make_room_locked(self.charged_to(snap), new, snap.manifest.digest, pull_area,
+                                   f"publishing {snap.ref} ({snap.namespace})")
             if not os.path.isdir(target):
                 for name in os.listdir(staged_images):
                     os.chmod(os.path.join(staged_images, name), 0o400)
@@ -588,11 +812,6 @@ class Store:
             ann = {**(entry.annotations or {}), ORIGIN: origin, **({PUSHED: pushed} if pushed else {})}
             index.append(replace(entry, annotations=ann))
             self.layout.write_index(index)
-            if limits is not None and limits.max_bytes > 0:
-                # Inside the locked section: the store lock is a flock, which a second locked()
-                # of this process would wait on forever; and no other publish can come between.
-                # The snapshot just published is kept: it was made or fetched to be used.
-                self._evict_locked(limits.max_bytes, limits.evict_unpushed, keep=snap.manifest.digest)
             self._gc_locked()
             self._changed()
         return snap
@@ -636,7 +855,7 @@ class Store:
                 live_blobs.update(d.digest for d in self.read(desc).blobs)
         freed = self._reap_staging()
         live_blobs |= self._live_staging()
-        self._gc_pulls()
+        freed += self._gc_pulls()
         blob_dir = os.path.join(self.layout.root, "blobs", "sha256")
         for name in os.listdir(blob_dir):
             if name.startswith(".") or "sha256:" + name not in live_blobs:

@@ -14,7 +14,6 @@ the same way, a bounded number of times, before giving up.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -95,6 +94,10 @@ class RegistryClient:
     def close(self) -> None:
         self.transport.close()
 
+    def abort(self) -> None:
+        """Stop every request now, from any thread (Transport.abort)."""
+        self.transport.abort()
+
     def __enter__(self) -> "RegistryClient":
         return self
 
@@ -142,19 +145,22 @@ class RegistryClient:
             raise DigestMismatchError(f"registry stored the manifest as {got}, we sent {digest}", self.registry, repo)
         return digest
 
-    def get_manifest(self, repo: str, reference: str, accept: tuple[str, ...] = (OCI_MANIFEST, OCI_INDEX)) -> Manifest:
-        """GET a manifest by tag or digest. Verified: by digest, the bytes must hash to it; by
-        tag, to the `Docker-Content-Digest` the registry announces, if any."""
+    def get_manifest(self, repo: str, reference: str, accept: tuple[str, ...] = (OCI_MANIFEST, OCI_INDEX),
+                     max_size: int = MAX_MANIFEST) -> Manifest:
+        """GET a manifest by tag or digest, at most `max_size` bytes (ProtocolError past it,
+        having read no more). Verified: by digest, the bytes must hash to it; by tag, to the
+        `Docker-Content-Digest` the registry announces, if any."""
         resp = self._req("GET", f"/v2/{repo}/manifests/{reference}", repo, "pull",
                          headers={"Accept": ", ".join(accept)}, stream=True)
+        max_size = min(max_size, MAX_MANIFEST)
         try:
-            data = resp.read(MAX_MANIFEST + 1, decode_content=True)
+            data = resp.read(max_size + 1, decode_content=True)
         except Exception as exc:
             raise NetworkError(f"reading manifest {reference}: {exc}", self.registry, repo) from exc
         finally:
             resp.release_conn()
-        if len(data) > MAX_MANIFEST:
-            raise ProtocolError(f"manifest {reference} is larger than {MAX_MANIFEST} bytes", self.registry, repo)
+        if len(data) > max_size:
+            raise ProtocolError(f"manifest {reference} is larger than {max_size} bytes", self.registry, repo)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         want = reference if reference.startswith("sha256:") else resp.headers.get("Docker-Content-Digest")
         if want and want != digest:
@@ -316,8 +322,9 @@ class RegistryClient:
             raise LocalFileError(f"cannot open {blob.path} for writing: {exc}", *where) from exc
         state = _Download(fd, blob, where)
         try:
+            # No space is reserved ahead of the bytes: a registry that declares a large blob and
+            # sends a few bytes must not take the disk (the pull's quota check bounds the rest).
             reused = self._rehash_prefix(state, max(0, min(have, blob.size)), have_digest, cancel)
-            _reserve(state)
             state.last_checkpoint = state.pos
             if on_bytes:
                 on_bytes(state.pos)
@@ -470,19 +477,6 @@ def _read_range(blob: BlobRange, start: int, length: int, on_bytes: OnBytes | No
             done += len(data)
             if on_bytes:
                 on_bytes(start + done)
-
-
-def _reserve(state: _Download) -> None:
-    """Allocates the rest of the range up front: a full disk fails now, not mid-download."""
-    blob, rest = state.blob, state.blob.size - state.pos
-    if rest <= 0:
-        return
-    try:
-        os.posix_fallocate(state.fd, blob.offset + state.pos, rest)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            return  # the file system cannot reserve; a full disk shows up as a write error instead
-        raise LocalFileError(f"cannot reserve {rest} bytes in {blob.path}: {exc}", *state.where) from exc
 
 
 def _content_range_start(value: str) -> int | None:

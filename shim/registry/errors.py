@@ -3,11 +3,19 @@ to differently. Every message names the registry, and the repository and digest 
 
 from __future__ import annotations
 
+from thaw.shim.safetext import remote as _remote_text
+
+MESSAGE_MAX = 1000  # characters of one error message (a registry's body inside it is capped lower)
+
 
 class RegistryError(Exception):
     """Base of every error raised by thaw.shim.registry."""
 
     def __init__(self, message: str, registry: str = "", repository: str = "", digest: str = ""):
+        # Messages carry what registries sent (error bodies, headers): they reach events.log and
+        # terminals, so no control character, no credential and no unbounded length gets in.
+        message = _remote_text(message, limit=MESSAGE_MAX)
+        registry, repository = _remote_text(registry, limit=300), _remote_text(repository, limit=300)
         self.registry, self.repository, self.digest = registry, repository, digest
         self.reason = message
         where = "/".join(p for p in (registry, repository) if p)

@@ -47,7 +47,7 @@ class TerminalProgress:
 
     def __call__(self, event: str, p: Progress, blob: BlobProgress | None) -> None:
         now = time.monotonic()
-        if event == "bytes" and now - self._last < REDRAW_S:
+        if event in ("bytes", "blob") and now - self._last < REDRAW_S:   # n blobs: not n redraws
             return
         self._last = now
         text = self.line(p)

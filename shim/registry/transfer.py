@@ -2,15 +2,18 @@
 progress interface, cancellation of everything on the first hard error, and (for pulls) a
 journal of resume points so that a pull killed mid-blob and run again reuses what it wrote.
 
-The journal is a small JSON file the caller places next to the partial data (somewhere its
-garbage collection leaves alone while a pull may resume): {"KEY": [bytes, "sha256:prefix"]}
-with KEY = "DIGEST PATH OFFSET". It is replaced atomically; an entry is only written after the
-bytes it names were written, so it never claims more than is there. A finished blob keeps an
-entry with bytes == size: a rerun re-hashes it instead of fetching it again.
+The journal is a small file the caller places next to the partial data (somewhere its garbage
+collection leaves alone while a pull may resume): one JSON line per resume point,
+["KEY", bytes, "sha256:prefix"] with KEY = "DIGEST PATH OFFSET", appended (never rewritten: a
+pull of n blobs writes O(n) bytes, not O(n^2)); the last line of a key wins, and a torn last
+line is ignored. A line is only written after the bytes it names were written, so it never
+claims more than is there. A finished blob keeps an entry with bytes == size: a rerun re-hashes
+it instead of fetching it again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .client import BlobRange, RegistryClient
-from .errors import Cancelled, DigestMismatchError, RegistryError
+from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError
 
 DEFAULT_PARALLEL = 4
 PROGRESS_INTERVAL_S = 0.1  # byte-level events at most this often; blob and end events always
@@ -44,9 +47,13 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
     error: RegistryError | None = None
 
+    _total: int | None = None
+
     @property
     def total(self) -> int:
-        return sum(b.total for b in self.blobs.values())
+        if self._total is None:    # the blobs are fixed once a transfer starts: summed once
+            self._total = sum(b.total for b in self.blobs.values())
+        return self._total
 
     @property
     def done(self) -> int:
@@ -107,17 +114,31 @@ class _Tracker:
 
 
 class Journal:
-    """Resume points of a pull, in one JSON file (see the module docstring)."""
+    """Resume points of a pull, appended to one file (see the module docstring)."""
 
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._entries: dict[str, tuple[int, str]] = {}
         try:
-            with open(path) as f:
-                raw = json.load(f)
-            self._entries = {k: (int(v[0]), str(v[1])) for k, v in raw.items()}
-        except (OSError, ValueError, TypeError, KeyError, IndexError):
-            self._entries = {}  # no journal, or a torn one: nothing is trusted, start over
+            with open(path, "rb") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        if not isinstance(entry, list) or len(entry) != 3:
+                            raise ValueError("not a journal line")
+                        key, done, prefix = entry
+                    except (ValueError, TypeError):
+                        break                       # a torn last line: what follows is not trusted
+                    if prefix is None:
+                        self._entries.pop(str(key), None)
+                    else:
+                        self._entries[str(key)] = (int(done), str(prefix))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise LocalFileError(f"cannot read the pull journal {path}: {exc}") from exc
 
     @staticmethod
     def key(blob: BlobRange) -> str:
@@ -131,14 +152,21 @@ class Journal:
     def record(self, blob: BlobRange, done: int, prefix: str) -> None:
         with self._lock:
             self._entries[self.key(blob)] = (done, prefix)
-            self._save()
+            self._append([self.key(blob), done, prefix])
 
     def forget(self, blob: BlobRange) -> None:
         with self._lock:
             if self._entries.pop(self.key(blob), None) is not None:
-                self._save()
+                self._append([self.key(blob), 0, None])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def remove(self) -> None:
+        self.close()
         with self._lock:
             self._entries = {}
             try:
@@ -146,11 +174,15 @@ class Journal:
             except FileNotFoundError:
                 pass
 
-    def _save(self) -> None:
-        tmp = f"{self.path}.tmp{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "w") as f:
-            json.dump({k: list(v) for k, v in self._entries.items()}, f)
-        os.replace(tmp, self.path)
+    def _append(self, entry: list) -> None:
+        line = (json.dumps(entry) + "\n").encode()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.write(self._fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            raise LocalFileError(f"cannot write the pull journal {self.path}: {exc}") from exc
 
 
 def push_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *, parallel: int = DEFAULT_PARALLEL,
@@ -206,7 +238,11 @@ def pull_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
         bp.reused = reused
         tracker.finish(_tkey(blob), "verified" if reused == blob.size else "downloaded")
 
-    return _run("pull", items, one, parallel, listener, cancel)
+    try:
+        return _run("pull", items, one, parallel, listener, cancel)
+    finally:
+        if jr:
+            jr.close()
 
 
 def _tkey(blob: BlobRange) -> str:

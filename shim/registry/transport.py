@@ -12,20 +12,26 @@ factories, so a request can be re-sent; an upload sends its body only after a bo
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError as Urllib3SSLError
+
+from thaw.shim.safetext import REMOTE_MAX, redact
 
 from .auth import Challenge, Credentials, load_credentials, parse_challenge
 from .errors import (
     AuthError,
+    Cancelled,
     ConfigError,
     DigestMismatchError,
     NetworkError,
@@ -75,6 +81,9 @@ class Transport:
             ssl_context=self._ssl_context(),
             timeout=urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s))
         self._lock = threading.Lock()
+        self._aborted = False
+        self._connections: weakref.WeakSet = weakref.WeakSet()
+        self._pool.pool_classes_by_scheme = _tracking_pools(self._connections, self._lock)
         self._creds: Credentials | None = None
         self._creds_loaded = False
         self._basic = False  # the registry asked for Basic: send it with every request
@@ -92,6 +101,22 @@ class Transport:
 
     def close(self) -> None:
         self._pool.clear()
+
+    def abort(self) -> None:
+        """Stop every request of this transport now, from any thread: each open connection is
+        shut down (a blocked read returns at once, whatever phase it is in: headers, body, a
+        token) and every later request raises Cancelled. What a pull deadline and a cancelled
+        pull use; a registry that trickles bytes cannot hold a transfer past it."""
+        with self._lock:
+            self._aborted = True
+            conns = list(self._connections)
+        for conn in conns:
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def credentials(self) -> Credentials | None:
         with self._lock:
@@ -140,6 +165,8 @@ class Transport:
         raise ProtocolError(f"more than {MAX_REDIRECTS} redirects for {method} {url}", self.registry, *where)
 
     def _send(self, method: str, url: str, headers: dict[str, str], body: Body, where) -> urllib3.BaseHTTPResponse:
+        if self._aborted:
+            raise Cancelled(f"{method} {_strip_query(url)}: transfer stopped", self.registry, *where)
         data = body() if callable(body) else body
         try:
             return self._pool.urlopen(method, url, body=data, headers=headers, redirect=False, retries=False,
@@ -239,6 +266,18 @@ class Transport:
             raise AuthError(f"token service {_strip_query(realm)} sent no token", self.registry, *where)
         return _Token(str(value), time.monotonic() + max(ttl - TOKEN_MARGIN_S, 1.0))
 
+    def _secrets(self) -> tuple[str, ...]:
+        """Every credential value this transport may have sent: none may appear in a message."""
+        with self._lock:
+            creds = self._creds
+            tokens = [t.value for t in self._tokens.values()]
+        out = list(tokens)
+        if creds is not None:
+            out += [creds.password or "", creds.identity_token or ""]
+            if creds.username or creds.password:
+                out.append(creds.basic().split(" ", 1)[-1])
+        return tuple(s for s in out if s)
+
     # --- errors ---------------------------------------------------------------------------------
 
     def _error(self, method: str, url: str, resp: urllib3.BaseHTTPResponse, where) -> RegistryError:
@@ -249,6 +288,7 @@ class Transport:
         finally:
             resp.release_conn()
         codes, detail = _error_body(raw)
+        detail = redact(detail, self._secrets())[:REMOTE_MAX]
         what = f"{method} {_strip_query(url)}: HTTP {resp.status}{(' ' + detail) if detail else ''}"
         if resp.status == 401:
             creds = self.credentials()
@@ -264,6 +304,25 @@ class Transport:
         if resp.status in (429, 502, 503, 504):
             return NetworkError(f"{what} (registry unavailable; try again later)", self.registry, *where)
         return ProtocolError(what, self.registry, *where)
+
+
+def _tracking_pools(live: weakref.WeakSet, lock: threading.Lock) -> dict:
+    """urllib3 pool classes whose connections register themselves in `live` once connected, so
+    that Transport.abort can shut each one down (urllib3 does not track connections in use)."""
+    def tracked(base):
+        class Tracked(base):
+            def connect(self):
+                super().connect()
+                with lock:
+                    live.add(self)
+        return Tracked
+
+    class HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = tracked(urllib3.connection.HTTPConnection)
+
+    class HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = tracked(urllib3.connection.HTTPSConnection)
+    return {"http": HTTPPool, "https": HTTPSPool}
 
 
 def _error_body(raw: bytes) -> tuple[set[str], str]:
