@@ -549,6 +549,13 @@ def pack_whole_files(src_dir: str, names: list[str], out: IO[bytes]) -> None:
 def unpack_whole_files(src: IO[bytes], dest_dir: str, limit: int) -> dict[str, str]:
     """Extract a (digest-verified) CRIU tar into dest_dir: flat regular files only, no sparse
     members, at most `limit` bytes in all. Returns each file's digest."""
+    try:
+        return _unpack_whole_files(src, dest_dir, limit)
+    except tarfile.TarError as exc:
+        raise SnapshotFormatError(f"CRIU layer is not a valid tar: {exc}") from exc
+
+
+def _unpack_whole_files(src: IO[bytes], dest_dir: str, limit: int) -> dict[str, str]:
     hashes = {}
     total = 0
     with tarfile.open(fileobj=src, mode="r|") as tar:

@@ -229,6 +229,8 @@ def _pull_guarded(cfg: Config, store: Store, source: Reference, local: SnapshotR
     except DistributionError as exc:
         if guard.reason and not isinstance(exc, PullCancelled):
             raise PullCancelled(f"pull of {source} {guard.reason}; what it wrote was removed") from exc
+        if _is_local_failure(exc):          # writing into the store: say where, and what to do
+            raise DistributionError(f"pulling {source} into {store.root}: {_describe(exc, store)}") from exc
         raise
     except (ThawError, OSError) as exc:
         if guard.reason:
@@ -269,9 +271,14 @@ def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotR
         return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}")
 
 
+def _is_local_failure(exc: BaseException) -> bool:
+    from .registry.errors import LocalFileError
+    return isinstance(exc.__cause__, LocalFileError)
+
+
 def _describe(exc: BaseException, store: Store) -> str:
     """An error of the local side, with what to do about it."""
-    err = exc
+    err: BaseException | None = exc
     while err is not None and not isinstance(err, OSError):
         err = err.__cause__
     code = err.errno if isinstance(err, OSError) else None

@@ -763,9 +763,9 @@ class Store:
                 if not free:        # a restore started since: keep it, and count it again
                     entries.append(next(e for e in full if e[0] is desc))
                     continue
-                index = [d for d in index if d is not desc]
+                index = [d for d in index if d != desc]
                 self.layout.write_index(index)  # unpublished first: never an entry without its files
-                if not any(s.manifest.digest == snap.manifest.digest for _d, s, _h in entries):
+                if not any(d.digest == snap.manifest.digest for d in index):
                     self._remove_image_dir_held(path)
             evicted.append(Evicted(snap.ref, snap.namespace, snap.manifest.digest, freed))
             self.report("info", f"snapshot {snap.ref} ({snap.namespace}) evicted (least recently used of its "
