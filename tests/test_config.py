@@ -92,16 +92,36 @@ def test_store_limits_defaults_values_and_the_cache(tmp_path, monkeypatch):
     assert config.load(str(p)) == parsed                 # the same through the marshal cache
     [cache] = list((tmp_path / "cache").iterdir())
     cached = marshal.loads(cache.read_bytes())
-    assert cached["config"]["store"] == {"max_bytes": 50_000_000_000, "evict_unpushed": True}
+    assert cached["config"]["store"] == {"max_bytes": 50_000_000_000, "evict_unpushed": True, "quota": {},
+                                         "quota_share": 0.5}
     cached["config"]["store"]["max_bytes"] = 7                     # what is read is the cache
     cache.write_bytes(marshal.dumps(cached))
     assert config.load(str(p)).store.max_bytes == 7
 
 
+def test_limits_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("store_dir: /s\n")
+    cfg = config.load(str(p))
+    assert (cfg.store.quota, cfg.store.quota_share) == ({}, 0.5)
+    assert (cfg.registry.pull_deadline, cfg.registry.max_blobs, cfg.registry.max_manifest_bytes) == (1800, 10000, 4 << 20)
+    p.write_text("store:\n  quota: {team-a: 1000, team-b: 0}\n  quota_share: 0.25\n"
+                 "registry:\n  pull_deadline: 30\n  max_blobs: 5\n  max_manifest_bytes: 4096\n")
+    for _ in range(2):                                   # parsed, then through the marshal cache
+        cfg = config.load(str(p))
+        assert (cfg.store.quota, cfg.store.quota_share) == ({"team-a": 1000, "team-b": 0}, 0.25)
+        assert (cfg.registry.pull_deadline, cfg.registry.max_blobs, cfg.registry.max_manifest_bytes) == (30, 5, 4096)
+
+
 @pytest.mark.parametrize("text", ["store:\n  max_bytes: -1\n", "store:\n  max_bytes: lots\n",
                                   "store:\n  max_bytes: true\n", "store:\n  max_bytes: 1.5\n",
                                   "store:\n  evict_unpushed: 1\n", "store:\n  evict_unpushed: 'yes'\n",
-                                  "store:\n  bogus: 1\n", "store: [max_bytes]\n", "store: 10\n"])
+                                  "store:\n  bogus: 1\n", "store: [max_bytes]\n", "store: 10\n",
+                                  "store:\n  quota: {a: -1}\n", "store:\n  quota: {a: lots}\n",
+                                  "store:\n  quota: [a]\n", "store:\n  quota_share: 0\n",
+                                  "store:\n  quota_share: 1.5\n", "registry:\n  pull_deadline: 0\n",
+                                  "registry:\n  max_blobs: 0\n", "registry:\n  max_manifest_bytes: -5\n"])
 def test_bad_store_limits(tmp_path, monkeypatch, text):
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
     p = tmp_path / "c.yaml"

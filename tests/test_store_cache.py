@@ -15,7 +15,7 @@ from thaw.shim import events
 from thaw.shim.cli import _human
 from thaw.shim.config import Config, StoreLimits
 from thaw.shim.importer import import_archive
-from thaw.shim.store import PUSHED, Store
+from thaw.shim.store import PUSHED, QuotaExceeded, Store
 
 PULLED = "pulled:registry.example/team/app:1"
 
@@ -171,7 +171,7 @@ def test_each_publish_evicts_down_to_max_bytes(tmp_path):
     probe = Store(str(tmp_path / "probe")).init()
     one = probe.size(fake_snapshot(probe, "x:1", b"X" * 40_000, origin=PULLED))
     cfg = Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"),
-                 store=StoreLimits(max_bytes=int(one * 2.5)))
+                 store=StoreLimits(max_bytes=int(one * 2.5), quota_share=1.0))
     store = Store.for_config(cfg).init()
     a = fake_snapshot(store, "a:1", b"A" * 40_000, origin=PULLED)
     b = fake_snapshot(store, "b:1", b"B" * 40_000, origin=PULLED)
@@ -182,10 +182,11 @@ def test_each_publish_evicts_down_to_max_bytes(tmp_path):
     assert names(store) == {"b:1", "c:1"} and not os.path.exists(store.image_path(a))
     assert store.total_bytes() <= cfg.store.max_bytes
     assert any("a:1 (_local) evicted" in m for m in store_events(cfg, "info"))
-    # A snapshot larger than the whole cache is kept when published (it is about to be used);
-    # the next publish may take it.
-    fake_snapshot(store, "big:1", b"G" * 200_000, origin=PULLED)
-    assert "big:1" in names(store) and "the snapshot just published is kept" in store_events(cfg, "warning")[-1]
+    # A snapshot larger than the whole cache is refused (store.max_bytes bounds every publish),
+    # and nothing is evicted for it.
+    with pytest.raises(QuotaExceeded, match="publishing big:1 .* over its quota"):
+        fake_snapshot(store, "big:1", b"G" * 200_000, origin=PULLED)
+    assert names(store) == {"b:1", "c:1"}
 
 
 def test_publish_never_evicts_without_max_bytes(store):
