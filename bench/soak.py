@@ -11,6 +11,18 @@ runtime call failing, anything of the container left after its delete), create l
 Leak counts before the cycles, every --check-every cycles and after.
 
     python bench/soak.py [--cycles 1000] [--check-every 100] [--keep]
+    python bench/soak.py --mode pull [--cycles 1000] ...
+
+--mode pull (issue 22, limits): two namespaces (team-a, team-b) each capture the counter once and
+push it to a local registry (Debian's docker-registry, plain HTTP on 127.0.0.1); the store gets a
+quota per namespace (3x a snapshot) and a max_bytes. Each cycle is one pull: two thirds `thaw
+pull` a namespace's snapshot from the good registry then restore it through thaw-runtime in a pod
+of that namespace (and `thaw rm` it); one third pull from a malicious registry (a blob declared
+large then cut, bytes trickled past registry.pull_deadline, error bodies with terminal escapes and
+an echoed Authorization header, more blobs than registry.max_blobs, a malformed CRIU layer, a
+snapshot over the namespace's quota), each of which must fail with one clean line, a `pull` event,
+and no pull area, staging entry or byte left. Store usage is sampled after every cycle;
+quotas_exceeded counts samples over a quota.
 
 Uses thaw-runtime, thaw and thaw-hook from PATH (the installation under test) with a config of
 its own (store, state_dir, runc root under one temp directory). Not in CI. Results:
@@ -114,6 +126,8 @@ class Soak:
         self.restored_first: int | None = None     # the first tick every restore prints
         self.snapshot_info: dict = {}
         self.inits_not_ours = 0                   # inits that were not the bench's children to reap
+        self.ref = REF                            # what the cycles restore
+        self.ns_args: list[str] = []              # -n NAMESPACE of the captured snapshot
 
     # --- setup ----------------------------------------------------------------------------------
     def _image(self) -> str:
@@ -160,7 +174,7 @@ class Soak:
         self.unmount(os.path.join(src.bundle, "rootfs"), problems)
         if problems:
             raise SystemExit(f"source container: {problems}")
-        info = json.loads(self.thaw_cli("inspect", REF).stdout)
+        info = json.loads(self.thaw_cli("inspect", REF, *self.ns_args).stdout)
         sizes = info["config"]["sizes"]
         if sizes.get("rootfs_deleted") != 2:       # etc/motd, etc/conf.d: the diff path is exercised
             raise SystemExit(f"snapshot has no deletions in its rootfs diff: {sizes}")
@@ -172,7 +186,7 @@ class Soak:
     # --- one cycle --------------------------------------------------------------------------------
     def cycle(self, i: int) -> dict:
         cid = f"{self.run_id}-{i:05d}"
-        c = ShimContainer(self.runtime, self.root, self.bundle(cid, {"thaw.dev/snapshot": REF}), cid)
+        c = ShimContainer(self.runtime, self.root, self.bundle(cid, {"thaw.dev/snapshot": self.ref}), cid)
         rootfs = os.path.join(c.bundle, "rootfs")
         out: dict = {"i": i, "id": cid}
         problems: list[str] = []
@@ -478,7 +492,7 @@ class Soak:
         for i in range(self.cycles):
             r = self.cycle(i)
             results.append(r)
-            if r["outcome"] != "restored":
+            if r["outcome"] not in ("restored", "refused"):    # refused: a malicious pull (--mode pull)
                 print(f"  cycle {i}: {r['outcome']} {r.get('reason', '')} {r.get('problems', '')}"[:1500], flush=True)
             if self.check_every and (i + 1) % self.check_every == 0 and i + 1 < self.cycles:
                 checks.append({"after_cycles": i + 1, **self.leaks()})
@@ -572,21 +586,229 @@ def summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+NAMESPACES = ("team-a", "team-b")
+ATTACKS = ("declared_large", "trickle", "error_body", "many_blobs", "malformed", "over_quota")
+
+
+class PullSoak(Soak):
+    """--mode pull: see the module docstring."""
+
+    def __init__(self, cycles: int, check_every: int, keep: bool):
+        super().__init__(cycles, check_every, keep)
+        from registry_fixture.malicious import MaliciousRegistry
+        from registry_fixture.server import RegistryServer
+        self.registry = RegistryServer(os.path.join(self.tmp, "registry"))
+        self.evil = MaliciousRegistry()
+        self.refs: dict[str, str] = {}
+        self.points: dict[str, int] = {}
+        self.firsts: dict[str, int] = {}
+        self.quota = 0
+        self.max_bytes = 0
+        self.usage: list[dict] = []
+        self.ns = NAMESPACES[0]                   # the namespace of the pod being created
+
+    def write_config(self, **extra) -> None:
+        import yaml
+        cfg = {"store_dir": self.store, "state_dir": self.state,
+               "registry": {"insecure": [self.registry.host, self.evil.host], "pull_deadline": 4,
+                            "max_blobs": 200}, **extra}
+        if shutil.which("thaw-hook"):
+            cfg["hook"] = shutil.which("thaw-hook")
+        with open(self.config, "w") as f:
+            yaml.safe_dump(cfg, f)
+
+    def configure(self) -> None:
+        super().configure()
+        self.registry.start()
+        self.evil.start()
+        self.write_config()
+
+    def bundle(self, cid: str, annotations: dict | None = None) -> str:
+        ann = {"io.kubernetes.cri.sandbox-namespace": self.ns, **(annotations or {})}
+        return overlay_bundle(os.path.join(self.bundles, cid), self.image, SOURCE, annotations=ann,
+                              image=IMAGE, cgroup=f"/thaw-test/{cid}")
+
+    def capture(self) -> None:
+        """One capture per namespace, pushed to the good registry, removed from the store."""
+        sizes = []
+        for ns in NAMESPACES:
+            self.ns, self.ns_args = ns, ["-n", ns]
+            super().capture()
+            self.points[ns] = self.captured_point or 0
+            ref = f"{self.registry.host}/soak/{ns}:v1"
+            self.thaw_cli("push", REF, ref, "-n", ns)
+            rows = json.loads(self.thaw_cli("ls", "-n", ns, "--json").stdout)
+            sizes.append(max(r["size_bytes"] for r in rows))
+            self.thaw_cli("rm", REF, "-n", ns)
+            self.refs[ns] = ref
+        self.quota, self.max_bytes = 3 * max(sizes), 5 * max(sizes)
+        self.write_config(store={"quota": {ns: self.quota for ns in NAMESPACES}, "max_bytes": self.max_bytes})
+        self.snapshot_info.update(refs=self.refs, quota=self.quota, max_bytes=self.max_bytes,
+                                  snapshot_bytes=max(sizes))
+        self.thaw_cli("gc")
+
+    def cycle(self, i: int) -> dict:
+        ns = NAMESPACES[(i // 3) % 2]
+        if i % 3 == 2:
+            out = self.attack(i, ATTACKS[(i // 3) % len(ATTACKS)], ns)
+        else:
+            out = self.good(i, ns)
+        self.sample(i)
+        return out
+
+    def good(self, i: int, ns: str) -> dict:
+        t = time.perf_counter()
+        pulled = subprocess.run([self.thaw, "pull", self.refs[ns]], capture_output=True, text=True, timeout=300)
+        pull_s = time.perf_counter() - t
+        self.sample(i)                               # the pulled snapshot in the store
+        if pulled.returncode != 0:
+            return {"i": i, "id": f"pull-{i}", "kind": "good_pull", "namespace": ns, "outcome": "failed",
+                    "problems": [f"good pull failed: {pulled.stderr.strip()[-500:]}"]}
+        self.captured_point, self.restored_first = self.points[ns], self.firsts.get(ns)
+        self.ns, self.ref = ns, self.refs[ns]
+        ref = self.ref
+        out = Soak.cycle(self, i)
+        if self.restored_first is not None:
+            self.firsts[ns] = self.restored_first
+        out.update(kind="good_pull", namespace=ns, pull_s=round(pull_s, 3))
+        rm = subprocess.run([self.thaw, "rm", ref, "-n", ns], capture_output=True, text=True, timeout=60)
+        if rm.returncode != 0:
+            out.setdefault("problems", []).append(f"rm: {rm.stderr.strip()[-300:]}")
+            out["outcome"] = "failed"
+        return out
+
+    def attack(self, i: int, kind: str, ns: str) -> dict:
+        evil = self.evil
+        evil.release.clear()
+        evil.held.clear()
+        evil.blob_behaviour.clear()
+        evil.answer_all = None
+        repo, problems = f"evil/{kind}{i}", []
+        if kind == "declared_large":
+            snap = evil.put_snapshot(repo, "v1", ns, parts=[os.urandom(404)], declared={0: self.quota // 2})
+            evil.hold_after(snap.parts[0].desc.digest, 404, length=self.quota // 2)
+            evil.release.set()                       # sends its 404 bytes and drops the connection
+        elif kind == "trickle":
+            snap = evil.put_snapshot(repo, "v1", ns, parts=[os.urandom(4096)])
+            evil.trickle(snap.parts[0].desc.digest, 0.2)
+        elif kind == "error_body":
+            def answer(h) -> bool:
+                body = json.dumps({"errors": [{"code": "DENIED", "message": "\x1b[2J\nforged line Authorization: "
+                                               + str(h.headers.get("Authorization")) + " " + "x" * 20000}]}).encode()
+                h.send_response(500)
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+                return True
+            evil.answer_all = answer
+        elif kind == "many_blobs":
+            evil.put_snapshot(repo, "v1", ns, parts=[os.urandom(8) for _ in range(250)], parts_per_file=250)
+        elif kind == "malformed":
+            evil.put_snapshot(repo, "v1", ns, whole=b"not a tar" * 64)
+        else:                                        # over_quota: a valid snapshot larger than the quota
+            evil.put_snapshot(repo, "v1", ns, parts=[b"\0" * 4096], declared={0: self.quota + 1})
+        t = time.perf_counter()
+        proc = subprocess.run([self.thaw, "pull", f"{evil.host}/{repo}:v1"], capture_output=True, text=True,
+                              timeout=120)
+        seconds = time.perf_counter() - t
+        evil.release.set()
+        evil.answer_all = None
+        err = proc.stderr
+        if proc.returncode == 0:
+            problems.append("a malicious pull succeeded")
+        if "\x1b" in err or "Traceback" in err or len(err.strip().splitlines()) != 1 or len(err) > 4000:
+            problems.append(f"error output not one clean line: {err[:300]!r}")
+        pulls = os.path.join(self.store, "pulls")
+        areas = [n for n in os.listdir(pulls) if not n.endswith(".lock")] if os.path.isdir(pulls) else []
+        if areas:
+            problems.append(f"pull areas left: {areas}")
+        staging = os.listdir(os.path.join(self.store, "staging"))
+        if staging:
+            problems.append(f"staging left: {staging}")
+        return {"i": i, "id": f"attack-{i}", "kind": kind, "namespace": ns, "seconds": round(seconds, 3),
+                "outcome": "failed" if problems else "refused", "error": err.strip()[:300],
+                **({"problems": problems} if problems else {})}
+
+    def sample(self, i: int) -> None:
+        from thaw.shim.config import load
+        from thaw.shim.store import Store
+        store = Store.for_config(load(self.config))
+        row = {"after_cycle": i, **{ns: store.usage(ns) for ns in NAMESPACES}, "total": store.total_bytes(),
+               "disk": sum(os.lstat(os.path.join(d, n)).st_blocks * 512
+                           for d, _, ns_ in os.walk(self.store) for n in ns_)}
+        self.usage.append(row)
+
+    def leaks(self) -> dict:
+        out = super().leaks()
+        pulls = os.path.join(self.store, "pulls")
+        out["pull_areas"] = len([n for n in os.listdir(pulls) if not n.endswith(".lock")]) if os.path.isdir(pulls) else 0
+        out["thaw_pull_processes"] = sum(1 for p in filter(str.isdigit, os.listdir("/proc"))
+                                         if _cmdline_has(p, b"thaw\x00pull"))
+        return out
+
+    def result(self, results, before, after, checks, context, duration_s, cycles_s) -> dict:
+        r = super().result(results, before, after, checks, context, duration_s, cycles_s)
+        good = [x for x in results if x.get("kind") == "good_pull"]
+        attacks = [x for x in results if x.get("kind") != "good_pull"]
+        over = [u for u in self.usage if any(u[ns] > self.quota for ns in NAMESPACES) or u["total"] > self.max_bytes]
+        by_kind: dict[str, dict[str, int]] = {}
+        for a in attacks:
+            k = by_kind.setdefault(a["kind"], {"refused": 0, "failed": 0})
+            k[a["outcome"]] += 1
+        r.update(benchmark="soak-pull", mode="pull",
+                 pulls={"good": len(good), "good_failed": sum(x["outcome"] != "restored" for x in good),
+                        "good_restored": sum(x["outcome"] == "restored" for x in good),
+                        "pull_s": latency([x["pull_s"] for x in good if "pull_s" in x]),
+                        "malicious": len(attacks), "malicious_by_kind": by_kind,
+                        "malicious_s": latency([x["seconds"] for x in attacks])},
+                 quota={"per_namespace": self.quota, "max_bytes": self.max_bytes,
+                        "samples_over": len(over), "max_usage": {ns: max((u[ns] for u in self.usage), default=0)
+                                                                 for ns in NAMESPACES},
+                        "max_total": max((u["total"] for u in self.usage), default=0),
+                        "max_disk": max((u["disk"] for u in self.usage), default=0)},
+                 usage_samples=self.usage)
+        r["target_met"] = (not r["leaked"] and r["pulls"]["good_failed"] == 0 and not over
+                           and all(k["failed"] == 0 for k in by_kind.values()))
+        return r
+
+    def cleanup(self) -> None:
+        self.evil.release.set()
+        self.evil.stop()
+        self.registry.stop()
+        super().cleanup()
+
+
+def _cmdline_has(pid: str, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle in f.read()
+    except OSError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=("restore", "pull"), default="restore",
+                    help="restore: one snapshot restored again and again; pull: pulls and restores, with quotas "
+                         "and a malicious registry")
     ap.add_argument("--cycles", type=int, default=1000)
     ap.add_argument("--check-every", type=int, default=100, help="leak counts every N cycles (0: only before/after)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (store, state, bundles)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("soak: run as root (runc, CRIU, overlay mounts)")
-    soak = Soak(args.cycles, args.check_every, args.keep)
+    soak = (PullSoak if args.mode == "pull" else Soak)(args.cycles, args.check_every, args.keep)
     try:
         result = soak.run()
     finally:
         soak.cleanup()
-    path = save("soak", result)
+    path = save("soak-pull" if args.mode == "pull" else "soak", result)
     print(summary(result))
+    if args.mode == "pull":
+        p, q = result["pulls"], result["quota"]
+        print(f"pulls: {p['good']} good ({p['good_failed']} failed, {p['good_restored']} restored), "
+              f"{p['malicious']} malicious {p['malicious_by_kind']}; quota samples over: {q['samples_over']}, "
+              f"max usage {q['max_usage']} of {q['per_namespace']}")
     print(f"saved {path}")
 
 
