@@ -81,6 +81,7 @@ def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex
     config_desc, layers = fmt.parse_manifest(_small(staging, path, idx, desc), desc)
     config = fmt.SnapshotConfig.from_json(json.loads(_small(staging, path, idx, config_desc)))
     snap = fmt.assemble(ref, desc, config_desc, config, layers)
+    store.check_room(store.charged_to(snap), snap.size, f"importing {ref} ({snap.namespace}) from {path}")
     images = staging.new_dir(images_name)
     for d in (snap.criu_whole, snap.rootfs, snap.deleted):
         _blob(staging, path, idx, d)

@@ -690,8 +690,14 @@ class Store:
                 self._changed()
         return evicted
 
+    def check_room(self, namespace: str, nbytes: int, what: str) -> None:
+        """QuotaExceeded now if `nbytes` more could not fit `namespace` even after evicting what
+        it may (an import checks before it writes; its publish then evicts for real)."""
+        with self.locked():
+            self._make_room_locked(namespace, {"new:" + what: nbytes}, "", None, what, dry_run=True)
+
     def _make_room_locked(self, namespace: str, new: dict[str, int], keep: str, exclude_area: str | None,
-                          what: str) -> list[Evicted]:
+                          what: str, dry_run: bool = False) -> list[Evicted]:
         """Make `new` (file key -> bytes) fit `namespace`'s quota and store.max_bytes, evicting
         only `namespace`'s own snapshots, least recently used first: never `keep`, one a
         restore reads, one whose files all stay held by a kept snapshot, nor (unless
@@ -756,6 +762,8 @@ class Store:
                 f"{' (' + '; '.join(skipped) + ')' if skipped else ''}. Remove some of its snapshots "
                 f"(thaw ls -n {namespace}; thaw rm NAME -n {namespace}) or raise store.quota for it "
                 f"(store.quota_share: {limits.quota_share}) in the node config")
+        if dry_run:
+            return []
         evicted = []
         for desc, snap, freed in plan:
             path = self.image_path(snap)

@@ -23,9 +23,8 @@ if _TESTS not in sys.path:
 
 from registry_fixture.malicious import MaliciousRegistry, basic_auth_file  # noqa: E402
 
-from helpers import fake_snapshot, unique, wait_for  # noqa: E402
+from helpers import fake_snapshot, wait_for  # noqa: E402
 from thaw.oci.annotations import SnapshotRef  # noqa: E402
-from thaw.shim import distribution  # noqa: E402
 from thaw.shim.config import load  # noqa: E402
 from thaw.shim.store import QuotaExceeded, Store  # noqa: E402
 
@@ -169,6 +168,15 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     with pytest.raises(QuotaExceeded, match="namespace team-a would hold .* over its quota"):
         fake_snapshot(store, "two:1", os.urandom(MiB), namespace="team-a")  # captured here: not evictable
     fake_snapshot(store, "other:1", os.urandom(MiB + MiB // 2), namespace="team-b")   # its own share
+    assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
+    # an import is checked before its blobs are written
+    from thaw.shim.importer import import_archive
+    probe = Store(str(tmp_path / "probe")).init()
+    fake_snapshot(probe, "three:1", os.urandom(2 * MiB), namespace="team-a")
+    archive = str(tmp_path / "three.tar")
+    probe.export(SnapshotRef.parse("three:1"), "team-a", archive)
+    with pytest.raises(QuotaExceeded, match="importing three:1 .* over its quota"):
+        import_archive(store, archive)
     assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
     assert not os.listdir(store.staging_dir)
 
