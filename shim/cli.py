@@ -36,7 +36,7 @@ def _one_line_errors(fn):
             return fn(*args, **kwargs)
         except (ThawError, OSError) as exc:
             from .safetext import printable  # messages may quote what a registry sent
-            raise click.ClickException(printable(exc)) from exc
+            raise click.ClickException(printable(exc, None, lines=True)) from exc
     return wrapper
 
 

@@ -23,11 +23,15 @@ _CREDENTIAL = re.compile(r"(?i)\b(basic|bearer)\s+[A-Za-z0-9._~+/=-]{4,}"
 REDACTED = "[redacted]"
 
 
-def printable(text: object, limit: int = SHOW_MAX) -> str:
-    """`text` with every control character shown as `?` (one line, nothing a terminal acts on),
-    at most `limit` characters (an ellipsis says it was cut)."""
-    s = _CONTROL.sub("?", str(text))
-    return s if len(s) <= limit else s[:limit - 1] + "…"
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object, limit: int | None = SHOW_MAX, lines: bool = False) -> str:
+    """`text` with every control character shown as `?` (one line, nothing a terminal acts on;
+    `lines`: newlines and tabs kept, for an error message of several lines such as a tool's
+    output), at most `limit` characters (an ellipsis says it was cut)."""
+    s = (_CONTROL_BUT_LINES if lines else _CONTROL).sub("?", str(text))
+    return s if limit is None or len(s) <= limit else s[:limit - 1] + "…"
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:

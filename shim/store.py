@@ -731,26 +731,34 @@ class Store:
         for entry in own:
             if not over():
                 break
-            desc, snap, held = entry
-            ann = desc.annotations or {}
-            name = f"{snap.ref} ({snap.namespace})"
-            if snap.manifest.digest == keep:
+            if entry not in entries:
+                continue                        # planned with another name of its manifest
+            # Every name of one manifest in this namespace goes together: they share one image
+            # directory, so evicting one name alone frees nothing.
+            group = [e for e in own if e in entries and e[1].manifest.digest == entry[1].manifest.digest]
+            names = ", ".join(f"{e[1].ref} ({e[1].namespace})" for e in group)
+            if entry[1].manifest.digest == keep:
                 continue
-            if not limits.evict_unpushed and not (ann.get(ORIGIN, "").startswith("pulled:") or ann.get(PUSHED)):
-                skipped.append(f"{name}: captured or imported here, never pushed")
+            unpushed = [e for e in group if not limits.evict_unpushed and not (
+                (e[0].annotations or {}).get(ORIGIN, "").startswith("pulled:") or (e[0].annotations or {}).get(PUSHED))]
+            if unpushed:
+                skipped.append(f"{names}: captured or imported here, never pushed")
                 continue
+            held = {k: v for e in group for k, v in e[2].items()}
             others = set(new)
             for e in entries:
-                if e is not entry:
+                if not any(e is g for g in group):
                     others.update(e[2])
             if set(held) <= others:
-                skipped.append(f"{name}: its files are shared with a kept snapshot")
+                skipped.append(f"{names}: its files are shared with a kept snapshot")
                 continue
-            if not _lock_free(self.image_path(snap) + ".lock"):
-                skipped.append(f"{name}: a restore reads it")
+            if not _lock_free(self.image_path(entry[1]) + ".lock"):
+                skipped.append(f"{names}: a restore reads it")
                 continue
-            entries.remove(entry)
-            plan.append((desc, snap, sum(v for k, v in held.items() if k not in others)))
+            freed = sum(v for k, v in held.items() if k not in others)
+            for e in group:
+                entries.remove(e)
+                plan.append((e[0], e[1], freed if e is group[-1] else 0))
         if over():
             entries[:] = full
             mine, total = sizes()

@@ -181,6 +181,26 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     assert not os.listdir(store.staging_dir)
 
 
+def test_names_of_one_manifest_go_together_and_nothing_shared_with_a_kept_one_is_removed(tmp_path):
+    import dataclasses
+
+    from thaw.shim.config import Config, StoreLimits
+    cfg = Config(store_dir=str(tmp_path / "s"), state_dir=str(tmp_path / "st"),
+                 store=StoreLimits(quota={"team-a": 3 * MiB}))
+    store = Store.for_config(cfg).init()
+    pulled = "pulled:elsewhere/x:1"
+    a = fake_snapshot(store, "a:1", os.urandom(MiB), namespace="team-a", origin=pulled)
+    store.publish(dataclasses.replace(a, ref="alias:1"), "/nonexistent", pulled)   # a second name, one copy
+    keep = fake_snapshot(store, "keep:1", os.urandom(MiB // 4), namespace="team-b", origin=pulled)
+    assert {s.ref for s in store.snapshots("team-a")} == {"a:1", "alias:1"}
+    fake_snapshot(store, "b:1", os.urandom(MiB), namespace="team-a", origin=pulled)
+    assert {s.ref for s in store.snapshots("team-a")} == {"b:1"}      # both names of a, one image dir
+    assert not os.path.exists(store.image_path(a))
+    with store.image_dir(keep, "digest"):                              # team-b's files all intact
+        pass
+    assert store.usage("team-a") <= 3 * MiB
+
+
 # --- 3. one deadline per pull; a pull for a sandbox ends with it ------------------------------------
 
 def test_a_trickling_registry_cannot_hold_a_pull_past_its_deadline(evil, tmp_path):
