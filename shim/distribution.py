@@ -127,11 +127,22 @@ def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple
 
 
 def _registry_call(fn, *args, **kwargs):
-    from .registry.errors import RegistryError
+    from .registry import errors
     try:
         return fn(*args, **kwargs)
-    except RegistryError as exc:
-        raise DistributionError(str(exc)) from exc
+    except errors.RegistryError as exc:
+        hint = next((h for kind, h in _REGISTRY_HINTS if isinstance(exc, getattr(errors, kind))), "")
+        raise DistributionError(f"{exc}{hint}") from exc
+
+
+# What to do about each kind of registry failure (LocalFileError: distribution._describe says).
+_REGISTRY_HINTS = (
+    ("NetworkError", " (check that this node reaches the registry, then try again)"),
+    ("AuthError", " (check the credentials in registry.auth_file and what they may access)"),
+    ("NotFoundError", " (check the reference: registry, repository and tag)"),
+    ("DigestMismatchError", " (the registry served other bytes than the manifest names; none were kept)"),
+    ("ConfigError", " (see registry.insecure / registry.ca_file / registry.auth_file in the node config)"),
+)
 
 
 # --- pull --------------------------------------------------------------------------------------------
