@@ -478,6 +478,9 @@ class Soak:
         return {"kinds": kinds, "restore_phases": {k: latency(v) for k, v in phases.items()}}
 
     # --- the run ----------------------------------------------------------------------------------
+    def after_cycles(self) -> None:
+        """Before the last leak count (nothing here; a mode may clean what it keeps by design)."""
+
     def run(self) -> dict:
         t0 = time.time()
         context = {"start": self.context()}
@@ -503,6 +506,7 @@ class Soak:
                       f"{quantile(w, 0.5) * 1000:.0f} ms (last {len(w)}), load {context[f'after_{n}']['loadavg']}",
                       flush=True)
         cycles_s = time.time() - t_cycles
+        self.after_cycles()
         after = self.leaks()
         checks.append({"after_cycles": self.cycles, **after})
         context["end"] = self.context()
@@ -587,6 +591,7 @@ def summary(r: dict) -> str:
 
 
 NAMESPACES = ("team-a", "team-b")
+TAGS = 4                                    # snapshots per namespace; the quota holds 3
 ATTACKS = ("declared_large", "trickle", "error_body", "many_blobs", "malformed", "over_quota")
 
 
@@ -599,9 +604,9 @@ class PullSoak(Soak):
         from registry_fixture.server import RegistryServer
         self.registry = RegistryServer(os.path.join(self.tmp, "registry"))
         self.evil = MaliciousRegistry()
-        self.refs: dict[str, str] = {}
-        self.points: dict[str, int] = {}
-        self.firsts: dict[str, int] = {}
+        self.refs: dict[tuple[str, int], str] = {}
+        self.points: dict[tuple[str, int], int] = {}
+        self.firsts: dict[tuple[str, int], int] = {}
         self.quota = 0
         self.max_bytes = 0
         self.usage: list[dict] = []
@@ -629,23 +634,32 @@ class PullSoak(Soak):
                               image=IMAGE, cgroup=f"/thaw-test/{cid}")
 
     def capture(self) -> None:
-        """One capture per namespace, pushed to the good registry, removed from the store."""
+        """TAGS captures per namespace (different snapshots: different manifests), each pushed to
+        the good registry under its own tag and removed from the store. The quota holds 3 of
+        them: the cycles' pulls keep what they pulled, so every fourth one evicts its namespace's
+        least recently used snapshot."""
         sizes = []
         for ns in NAMESPACES:
-            self.ns, self.ns_args = ns, ["-n", ns]
-            super().capture()
-            self.points[ns] = self.captured_point or 0
-            ref = f"{self.registry.host}/soak/{ns}:v1"
-            self.thaw_cli("push", REF, ref, "-n", ns)
-            rows = json.loads(self.thaw_cli("ls", "-n", ns, "--json").stdout)
-            sizes.append(max(r["size_bytes"] for r in rows))
-            self.thaw_cli("rm", REF, "-n", ns)
-            self.refs[ns] = ref
-        self.quota, self.max_bytes = 3 * max(sizes), 5 * max(sizes)
+            for tag in range(TAGS):
+                self.ns, self.ns_args = ns, ["-n", ns]
+                super().capture()
+                self.points[(ns, tag)] = self.captured_point or 0
+                ref = f"{self.registry.host}/soak/{ns}:v{tag}"
+                self.thaw_cli("push", REF, ref, "-n", ns)
+                rows = json.loads(self.thaw_cli("ls", "-n", ns, "--json").stdout)
+                sizes.append(max(r["size_bytes"] for r in rows))
+                self.thaw_cli("rm", REF, "-n", ns)
+                self.refs[(ns, tag)] = ref
+        self.quota, self.max_bytes = int(3.5 * max(sizes)), 7 * max(sizes)
         self.write_config(store={"quota": {ns: self.quota for ns in NAMESPACES}, "max_bytes": self.max_bytes})
-        self.snapshot_info.update(refs=self.refs, quota=self.quota, max_bytes=self.max_bytes,
+        self.snapshot_info.update(refs=list(self.refs.values()), quota=self.quota, max_bytes=self.max_bytes,
                                   snapshot_bytes=max(sizes))
         self.thaw_cli("gc")
+
+    def after_cycles(self) -> None:
+        """What the pulls kept is removed before the last leak count (the store starts empty)."""
+        for (ns, _tag), ref in self.refs.items():
+            subprocess.run([self.thaw, "rm", ref, "-n", ns], capture_output=True, timeout=60)
 
     def cycle(self, i: int) -> dict:
         ns = NAMESPACES[(i // 3) % 2]
@@ -657,24 +671,23 @@ class PullSoak(Soak):
         return out
 
     def good(self, i: int, ns: str) -> dict:
+        key = (ns, (i // 6) % TAGS)
+        ref = self.refs[key]
+        # Pulled again each time (the pull is what is soaked): removed first if still there.
+        subprocess.run([self.thaw, "rm", ref, "-n", ns], capture_output=True, timeout=60)
         t = time.perf_counter()
-        pulled = subprocess.run([self.thaw, "pull", self.refs[ns]], capture_output=True, text=True, timeout=300)
+        pulled = subprocess.run([self.thaw, "pull", ref], capture_output=True, text=True, timeout=300)
         pull_s = time.perf_counter() - t
         self.sample(i)                               # the pulled snapshot in the store
         if pulled.returncode != 0:
             return {"i": i, "id": f"pull-{i}", "kind": "good_pull", "namespace": ns, "outcome": "failed",
                     "problems": [f"good pull failed: {pulled.stderr.strip()[-500:]}"]}
-        self.captured_point, self.restored_first = self.points[ns], self.firsts.get(ns)
-        self.ns, self.ref = ns, self.refs[ns]
-        ref = self.ref
+        self.captured_point, self.restored_first = self.points[key], self.firsts.get(key)
+        self.ns, self.ref = ns, ref
         out = Soak.cycle(self, i)
         if self.restored_first is not None:
-            self.firsts[ns] = self.restored_first
-        out.update(kind="good_pull", namespace=ns, pull_s=round(pull_s, 3))
-        rm = subprocess.run([self.thaw, "rm", ref, "-n", ns], capture_output=True, text=True, timeout=60)
-        if rm.returncode != 0:
-            out.setdefault("problems", []).append(f"rm: {rm.stderr.strip()[-300:]}")
-            out["outcome"] = "failed"
+            self.firsts[key] = self.restored_first
+        out.update(kind="good_pull", namespace=ns, ref=ref, pull_s=round(pull_s, 3))
         return out
 
     def attack(self, i: int, kind: str, ns: str) -> dict:
@@ -755,7 +768,13 @@ class PullSoak(Soak):
         for a in attacks:
             k = by_kind.setdefault(a["kind"], {"refused": 0, "failed": 0})
             k[a["outcome"]] += 1
-        r.update(benchmark="soak-pull", mode="pull",
+        evictions = 0
+        for name in ("events.log.1", "events.log"):
+            p = os.path.join(self.state, name)
+            if os.path.exists(p):
+                with open(p) as f:
+                    evictions += sum(1 for line in f if '"kind": "store"' in line and "evicted" in line)
+        r.update(benchmark="soak-pull", mode="pull", evictions=evictions,
                  pulls={"good": len(good), "good_failed": sum(x["outcome"] != "restored" for x in good),
                         "good_restored": sum(x["outcome"] == "restored" for x in good),
                         "pull_s": latency([x["pull_s"] for x in good if "pull_s" in x]),
@@ -808,7 +827,7 @@ def main() -> None:
         p, q = result["pulls"], result["quota"]
         print(f"pulls: {p['good']} good ({p['good_failed']} failed, {p['good_restored']} restored), "
               f"{p['malicious']} malicious {p['malicious_by_kind']}; quota samples over: {q['samples_over']}, "
-              f"max usage {q['max_usage']} of {q['per_namespace']}")
+              f"max usage {q['max_usage']} of {q['per_namespace']}; evictions {result['evictions']}")
     print(f"saved {path}")
 
 
