@@ -126,6 +126,34 @@ if [ "$DEV" = 1 ]; then
   exec 9>&-
 fi
 
+# --- cosign for the signature tests (--dev) -----------------------------------------------------
+# The provenance tests prove interop with the real cosign: Debian 12 has none (its skopeo's sigstore
+# support is disabled), trixie ships cosign 2.5. Downloaded and unpacked under $CACHE/cosign
+# (tests/test_provenance.py finds it there), never installed into the system.
+if [ "$DEV" = 1 ]; then
+  COSIGN_DIR="$CACHE/cosign"
+  mkdir -p "$CACHE"
+  exec 9>"$CACHE/.cosign.lock"
+  flock 9
+  if [ -x "$COSIGN_DIR/usr/bin/cosign" ]; then
+    say "cosign: trixie's $(cat "$COSIGN_DIR/VERSION") (cached)"
+  else
+    private_apt cosign "deb trixie"
+    (cd "$APTDIR" && apt-get "${APTOPTS[@]}" download -qq "cosign/trixie" >/dev/null 2>&1) \
+      || die "cosign: apt-get download cosign/trixie from $APT_MIRROR failed"
+    deb=$(echo "$APTDIR"/cosign_*.deb)
+    unpacked=$(mktemp -d "$CACHE/.cosign.XXXXXX")
+    dpkg -x "$deb" "$unpacked"
+    dpkg-deb -f "$deb" Version > "$unpacked/VERSION"
+    "$unpacked/usr/bin/cosign" version >/dev/null 2>&1 || die "cosign: trixie's cosign does not run here"
+    rm -rf "$COSIGN_DIR"
+    mv "$unpacked" "$COSIGN_DIR"
+    rm -rf "$APTDIR"
+    say "cosign: trixie's cosign $(cat "$COSIGN_DIR/VERSION") in $COSIGN_DIR"
+  fi
+  exec 9>&-
+fi
+
 # --- CRIU: 4.1.1 with thaw's patches ------------------------------------------------------------
 # thaw needs its own patches (install/criu-patches), so it builds CRIU itself and records what it
 # built next to the binary; any other CRIU, or one built from other patches, is rebuilt.

@@ -624,10 +624,13 @@ class RangeReader:
 BlobOpener = Callable[[Descriptor], Any]     # -> a context manager yielding a readable stream
 
 
-def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str) -> None:
+def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str,
+                  attached: list[tuple[str, bytes, dict[str, bytes]]] = ()) -> None:
     """Write `snaps` as an OCI archive to out_path (atomically): oci-layout and index.json first,
     then each snapshot's manifest, config and layers, so that a reader meets a manifest before
-    its layers. Every entry is 0600: the archive holds process memory."""
+    its layers. attached: other manifests to carry (ref name, manifest bytes, its blobs by
+    digest), e.g. cosign signatures under their `sha256-<hex>.sig` names. Every entry is 0600:
+    the archive holds process memory."""
     d = os.path.dirname(os.path.abspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix=".thaw-export-", dir=d)
     try:
@@ -639,10 +642,17 @@ def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str) -
             def add_bytes(name: str, data: bytes) -> None:
                 add(name, len(data), io.BytesIO(data))
             add_bytes("oci-layout", json.dumps(LAYOUT_VERSION).encode())
+            extra = [Descriptor(MANIFEST_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
+                                {REF_NAME: name}) for name, data, _blobs in attached]
             index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
-                     "manifests": [index_entry(s).to_json() for s in snaps]}
+                     "manifests": [index_entry(s).to_json() for s in snaps] + [d.to_json() for d in extra]}
             add_bytes("index.json", json.dumps(index).encode())
             seen: set[str] = set()
+            for d, (_name, data, blobs) in zip(extra, attached):
+                for digest, blob in {d.digest: data, **blobs}.items():
+                    if digest not in seen:
+                        seen.add(digest)
+                        add_bytes("blobs/sha256/" + digest.split(":", 1)[1], blob)
             for snap in snaps:
                 for desc in snap.blobs:
                     if desc.digest in seen:

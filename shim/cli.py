@@ -110,17 +110,29 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
 def ls(ctx, namespace, as_json):
     """List snapshots in the store: size on disk (a blob shared by several counts for each), last
     use (restore, else publish), where each came from."""
+    from .provenance import check_restorable
     store = _store(ctx)
-    rows = [{"namespace": s.namespace, "ref": s.ref, "digest": s.manifest.digest, "size": s.size,
-             "created": s.config.created, "origin": store.origin(s), "pushed": store.pushed(s),
-             "size_bytes": store.size(s), "last_used": store.last_used(s)} for s in store.snapshots(namespace)]
+    rows, snaps = [], store.snapshots(namespace)
+    for s in snaps:
+        prov = store.provenance(s)
+        try:
+            check_restorable(_cfg(ctx), prov, s.ref)
+            refused = ""
+        except ThawError as exc:
+            refused = str(exc)
+        rows.append({"namespace": s.namespace, "ref": s.ref, "digest": s.manifest.digest, "size": s.size,
+                     "created": s.config.created, "origin": store.origin(s), "pushed": store.pushed(s),
+                     "size_bytes": store.size(s), "last_used": store.last_used(s), "provenance": prov.to_json(),
+                     "restorable": not refused, "refused": refused, "charged_to": store.charged_to(s)})
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
-    click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'LAST USE':<10}  {'DIGEST':<19}  ORIGIN")
-    for r in rows:
+    click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'LAST USE':<10}  {'DIGEST':<19}  "
+               "ORIGIN · PROVENANCE")
+    for r, s in zip(rows, snaps):
+        prov = store.provenance(s).describe() + ("" if r["restorable"] else " — NOT RESTORABLE here (trust)")
         click.echo(f"{r['namespace']:<20} {r['ref']:<32} {_human(r['size_bytes']):>10}  {r['created']:<20}  "
-                   f"{_ago(r['last_used']):<10}  {r['digest'][:19]}  {_origin(r['origin'], r['pushed'])}")
+                   f"{_ago(r['last_used']):<10}  {r['digest'][:19]}  {_origin(r['origin'], r['pushed'])} · {prov}")
 
 
 def _ago(when: float | None) -> str:
@@ -170,10 +182,21 @@ def gc(ctx, max_bytes, as_json):
 @click.pass_context
 @_one_line_errors
 def inspect(ctx, name, namespace):
-    """Show a snapshot's manifest digest and config as JSON."""
-    snap = _store(ctx).resolve(_ref(name), namespace)
+    """Show a snapshot's manifest digest, provenance (and whether this node's trust config lets
+    it be restored), signatures and config as JSON."""
+    from .provenance import check_restorable
+    store = _store(ctx)
+    snap = store.resolve(_ref(name), namespace)
+    prov = store.provenance(snap)
+    try:
+        check_restorable(_cfg(ctx), prov, snap.ref)
+        refused = ""
+    except ThawError as exc:
+        refused = str(exc)
     click.echo(json.dumps({"ref": snap.ref, "namespace": snap.namespace, "manifest": snap.manifest.digest,
-                           "size": snap.size,
+                           "size": snap.size, "origin": store.origin(snap), "provenance": prov.to_json(),
+                           "restorable": not refused, "refused": refused, "charged_to": store.charged_to(snap),
+                           "signatures": [s.to_json() for s in store.signatures(snap)],
                            "layers": [d.to_json() for d in snap.layers],
                            "config": snap.config.to_json()}, indent=1))
 
@@ -203,14 +226,19 @@ def export(ctx, name, file, namespace):
 
 @cli.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_namespace_option
 @click.pass_context
 @_one_line_errors
-def import_(ctx, file):
-    """Import snapshots from an OCI archive FILE (digests verified before they become visible),
-    each into the namespace that captured it."""
+def import_(ctx, file, namespace):
+    """Import snapshots from an OCI archive FILE into namespace -n (the archive does not choose):
+    each must carry a signature by a key trust.keys trusts (or trust.unsigned name "import");
+    digests verified before anything becomes visible."""
     from .importer import import_archive
-    for s in import_archive(_store(ctx), file):
-        click.echo(f"imported {s.ref} into {s.namespace} {s.manifest.digest}")
+    store = _store(ctx)
+    for s in import_archive(store, file, _cfg(ctx), namespace):
+        captured_in = f" (captured in {s.config.namespace})" if s.config.namespace != s.namespace else ""
+        click.echo(f"imported {s.ref} into {s.namespace}{captured_in}: {store.provenance(s).describe()} "
+                   f"{s.manifest.digest}")
 
 
 def _progress(as_json: bool):
@@ -226,38 +254,45 @@ def _progress(as_json: bool):
 @click.argument("reference", required=False)
 @_namespace_option
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per blob, then the result.")
+@click.option("--sign", is_flag=True, help="Also store a cosign signature made with trust.signing_key.")
 @click.pass_context
 @_one_line_errors
-def push(ctx, name, reference, namespace, as_json):
+def push(ctx, name, reference, namespace, as_json, sign):
     """Push snapshot NAME to the registry REFERENCE (REGISTRY/REPO:TAG; default: NAME itself, when
-    it is one). Blobs the registry already has are skipped."""
+    it is one). Blobs the registry already has are skipped. --sign: sign it for that repository
+    (cosign's key-based form, verifiable with `cosign verify --key`)."""
     from . import distribution
     ref = _ref(name)
     result = distribution.push(_cfg(ctx), _store(ctx), ref, namespace, distribution.target_of(ref, reference),
-                               _progress(as_json))
+                               _progress(as_json), sign=sign)
     click.echo(json.dumps(result) if as_json else
                f"pushed {result['snapshot']} ({result['namespace']}) to {result['reference']}@{result['digest']} "
-               f"({_human(result['bytes'])}, {result['skipped']} of {result['blobs']} blobs already there)")
+               f"({_human(result['bytes'])}, {result['skipped']} of {result['blobs']} blobs already there)"
+               + (", signed" if result["signed"] else ""))
 
 
 @cli.command()
 @click.argument("reference")
 @click.option("--name", "name", default=None, help="Local name (default: REFERENCE itself).")
+@click.option("--namespace", "-n", "namespace", default=None, callback=_check_namespace,
+              help="The namespace that will own it (default: the one registry.pull lets pull from there).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per blob, then the result.")
 @click.pass_context
 @_one_line_errors
-def pull(ctx, reference, name, as_json):
-    """Pull the snapshot REFERENCE (REGISTRY/REPO:TAG or @sha256:...) into the store, into the
-    namespace that captured it. Every blob is verified before the snapshot becomes visible; an
-    interrupted pull resumes where it stopped."""
+def pull(ctx, reference, name, namespace, as_json):
+    """Pull the snapshot REFERENCE (REGISTRY/REPO:TAG or @sha256:...) into the store, owned by
+    namespace -n (default: the one namespace registry.pull lets pull from there; never what the
+    snapshot says). Its signature is verified against trust.keys before anything is fetched,
+    every blob before the snapshot becomes visible; an interrupted pull resumes where it stopped."""
     from . import distribution
     source = _ref(reference).remote
     if source is None:
         raise click.BadParameter(f"{reference!r} is not a registry reference (REGISTRY/REPO:TAG)")
-    snap = distribution.pull(_cfg(ctx), _store(ctx), source, _ref(name) if name else None,
-                             listener=_progress(as_json))
+    store = _store(ctx)
+    snap = distribution.pull(_cfg(ctx), store, source, _ref(name) if name else None,
+                             listener=_progress(as_json), owner=namespace)
     result = {"snapshot": snap.ref, "namespace": snap.namespace, "digest": snap.manifest.digest,
-              "bytes": snap.size, "reference": str(source)}
+              "bytes": snap.size, "reference": str(source), "provenance": store.provenance(snap).to_json()}
     click.echo(json.dumps(result) if as_json else
                f"pulled {source} as {snap.ref} into {snap.namespace} ({_human(snap.size)}) {snap.manifest.digest}")
 
@@ -285,6 +320,25 @@ def warm(ctx, name, namespace):
                + (f" ({rate:.2f} GiB/s)" if rate else ""))
     if result["outcome"] not in ("warm", "busy"):
         sys.exit(1)
+
+
+@cli.group()
+def key() -> None:
+    """Signing keys: `thaw push --sign` signs with trust.signing_key; nodes trust public keys in
+    trust.keys (README: "Provenance")."""
+
+
+@key.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--name", default="thaw", show_default=True, help="Files NAME.key (private) and NAME.pub.")
+@_one_line_errors
+def key_generate(directory, name):
+    """Write a new ECDSA P-256 key pair: DIRECTORY/NAME.key (PKCS#8 PEM, 0600: for
+    trust.signing_key, where signing happens) and DIRECTORY/NAME.pub (for trust.keys, and for
+    `cosign verify --key`)."""
+    from .provenance import generate
+    private, public, kid = generate(directory, name)
+    click.echo(f"wrote {private} and {public}; key id {kid}")
 
 
 @cli.command()

@@ -98,11 +98,48 @@ class Registry(_Record):
     def allows(self, action: str, namespace: str, registry: str, repository: str) -> bool:
         """May pods of `namespace` pull (action "pull") or push ("push") REGISTRY/REPOSITORY?"""
         name = f"{registry}/{repository}"
-        for prefix in (self.pull if action == "pull" else self.push).get(namespace, ()):
-            prefix = prefix.rstrip("/")
-            if name == prefix or name.startswith(prefix + "/"):
-                return True
-        return False
+        return any(under_prefix(name, prefix) for prefix in (self.pull if action == "pull" else self.push)
+                   .get(namespace, ()))
+
+    def pullers(self, registry: str, repository: str) -> tuple[str, ...]:
+        """The namespaces registry.pull lets pull REGISTRY/REPOSITORY (the owners it may have here)."""
+        return tuple(ns for ns in self.pull if self.allows("pull", ns, registry, repository))
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """Is REGISTRY/REPO `name` the repository prefix `prefix` or below it (path components)?"""
+    prefix = prefix.rstrip("/")
+    return name == prefix or name.startswith(prefix + "/")
+
+
+# Sources of unsigned snapshots that trust.unsigned may name besides repository prefixes.
+UNSIGNED_IMPORT = "import"          # `thaw import` of an archive carrying no trusted signature
+UNSIGNED_THAW_0_1 = "thaw-0.1"      # snapshots of a store thaw 0.1 left (origin unknown)
+
+
+class Trust(_Record):
+    """Which snapshots from outside this node may be restored (shim/provenance.py). Captured
+    here: always. keys: repository prefix (REGISTRY/REPO...) -> public keys (PEM files) whose
+    cosign signatures are accepted for snapshots from under that prefix (several: rotation;
+    removing one: revocation, also of what it signed earlier). unsigned: sources whose unsigned
+    snapshots are accepted anyway (repository prefixes, "import", "thaw-0.1"; default none).
+    signing_key: the private key (PEM, ECDSA P-256) `thaw push --sign` signs with."""
+    keys: dict
+    unsigned: tuple
+    signing_key: str
+    _fields = {"keys": {}, "unsigned": (), "signing_key": ""}
+
+    def keys_for(self, repository: str) -> tuple[str, ...]:
+        """The public key files trusted for snapshots of REGISTRY/REPO `repository`."""
+        out: list[str] = []
+        for prefix, paths in self.keys.items():
+            if under_prefix(repository, prefix):
+                out += [p for p in paths if p not in out]
+        return tuple(out)
+
+    def accepts_unsigned(self, source: str) -> bool:
+        """source: REGISTRY/REPO of a pull, "import" or "thaw-0.1"."""
+        return any(source == entry or ("/" in entry and under_prefix(source, entry)) for entry in self.unsigned)
 
 
 class StoreLimits(_Record):
@@ -132,17 +169,20 @@ class Config(_Record):
     restore: Restore
     registry: Registry
     store: StoreLimits
+    trust: Trust
     source: str | None
     _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
-               "policy": None, "restore": None, "registry": None, "store": None, "source": None}
+               "policy": None, "restore": None, "registry": None, "store": None, "trust": None,
+               "source": None}
 
     def __init__(self, **values):
         values.setdefault("policy", Policy())
         values.setdefault("restore", Restore())
         values.setdefault("registry", Registry())
         values.setdefault("store", StoreLimits())
+        values.setdefault("trust", Trust())
         super().__init__(**values)
 
     def resolve_next_runtime(self) -> str:
@@ -258,6 +298,27 @@ def _share_of_store(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be more than 0 and at most 1"
 
 
+def _key_map(v) -> str | None:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and "/" in k and isinstance(r, list) and
+                                           all(isinstance(x, str) and os.path.isabs(x) for x in r)
+                                           for k, r in v.items()):
+        return "must map a repository prefix (REGISTRY/REPO...) to a list of public key files (absolute paths)"
+    return None
+
+
+def _unsigned_sources(v) -> str | None:
+    if all(isinstance(x, str) and ("/" in x or x in (UNSIGNED_IMPORT, UNSIGNED_THAW_0_1)) for x in v):
+        return None
+    return f"must list repository prefixes (REGISTRY/REPO...), {UNSIGNED_IMPORT!r} or {UNSIGNED_THAW_0_1!r}"
+
+
+_TRUST = {
+    "keys": (dict, _key_map),
+    "unsigned": (list, _unsigned_sources),
+    "signing_key": (str, _optional_abs_path),
+}
+
+
 _STORE = {
     "max_bytes": (int, _not_negative),
     "evict_unpushed": (bool, None),
@@ -334,7 +395,7 @@ def _from_mapping(raw: object, source: str | None) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}top level must be a mapping")
-    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry", "store")}
+    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry", "store", "trust")}
     values = _section(top, _TOP, Config._fields, where)
     values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
     values["restore"] = _restore_section(raw.get("restore"), where + "restore.")
@@ -343,6 +404,9 @@ def _from_mapping(raw: object, source: str | None) -> Config:
     registry["push"] = {k: tuple(v) for k, v in registry["push"].items()}
     values["registry"] = Registry(**registry)
     values["store"] = StoreLimits(**_section(raw.get("store"), _STORE, StoreLimits._fields, where + "store."))
+    trust = _section(raw.get("trust"), _TRUST, Trust._fields, where + "trust.")
+    trust["keys"] = {k: tuple(v) for k, v in trust["keys"].items()}
+    values["trust"] = Trust(**trust)
     return Config(**values, source=source)
 
 
@@ -359,6 +423,8 @@ def _to_mapping(cfg: Config) -> dict:
                        "pull_deadline": reg.pull_deadline, "max_blobs": reg.max_blobs,
                        "max_manifest_bytes": reg.max_manifest_bytes}
     out["store"] = {k: getattr(cfg.store, k) for k in _STORE}
+    out["trust"] = {"keys": {k: list(v) for k, v in cfg.trust.keys.items()}, "unsigned": list(cfg.trust.unsigned),
+                    "signing_key": cfg.trust.signing_key}
     return out
 
 

@@ -57,9 +57,11 @@ def reason_code(exc: BaseException) -> str:
     """A short, stable class of why a restore was not possible (a metrics label)."""
     from thaw.oci.layout import LayoutError
 
+    from .provenance import Untrusted
     from .restore import Incompatible
     from .store import CorruptSnapshot, SnapshotNotFound
     for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
+                       (Untrusted, "untrusted"),
                        (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
                        (Incompatible, "incompatible")):
         if isinstance(exc, kind):

@@ -13,9 +13,17 @@ before a gc resumes from the journal; a second pull of the same manifest waits f
 A pull that fails removes its area at once, and gc removes one whose process is gone: space is
 taken only as bytes arrive, within what the namespace's quota let the pull claim.
 
-The snapshot's owner namespace is the one recorded in its config, wherever it was pulled from:
-a pull made for a pod (pull on demand) publishes only a snapshot the pod's namespace may read,
-and only from repositories the node policy (registry.pull) lets that namespace pull from.
+Provenance (shim/provenance.py): a pull fetches the cosign signatures stored beside the manifest
+(`sha256-<hex>.sig` in the same repository) right after the manifest, and verifies them against
+the keys trust.keys names for that repository — the payload must name this digest and this
+repository — before any blob is fetched; without a trusted signature the pull is refused unless
+trust.unsigned accepts the repository. `thaw push --sign` adds a signature made with
+trust.signing_key.
+
+The owner of a pulled snapshot is decided by the node, never read from the snapshot: a pull made
+for a pod (pull on demand) belongs to the pod's namespace, and only repositories the node policy
+(registry.pull) lets that namespace pull from are pulled; a pull by an operator belongs to the
+namespace named (`-n`), else the one namespace registry.pull lets pull that repository.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from thaw.oci import ThawError
@@ -37,6 +46,9 @@ from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, LayoutError
 from thaw.oci.reference import Reference
 
+from thaw.oci import cosign
+
+from . import provenance
 from .config import Config
 from .store import Store, StoreError
 
@@ -86,9 +98,10 @@ def target_of(ref: SnapshotRef, to: str | None) -> Reference:
 # --- push --------------------------------------------------------------------------------------------
 
 def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Reference,
-         listener: Listener | None = None) -> dict:
+         listener: Listener | None = None, sign: bool = False) -> dict:
     """Upload snapshot `ref` of `namespace` to `target` (blobs the registry has are skipped),
-    then its manifest under target's tag; the store notes where it was pushed."""
+    then its manifest under target's tag; the store notes where it was pushed. sign: also store
+    a cosign signature of the manifest for target's repository (trust.signing_key)."""
     from .registry import transfer
     from .registry.client import BlobRange
     snap = store.resolve(ref, namespace)
@@ -103,11 +116,57 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
                                       mount_from=_mount_sources(store, snap, target))
             digest = _registry_call(client.put_manifest, target.repository, target.tag or "latest", manifest,
                                     fmt.MANIFEST_MEDIA_TYPE)
+            signature = _sign(cfg, client, target, digest) if sign else None
     store.mark_pushed(snap, str(target))
+    if signature is not None:
+        store.add_signature(snap, signature)
     skipped = sum(1 for b in progress.blobs.values() if b.outcome in ("present", "mounted"))
     return {"snapshot": str(ref), "namespace": snap.namespace, "reference": str(target), "digest": digest,
             "bytes": snap.size, "blobs": len(progress.blobs), "skipped": skipped,
-            "seconds": round(progress.elapsed(), 3)}
+            "seconds": round(progress.elapsed(), 3), "signed": signature is not None}
+
+
+def _sign(cfg: Config, client, target: Reference, digest: str) -> cosign.Signature:
+    """Sign manifest `digest` for target's repository and store the signature where cosign looks
+    (appended to the signatures already there)."""
+    from .registry.errors import NotFoundError
+    signature = provenance.sign(cfg, f"{target.registry}/{target.repository}", digest)
+    tag = cosign.tag_for(digest)
+    signatures = [signature]
+    try:
+        existing = client.get_manifest(target.repository, tag, (cosign.MANIFEST_MEDIA_TYPE,))
+        signatures = [*_fetch_signatures(client, target.repository, existing.data), signature]
+    except NotFoundError:
+        pass
+    data, blobs = cosign.manifest(list(dict.fromkeys(signatures)))
+    for digest_, blob in blobs.items():
+        _registry_call(client.push_bytes, target.repository, blob, digest_)
+    _registry_call(client.put_manifest, target.repository, tag, data, cosign.MANIFEST_MEDIA_TYPE)
+    return signature
+
+
+def _fetch_signatures(client, repository: str, sig_manifest: bytes) -> list[cosign.Signature]:
+    """The signatures of a .sig manifest, each payload fetched and checked against its digest."""
+    out = []
+    for layer in cosign.signature_layers(sig_manifest):
+        data = _registry_call(client.fetch_bytes, repository, layer.payload_digest, cosign.MAX_PAYLOAD)
+        out.append(cosign.Signature(data, layer.signature))
+    return out
+
+
+def signatures_of(client, repository: str, digest: str) -> list[cosign.Signature]:
+    """The cosign signatures a repository holds for manifest `digest` (none: an empty list)."""
+    from .registry.errors import NotFoundError, RegistryError
+    try:
+        got = client.get_manifest(repository, cosign.tag_for(digest), (cosign.MANIFEST_MEDIA_TYPE,))
+    except NotFoundError:
+        return []
+    except RegistryError as exc:
+        raise DistributionError(str(exc)) from exc
+    try:
+        return _fetch_signatures(client, repository, got.data)
+    except cosign.SignatureFormatError:
+        return []
 
 
 def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple[str, ...]:
@@ -147,11 +206,31 @@ _REGISTRY_HINTS = (
 
 # --- pull --------------------------------------------------------------------------------------------
 
+def owner_for(cfg: Config, source: Reference, for_namespace: str | None, owner: str | None) -> str:
+    """Who will own what `source` names here: a pod's pull, the pod's namespace (if registry.pull
+    lets it pull from there); an operator's, the namespace named, else the one namespace that
+    registry.pull lets pull from there."""
+    if for_namespace is not None:
+        if not cfg.registry.allows("pull", for_namespace, source.registry, source.repository):
+            raise PullRefused(f"namespace {for_namespace} may not pull from {source.registry}/{source.repository} "
+                              "(node config registry.pull)")
+        return for_namespace
+    if owner is not None:
+        return owner
+    pullers = cfg.registry.pullers(source.registry, source.repository)
+    if len(pullers) != 1:
+        granted = f"registry.pull grants it to {', '.join(pullers)}" if pullers else "registry.pull grants it to none"
+        raise PullRefused(f"name the namespace that will own {source} with -n ({granted})")
+    return pullers[0]
+
+
 def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None = None,
-         for_namespace: str | None = None, listener: Listener | None = None, cancel: Any = None) -> fmt.Snapshot:
+         for_namespace: str | None = None, listener: Listener | None = None, cancel: Any = None,
+         owner: str | None = None) -> fmt.Snapshot:
     """Fetch the snapshot `source` names into the store, published as `local` (default: the
-    reference itself) under the namespace its config records. for_namespace: a pull made for a
-    pod of that namespace (node policy applies; the CLI passes None). Bounded: the manifest by
+    reference itself), owned by the namespace owner_for() decides. for_namespace: a pull made for
+    a pod of that namespace (node policy applies; the CLI passes None and maybe `owner`). Its
+    signatures are verified before any blob is fetched (refused: PullRefused). Bounded: the manifest by
     registry.max_manifest_bytes and max_blobs, the whole pull by registry.pull_deadline, the
     bytes by the owner namespace's quota (claimed before anything is written). `cancel`: an
     object whose is_set() stops the pull (its `reason`, if any, is the error's). Every outcome
@@ -162,7 +241,7 @@ def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None
                 namespace=for_namespace, outcome="started")
     t = time.monotonic()
     try:
-        snap = _pull_guarded(cfg, store, source, local, for_namespace, listener, cancel)
+        snap = _pull_guarded(cfg, store, source, local, for_namespace, listener, cancel, owner)
     except Exception as exc:
         if not isinstance(exc, DistributionError):
             # Whatever broke (a format error in a blob, a local file): named, never a traceback.
@@ -226,17 +305,15 @@ class _PullGuard:
 
 
 def _pull_guarded(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None,
-                  for_namespace: str | None, listener: Listener | None, cancel: Any) -> fmt.Snapshot:
-    if for_namespace is not None and not cfg.registry.allows("pull", for_namespace, source.registry,
-                                                            source.repository):
-        raise PullRefused(f"namespace {for_namespace} may not pull from {source.registry}/{source.repository} "
-                          "(node config registry.pull)")
+                  for_namespace: str | None, listener: Listener | None, cancel: Any,
+                  owner: str | None) -> fmt.Snapshot:
+    owner = owner_for(cfg, source, for_namespace, owner)
     local = local or SnapshotRef.registry(str(source))
     store.init()
     guard = _PullGuard(cfg.registry.pull_deadline, cancel)
     try:
         with _client(cfg, source.registry) as client, guard.watching(client):
-            return _pull(cfg, store, client, source, local, for_namespace, listener, guard)
+            return _pull(cfg, store, client, source, local, owner, listener, guard)
     except DistributionError as exc:
         if guard.reason and not isinstance(exc, PullCancelled):
             raise PullCancelled(f"pull of {source} {guard.reason}; what it wrote was removed") from exc
@@ -249,7 +326,7 @@ def _pull_guarded(cfg: Config, store: Store, source: Reference, local: SnapshotR
         raise DistributionError(f"pulling {source} into {store.root}: {_describe(exc, store)}") from exc
 
 
-def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotRef, for_namespace: str | None,
+def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotRef, owner: str,
           listener: Listener | None, guard: _PullGuard) -> fmt.Snapshot:
     limits = cfg.registry
     got = _registry_call(client.get_manifest, source.repository, source.reference, (fmt.MANIFEST_MEDIA_TYPE,),
@@ -270,16 +347,21 @@ def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotR
     if snap.format_version != fmt.FORMAT_VERSION:
         raise DistributionError(f"{source} is a format {snap.format_version} snapshot; registries carry "
                                 f"format {fmt.FORMAT_VERSION} only (import the archive instead)")
-    if for_namespace is not None and snap.namespace != for_namespace \
-            and snap.namespace not in cfg.policy.readable_from(for_namespace):
-        raise PullRefused(f"{source} belongs to namespace {snap.namespace}, which {for_namespace} may not read")
+    repository = f"{source.registry}/{source.repository}"
+    try:
+        prov, signatures = provenance.verify(cfg, got.digest, signatures_of(client, source.repository, got.digest),
+                                             repository, repository, f"{source} ({got.digest})")
+    except provenance.Untrusted as exc:
+        provenance.report_refusal(cfg, exc, source=str(source), namespace=owner)
+        raise PullRefused(str(exc)) from exc
+    snap = replace(snap, namespace=owner)        # the node decides; the config says only where it was captured
     with store.pull_area(got.digest, guard.cancelled) as area:
         if not os.path.isdir(store.image_path(snap)):
             _check_space(store, snap)
             store.claim_pull(area, store.charged_to(snap), snap.size, f"pulling {source} into {area}")
             _fetch(client, source, snap, area, config_bytes, listener, guard)
         guard.check(source)
-        return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}")
+        return _publish(store, snap, area, got.data, config_bytes, f"pulled:{source}", prov, signatures)
 
 
 def _is_local_failure(exc: BaseException) -> bool:
@@ -337,7 +419,7 @@ def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_byte
 
 
 def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, config_bytes: bytes,
-             origin: str) -> fmt.Snapshot:
+             origin: str, prov: provenance.Provenance, signatures: list[cosign.Signature]) -> fmt.Snapshot:
     """Every blob is verified: into the layout, the small CRIU files unpacked, then published."""
     with store.staging("pull") as staging:
         hashes = None
@@ -359,7 +441,8 @@ def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, confi
             if staging.layout.put_bytes(data, media_type).digest != want:
                 raise DistributionError(f"{snap.ref}: blob {want} changed on the way in")
         try:
-            return store.publish(snap, images, origin, hashes, pull_area=area)
+            return store.publish(snap, images, origin, hashes, pull_area=area, provenance=prov,
+                                 signatures=signatures)
         except StoreError as exc:
             raise DistributionError(f"publishing {snap.ref}: {exc}") from exc
 

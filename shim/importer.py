@@ -4,7 +4,11 @@ snapshots (archives of thaw 0.1, and stores it left on a node), which are conver
 Nothing from an archive is trusted before it is checked: its headers first (entries, sizes, no
 sparse members, no more than the store's free space), then every blob's digest while it streams —
 file parts straight into the CRIU file they belong to, whole-file tars unpacked only from their
-verified blob. The owner namespace is the one recorded in the snapshot's config.
+verified blob. Nothing is imported without provenance: each snapshot's cosign signatures (carried
+in the archive under `sha256-<hex>.sig`, as `thaw export` writes them) are verified against the
+keys the node trusts for the repository each names, before any of its blobs is read; an unsigned
+one only where trust.unsigned accepts "import". The owner namespace is the one the importer names
+(`thaw import -n NS`), never the snapshot's config.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import os
 import shutil
 from dataclasses import replace
 
+from thaw.oci import cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
 from thaw.oci.layout import CHUNK, REF_NAME, Descriptor, HashingWriter, LayoutError
 
+from . import provenance
+from .config import UNSIGNED_IMPORT, Config
 from .store import CorruptSnapshot, Staging, Store
 
 
@@ -29,25 +36,70 @@ def open_store(store: Store) -> Store:
     return store
 
 
-def import_archive(store: Store, path: str) -> list[fmt.Snapshot]:
-    """Import an OCI archive: headers checked first, every blob verified against its digest
-    while it streams, file parts written straight into their CRIU files; format 1 snapshots
-    are converted to format 2; then the snapshots are published under the namespace that
-    captured them."""
+def import_archive(store: Store, path: str, cfg: Config, owner: str) -> list[fmt.Snapshot]:
+    """Import an OCI archive into namespace `owner`: headers checked first, every snapshot's
+    provenance (its signatures, or trust.unsigned) before any of its blobs, every blob verified
+    against its digest while it streams, file parts written straight into their CRIU files;
+    format 1 snapshots are converted to format 2; then the snapshots are published. Any refusal
+    publishes nothing of that snapshot (and an event says why)."""
     store.init()
     free = shutil.disk_usage(store.root).free
     try:
         idx = fmt.scan_archive(path, max_bytes=free)
     except LayoutError as exc:
         raise CorruptSnapshot(f"import of {path} failed: {exc}") from exc
+    snaps = [d for d in idx.manifests if cosign.digest_of_tag((d.annotations or {}).get(REF_NAME, "")) is None]
+    if not snaps:
+        raise CorruptSnapshot(f"import of {path} failed: the archive names no snapshot")
+    checked = []
+    for desc in snaps:
+        what = f"snapshot {(desc.annotations or {}).get(REF_NAME)} ({desc.digest}) in {path}"
+        try:
+            sigs = _signatures(path, idx, desc.digest)
+            checked.append((desc, *provenance.verify(cfg, desc.digest, sigs, None, UNSIGNED_IMPORT, what)))
+        except provenance.Untrusted as exc:
+            provenance.report_refusal(cfg, exc, source=path, namespace=owner)
+            raise
+        except (LayoutError, OSError) as exc:
+            raise CorruptSnapshot(f"import of {path} failed: {exc}") from exc
     out = []
     with store.staging("import") as staging:
-        for i, desc in enumerate(idx.manifests):
+        for i, (desc, prov, sigs) in enumerate(checked):
             try:
-                out.append(_import_one(store, staging, path, idx, desc, f"images-{i}"))
+                out.append(_import_one(store, staging, path, idx, desc, f"images-{i}", owner, prov, sigs))
             except (LayoutError, OSError) as exc:
                 raise CorruptSnapshot(f"import of {path} failed: {exc}") from exc
     return out
+
+
+def _signatures(path: str, idx: fmt.ArchiveIndex, digest: str) -> list[cosign.Signature]:
+    """The cosign signatures the archive carries for manifest `digest` (each payload read from
+    its blob, checked against its digest)."""
+    tag = cosign.tag_for(digest)
+    out = []
+    for desc in idx.manifests:
+        if (desc.annotations or {}).get(REF_NAME) != tag:
+            continue
+        data = _member_bytes(path, idx, desc.digest, fmt.MAX_META)
+        for layer in cosign.signature_layers(data):
+            try:
+                out.append(cosign.Signature(_member_bytes(path, idx, layer.payload_digest, cosign.MAX_PAYLOAD),
+                                            layer.signature))
+            except fmt.SnapshotFormatError:
+                continue
+    return out
+
+
+def _member_bytes(path: str, idx: fmt.ArchiveIndex, digest: str, limit: int) -> bytes:
+    import hashlib
+    member = idx.members.get(digest)
+    if member is None or member.size > limit:
+        raise fmt.SnapshotFormatError(f"archive lacks blob {digest} (or it is too large)")
+    with fmt.RangeReader(path, member.offset_data, member.size) as src:
+        data = src.read()
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise fmt.SnapshotFormatError(f"archive blob {digest} does not match its digest")
+    return data
 
 
 def _blob(staging: Staging, path: str, idx: fmt.ArchiveIndex, desc: Descriptor) -> None:
@@ -69,8 +121,9 @@ def _small(staging: Staging, path: str, idx: fmt.ArchiveIndex, desc: Descriptor)
     return staging.layout.read_blob(desc, fmt.MAX_META)
 
 
-def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex,
-                desc: Descriptor, images_name: str) -> fmt.Snapshot:
+def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex, desc: Descriptor,
+                images_name: str, owner: str, prov: provenance.Provenance,
+                sigs: list[cosign.Signature]) -> fmt.Snapshot:
     ref = (desc.annotations or {}).get(REF_NAME, "")
     try:
         SnapshotRef.parse(ref)
@@ -80,7 +133,7 @@ def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex
         raise fmt.SnapshotFormatError(f"archive names a snapshot {ref!r}: {exc}") from exc
     config_desc, layers = fmt.parse_manifest(_small(staging, path, idx, desc), desc)
     config = fmt.SnapshotConfig.from_json(json.loads(_small(staging, path, idx, config_desc)))
-    snap = fmt.assemble(ref, desc, config_desc, config, layers)
+    snap = replace(fmt.assemble(ref, desc, config_desc, config, layers), namespace=owner)
     store.check_room(store.charged_to(snap), snap.size, f"importing {ref} ({snap.namespace}) from {path}")
     images = staging.new_dir(images_name)
     for d in (snap.criu_whole, snap.rootfs, snap.deleted):
@@ -98,8 +151,8 @@ def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex
         with fmt.RangeReader(path, member.offset_data, member.size) as src:
             write_part(images, part, src)
     if snap.format_version == 1:
-        return convert_v1(store, staging, snap, images, "imported")
-    return store.publish(snap, images, "imported", hashes)
+        return convert_v1(store, staging, snap, images, "imported", prov)
+    return store.publish(snap, images, "imported", hashes, prov, sigs)
 
 
 def write_part(images: str, part: fmt.FilePart, src) -> None:
@@ -136,14 +189,16 @@ class _PWriter:
         pass
 
 
-def convert_v1(store: Store, staging: Staging, snap: fmt.Snapshot, images: str, origin: str) -> fmt.Snapshot:
+def convert_v1(store: Store, staging: Staging, snap: fmt.Snapshot, images: str, origin: str,
+               prov: provenance.Provenance | None = None) -> fmt.Snapshot:
     """A format 1 snapshot, its CRIU directory unpacked in `images`, as a format 2 one (new
-    manifest and config; the same rootfs and deleted layers; owner from its fingerprint)."""
+    manifest and config; the same rootfs and deleted layers; the owner `snap` has; provenance
+    that of the original, whose signatures no longer apply to the new manifest)."""
     whole, parts, hashes, criu_bytes = staging.package_images(images)
     config = replace(snap.config, format_version=fmt.FORMAT_VERSION,
                      sizes=replace(snap.config.sizes, criu_bytes=criu_bytes))
-    new = staging.write_snapshot(config, whole, parts, snap.rootfs, snap.deleted)
-    return store.publish(new, images, origin, hashes)
+    new = replace(staging.write_snapshot(config, whole, parts, snap.rootfs, snap.deleted), namespace=snap.namespace)
+    return store.publish(new, images, origin, hashes, prov)
 
 
 def migrate_v1_store(store: Store) -> None:

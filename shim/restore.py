@@ -25,7 +25,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
 
-from . import faults, fingerprint
+from . import faults, fingerprint, provenance
 from .config import Config
 from .phases import Phases
 from .runc import Runc
@@ -61,6 +61,8 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     namespace = ann.namespace_of(bundle.annotations)
     snap = phases.run("resolve", store.resolve, request.snapshot, namespace,
                       cfg.policy.readable_from(namespace))
+    # Provenance first: CRIU images are root-level instructions, only trusted ones are even read.
+    provenance.check_restorable(cfg, store.provenance(snap), f"snapshot {snap.ref} ({snap.namespace})")
     t = time.perf_counter()
     gpus = None
     cuda_init = None

@@ -21,8 +21,11 @@
                                however it ends; gc removes one whose pull process is gone
   store_dir/.lock              serialises index changes and garbage collection
 
-A snapshot belongs to the namespace that captured it: it is found only under that namespace (or
-by a namespace the node's policy lets read it). Each namespace has a byte quota (Store.quota_of);
+A snapshot belongs to the namespace the node published it under (dev.thaw.namespace of its
+index entry): the one that captured it, or the one a pull or import was made for — never a field
+of the snapshot itself. It is found only under that namespace (or by a namespace the node's
+policy lets read it). Each index entry also records the snapshot's provenance (shim/provenance.py)
+and the cosign signatures known for it (exported with it). Each namespace has a byte quota (Store.quota_of);
 what a namespace is charged for is what its snapshots hold, each file once per namespace (a file
 several namespaces hold counts for each), plus the declared size of its pulls in progress;
 Store.charged_to names the namespace a snapshot is charged to. It becomes visible only when index.json is
@@ -50,10 +53,13 @@ from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError, sha256_file
 
 from .procs import ProcessHandle
+from .provenance import Provenance, from_origin, signatures_from_json, signatures_json
 
 CLAIM = ".claim"                    # in a pull area: {"namespace", "bytes"} the pull is charged
 ORIGIN = "dev.thaw.origin"          # index annotation: "captured", "imported", "pulled:REF", "migrated"
 PUSHED = "dev.thaw.pushed"          # index annotation: the registry reference it was last pushed to
+PROVENANCE = "dev.thaw.provenance"  # index annotation: JSON of provenance.Provenance
+SIGNATURES = "dev.thaw.signatures"  # index annotation: JSON list of cosign signatures (payload, signature)
 
 
 class StoreError(ThawError):
@@ -293,9 +299,12 @@ class Store:
         except (LayoutError, ValueError) as exc:
             raise CorruptSnapshot(f"snapshot {ann.get(REF_NAME, desc.digest)}: {exc}") from exc
         try:
-            return fmt.assemble(ann.get(REF_NAME, ""), desc, config_desc, config, layers)
+            snap = fmt.assemble(ann.get(REF_NAME, ""), desc, config_desc, config, layers)
         except LayoutError as exc:
             raise CorruptSnapshot(f"snapshot {ann.get(REF_NAME, desc.digest)}: {exc}") from exc
+        # The owner is what this node's index says (the config's namespace is only where it was captured).
+        owner = ann.get(fmt.NAMESPACE)
+        return replace(snap, namespace=owner) if owner else snap
 
     def snapshots(self, namespace: str | None = None) -> list[fmt.Snapshot]:
         out = []
@@ -309,10 +318,32 @@ class Store:
         return sorted(out, key=lambda s: (s.namespace, s.ref))
 
     def _annotations(self, snap: fmt.Snapshot) -> dict[str, str]:
+        """The index annotations of `snap`'s entry (same name, owner and manifest; else the first
+        entry of that manifest)."""
+        found: dict[str, str] | None = None
         for desc in self._index():
+            ann = desc.annotations or {}
             if desc.digest == snap.manifest.digest:
-                return dict(desc.annotations or {})
-        return {}
+                if ann.get(REF_NAME) == snap.ref and ann.get(fmt.NAMESPACE) == snap.namespace:
+                    return dict(ann)
+                found = dict(ann) if found is None else found
+        return found or {}
+
+    def provenance(self, snap: fmt.Snapshot) -> Provenance:
+        """Where the snapshot came from (captured here, signature verified, or accepted unsigned);
+        an entry from before provenance existed is read from its origin (provenance.from_origin)."""
+        ann = self._annotations(snap)
+        if PROVENANCE in ann:
+            try:
+                return Provenance.from_json(json.loads(ann[PROVENANCE]))
+            except ValueError:
+                return Provenance.from_json(None)
+        return from_origin(ann.get(ORIGIN, ""))
+
+    def signatures(self, snap: fmt.Snapshot) -> list:
+        """The cosign signatures known for the snapshot's manifest (verified at pull or import, or
+        made by `thaw push --sign`): export carries them."""
+        return signatures_from_json(self._annotations(snap).get(SIGNATURES, ""))
 
     def origin(self, snap: fmt.Snapshot) -> str:
         """How the snapshot came here: "captured", "imported", "pulled:REF" or "migrated"."""
@@ -335,10 +366,7 @@ class Store:
         for ns in (namespace, *readable_from):
             desc = self._descriptor(ref, ns)
             if desc is not None:
-                snap = self.read(desc)
-                if snap.namespace != ns:
-                    raise CorruptSnapshot(f"snapshot {ref}: indexed under {ns!r} but owned by {snap.namespace!r}")
-                return snap
+                return self.read(desc)
         where = namespace + (f" (or {', '.join(readable_from)})" if readable_from else "")
         raise SnapshotNotFound(f"snapshot {ref} not found in namespace {where} of store {self.root}")
 
@@ -631,9 +659,9 @@ class Store:
     # --- namespace quotas ---------------------------------------------------------------------------
     @staticmethod
     def charged_to(snap: fmt.Snapshot) -> str:
-        """The namespace a published snapshot's bytes are charged to: its owner namespace (today
-        the one its config records). The one place that says so: when ownership of a pulled
-        snapshot changes (the namespace the node's policy pulled it for), this follows."""
+        """The namespace a published snapshot's bytes are charged to: its owner namespace — the
+        one the node published it under (Store.read takes it from the index entry: the namespace
+        that captured it, or the one the node's policy pulled or imported it for)."""
         return snap.namespace
 
     def _limits(self):
@@ -792,12 +820,16 @@ class Store:
 
     # --- publishing and removing ------------------------------------------------------------------
     def publish(self, snap: fmt.Snapshot, staged_images: str, origin: str,
-                hashes: dict[str, str] | None = None, pull_area: str | None = None) -> fmt.Snapshot:
-        """Make `snap` visible under (namespace, ref), replacing that name's older snapshot: its
-        staged CRIU image directory moves into place and is sealed, then the index changes.
-        First it must fit its namespace's quota and store.max_bytes, by evicting only that
-        namespace's own snapshots (QuotaExceeded, nothing changed, if it cannot). `pull_area`:
-        the pull it came from, whose claim it replaces."""
+                hashes: dict[str, str] | None = None, pull_area: str | None = None,
+                provenance: Provenance | None = None, signatures: list | tuple = ()) -> fmt.Snapshot:
+        """Make `snap` visible under (snap.namespace — the owner the caller decided, ref),
+        replacing that name's older snapshot: its staged CRIU image directory moves into place
+        and is sealed, then the index changes. First it must fit its namespace's quota and
+        store.max_bytes, by evicting only that namespace's own snapshots (QuotaExceeded, nothing
+        changed, if it cannot). `pull_area`: the pull it came from, whose claim it replaces.
+        provenance: what the caller verified (default: read from the origin, see
+        provenance.from_origin); signatures: cosign signatures to keep with it."""
+        prov = provenance or from_origin(origin)
         for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs, snap.deleted):
             if not self.layout.has_blob(d):
                 raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
@@ -825,7 +857,9 @@ class Store:
                     continue
                 index.append(d)
             entry = fmt.index_entry(snap)
-            ann = {**(entry.annotations or {}), ORIGIN: origin, **({PUSHED: pushed} if pushed else {})}
+            ann = {**(entry.annotations or {}), ORIGIN: origin, **({PUSHED: pushed} if pushed else {}),
+                   PROVENANCE: json.dumps(prov.to_json()),
+                   **({SIGNATURES: signatures_json(list(signatures))} if signatures else {})}
             index.append(replace(entry, annotations=ann))
             self.layout.write_index(index)
             self._gc_locked()
@@ -841,6 +875,21 @@ class Store:
                 return
             self.layout.write_index([replace(d, annotations={**(d.annotations or {}), PUSHED: ref})
                                      if d.digest == snap.manifest.digest else d for d in index])
+
+    def add_signature(self, snap: fmt.Snapshot, signature) -> None:
+        """Keep a signature made for `snap`'s manifest (`thaw push --sign`) with every entry of it."""
+        with self.locked():
+            index = self._index()
+            out = []
+            for d in index:
+                if d.digest == snap.manifest.digest:
+                    ann = dict(d.annotations or {})
+                    sigs = signatures_from_json(ann.get(SIGNATURES, ""))
+                    if signature not in sigs:
+                        ann[SIGNATURES] = signatures_json([*sigs, signature])
+                    d = replace(d, annotations=ann)
+                out.append(d)
+            self.layout.write_index(out)
 
     def remove(self, ref: SnapshotRef, namespace: str) -> None:
         with self.locked():
@@ -946,8 +995,11 @@ class Store:
                 self.layout.verify_blob(d)
             except LayoutError as exc:
                 raise CorruptSnapshot(f"snapshot {ref}: {exc}") from exc
+        from thaw.oci import cosign
+        signatures = self.signatures(snap)
+        attached = [(cosign.tag_for(snap.manifest.digest), *cosign.manifest(signatures))] if signatures else []
         with self.image_dir(snap, verify):
-            fmt.write_archive([snap], lambda d: self.open_blob(snap, d), out_path)
+            fmt.write_archive([snap], lambda d: self.open_blob(snap, d), out_path, attached)
         return snap
 
 
