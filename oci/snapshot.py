@@ -32,7 +32,7 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any
@@ -625,7 +625,7 @@ BlobOpener = Callable[[Descriptor], Any]     # -> a context manager yielding a r
 
 
 def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str,
-                  attached: list[tuple[str, bytes, dict[str, bytes]]] = ()) -> None:
+                  attached: Sequence[tuple[str, bytes, dict[str, bytes]]] = ()) -> None:
     """Write `snaps` as an OCI archive to out_path (atomically): oci-layout and index.json first,
     then each snapshot's manifest, config and layers, so that a reader meets a manifest before
     its layers. attached: other manifests to carry (ref name, manifest bytes, its blobs by
@@ -648,11 +648,11 @@ def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str,
                      "manifests": [index_entry(s).to_json() for s in snaps] + [d.to_json() for d in extra]}
             add_bytes("index.json", json.dumps(index).encode())
             seen: set[str] = set()
-            for d, (_name, data, blobs) in zip(extra, attached):
-                for digest, blob in {d.digest: data, **blobs}.items():
-                    if digest not in seen:
-                        seen.add(digest)
-                        add_bytes("blobs/sha256/" + digest.split(":", 1)[1], blob)
+            for entry, (_name, data, blobs) in zip(extra, attached):
+                for blob_digest, blob in {entry.digest: data, **blobs}.items():
+                    if blob_digest not in seen:
+                        seen.add(blob_digest)
+                        add_bytes("blobs/sha256/" + blob_digest.split(":", 1)[1], blob)
             for snap in snaps:
                 for desc in snap.blobs:
                     if desc.digest in seen:

@@ -39,14 +39,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from thaw.oci import ThawError
+from thaw.oci import ThawError, cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, LayoutError
 from thaw.oci.reference import Reference
-
-from thaw.oci import cosign
 
 from . import provenance
 from .config import Config
@@ -105,6 +103,8 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
     from .registry import transfer
     from .registry.client import BlobRange
     snap = store.resolve(ref, namespace)
+    if sign:
+        provenance.signing_key(cfg)                  # a missing or bad key fails before any upload
     manifest = store.layout.read_blob(snap.manifest, fmt.MAX_META)
     with store.image_dir(snap) as images:           # held: no rm or gc takes it mid-upload
         blobs = [BlobRange(d.digest, store.layout.blob_path(d.digest), 0, d.size)

@@ -32,8 +32,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from thaw.oci import ThawError
-from thaw.oci import cosign
+from thaw.oci import ThawError, cosign
 
 from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
 
@@ -184,10 +183,15 @@ def sign(cfg: Config, repository: str, digest: str) -> cosign.Signature:
     trust.signing_key."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
+    data = cosign.payload(repository, digest)
+    return cosign.Signature(data, signing_key(cfg).sign(data, ec.ECDSA(hashes.SHA256())))
+
+
+def signing_key(cfg: Config):
+    """trust.signing_key, loaded (ProvenanceError if unset or unusable)."""
     if not cfg.trust.signing_key:
         raise ProvenanceError("no signing key: set trust.signing_key in the node config (`thaw key generate`)")
-    data = cosign.payload(repository, digest)
-    return cosign.Signature(data, _private_key(cfg.trust.signing_key).sign(data, ec.ECDSA(hashes.SHA256())))
+    return _private_key(cfg.trust.signing_key)
 
 
 def _verifies(path: str, sig: cosign.Signature) -> bool:

@@ -38,14 +38,19 @@ MiB = 1 << 20
 class Node:
     """One node's thaw: its config (store, state, registry settings) and CLI."""
 
-    def __init__(self, tmp_path, name: str, site, store_dir: str | None = None, **registry):
+    def __init__(self, tmp_path, name: str, site, store_dir: str | None = None, trust: dict | None = None,
+                 **registry):
         self.dir = tmp_path / name
         self.dir.mkdir()
         self.config = str(self.dir / "config.yaml")
         self.store_dir = store_dir or str(self.dir / "store")
         reg = {"auth_file": site.auth_config, "ca_file": site.ca.ca, **registry}
+        # Transfers are these tests' subject: unsigned snapshots of the test registry are accepted
+        # unless a test says otherwise (tests/test_provenance.py: signatures).
+        trust = {"unsigned": [f"{site.host}/"]} if trust is None else trust
         with open(self.config, "w") as f:
-            yaml.safe_dump({"store_dir": self.store_dir, "state_dir": str(self.dir / "state"), "registry": reg}, f)
+            yaml.safe_dump({"store_dir": self.store_dir, "state_dir": str(self.dir / "state"), "registry": reg,
+                            "trust": trust}, f)
 
     @property
     def cfg(self):
@@ -104,7 +109,7 @@ def test_push_then_pull_on_another_node(nodes, tls_registry, tmp_path):
                                   "--json").stdout)
     assert {e["outcome"] for e in elsewhere if e.get("event") == "blob"} == {"mounted"}   # from where it was pushed
 
-    pulled = json_lines(b.thaw("pull", target, "--json").stdout)[-1]
+    pulled = json_lines(b.thaw("pull", "-n", "team-a", target, "--json").stdout)[-1]
     assert pulled["digest"] == snap.manifest.digest        # the same manifest bytes, the same digest
     assert pulled["namespace"] == "team-a" and pulled["snapshot"] == target
     (row,) = b.ls()
@@ -113,7 +118,7 @@ def test_push_then_pull_on_another_node(nodes, tls_registry, tmp_path):
     with a.store.image_dir(snap, "digest") as src, b.store.image_dir(got, "digest") as dst:
         assert contents(src) == contents(dst)
     # another name for the same manifest takes no second copy
-    b.thaw("pull", target, "--name", "local-copy:1")
+    b.thaw("pull", "-n", "team-a", target, "--name", "local-copy:1")
     assert sorted(r["ref"] for r in b.ls()) == sorted([target, "local-copy:1"])
     assert len([n for n in os.listdir(os.path.join(b.store_dir, "images")) if "." not in n]) == 1
     assert not os.listdir(os.path.join(b.store_dir, "pulls")) or all(
@@ -169,7 +174,7 @@ def test_pull_killed_with_sigkill_resumes(nodes, tls_registry):
     target = f"{tls_registry.host}/{new_repo()}:v1"
     a.thaw("push", "big:1", target, "-n", "team-a")
     area = os.path.join(b.store_dir, "pulls", snap.manifest.digest.split(":")[1])
-    proc = subprocess.Popen(["thaw", "pull", target], env={**os.environ, "THAW_CONFIG": b.config},
+    proc = subprocess.Popen(["thaw", "pull", "-n", "team-a", target], env={**os.environ, "THAW_CONFIG": b.config},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: journal_progress(b, snap), 60, "the pull's first resume point", 0.005)
@@ -178,7 +183,7 @@ def test_pull_killed_with_sigkill_resumes(nodes, tls_registry):
         proc.wait()
     assert b.ls() == []                                     # nothing half-pulled is visible
     assert os.path.exists(os.path.join(area, "journal.json"))   # run again before a gc: it resumes
-    out = json_lines(b.thaw("pull", target, "--json").stdout)
+    out = json_lines(b.thaw("pull", "-n", "team-a", target, "--json").stdout)
     reused = sum(e.get("reused") or 0 for e in out if e.get("event") == "blob")
     assert reused > 0, out
     assert [r["ref"] for r in b.ls()] == [target]
@@ -195,10 +200,10 @@ def test_corrupted_blob_is_refused_then_a_clean_pull_works(nodes, tls_registry, 
     with RegistryProxy(tls_registry.server.url, ca=tls_registry.ca.ca, corrupt_at=MiB + 5) as proxy:
         creds = tls_registry.server.auth_config(str(tmp_path / "proxy.json"), USER, PASSWORD, host=proxy.host)
         via = Node(tmp_path, "via-proxy", tls_registry, store_dir=b.store_dir, auth_file=creds, insecure=[proxy.host])
-        err = via.thaw("pull", f"{proxy.host}/{repo}:v1", check=False)
+        err = via.thaw("pull", "-n", "team-a", f"{proxy.host}/{repo}:v1", check=False)
     assert err.returncode == 1 and "sha256:" in err.stderr and ("digest" in err.stderr or "hash" in err.stderr)
     assert b.ls() == []
-    b.thaw("pull", f"{tls_registry.host}/{repo}:v1")
+    b.thaw("pull", "-n", "team-a", f"{tls_registry.host}/{repo}:v1")
     assert [r["ref"] for r in b.ls()] == [f"{tls_registry.host}/{repo}:v1"]
 
 
@@ -209,7 +214,7 @@ def test_wrong_credentials_are_a_clear_error(nodes, tls_registry, tmp_path):
     a.thaw("push", "w:1", target, "-n", "team-a")
     bad = tls_registry.server.auth_config(str(tmp_path / "bad.json"), USER, "not-the-password")
     c = Node(tmp_path, "c", tls_registry, auth_file=bad)
-    err = c.thaw("pull", target, check=False)
+    err = c.thaw("pull", "-n", "team-a", target, check=False)
     assert err.returncode == 1 and tls_registry.host in err.stderr
     assert any(w in err.stderr.lower() for w in ("auth", "401", "unauthorized", "credentials")), err.stderr
     assert c.ls() == []
@@ -220,7 +225,7 @@ def test_registry_stopped_mid_pull_then_pull_again(tmp_path, fresh_registry):
     snap = published(a, "s:1", 200 * MiB)
     target = f"{fresh_registry.host}/{new_repo()}:v1"
     a.thaw("push", "s:1", target, "-n", "team-a")
-    proc = subprocess.Popen(["thaw", "pull", target], env={**os.environ, "THAW_CONFIG": b.config},
+    proc = subprocess.Popen(["thaw", "pull", "-n", "team-a", target], env={**os.environ, "THAW_CONFIG": b.config},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: journal_progress(b, snap), 60, "the pull's first resume point", 0.005)
     fresh_registry.server.stop(signal.SIGKILL)
@@ -228,7 +233,7 @@ def test_registry_stopped_mid_pull_then_pull_again(tmp_path, fresh_registry):
     assert proc.returncode == 1 and fresh_registry.host in stderr, stderr
     assert b.ls() == [] and not os.path.exists(os.path.join(b.store_dir, "pulls", snap.manifest.digest[7:]))
     fresh_registry.server.start()
-    b.thaw("pull", target)
+    b.thaw("pull", "-n", "team-a", target)
     assert [r["ref"] for r in b.ls()] == [target]
 
 
@@ -243,7 +248,7 @@ def test_disk_full_is_refused_before_anything_is_written(nodes, tls_registry, tm
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
     try:
         c = Node(tmp_path, "c", tls_registry, store_dir=str(small / "store"))
-        err = c.thaw("pull", target, check=False)
+        err = c.thaw("pull", "-n", "team-a", target, check=False)
         assert err.returncode == 1 and "not enough space" in err.stderr, err.stderr
         assert c.ls() == []
     finally:
@@ -265,10 +270,10 @@ def test_pulls_for_pods_follow_node_policy_and_the_owner_namespace(nodes, tls_re
         distribution.pull(default.cfg, default.store, source, for_namespace="team-a")
     assert default.ls() == []
 
-    allowed = {"team-a": [f"{tls_registry.host}/thaw/team-a"], "team-b": [f"{tls_registry.host}/thaw"]}
+    allowed = {"team-a": [f"{tls_registry.host}/thaw/team-a"], "team-c": [f"{tls_registry.host}/thaw/team-c"]}
     node = Node(tmp_path, "policy", tls_registry, pull=allowed)
-    with pytest.raises(distribution.PullRefused, match="belongs to namespace team-a"):
-        distribution.pull(node.cfg, node.store, source, for_namespace="team-b")
+    with pytest.raises(distribution.PullRefused, match="may not pull"):
+        distribution.pull(node.cfg, node.store, source, for_namespace="team-c")
     assert node.ls() == []
     snap = distribution.pull(node.cfg, node.store, source, for_namespace="team-a")
     assert snap.namespace == "team-a" and [r["namespace"] for r in node.ls()] == ["team-a"]
@@ -304,14 +309,17 @@ def test_a_pod_asking_for_a_registry_snapshot_the_node_lacks_cold_starts_and_the
     target = f"{tls_registry.host}/{repo}:v1"
     registry = {"auth_file": tls_registry.auth_config, "ca_file": tls_registry.ca.ca,
                 "pull": {"_local": [f"{tls_registry.host}/thaw/local"]}, "pull_timeout": 60}
-    thaw_env.write_config(registry=registry)
+    # Signed by a key the node trusts for the repository (the positive control of provenance).
+    thaw_env.thaw("key", "generate", str(tmp_path))
+    thaw_env.write_config(registry=registry, trust={"signing_key": str(tmp_path / "thaw.key"), "keys": {
+        f"{tls_registry.host}/thaw/local": [str(tmp_path / "thaw.pub")]}})
     src = thaw_env.container(make_bundle(str(tmp_path / "src"), COUNTER))
     assert src.create() == 0
     src.start()
     src.wait_output(lambda t: "tick 5" in t, timeout=30)
     thaw_env.thaw("capture", src.id, "--name", "counter:1", "--root", thaw_env.root)
     src.destroy()
-    thaw_env.thaw("push", "counter:1", target)
+    thaw_env.thaw("push", "--sign", "counter:1", target)
     thaw_env.thaw("rm", "counter:1")
 
     ann = {"thaw.dev/snapshot": target}

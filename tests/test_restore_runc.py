@@ -252,7 +252,7 @@ def test_export_import_between_stores(thaw_env, tmp_path):
 
     # A second node: a fresh store; import, then restore from it.
     thaw_env.store = str(tmp_path / "store-b")
-    thaw_env.write_config()
+    thaw_env.write_config(trust={"unsigned": ["import"]})     # unsigned: signatures are test_provenance's
     assert "counter:x" not in thaw_env.thaw("ls").stdout
     thaw_env.thaw("import", archive)
     assert json.loads(thaw_env.thaw("inspect", "counter:x").stdout)["manifest"] == digest

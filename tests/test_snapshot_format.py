@@ -17,10 +17,15 @@ from helpers import dead_capture, fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import ImageLayout, LayoutError
+from thaw.shim.config import Config, Trust
 from thaw.shim.importer import import_archive, open_store
 from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
 
 A1 = SnapshotRef("a", "1")
+
+# These tests are about the archive format: unsigned imports are accepted (tests/test_provenance.py
+# covers signatures).
+UNSIGNED_IMPORTS = Config(trust=Trust(unsigned=("import",)))
 
 
 @pytest.fixture
@@ -182,9 +187,9 @@ def test_export_import_round_trip(tmp_path, store, small_parts):
         assert all(m.mode == 0o600 for m in tar.getmembers())
         assert tar.getnames()[:2] == ["oci-layout", "index.json"]
     other = Store(str(tmp_path / "other"))
-    [imported] = import_archive(other, archive)
+    [imported] = import_archive(other, archive, UNSIGNED_IMPORTS, "team-a")
     assert imported.manifest.digest == snap.manifest.digest and imported.ref == "a:1"
-    assert imported.namespace == "team-a"                    # the owner recorded at capture
+    assert imported.namespace == "team-a"                    # the owner the importer named
     with other.image_dir(imported, "digest") as path:
         assert open(os.path.join(path, "pages-1.img"), "rb").read() == payload
     assert other.origin(imported) == "imported"
@@ -211,7 +216,7 @@ def test_concurrent_imports_of_one_archive(tmp_path, store):
     store.export(A1, "_local", archive)
     other = Store(str(tmp_path / "other")).init()
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: import_archive(other, archive), range(2)))
+        results = list(pool.map(lambda _: import_archive(other, archive, UNSIGNED_IMPORTS, "_local"), range(2)))
     assert results[0][0].manifest.digest == results[1][0].manifest.digest
     [snap] = other.snapshots()
     for verify in ("stat", "digest"):
@@ -256,7 +261,7 @@ def test_import_rejects_damaged_and_hostile_archives(tmp_path, store, damage):
         archive = _append_member_header(archive, info)
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot):
-        import_archive(other, archive)
+        import_archive(other, archive, UNSIGNED_IMPORTS, "_local")
     assert other.snapshots() == [] and json.load(open(other.layout.index_path))["manifests"] == []
     assert os.listdir(other.images_dir) == [] and os.listdir(other.staging_dir) == []
     # Nothing was written where a name from the archive points: not beside the store (where
@@ -361,7 +366,7 @@ def test_import_checks_every_blob_against_its_digest(tmp_path, store, small_part
     _damage_member(archive, digest)
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot):
-        import_archive(other, archive)
+        import_archive(other, archive, UNSIGNED_IMPORTS, "_local")
     assert other.snapshots() == [] and json.load(open(other.layout.index_path))["manifests"] == []
     assert not os.path.exists(other.layout.blob_path(digest))
     assert os.listdir(other.images_dir) == [] and os.listdir(other.staging_dir) == []
@@ -389,7 +394,7 @@ def test_import_refuses_a_sparse_member_before_writing(tmp_path, store):
         assert tar.getmember("blobs/sha256/" + "c" * 64).issparse()
     other = Store(str(tmp_path / "other"))
     with pytest.raises(CorruptSnapshot, match="not a plain regular file"):
-        import_archive(other, archive)
+        import_archive(other, archive, UNSIGNED_IMPORTS, "_local")
     assert other.snapshots() == [] and list(other.layout.all_blobs()) == []
 
 
@@ -498,5 +503,5 @@ def test_a_format_1_archive_imports_as_format_2(tmp_path):
             tar.add(os.path.join(src, "layout", name), arcname=name)
         for blob in os.listdir(os.path.join(src, "layout", "blobs", "sha256")):
             tar.add(os.path.join(src, "layout", "blobs", "sha256", blob), arcname="blobs/sha256/" + blob)
-    [snap] = import_archive(Store(str(tmp_path / "new")), archive)
+    [snap] = import_archive(Store(str(tmp_path / "new")), archive, UNSIGNED_IMPORTS, "team-a")
     assert snap.format_version == 2 and snap.namespace == "team-a" and snap.manifest.digest != digest

@@ -13,7 +13,7 @@ from helpers import dead_capture, fake_snapshot
 from thaw.oci.annotations import SnapshotRef
 from thaw.shim import events
 from thaw.shim.cli import _human
-from thaw.shim.config import Config, StoreLimits
+from thaw.shim.config import Config, StoreLimits, Trust
 from thaw.shim.importer import import_archive
 from thaw.shim.store import PUSHED, QuotaExceeded, Store
 
@@ -22,7 +22,9 @@ PULLED = "pulled:registry.example/team/app:1"
 
 @pytest.fixture
 def cfg(tmp_path):
-    return Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"))
+    # Unsigned imports accepted: these tests are about the cache (tests/test_provenance.py: signatures).
+    return Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"),
+                  trust=Trust(unsigned=("import",)))
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def test_captured_and_imported_snapshots_stay_unless_evict_unpushed(tmp_path, st
     captured = fake_snapshot(store, "mine:1", b"M" * 10_000)
     store.export(SnapshotRef("mine", "1"), "_local", str(tmp_path / "mine.tar"))
     store.remove(SnapshotRef("mine", "1"), "_local")
-    [imported] = import_archive(store, str(tmp_path / "mine.tar"))
+    [imported] = import_archive(store, str(tmp_path / "mine.tar"), cfg, "_local")
     assert store.origin(imported) == "imported" and imported.manifest.digest == captured.manifest.digest
     here = fake_snapshot(store, "here:1", b"H" * 10_000)
     pulled = fake_snapshot(store, "pulled:1", b"P" * 10_000, origin=PULLED)
@@ -155,11 +157,11 @@ def test_a_pushed_snapshot_may_be_evicted(store):
     assert store.snapshots() == []
 
 
-def test_the_pushed_mark_survives_only_a_republish_of_the_same_manifest(tmp_path, store):
+def test_the_pushed_mark_survives_only_a_republish_of_the_same_manifest(tmp_path, store, cfg):
     snap = fake_snapshot(store, "a:1")
     store.export(SnapshotRef("a", "1"), "_local", str(tmp_path / "a.tar"))
     store.mark_pushed(snap, "registry.example/a:1")
-    [again] = import_archive(store, str(tmp_path / "a.tar"))     # the same manifest published again
+    [again] = import_archive(store, str(tmp_path / "a.tar"), cfg, "_local")     # the same manifest published again
     assert again.manifest.digest == snap.manifest.digest and store.pushed(again) == "registry.example/a:1"
     new = fake_snapshot(store, "a:1", b"changed" * 100)          # a new capture under the name
     assert store.pushed(new) == ""
