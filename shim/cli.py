@@ -128,11 +128,19 @@ def ls(ctx, namespace, as_json):
         click.echo(json.dumps(rows, indent=1))
         return
     click.echo(f"{'NAMESPACE':<20} {'NAME':<32} {'SIZE':>10}  {'CREATED':<20}  {'LAST USE':<10}  {'DIGEST':<19}  "
-               "ORIGIN · PROVENANCE")
-    for r, s in zip(rows, snaps):
-        prov = store.provenance(s).describe() + ("" if r["restorable"] else " — NOT RESTORABLE here (trust)")
+               f"{'PROVENANCE':<26}  ORIGIN")
+    for r in rows:
         click.echo(f"{r['namespace']:<20} {r['ref']:<32} {_human(r['size_bytes']):>10}  {r['created']:<20}  "
-                   f"{_ago(r['last_used']):<10}  {r['digest'][:19]}  {_origin(r['origin'], r['pushed'])} · {prov}")
+                   f"{_ago(r['last_used']):<10}  {r['digest'][:19]}  {_provenance(r):<26}  "
+                   f"{_origin(r['origin'], r['pushed'])}")
+
+
+def _provenance(row: dict) -> str:
+    """captured / signed KEYID / unsigned, and "refused" where this node's trust config would not
+    restore it (`thaw inspect` says why)."""
+    prov = row["provenance"]
+    text = prov["kind"] + (f" {prov['key'][7:19]}" if prov.get("key") else "")
+    return text + ("" if row["restorable"] else " (refused)")
 
 
 def _ago(when: float | None) -> str:

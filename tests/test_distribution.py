@@ -199,7 +199,8 @@ def test_corrupted_blob_is_refused_then_a_clean_pull_works(nodes, tls_registry, 
     a.thaw("push", "c:1", f"{tls_registry.host}/{repo}:v1", "-n", "team-a")
     with RegistryProxy(tls_registry.server.url, ca=tls_registry.ca.ca, corrupt_at=MiB + 5) as proxy:
         creds = tls_registry.server.auth_config(str(tmp_path / "proxy.json"), USER, PASSWORD, host=proxy.host)
-        via = Node(tmp_path, "via-proxy", tls_registry, store_dir=b.store_dir, auth_file=creds, insecure=[proxy.host])
+        via = Node(tmp_path, "via-proxy", tls_registry, store_dir=b.store_dir, auth_file=creds, insecure=[proxy.host],
+                   trust={"unsigned": [f"{proxy.host}/"]})
         err = via.thaw("pull", "-n", "team-a", f"{proxy.host}/{repo}:v1", check=False)
     assert err.returncode == 1 and "sha256:" in err.stderr and ("digest" in err.stderr or "hash" in err.stderr)
     assert b.ls() == []

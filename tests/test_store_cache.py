@@ -258,8 +258,9 @@ def test_thaw_ls_shows_size_last_use_and_origin(thaw_env):
     used_at(store, pushed, time.time() - 3 * 3600 - 5)
     lines = thaw_env.thaw("ls").stdout.splitlines()
     assert lines[0].split()[:7] == ["NAMESPACE", "NAME", "SIZE", "CREATED", "LAST", "USE", "DIGEST"]
-    assert lines[0].rstrip().endswith("ORIGIN")
+    assert lines[0].split()[7:] == ["PROVENANCE", "ORIGIN"]
     row = {line.split()[1]: line for line in lines[1:]}
+    assert " captured " in row["here:1"] and " unsigned (refused) " in row["pulled:1"]   # no trust.unsigned
     assert row["here:1"].rstrip().endswith("captured here") and f" {_human(store.size(here))} " in row["here:1"]
     assert re.search(r" \d+s ago ", row["here:1"])
     assert "3m ago" in row["pulled:1"] and row["pulled:1"].rstrip().endswith(
