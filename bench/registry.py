@@ -110,21 +110,26 @@ def snapshot_run(work: str, size: int, server: RegistryServer, settings: Setting
     from helpers import fake_snapshot
     from thaw.oci.annotations import SnapshotRef
     from thaw.shim import distribution
-    from thaw.shim.config import Config, Registry
+    from thaw.shim import provenance
+    from thaw.shim.config import Config, Registry, Trust
     from thaw.shim.store import Store
     reg = Registry(auth_file=settings.auth_config or "", ca_file=settings.ca_bundle or "",
                    insecure=tuple(settings.insecure_hosts))
-    a = Config(store_dir=os.path.join(work, "store-a"), state_dir=os.path.join(work, "state"), registry=reg)
-    b = Config(store_dir=os.path.join(work, "store-b"), state_dir=os.path.join(work, "state"), registry=reg)
+    # Pushed signed, pulled verified: what a node requiring provenance does (the default).
+    private, public, _ = provenance.generate(work, "bench")
+    a = Config(store_dir=os.path.join(work, "store-a"), state_dir=os.path.join(work, "state"), registry=reg,
+               trust=Trust(signing_key=private))
+    b = Config(store_dir=os.path.join(work, "store-b"), state_dir=os.path.join(work, "state"), registry=reg,
+               trust=Trust(keys={f"{server.host}/bench": (public,)}))
     store_a, store_b = Store.for_config(a).init(), Store.for_config(b).init()
     t = time.perf_counter()
     snap = fake_snapshot(store_a, "bench:1", payload=os.urandom(size), namespace="bench")
     capture_s = time.perf_counter() - t
     target = SnapshotRef.registry(f"{server.host}/{new_repo('bench/s')}:v1").remote
     with Clock(server.proc.pid) as push:
-        distribution.push(a, store_a, SnapshotRef.parse("bench:1"), "bench", target)
+        distribution.push(a, store_a, SnapshotRef.parse("bench:1"), "bench", target, sign=True)
     with Clock(server.proc.pid) as pull:
-        got = distribution.pull(b, store_b, target)
+        got = distribution.pull(b, store_b, target, owner="bench")
     assert got.manifest.digest == snap.manifest.digest
     out = {"snapshot_bytes": snap.size, "parts": len(snap.parts), "write_and_package_s": round(capture_s, 3)}
     for name, c in (("push", push), ("pull", pull)):
