@@ -109,8 +109,7 @@ def snapshot_run(work: str, size: int, server: RegistryServer, settings: Setting
     """thaw push / thaw pull of a snapshot between two stores, through the library calls."""
     from helpers import fake_snapshot
     from thaw.oci.annotations import SnapshotRef
-    from thaw.shim import distribution
-    from thaw.shim import provenance
+    from thaw.shim import distribution, provenance
     from thaw.shim.config import Config, Registry, Trust
     from thaw.shim.store import Store
     reg = Registry(auth_file=settings.auth_config or "", ca_file=settings.ca_bundle or "",

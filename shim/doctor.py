@@ -76,6 +76,7 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     if cfg.store.max_bytes and os.path.isdir(cfg.store_dir):
         yield _node_cache(cfg)
     yield _owner_only(cfg.state_dir)
+    yield from _trust(cfg)
 
     from . import cuda
     if os.path.exists("/dev/nvidiactl"):
@@ -89,6 +90,28 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     if containerd:
         from .containerd.checks import doctor_checks
         yield from doctor_checks()
+
+
+def _trust(cfg: Config) -> Iterator[Check]:
+    """Every key trust.keys names must load (an unusable one is silently not trusted); the signing
+    key, if any, must load and be root-only."""
+    from .provenance import ProvenanceError, check_public_key, signing_key
+    keys = sorted({p for paths in cfg.trust.keys.values() for p in paths})
+    for path in keys:
+        try:
+            yield True, "trusted key", f"{path}: {check_public_key(path)}"
+        except ProvenanceError as exc:
+            yield False, "trusted key", str(exc)
+    if not keys:
+        yield True, "trust", ("no keys: only snapshots captured here are restored"
+                              + (f" (and unsigned ones from {', '.join(cfg.trust.unsigned)})" if cfg.trust.unsigned else ""))
+    if cfg.trust.signing_key:
+        try:
+            signing_key(cfg)
+            mode = os.stat(cfg.trust.signing_key).st_mode & 0o077
+            yield not mode, "signing key", cfg.trust.signing_key + (" readable by others: chmod 600" if mode else "")
+        except (ProvenanceError, OSError) as exc:
+            yield False, "signing key", str(exc)
 
 
 def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:

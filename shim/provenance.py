@@ -144,6 +144,13 @@ def _public_key(path: str):
     return key
 
 
+def check_public_key(path: str) -> str:
+    """The key id of a usable public key file (ProvenanceError if it is not one)."""
+    _public_key(path)
+    with open(path, "rb") as f:
+        return key_id(f.read())
+
+
 def _private_key(path: str):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key

@@ -189,20 +189,14 @@ def test_attacks_on_pull_are_refused_before_anything_is_fetched(attack, signer, 
         a.thaw("push", "w:1", target, "-n", "team-a")
         copy_signature(tls_registry, signed_elsewhere, digest, repo, digest)
         expect = f"names repository {tls_registry.host}/{signed_elsewhere}, not {tls_registry.host}/{repo}"
-    b = pulling_node(tmp_path, tls_registry, "b", keys={f"{tls_registry.host}/thaw/team-a": [keys.public]},
-                     )
+    b = Node(tmp_path, "b", tls_registry, trust={"keys": {f"{tls_registry.host}/thaw/team-a": [keys.public]}},
+             pull={"team-a": [f"{tls_registry.host}/thaw/team-a"]})
     err = b.thaw("pull", "-n", "team-a", target, check=False)
     assert err.returncode == 1 and expect in err.stderr, err.stderr
     [event] = untrusted_events(b)
     assert expect in event["reason"] and event["source"] == target
     assert_nothing_left(b)
     # and for a pod (pull on demand, what thaw-hook prepare runs): refused the same way
-    configure(b, keys={f"{tls_registry.host}/thaw/team-a": [keys.public]})
-    with open(b.config) as f:
-        cfg = yaml.safe_load(f)
-    cfg["registry"]["pull"] = {"team-a": [f"{tls_registry.host}/thaw/team-a"]}
-    with open(b.config, "w") as f:
-        yaml.safe_dump(cfg, f)
     result = prefetch.warm(b.cfg, SnapshotRef.parse(target), "team-a", pull=True)
     assert result["outcome"] == "pull_failed"
     assert any(expect in e.get("reason", "") for e in read_events(str(b.dir / "state")) if e["kind"] == "pull")
@@ -388,3 +382,16 @@ def test_signing_needs_a_key(tmp_path, tls_registry):
     published(a, "w:1", 1 * MiB)
     err = a.thaw("push", "--sign", "w:1", f"{tls_registry.host}/{new_repo()}:v1", "-n", "team-a", check=False)
     assert err.returncode == 1 and "trust.signing_key" in err.stderr and shutil.which("thaw")
+
+
+def test_doctor_reports_unusable_keys(tmp_path, tls_registry):
+    a = Node(tmp_path, "a", tls_registry)
+    good = Keys(a, tmp_path, "good")
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key\n")
+    os.chmod(good.private, 0o644)
+    configure(a, keys={"r.example/team-a": [good.public, str(bad)]}, signing_key=good.private)
+    out = a.thaw("doctor", "--skip-containerd", check=False).stdout.splitlines()
+    assert f"[  ok] trusted key: {good.public}: {good.id}" in out
+    assert any(line.startswith("[FAIL] trusted key:") and "bad.pub" in line for line in out), out
+    assert any(line.startswith("[FAIL] signing key:") and "chmod 600" in line for line in out), out
