@@ -125,7 +125,7 @@ def test_thaw_signs_and_cosign_verifies(signer, tls_registry, tmp_path):
     assert pulled["provenance"]["kind"] == "signed" and pulled["provenance"]["key"] == keys.id
     [row] = b.ls()
     assert row["restorable"] and row["provenance"]["source"] == f"{tls_registry.host}/{repo}"
-    assert "signed by key" in b.thaw("ls").stdout
+    assert f" signed {keys.id[7:19]} " in b.thaw("ls").stdout
 
 
 def test_cosign_signs_and_thaw_verifies(tmp_path, tls_registry):
