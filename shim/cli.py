@@ -234,7 +234,9 @@ def export(ctx, name, file, namespace):
 
 @cli.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@_namespace_option
+@click.option("--namespace", "-n", "namespace", required=True, callback=_check_namespace,
+              help=f"The namespace that will own what the archive holds (e.g. {LOCAL_NAMESPACE}); the "
+                   "archive does not choose.")
 @click.pass_context
 @_one_line_errors
 def import_(ctx, file, namespace):

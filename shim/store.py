@@ -317,22 +317,24 @@ class Store:
                 continue
         return sorted(out, key=lambda s: (s.namespace, s.ref))
 
-    def _annotations(self, snap: fmt.Snapshot) -> dict[str, str]:
-        """The index annotations of `snap`'s entry (same name, owner and manifest; else the first
-        entry of that manifest)."""
+    def _annotations(self, snap: fmt.Snapshot, exact: bool = False) -> dict[str, str]:
+        """The index annotations of `snap`'s entry (same name, owner and manifest; unless `exact`,
+        else the first entry of that manifest)."""
         found: dict[str, str] | None = None
         for desc in self._index():
             ann = desc.annotations or {}
             if desc.digest == snap.manifest.digest:
                 if ann.get(REF_NAME) == snap.ref and ann.get(fmt.NAMESPACE) == snap.namespace:
                     return dict(ann)
-                found = dict(ann) if found is None else found
+                found = dict(ann) if found is None and not exact else found
         return found or {}
 
     def provenance(self, snap: fmt.Snapshot) -> Provenance:
         """Where the snapshot came from (captured here, signature verified, or accepted unsigned);
-        an entry from before provenance existed is read from its origin (provenance.from_origin)."""
-        ann = self._annotations(snap)
+        an entry from before provenance existed is read from its origin (provenance.from_origin).
+        Only the snapshot's own entry counts: another name of the same manifest may have come
+        from elsewhere."""
+        ann = self._annotations(snap, exact=True)
         if PROVENANCE in ann:
             try:
                 return Provenance.from_json(json.loads(ann[PROVENANCE]))

@@ -170,5 +170,5 @@ def test_cli_errors_are_one_line(thaw_env):
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("Error: "), proc.stderr
     garbage = os.path.join(thaw_env.dir, "garbage.tar")
     open(garbage, "wb").write(b"\0" * 1000)
-    proc = thaw_env.thaw("import", garbage, check=False)
+    proc = thaw_env.thaw("import", garbage, "-n", "_local", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "garbage.tar" in proc.stderr

@@ -254,7 +254,7 @@ def test_export_import_between_stores(thaw_env, tmp_path):
     thaw_env.store = str(tmp_path / "store-b")
     thaw_env.write_config(trust={"unsigned": ["import"]})     # unsigned: signatures are test_provenance's
     assert "counter:x" not in thaw_env.thaw("ls").stdout
-    thaw_env.thaw("import", archive)
+    thaw_env.thaw("import", archive, "-n", "_local")
     assert json.loads(thaw_env.thaw("inspect", "counter:x").stdout)["manifest"] == digest
     b = make_bundle(str(tmp_path / "dst"), COUNTER, annotations={"thaw.dev/snapshot": "counter:x"})
     dst = thaw_env.container(b)
