@@ -187,13 +187,17 @@ def test_a_registry_snapshot_the_node_lacks_is_pulled_for_the_next_pod(thaw_cri,
     target = f"{tls_registry.host}/thaw/team-a/cri-{uuid.uuid4().hex[:8]}:v1"
     registry = {"auth_file": tls_registry.auth_config, "ca_file": tls_registry.ca.ca,
                 "pull": {"team-a": [f"{tls_registry.host}/thaw/team-a"]}}
-    config.write_text(original + "registry: " + json.dumps(registry) + "\n")   # JSON is YAML
+    keys = config.parent / f"keys-{uuid.uuid4().hex[:8]}"
+    keys.mkdir()
+    thaw(node, "key", "generate", str(keys))          # signed in, verified on the pull on demand
+    trust = {"signing_key": str(keys / "thaw.key"), "keys": {f"{tls_registry.host}/thaw/team-a": [str(keys / "thaw.pub")]}}
+    config.write_text(original + "registry: " + json.dumps(registry) + "\ntrust: " + json.dumps(trust) + "\n")   # JSON is YAML
     try:
         pod, cid = start_app(cri, "to-push")
         wait_for(lambda: len(ticks_in_log(cri, pod)) > 5, 30, "ticks")
         thaw(node, "capture", cid, "--name", "cri-reg:1", "--root", str(containerd.runc_root))
         teardown_clean(containerd, cri, node, pod)
-        thaw(node, "push", "cri-reg:1", target, "-n", "team-a")
+        thaw(node, "push", "--sign", "cri-reg:1", target, "-n", "team-a")
         thaw(node, "rm", "cri-reg:1", "-n", "team-a")
 
         lacks, cid2 = start_app(cri, "lacks", {"thaw.dev/snapshot": target})
