@@ -5,7 +5,8 @@
 
 Kinds: restored, cold_start, refused (a required restore that failed), finished (a thaw
 container ended: its timings), captured, capture_failed, auto_capture (watcher outcomes),
-hook_error, config_error, removed, gc, prefetch, pull (on demand: started, pulled, failed), store.
+hook_error, config_error, removed, gc, prefetch, pull (on demand: started, pulled, failed), store,
+untrusted (a pull or import refused for provenance).
 This module is the one writer; the runtime log that
 containerd reads (runc's --log) is oci/runc_log's.
 """
