@@ -395,3 +395,30 @@ def test_doctor_reports_unusable_keys(tmp_path, tls_registry):
     assert f"[  ok] trusted key: {good.public}: {good.id}" in out
     assert any(line.startswith("[FAIL] trusted key:") and "bad.pub" in line for line in out), out
     assert any(line.startswith("[FAIL] signing key:") and "chmod 600" in line for line in out), out
+
+
+def test_entries_from_before_provenance_are_read_from_their_origin(tmp_path):
+    """The upgrade's migration, for every origin a store recorded: only "captured" is trusted."""
+    from helpers import fake_snapshot
+    from thaw.shim.config import Config, Trust
+    from thaw.shim.store import Store
+    store = Store(str(tmp_path / "store")).init()
+    origins = {"cap:1": "captured", "imp:1": "imported", "mig:1": "migrated",
+               "pul:1": "pulled:registry.example/thaw/team-a/app:1"}
+    for ref, origin in origins.items():
+        fake_snapshot(store, ref, payload=ref.encode() * 100, origin=origin)
+        strip_provenance(store.root, ref, origin)
+    got = {s.ref: store.provenance(s) for s in store.snapshots()}
+    assert {ref: (p.kind, p.source) for ref, p in got.items()} == {
+        "cap:1": ("captured", ""), "imp:1": ("unsigned", "import"), "mig:1": ("unsigned", "thaw-0.1"),
+        "pul:1": ("unsigned", "registry.example/thaw/team-a/app")}
+    strict = Config()
+    provenance.check_restorable(strict, got["cap:1"], "cap:1")
+    for ref in ("imp:1", "mig:1", "pul:1"):
+        with pytest.raises(provenance.Untrusted, match="unsigned, from"):
+            provenance.check_restorable(strict, got[ref], ref)
+    accepting = Config(trust=Trust(unsigned=("import", "thaw-0.1", "registry.example/thaw/team-a")))
+    for ref in ("imp:1", "mig:1", "pul:1"):
+        provenance.check_restorable(accepting, got[ref], ref)
+    with pytest.raises(provenance.Untrusted):       # a prefix is matched on whole path components
+        provenance.check_restorable(Config(trust=Trust(unsigned=("registry.example/thaw/team",))), got["pul:1"], "p")
