@@ -104,23 +104,32 @@ def _descriptor(media_type: str, data: bytes, annotations: dict | None = None) -
     return d
 
 
-def config_blob(signatures: list[Signature]) -> bytes:
+def config_blob(diff_ids: list[str]) -> bytes:
     """The image config cosign writes beside its signature layers (diff_ids: the payloads)."""
     return json.dumps({"architecture": "", "created": "0001-01-01T00:00:00Z",
-                       "history": [{"created": "0001-01-01T00:00:00Z"} for _ in signatures],
-                       "os": "", "rootfs": {"type": "layers", "diff_ids": [s.payload_digest for s in signatures]},
+                       "history": [{"created": "0001-01-01T00:00:00Z"} for _ in diff_ids],
+                       "os": "", "rootfs": {"type": "layers", "diff_ids": diff_ids},
                        "config": {}}).encode()
 
 
-def manifest(signatures: list[Signature]) -> tuple[bytes, dict[str, bytes]]:
-    """The .sig manifest carrying `signatures`, and its blobs by digest (config and payloads)."""
-    config = config_blob(signatures)
-    blobs = {"sha256:" + hashlib.sha256(config).hexdigest(): config}
-    layers = []
+def manifest(signatures: list[Signature], existing: bytes | None = None) -> tuple[bytes, dict[str, bytes]]:
+    """The .sig manifest carrying `signatures` after the layers of `existing` (a .sig manifest
+    already stored: its layers are kept as they are, annotations and all), and the blobs to store
+    with it by digest (its config and the new payloads)."""
+    layers: list[dict] = []
+    if existing is not None:
+        try:
+            layers = [d for d in json.loads(existing).get("layers") or [] if isinstance(d, dict)]
+        except (ValueError, AttributeError):
+            layers = []
+    blobs: dict[str, bytes] = {}
     for s in signatures:
-        layers.append(_descriptor(PAYLOAD_MEDIA_TYPE, s.payload,
-                                  {SIGNATURE_ANNOTATION: base64.b64encode(s.signature).decode()}))
-        blobs[s.payload_digest] = s.payload
+        layer = _descriptor(PAYLOAD_MEDIA_TYPE, s.payload, {SIGNATURE_ANNOTATION: base64.b64encode(s.signature).decode()})
+        if layer not in layers:
+            layers.append(layer)
+            blobs[s.payload_digest] = s.payload
+    config = config_blob([str(d.get("digest")) for d in layers])
+    blobs["sha256:" + hashlib.sha256(config).hexdigest()] = config
     body = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
             "config": _descriptor(CONFIG_MEDIA_TYPE, config), "layers": layers}
     return json.dumps(body).encode(), blobs

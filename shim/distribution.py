@@ -132,13 +132,11 @@ def _sign(cfg: Config, client, target: Reference, digest: str) -> cosign.Signatu
     from .registry.errors import NotFoundError
     signature = provenance.sign(cfg, f"{target.registry}/{target.repository}", digest)
     tag = cosign.tag_for(digest)
-    signatures = [signature]
     try:
-        existing = client.get_manifest(target.repository, tag, (cosign.MANIFEST_MEDIA_TYPE,))
-        signatures = [*_fetch_signatures(client, target.repository, existing.data), signature]
+        existing: bytes | None = client.get_manifest(target.repository, tag, (cosign.MANIFEST_MEDIA_TYPE,)).data
     except NotFoundError:
-        pass
-    data, blobs = cosign.manifest(list(dict.fromkeys(signatures)))
+        existing = None
+    data, blobs = cosign.manifest([signature], existing)
     for digest_, blob in blobs.items():
         _registry_call(client.push_bytes, target.repository, blob, digest_)
     _registry_call(client.put_manifest, target.repository, tag, data, cosign.MANIFEST_MEDIA_TYPE)

@@ -40,8 +40,8 @@ def import_archive(store: Store, path: str, cfg: Config, owner: str) -> list[fmt
     """Import an OCI archive into namespace `owner`: headers checked first, every snapshot's
     provenance (its signatures, or trust.unsigned) before any of its blobs, every blob verified
     against its digest while it streams, file parts written straight into their CRIU files;
-    format 1 snapshots are converted to format 2; then the snapshots are published. Any refusal
-    publishes nothing of that snapshot (and an event says why)."""
+    format 1 snapshots are converted to format 2; then the snapshots are published. A refusal of any
+    snapshot's provenance comes before anything is written (and an event says why)."""
     store.init()
     free = shutil.disk_usage(store.root).free
     try:

@@ -149,6 +149,15 @@ def test_cosign_signs_and_thaw_verifies(tmp_path, tls_registry):
     prov = b.store.provenance(snap)
     assert prov.kind == "signed" and prov.key == provenance.key_id(open(keydir / "cosign.pub", "rb").read())
 
+    # thaw signing the same manifest adds its signature beside cosign's, which stays valid
+    ours = Keys(a, tmp_path, "ours")
+    configure(a, signing_key=ours.private)
+    a.thaw("push", "--sign", "w:1", f"{tls_registry.host}/{repo}:v1", "-n", "team-a")
+    ref = f"{tls_registry.host}/{repo}@{out['digest']}"
+    for key in (str(keydir / "cosign.pub"), ours.public):
+        ok = run_cosign(tls_registry, "verify", "--key", key, "--insecure-ignore-tlog", ref)
+        assert ok.returncode == 0, ok.stderr
+
 
 # --- attacks on pull -----------------------------------------------------------------------------
 
