@@ -106,6 +106,9 @@ def world(tmp_path_factory):
     from conftest import ThawEnv
     d = tmp_path_factory.mktemp("confinement")
     env = ThawEnv.in_dir(d)
+    # Forged snapshots come in unsigned by `thaw import`: accepted here so that the images check is
+    # what refuses them (provenance would refuse them first: tests/test_provenance.py).
+    env.write_config(trust={"unsigned": ["import"]})
     old = os.environ.get("THAW_CONFIG")
     os.environ["THAW_CONFIG"] = env.config
     try:
@@ -175,7 +178,7 @@ def forge(world: World, source: str, images=None, config=None) -> str:
         work.publish(new, out, "captured", hashes)
     archive = os.path.join(world.dir, ref.replace(":", "_") + ".tar")
     work.export(SnapshotRef(*ref.split(":")), "_local", archive)
-    env.thaw("import", archive)
+    env.thaw("import", archive, "-n", "_local")
     return ref
 
 
@@ -324,7 +327,7 @@ def test_a_node_that_never_ran_the_profile_learns_its_filter_from_a_probe(world,
     env = world.env
     other = ThawEnv(dir=str(tmp_path), config=str(tmp_path / "config.yaml"), store=env.store,
                     state=str(tmp_path / "state"), root=str(tmp_path / "runc-root"))
-    other.write_config()
+    other.write_config(trust={"unsigned": ["import"]})
     node2 = World(other, world.dir, world.forged)
     old = os.environ["THAW_CONFIG"]
     os.environ["THAW_CONFIG"] = other.config
