@@ -152,7 +152,7 @@ def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex
             write_part(images, part, src)
     if snap.format_version == 1:
         return convert_v1(store, staging, snap, images, "imported", prov)
-    return store.publish(snap, images, "imported", hashes, prov, sigs)
+    return store.publish(snap, images, "imported", hashes, provenance=prov, signatures=sigs)
 
 
 def write_part(images: str, part: fmt.FilePart, src) -> None:
@@ -198,7 +198,7 @@ def convert_v1(store: Store, staging: Staging, snap: fmt.Snapshot, images: str, 
     config = replace(snap.config, format_version=fmt.FORMAT_VERSION,
                      sizes=replace(snap.config.sizes, criu_bytes=criu_bytes))
     new = replace(staging.write_snapshot(config, whole, parts, snap.rootfs, snap.deleted), namespace=snap.namespace)
-    return store.publish(new, images, origin, hashes, prov)
+    return store.publish(new, images, origin, hashes, provenance=prov)
 
 
 def migrate_v1_store(store: Store) -> None:

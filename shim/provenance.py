@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from thaw.oci import ThawError, cosign
 
 from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
+from .safetext import printable
 
 CAPTURED, SIGNED, UNSIGNED = "captured", "signed", "unsigned"
 
@@ -226,22 +227,24 @@ def verify(cfg: Config, digest: str, signatures: list[cosign.Signature], reposit
         try:
             claim = cosign.read_payload(sig.payload)
         except cosign.SignatureFormatError as exc:
-            why.append(str(exc))
+            why.append(printable(exc, 200))
             continue
+        # What a payload names came from the registry or archive: quoted printable and capped.
+        named, named_digest = printable(claim.repository, 200), printable(claim.digest, 80)
         if claim.digest != digest:
-            why.append(f"a signature is for {claim.digest}, not {digest}")
+            why.append(f"a signature is for {named_digest}, not {digest}")
             continue
         if repository is not None and claim.repository != repository:
-            why.append(f"a signature names repository {claim.repository}, not {repository} "
+            why.append(f"a signature names repository {named}, not {repository} "
                        "(a signature copied from another repository)")
             continue
         keys = trusted_key_ids(cfg, claim.repository)
         if not keys:
-            why.append(f"no key is trusted for {claim.repository} (trust.keys)")
+            why.append(f"no key is trusted for {named} (trust.keys)")
             continue
         ok = [kid for kid, path in keys.items() if _verifies(path, sig)]
         if not ok:
-            why.append(f"a signature for {claim.repository} verifies with none of the {len(keys)} key(s) "
+            why.append(f"a signature for {named} verifies with none of the {len(keys)} key(s) "
                        "trust.keys names for it")
             continue
         good.append(sig)
