@@ -616,7 +616,9 @@ class PullSoak(Soak):
         import yaml
         cfg = {"store_dir": self.store, "state_dir": self.state,
                "registry": {"insecure": [self.registry.host, self.evil.host], "pull_deadline": 4,
-                            "max_blobs": 200}, **extra}
+                            "max_blobs": 200},
+               # The soak is about limits: both registries' unsigned snapshots are accepted.
+               "trust": {"unsigned": [f"{self.registry.host}/", f"{self.evil.host}/"]}, **extra}
         if shutil.which("thaw-hook"):
             cfg["hook"] = shutil.which("thaw-hook")
         with open(self.config, "w") as f:
@@ -676,7 +678,7 @@ class PullSoak(Soak):
         # Pulled again each time (the pull is what is soaked): removed first if still there.
         subprocess.run([self.thaw, "rm", ref, "-n", ns], capture_output=True, timeout=60)
         t = time.perf_counter()
-        pulled = subprocess.run([self.thaw, "pull", ref], capture_output=True, text=True, timeout=300)
+        pulled = subprocess.run([self.thaw, "pull", "-n", ns, ref], capture_output=True, text=True, timeout=300)
         pull_s = time.perf_counter() - t
         self.sample(i)                               # the pulled snapshot in the store
         if pulled.returncode != 0:
@@ -721,7 +723,7 @@ class PullSoak(Soak):
         else:                                        # over_quota: a valid snapshot larger than the quota
             evil.put_snapshot(repo, "v1", ns, parts=[b"\0" * 4096], declared={0: self.quota + 1})
         t = time.perf_counter()
-        proc = subprocess.run([self.thaw, "pull", f"{evil.host}/{repo}:v1"], capture_output=True, text=True,
+        proc = subprocess.run([self.thaw, "pull", "-n", ns, f"{evil.host}/{repo}:v1"], capture_output=True, text=True,
                               timeout=120)
         seconds = time.perf_counter() - t
         evil.release.set()

@@ -46,6 +46,9 @@ class Node:
         self.store_dir = store_dir or os.path.join(self.dir, "store")
         self.state = os.path.join(self.dir, "state")
         reg = {"insecure": [evil.host], **extra.pop("registry", {})}
+        # Limits are these tests' subject: the malicious registry's unsigned snapshots are accepted
+        # (tests/test_provenance.py refuses them).
+        extra.setdefault("trust", {"unsigned": [f"{evil.host}/"]})
         with open(self.config, "w") as f:
             yaml.safe_dump({"store_dir": self.store_dir, "state_dir": self.state, "registry": reg, **extra}, f)
 
@@ -91,7 +94,7 @@ def test_a_blob_declared_large_reserves_nothing_and_its_space_comes_back(evil, t
     snap = evil.put_snapshot("evil/big", "v1", parts=[os.urandom(404)], declared={0: 943 * MiB})
     big = snap.parts[0].desc.digest
     evil.hold_after(big, 404, length=943 * MiB)
-    pull = subprocess.Popen(["thaw", "pull", f"{evil.host}/evil/big:v1"], stdout=subprocess.PIPE,
+    pull = subprocess.Popen(["thaw", "pull", "-n", "team-a", f"{evil.host}/evil/big:v1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "THAW_CONFIG": node.config})
     try:
         assert evil.held.wait(60), "the pull never asked for the large blob"
@@ -110,7 +113,7 @@ def test_a_blob_declared_large_reserves_nothing_and_its_space_comes_back(evil, t
         pull.communicate()
     # a pull that fails (the registry drops the connection) removes what it wrote itself
     evil.release.set()
-    proc = node.thaw("pull", f"{evil.host}/evil/big:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/evil/big:v1")
     assert proc.returncode == 1 and "evil/big" in proc.stderr, proc.stderr
     assert node.pull_areas() == [] and allocated(os.path.join(node.store_dir, "pulls")) == 0
     assert failed_pulls(node) and json.loads(node.thaw("ls", "--json").stdout) == []
@@ -121,7 +124,7 @@ def test_a_blob_declared_large_reserves_nothing_and_its_space_comes_back(evil, t
 def test_a_pull_past_its_namespace_quota_is_refused_before_writing(evil, tmp_path):
     node = Node(tmp_path / "n", evil, store={"quota": {"team-a": 2 * MiB}})
     snap = evil.put_snapshot("a/app", "v1", namespace="team-a", parts=[os.urandom(3 * MiB)])
-    proc = node.thaw("pull", f"{evil.host}/a/app:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/a/app:v1")
     assert proc.returncode == 1, proc.stderr
     assert "quota" in proc.stderr and "team-a" in proc.stderr and "thaw rm" in proc.stderr, proc.stderr
     assert not any(snap.parts[0].desc.digest in p for p in evil.blob_requests())   # never asked for
@@ -142,7 +145,7 @@ def test_eviction_stays_in_the_namespace_and_spares_what_is_in_use(evil, tmp_pat
     evil.put_snapshot("a/new", "v1", namespace="team-a", parts=[os.urandom(2 * MiB)])
     # a1 (team-a's least recently used) is being restored: not evicted; a2 goes instead
     with store.image_dir(a1):
-        proc = node.thaw("pull", f"{evil.host}/a/new:v1")
+        proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/a/new:v1")
     assert proc.returncode == 0, proc.stderr
     left = {(r["namespace"], r["ref"]) for r in json.loads(node.thaw("ls", "--json").stdout)}
     assert left == {("team-b", "b1:1"), ("team-a", "a1:1"), ("team-a", f"{evil.host}/a/new:v1")}
@@ -152,15 +155,15 @@ def test_eviction_stays_in_the_namespace_and_spares_what_is_in_use(evil, tmp_pat
                  store={"quota": {"team-a": 50 * MiB}, "max_bytes": store.total_bytes() + MiB})
     evil.put_snapshot("a/more", "v1", namespace="team-a", parts=[os.urandom(3 * MiB)])
     with store.image_dir(a1), store.image_dir(store.resolve(SnapshotRef.parse(f"{evil.host}/a/new:v1"), "team-a")):
-        proc = node2.thaw("pull", f"{evil.host}/a/more:v1")
+        proc = node2.thaw("pull", "-n", "team-a", f"{evil.host}/a/more:v1")
     assert proc.returncode == 1 and "max_bytes" in proc.stderr and "a restore reads it" in proc.stderr, proc.stderr
     assert ("team-b", "b1:1") in {(r["namespace"], r["ref"]) for r in json.loads(node2.thaw("ls", "--json").stdout)}
 
 
 def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_share(tmp_path):
-    from thaw.shim.config import Config, StoreLimits
+    from thaw.shim.config import Config, StoreLimits, Trust
     cfg = Config(store_dir=str(tmp_path / "s"), state_dir=str(tmp_path / "st"),
-                 store=StoreLimits(max_bytes=8 * MiB, quota_share=0.5))
+                 store=StoreLimits(max_bytes=8 * MiB, quota_share=0.5), trust=Trust(unsigned=("import",)))
     store = Store.for_config(cfg).init()
     assert store.quota_of("anyone") == 4 * MiB
     # a stand-in's pages sit in its whole-file tar and its image directory: ~2x their size
@@ -176,7 +179,7 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     archive = str(tmp_path / "three.tar")
     probe.export(SnapshotRef.parse("three:1"), "team-a", archive)
     with pytest.raises(QuotaExceeded, match="importing three:1 .* over its quota"):
-        import_archive(store, archive)
+        import_archive(store, archive, cfg, "team-a")
     assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
     assert not os.listdir(store.staging_dir)
 
@@ -208,7 +211,7 @@ def test_a_trickling_registry_cannot_hold_a_pull_past_its_deadline(evil, tmp_pat
     snap = evil.put_snapshot("slow/app", "v1", parts=[os.urandom(64 << 10)])
     evil.trickle(snap.parts[0].desc.digest, 0.5)
     t = time.monotonic()
-    proc = node.thaw("pull", f"{evil.host}/slow/app:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/slow/app:v1")
     took = time.monotonic() - t
     assert proc.returncode == 1 and "deadline" in proc.stderr and "registry.pull_deadline" in proc.stderr, proc.stderr
     assert took < 30, took
@@ -221,7 +224,8 @@ def test_deleting_the_sandbox_cancels_its_pull(evil, tmp_path, thaw_env):
     from helpers import make_bundle
     snap = evil.put_snapshot("pod/app", "v1", namespace="_local", parts=[os.urandom(1 * MiB)])
     evil.hold_after(snap.parts[0].desc.digest, 1000)
-    thaw_env.write_config(registry={"insecure": [evil.host], "pull": {"_local": [f"{evil.host}/pod"]}})
+    thaw_env.write_config(registry={"insecure": [evil.host], "pull": {"_local": [f"{evil.host}/pod"]}},
+                          trust={"unsigned": [f"{evil.host}/pod"]})
     pod = {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-namespace": "_local",
            "thaw.dev/snapshot": f"{evil.host}/pod/app:v1"}
     box = thaw_env.container(make_bundle(str(tmp_path / "box"), ["sleep", "1000"], annotations=pod))
@@ -244,11 +248,11 @@ def test_deleting_the_sandbox_cancels_its_pull(evil, tmp_path, thaw_env):
 def test_manifests_past_the_caps_are_refused_before_any_blob(evil, tmp_path):
     node = Node(tmp_path / "n", evil, registry={"max_blobs": 50, "max_manifest_bytes": 64 << 10})
     evil.put_snapshot("many/app", "v1", parts=[os.urandom(8) for _ in range(60)], parts_per_file=60)
-    proc = node.thaw("pull", f"{evil.host}/many/app:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/many/app:v1")
     assert proc.returncode == 1 and "registry.max_blobs (50)" in proc.stderr, proc.stderr
     evil.put_snapshot("huge/app", "v1", parts=[os.urandom(8) for _ in range(45)], parts_per_file=1)
     evil.manifests[("huge/app", "v1")] += b" " * (70 << 10)   # valid JSON, too many bytes
-    proc = node.thaw("pull", f"{evil.host}/huge/app:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/huge/app:v1")
     assert proc.returncode == 1 and "larger than 65536 bytes" in proc.stderr, proc.stderr
     assert evil.blob_requests() == [] and node.pull_areas() == []
 
@@ -261,7 +265,7 @@ def test_a_pull_of_thousands_of_blobs_costs_linear_time(evil, tmp_path):
         node = Node(tmp_path / f"n{n}", evil)
         evil.put_snapshot(f"many/n{n}", "v1", parts=[os.urandom(16) for _ in range(n)])
         before = os.times()
-        proc = node.thaw("pull", f"{evil.host}/many/n{n}:v1", timeout=600)
+        proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/many/n{n}:v1", timeout=600)
         after = os.times()
         assert proc.returncode == 0, proc.stderr
         cpu[n] = (after.children_user + after.children_system) - (before.children_user + before.children_system)
@@ -292,7 +296,7 @@ def test_registry_error_bodies_cannot_forge_event_lines_or_leak_credentials(evil
         h.wfile.write(body)
         return True
     evil.answer_all = answer
-    proc = node.thaw("pull", f"{evil.host}/any/app:v1")
+    proc = node.thaw("pull", "-n", "team-a", f"{evil.host}/any/app:v1")
     assert proc.returncode == 1 and "HTTP 500" in proc.stderr, proc.stderr
     import base64
     secret = base64.b64encode(b"alice:s3cret-pw").decode()
@@ -338,7 +342,7 @@ def test_disk_full_mid_pull_names_what_where_and_what_to_do(evil, tmp_path):
         node = Node(tmp_path / "n", evil, store_dir=str(small / "store"), store={"quota_share": 1.0})
         snap = evil.put_snapshot("full/app", "v1", parts=[os.urandom(8 * MiB)])
         evil.hold_after(snap.parts[0].desc.digest, 1 * MiB)
-        pull = subprocess.Popen(["thaw", "pull", f"{evil.host}/full/app:v1"], stdout=subprocess.PIPE,
+        pull = subprocess.Popen(["thaw", "pull", "-n", "team-a", f"{evil.host}/full/app:v1"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "THAW_CONFIG": node.config})
         assert evil.held.wait(60)
         filler = small / "filler"
