@@ -81,3 +81,47 @@ def add_hook(spec: dict[str, Any], stage: str, hook: dict[str, Any]) -> bool:
             return False
     hooks.append(hook)
     return True
+
+
+IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+_ENOSYS = 38
+_SECCOMP_ARCHES = {"x86_64": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+                   "aarch64": ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]}
+_PERMISSIVE = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG", "SCMP_ACT_NOTIFY", "SCMP_ACT_TRACE")
+
+
+def deny_io_uring(spec: dict[str, Any], machine: str) -> bool:
+    """Make io_uring_setup/enter/register fail with ENOSYS in the container, as Docker's and
+    containerd's default seccomp profiles do: CRIU cannot checkpoint an io_uring instance, and a
+    program that finds the calls missing (libuv, so uvloop; liburing users) falls back to epoll or
+    threads. The spec's own filter is kept and only narrowed: the three calls are taken out of its
+    permissive rules, and an ENOSYS rule is added where its default action would allow them. A
+    spec without a filter gets one that allows everything else. Returns True if the spec changed."""
+    linux = spec.setdefault("linux", {})
+    seccomp = linux.get("seccomp")
+    if not isinstance(seccomp, dict):
+        seccomp = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}
+        if machine in _SECCOMP_ARCHES:
+            seccomp["architectures"] = list(_SECCOMP_ARCHES[machine])
+        linux["seccomp"] = seccomp
+    rules = seccomp.get("syscalls") or []
+    changed = False
+    kept = []
+    for rule in rules:
+        names = rule.get("names") or []
+        if rule.get("action") in _PERMISSIVE and any(n in IO_URING_SYSCALLS for n in names):
+            names = [n for n in names if n not in IO_URING_SYSCALLS]
+            changed = True
+            if not names:
+                continue
+            rule = {**rule, "names": names}
+        kept.append(rule)
+    # A call some remaining rule names already fails (errno, kill, trap): a second rule for it
+    # would conflict in libseccomp.
+    named = {n for rule in kept for n in rule.get("names") or []}
+    missing = [n for n in IO_URING_SYSCALLS if n not in named]
+    if missing and seccomp.get("defaultAction", "SCMP_ACT_ALLOW") in _PERMISSIVE:
+        kept.append({"names": missing, "action": "SCMP_ACT_ERRNO", "errnoRet": _ENOSYS})
+        changed = True
+    seccomp["syscalls"] = kept
+    return changed

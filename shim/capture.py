@@ -70,6 +70,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         from thaw.oci.files import make_private_dir
 
         from . import criu, cuda, engine, netcheck
+        _refuse_io_uring(pid)
         dump_options = criu.dump_options(cfg.resolve_criu(), make_private_dir(cfg.state_dir))
         listen = netcheck.listening_sockets(pid)
         gpu_session = None
@@ -159,6 +160,49 @@ def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict, bun
             raise CaptureError(f"container {container_id} names a CRIU configuration file ({CRIU_CONFIG}: "
                                f"{named!r}); a container must not choose CRIU's options, so thaw does not "
                                "capture it")
+
+
+IO_URING = "anon_inode:[io_uring]"
+
+
+def io_uring_holders(pid: int) -> list[tuple[int, str]]:
+    """The processes of the tree under `pid` that hold an io_uring instance (a descriptor or a
+    mapping of its rings): (pid, command name)."""
+    from .cuda import process_tree
+    found = []
+    for p in process_tree(pid):
+        held = False
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    if os.readlink(f"/proc/{p}/fd/{fd}") == IO_URING:
+                        held = True
+                        break
+                except OSError:
+                    continue
+            if not held:
+                with open(f"/proc/{p}/maps") as f:
+                    held = any(line.rstrip().endswith(IO_URING) for line in f)
+            if held:
+                with open(f"/proc/{p}/comm") as f:
+                    found.append((p, f.read().strip()))
+        except OSError:
+            continue                                  # gone meanwhile
+    return found
+
+
+def _refuse_io_uring(pid: int) -> None:
+    """CRIU cannot dump an io_uring instance (it fails deep in the dump with "Can't open ...
+    mapfile link"): say so up front, naming who holds one and what to do."""
+    holders = io_uring_holders(pid)
+    if holders:
+        names = ", ".join(f"pid {p} ({comm})" for p, comm in holders[:8])
+        raise CaptureError(
+            f"{names} hold{'s' if len(holders) == 1 else ''} an io_uring instance, which CRIU cannot checkpoint. "
+            "Containers that thaw-runtime creates with thaw.dev/snapshot run without io_uring (its calls "
+            "fail with ENOSYS, as under Docker's and containerd's default seccomp profiles; libuv, and so "
+            "uvloop, then uses epoll): create the container through thaw-runtime, or give it a seccomp "
+            "profile that denies io_uring_setup")
 
 
 _SMAPS_HEAD = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) \S+ \S+ \d+\s*(.*)$")

@@ -2,7 +2,8 @@
 
   Restored    the snapshot was restored (shim/restore.py); the runtime exits 0
   ColdStart   restore not possible (reason named); config.json is as containerd wrote it plus
-              thaw's hooks, and the runtime hands the original create to the next runtime
+              thaw's hooks and io_uring denied (oci/spec.deny_io_uring), and the runtime hands
+              the original create to the next runtime
   Refused     restore required (thaw.dev/required or policy.required) but not possible: the
               runtime exits 1, leaving nothing behind (config.json as containerd wrote it)
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from thaw.oci import ThawError, runc_log
 from thaw.oci import annotations as ann
 from thaw.oci.runc_args import RuncCall
-from thaw.oci.spec import Bundle, add_hook
+from thaw.oci.spec import Bundle, add_hook, deny_io_uring
 
 from .config import Config
 from .state import ContainerState, Phase, Record, finish
@@ -82,6 +83,9 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
         return NotOurs(in_use)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
     original_spec = json.dumps(bundle.spec)
+    # Every thaw container runs without io_uring, cold-started or restored (CRIU cannot dump a
+    # ring): the restore check compares the new spec with the capturing one, both narrowed alike.
+    deny_io_uring(bundle.spec, os.uname().machine)
     _add_thaw_hooks(bundle, cfg, ("poststop",))   # runc runs poststop after a failed restore too
     try:
         return Restored(_restore(call, bundle, cfg, next_runtime))
@@ -92,6 +96,8 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
         bundle.save()                            # leave the bundle as containerd wrote it
         return Refused(reason, code)
     capture = _record_cold_start(call, bundle, cfg, reason)
+    deny_io_uring(bundle.spec, os.uname().machine)
+    bundle.save()
     _add_thaw_hooks(bundle, cfg, ("prestart", "poststop") if capture else ("poststop",))
     return ColdStart(reason, code)
 

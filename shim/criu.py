@@ -107,14 +107,21 @@ def stale_kdat_tmp(min_age: float = 60.0) -> str | None:
 
 
 def dump_options(criu: str, cache_dir: str | None = None) -> tuple[str, ...]:
-    """Lines of thaw's CRIU config file for a dump. The network lock: CRIU's default (iptables)
-    runs iptables-restore to lock the container's network namespace during the dump and again to
-    unlock it at the end of every restore (~0.1 s each on the GPU machine); nftables does both
-    in-process. A restore uses the method its image was dumped with, so this is chosen at capture,
-    where this CRIU and kernel support it."""
+    """Lines of thaw's CRIU config file for a dump.
+
+    link-remap: a file a process opened under a name since removed while another name still links
+    it (POSIX semaphores: sem_open creates a temporary name, links the final one, removes the
+    temporary; Python's multiprocessing locks are such files in /dev/shm) is dumped as a hard link
+    CRIU makes beside it (link_remap.N), which the restore opens and then removes. CRIU refuses
+    such files without it. The network lock: CRIU's default (iptables) runs iptables-restore to
+    lock the container's network namespace during the dump and again to unlock it at the end of
+    every restore (~0.1 s each on the GPU machine); nftables does both in-process. A restore uses
+    the method its image was dumped with, so this is chosen at capture, where this CRIU and kernel
+    support it."""
     def ask(path: str) -> bool:
         return check(path, NFTABLES_LOCK)[0]
-    return ("network-lock nftables",) if _cached(criu, cache_dir, "nftables-lock", ask) is True else ()
+    nft = ("network-lock nftables",) if _cached(criu, cache_dir, "nftables-lock", ask) is True else ()
+    return ("link-remap", *nft)
 
 
 def check(criu: str, feature: str | None = None) -> tuple[bool, str]:

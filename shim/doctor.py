@@ -116,7 +116,7 @@ def _trust(cfg: Config) -> Iterator[Check]:
 
 def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
     from thaw.oci.files import make_private_dir
-    lock = criu.dump_options(binary, make_private_dir(cfg.state_dir))
+    lock = "network-lock nftables" in criu.dump_options(binary, make_private_dir(cfg.state_dir))
     yield True, "network lock", ("nftables, in-process (captures made here restore without iptables-restore)"
                                  if lock else "iptables (CRIU's default: an iptables-restore run per restore)")
 
