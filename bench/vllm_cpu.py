@@ -15,18 +15,17 @@ import shutil
 import sys
 import tempfile
 
+import vllm_container
 from common import machine, save
 from helpers import netns, netns_delete, unique
-
-import vllm_cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--venv", default=vllm_cpu.venv_path())
+    ap.add_argument("--venv", default=vllm_container.venv_path())
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    missing = vllm_cpu.venv_missing(args.venv)
+    missing = vllm_container.venv_missing(args.venv)
     if missing:
         sys.exit(missing)
     import yaml
@@ -41,7 +40,7 @@ def main() -> None:
     containers: list = []
     try:
         paths = [netns(n) for n in names]
-        out = vllm_cpu.run(tmp, args.venv, config, os.path.join(tmp, "runc-root"), paths, containers)
+        out = vllm_container.run(tmp, args.venv, config, os.path.join(tmp, "runc-root"), paths, containers)
     finally:
         for c in containers:
             c.destroy()

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from helpers import PYTHON, make_bundle, unique
+from helpers import PYTHON, make_bundle
 from thaw.oci.spec import IO_URING_SYSCALLS, deny_io_uring
 
 RING = r"""

@@ -182,7 +182,6 @@ def run(tmp: str, venv: str, config: str, root: str, netns_paths: list[str], con
     restored -> the same completions, new and concurrent ones. Containers created are appended to
     `containers` (the caller destroys them). Returns what was measured and seen."""
     from helpers import ShimContainer, unique
-
     from thaw.shim import capture
     model = make_model(venv, os.path.join(tmp, "model"))
     annotations = {"thaw.dev/snapshot": snapshot}
@@ -224,6 +223,8 @@ def run(tmp: str, venv: str, config: str, root: str, netns_paths: list[str], con
     out["restored_after"] = complete(netns_paths[1], PROMPTS[:1])
     out["first_outputs"] = {"cold": cold_first, "restored": restored_first}
     out["events"] = _thaw(config, "events", "--json").stdout.splitlines()
+    out["cold_output_tail"] = ("".join(cold.stdout) + "".join(cold.stderr))[-4000:]
+    out["restored_output"] = ("".join(restored.stdout) + "".join(restored.stderr))[-4000:]
     texts = lambda rs: [r.get("text") for r in rs]  # noqa: E731
     out["outputs_identical"] = (texts(out["cold_outputs"]) == texts(out["restored_outputs"])
                                 and None not in texts(out["cold_outputs"]) and cold_first == restored_first)
