@@ -83,9 +83,6 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
         return NotOurs(in_use)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
     original_spec = json.dumps(bundle.spec)
-    # Every thaw container runs without io_uring, cold-started or restored (CRIU cannot dump a
-    # ring): the restore check compares the new spec with the capturing one, both narrowed alike.
-    deny_io_uring(bundle.spec, os.uname().machine)
     _add_thaw_hooks(bundle, cfg, ("poststop",))   # runc runs poststop after a failed restore too
     try:
         return Restored(_restore(call, bundle, cfg, next_runtime))
@@ -96,6 +93,8 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
         bundle.save()                            # leave the bundle as containerd wrote it
         return Refused(reason, code)
     capture = _record_cold_start(call, bundle, cfg, reason)
+    # A cold-started thaw container is the one a snapshot is captured from: it runs without
+    # io_uring, which CRIU cannot checkpoint (restore.check narrows a new spec alike to match).
     deny_io_uring(bundle.spec, os.uname().machine)
     bundle.save()
     _add_thaw_hooks(bundle, cfg, ("prestart", "poststop") if capture else ("poststop",))

@@ -82,6 +82,7 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
         node = fingerprint.node(cfg.resolve_criu(), "", cache)
     here = fmt.Fingerprint(fingerprint.with_gpu(node, gpu_fp), fingerprint.container(bundle, cache))
     reasons = fingerprint.compare(snap.fingerprint, here)
+    _narrow_like_capture(snap, bundle)
     # Who the processes will be: the new spec must ask for what the capturing one did, and no
     # captured process may hold more than it grants.
     reasons += fingerprint.compare_identity(snap.config.identity, fingerprint.identity(bundle.spec),
@@ -92,6 +93,22 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     if reasons:
         raise Incompatible(f"snapshot {snap.ref} does not fit here: " + "; ".join(reasons))
     return Plan(request, snap, gpus, phases, cuda_init)
+
+
+def _narrow_like_capture(snap: fmt.Snapshot, bundle: Bundle) -> None:
+    """A thaw container that cold-starts runs with io_uring denied (create.py): a snapshot of one
+    records that narrowed seccomp profile. The new container's spec, narrowed alike, is then the
+    one compared and restored under (only ever narrower than it asked for; a snapshot of a
+    container thaw-runtime did not create is compared with the spec as it is)."""
+    import copy
+
+    from thaw.oci.spec import deny_io_uring
+    captured = (snap.config.identity or {}).get("seccomp")
+    if captured == fingerprint.identity(bundle.spec)["seccomp"]:
+        return
+    narrowed = copy.deepcopy(bundle.spec)
+    if deny_io_uring(narrowed, os.uname().machine) and fingerprint.identity(narrowed)["seccomp"] == captured:
+        bundle.spec = narrowed
 
 
 def _network_problems(snap: fmt.Snapshot, bundle: Bundle) -> list[str]:
