@@ -14,7 +14,7 @@ from helpers import fake_snapshot
 from thaw.oci import runc_args
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, parse_request
-from thaw.oci.spec import Bundle
+from thaw.oci.spec import Bundle, deny_io_uring
 from thaw.shim import create, events, fingerprint, metrics, restore
 from thaw.shim.config import Config, Policy
 from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
@@ -141,6 +141,32 @@ def test_identity_mismatch_names_the_field(tmp_path, node, field, process, words
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
+def test_a_snapshot_of_a_cold_started_thaw_container_restores_under_the_spec_narrowed_alike(tmp_path, node):
+    """The capturing container ran with io_uring denied (create.py's cold start): the new spec,
+    narrowed the same way, is what is compared and what the container is restored under."""
+    cfg, store = node
+    narrowed = spec_for()
+    deny_io_uring(narrowed, os.uname().machine)
+    fake_snapshot(store, "narrow:1", config=dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(narrowed)),
+                  namespace="team-a")
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "narrow:1"})
+    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    assert b.spec["linux"]["seccomp"] == narrowed["linux"]["seccomp"]
+    # A snapshot of a container thaw-runtime did not create: the spec stays as it is.
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "app:1"})
+    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    assert "linux" not in b.spec
+    # Any other filter is still a difference.
+    other = spec_for()
+    other["linux"] = {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}}
+    fake_snapshot(store, "other:1", config=dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(other)),
+                  namespace="team-a")
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "other:1"})
+    with pytest.raises(restore.Incompatible, match="linux.seccomp"):
+        restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+
+
 def test_hostname_may_differ_by_default_and_the_list_is_the_node_s(tmp_path, node):
     other_pod = {"env": ["PATH=/bin", "HOSTNAME=pod-b"]}
     assert check(tmp_path, node, {"thaw.dev/snapshot": "app:1"}, process=other_pod).snapshot.ref == "app:1"
@@ -202,7 +228,9 @@ def test_create_cold_starts_with_the_reason(tmp_path, node, annotations, code, w
     outcome = create.create(call_for(b), b, cfg, "/usr/bin/false")
     assert isinstance(outcome, create.ColdStart) and outcome.code == code
     assert all(w in outcome.reason for w in words), outcome.reason
-    assert json.loads(open(os.path.join(b.path, "config.json")).read()) == before   # no hook: none configured
+    # No hook (none configured); io_uring denied, as in every cold-started thaw container.
+    deny_io_uring(before, os.uname().machine)
+    assert json.loads(open(os.path.join(b.path, "config.json")).read()) == before
     record = json.load(open(os.path.join(cfg.state_dir, "containers", "c1.json")))
     assert record["phase"] == "cold" and record["cold_reason"] == outcome.reason
 
