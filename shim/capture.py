@@ -71,6 +71,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
 
         from . import criu, cuda, engine, netcheck
         _refuse_io_uring(pid)
+        _refuse_linked_deleted_outside_tmpfs(pid, bundle)
         dump_options = criu.dump_options(cfg.resolve_criu(), make_private_dir(cfg.state_dir))
         listen = netcheck.listening_sockets(pid)
         gpu_session = None
@@ -203,6 +204,59 @@ def _refuse_io_uring(pid: int) -> None:
             "fail with ENOSYS, as under Docker's and containerd's default seccomp profiles; libuv, and so "
             "uvloop, then uses epoll): create the container through thaw-runtime, or give it a seccomp "
             "profile that denies io_uring_setup")
+
+
+_DELETED = " (deleted)"
+
+
+def linked_deleted_outside_tmpfs(pid: int, bundle: Bundle) -> list[tuple[int, str, str]]:
+    """Files the processes under `pid` hold open or mapped under a removed name while another
+    name still links them, outside the container's tmpfs mounts: (pid, command name, path).
+    CRIU dumps such a file as a link it makes beside it (link-remap) and removes again when the
+    dump ends: in a tmpfs (/dev/shm) CRIU's own copy of the mount carries that link, but on the
+    root file system thaw's rootfs diff, taken after the dump, cannot."""
+    from .cuda import process_tree
+    tmpfs = [os.path.normpath(m.get("destination", "")) for m in bundle.spec.get("mounts") or []
+             if m.get("type") == "tmpfs"]
+
+    def in_tmpfs(path: str) -> bool:
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in tmpfs)
+
+    found = []
+    for p in process_tree(pid):
+        try:
+            entries = [f"/proc/{p}/fd/{fd}" for fd in os.listdir(f"/proc/{p}/fd")]
+            with open(f"/proc/{p}/maps") as f:
+                entries += [f"/proc/{p}/map_files/{line.split()[0]}" for line in f if line.rstrip().endswith(_DELETED)]
+            with open(f"/proc/{p}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue                                  # gone meanwhile
+        seen = set()
+        for entry in entries:
+            try:
+                target = os.readlink(entry)
+                if not target.startswith("/") or not target.endswith(_DELETED):
+                    continue
+                path = target[:-len(_DELETED)]
+                if path in seen or in_tmpfs(path) or os.stat(entry).st_nlink == 0:
+                    continue                          # a tmpfs, or a ghost CRIU copies whole
+            except OSError:
+                continue
+            seen.add(path)
+            found.append((p, comm, path))
+    return found
+
+
+def _refuse_linked_deleted_outside_tmpfs(pid: int, bundle: Bundle) -> None:
+    held = linked_deleted_outside_tmpfs(pid, bundle)
+    if held:
+        names = ", ".join(f"pid {p} ({comm}) {path}" for p, comm, path in held[:8])
+        raise CaptureError(
+            f"{names}: open under a removed name that another name still links, outside a tmpfs; CRIU "
+            "would carry it through a link that thaw's rootfs diff cannot hold, so no restore could open "
+            "it. Keep such files (POSIX semaphores, temporary files linked into place) in /dev/shm or "
+            "another tmpfs mount, or close them before capture")
 
 
 _SMAPS_HEAD = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) \S+ \S+ \d+\s*(.*)$")

@@ -161,3 +161,34 @@ def test_linked_deleted_shm_files_restore_without_leftovers(thaw_env, tmp_path):
         assert "link_remap" not in ln, ln                                   # CRIU removed its links
     assert not [n for n in os.listdir(f"/proc/{dst.pid()}/root/dev/shm") if n.startswith("link_remap")]
     dst.destroy()
+
+
+ROOTFS_LINKED = r"""
+import os, time
+fd = os.open("/tmp/tmp.layout", os.O_RDWR | os.O_CREAT, 0o600)
+os.link("/tmp/tmp.layout", "/tmp/final.layout")
+os.unlink("/tmp/tmp.layout")
+n = 0
+while True:
+    n += 1
+    print(f"alive {n}", flush=True)
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.root
+@pytest.mark.runc
+@pytest.mark.criu
+def test_capture_refuses_a_linked_deleted_file_on_the_rootfs(thaw_env, tmp_path):
+    """On the root file system CRIU's link_remap.N would be gone before thaw's rootfs diff is
+    taken: the snapshot could never be restored, so the capture refuses, naming the file."""
+    src = thaw_env.container(make_bundle(str(tmp_path / "src"), [PYTHON, "-c", ROOTFS_LINKED], python=True))
+    assert src.create() == 0, src.log_text()
+    src.start()
+    src.wait_output(lambda t: "alive 2" in t, timeout=60)
+    proc = thaw_env.thaw("capture", src.id, "--name", "rootfs:1", "--root", thaw_env.root, check=False)
+    assert proc.returncode != 0
+    assert f"pid {src.pid()} (python3) /tmp/tmp.layout" in proc.stderr and "tmpfs" in proc.stderr, proc.stderr
+    assert "runc checkpoint" not in proc.stderr
+    assert src.state()["status"] == "running" and "rootfs:1" not in thaw_env.thaw("ls").stdout
+    src.destroy()
