@@ -156,13 +156,21 @@ def test_a_snapshot_of_a_cold_started_thaw_container_restores_under_the_spec_nar
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "app:1"})
     restore.check(parse_request(b.annotations), b, cfg, store, NODE)
     assert "linux" not in b.spec
-    # Any other filter is still a difference.
-    other = spec_for()
-    other["linux"] = {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-        {"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}}
-    fake_snapshot(store, "other:1", config=dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(other)),
+    # A spec with a profile of its own: narrowed alike when that matches the snapshot's...
+    profile = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}
+    captured = spec_for()
+    captured["linux"] = {"seccomp": json.loads(json.dumps(profile))}
+    deny_io_uring(captured, os.uname().machine)
+    fake_snapshot(store, "prof:1", config=dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(captured)),
                   namespace="team-a")
-    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "other:1"})
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "prof:1"})
+    b.spec["linux"] = {"seccomp": json.loads(json.dumps(profile))}
+    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    assert b.spec["linux"]["seccomp"] == captured["linux"]["seccomp"]
+    # ...and any other profile is still a difference.
+    b = bundle_for(tmp_path, {"thaw.dev/snapshot": "prof:1"})
+    b.spec["linux"] = {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["kexec_load"], "action": "SCMP_ACT_ERRNO"}]}}
     with pytest.raises(restore.Incompatible, match="linux.seccomp"):
         restore.check(parse_request(b.annotations), b, cfg, store, NODE)
 
