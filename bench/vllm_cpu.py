@@ -15,17 +15,17 @@ import shutil
 import sys
 import tempfile
 
-import vllm_container
 from common import machine, save
 from helpers import netns, netns_delete, unique
+from vllm_container import run, venv_missing, venv_path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--venv", default=vllm_container.venv_path())
+    ap.add_argument("--venv", default=venv_path())
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    missing = vllm_container.venv_missing(args.venv)
+    missing = venv_missing(args.venv)
     if missing:
         sys.exit(missing)
     import yaml
@@ -40,7 +40,7 @@ def main() -> None:
     containers: list = []
     try:
         paths = [netns(n) for n in names]
-        out = vllm_container.run(tmp, args.venv, config, os.path.join(tmp, "runc-root"), paths, containers)
+        out = run(tmp, args.venv, config, os.path.join(tmp, "runc-root"), paths, containers)
     finally:
         for c in containers:
             c.destroy()
@@ -69,5 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     main()
