@@ -168,14 +168,15 @@ criu_ok() {  # $1 = criu binary; true if version >= 4.0, `criu check` passes and
 criu_dumps_tcp() {  # Linux >= 6.16 breaks socket dumps of unpatched CRIU 4.1.x: try one
   local dir pid rc
   dir=$(mktemp -d)
-  setsid /usr/bin/python3 -c 'import socket,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); time.sleep(120)' \
-    </dev/null >/dev/null 2>&1 &
+  # The process says when it listens: on a loaded machine a fixed wait can dump it mid-start.
+  setsid /usr/bin/python3 -c 'import socket,sys,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); print(flush=True); time.sleep(120)' \
+    </dev/null >"$dir/listening" 2>&1 &
   pid=$!
-  sleep 0.3
+  for _ in $(seq 600); do [ -s "$dir/listening" ] && break; sleep 0.05; done
   "$1" dump -t "$pid" -D "$dir" --leave-running --shell-job -o dump.log >/dev/null 2>&1
   rc=$?
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
-  [ $rc = 0 ] || say "criu: $1 cannot dump a process with a TCP socket here: $(grep -m1 Error "$dir/dump.log" 2>/dev/null)"
+  [ $rc = 0 ] || say "criu: $1 cannot dump a process with a TCP socket here: $(grep Error "$dir/dump.log" 2>/dev/null | tail -n1)"
   rm -rf "$dir"
   return $rc
 }
