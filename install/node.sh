@@ -168,8 +168,10 @@ criu_ok() {  # $1 = criu binary; true if version >= 4.0, `criu check` passes and
 criu_dumps_tcp() {  # Linux >= 6.16 breaks socket dumps of unpatched CRIU 4.1.x: try one
   local dir pid rc
   dir=$(mktemp -d)
-  # The process says when it listens: on a loaded machine a fixed wait can dump it mid-start.
-  setsid /usr/bin/python3 -c 'import socket,sys,time; s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); print(flush=True); time.sleep(120)' \
+  # The process drops every descriptor it inherited beyond stdio (one flock(1) holds, as when this
+  # installer runs under a lock, makes CRIU refuse the dump: "file locks" without --file-locks)
+  # and says when it listens (a fixed wait can dump it mid-start on a loaded machine).
+  setsid /usr/bin/python3 -c 'import os,socket,time; os.closerange(3, 1 << 16); s=socket.socket(); s.bind(("127.0.0.1",0)); s.listen(); print(flush=True); time.sleep(120)' \
     </dev/null >"$dir/listening" 2>&1 &
   pid=$!
   for _ in $(seq 600); do [ -s "$dir/listening" ] && break; sleep 0.05; done
