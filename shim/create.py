@@ -51,7 +51,14 @@ class NotOurs:
     reason: str
 
 
-Outcome = Restored | ColdStart | Refused | NotOurs
+@dataclass
+class Unrecovered:
+    """What a restore of this id that did not finish left could not be cleaned up: the runtime
+    exits 1 (a create on top of it would fail or, worse, half-work)."""
+    reason: str
+
+
+Outcome = Restored | ColdStart | Refused | NotOurs | Unrecovered
 
 
 def reason_code(exc: BaseException) -> str:
@@ -78,7 +85,11 @@ def describe(exc: BaseException) -> str:
 
 def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Outcome:
     """Restore the container `call` creates, or prepare its cold start."""
-    in_use = _id_in_use(call, cfg, next_runtime)
+    from .recovery import RecoveryError
+    try:
+        in_use = _id_in_use(call, cfg, next_runtime)
+    except RecoveryError as exc:
+        return Unrecovered(str(exc))
     if in_use:
         return NotOurs(in_use)
     required = cfg.policy.required or ann.is_required(bundle.annotations)
@@ -116,7 +127,8 @@ def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
             runc_has_it = False
         elif runc_has_it or record.phase == Phase.RESTORING:
             return f"container {cid} is already thaw's ({record.phase})"
-        else:                  # its container was deleted behind thaw's back, hooks and all
+        else:                  # its create died, or its container was deleted behind thaw's back
+            recovery.dead_create_leftovers(record)
             finish(cfg, cid, "stale")
     if runc_has_it:
         return f"a container {cid} exists"
@@ -165,8 +177,10 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
     except ann.AnnotationError:
         pass
     try:
-        ContainerState(cfg.state_dir, call.container_id or "").cold(time.time(), call.root, reason,
-                                                                   snapshot, capture)
+        pid_file = call.flags.get("pid-file")
+        ContainerState(cfg.state_dir, call.container_id or "").cold(
+            time.time(), call.root, reason, snapshot, capture,
+            os.path.abspath(pid_file) if isinstance(pid_file, str) else None)
     except (OSError, ValueError):
         return False
     return capture is not None
@@ -185,6 +199,10 @@ def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
     elif isinstance(outcome, ColdStart):
         level, kind, code = "warning", "cold_start", outcome.code
         msg = f"thaw: cold start (restore not possible: {outcome.reason})"
+        fields = {"reason": outcome.reason, "code": code}
+    elif isinstance(outcome, Unrecovered):
+        level, kind, code = "error", "refused", "recovery_failed"
+        msg = f"thaw: container not created: {outcome.reason}"
         fields = {"reason": outcome.reason, "code": code}
     elif isinstance(outcome, NotOurs):
         # runc reports the create's failure itself; thaw only tells its own log.

@@ -176,7 +176,11 @@ def fix(cfg: Config) -> list[str]:
             st.remove()
             done.append(f"{cid}: unreadable record removed")
         elif recovery.stale(record):
-            cleaned = recovery.recover(cfg, cid, record, "thaw doctor --fix")
+            try:
+                cleaned = recovery.recover(cfg, cid, record, "thaw doctor --fix")
+            except recovery.RecoveryError as exc:
+                done.append(f"{cid}: {exc}")
+                continue
             done.append(f"{cid}: dead restore cleaned up ({', '.join(cleaned) or 'state only'})")
         elif record.phase != Phase.RESTORING:
             runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root)

@@ -8,6 +8,12 @@ restore and capture paths then acts:
   sleep:S     wait S seconds there (so that a test can act meanwhile)
   ACTION@S    do ACTION S seconds later, from a timer, while the work goes on
 
+Points inside CRIU's restore: "criu.STAGE=TARGET", STAGE one of CRIU's action-script stages
+(pre-restore, setup-namespaces, post-setup-namespaces, post-restore, pre-resume, post-resume),
+TARGET one of kill (thaw-runtime alone), killgroup (its process group), killrunc, killcriu.
+criu_options() then adds an action script to the restore's CRIU config that SIGKILLs the target
+when CRIU reaches that stage: a deterministic place inside runc and CRIU, where a timer is not.
+
 Without the variable a point costs one dictionary lookup; passthrough never reaches one.
 """
 
@@ -53,3 +59,26 @@ def _act(name: str, action: str) -> None:
         raise FaultInjected(f"fault injected at {name}")
     else:
         raise FaultInjected(f"unknown fault action {action!r} at {name}")
+
+
+_CRIU_TARGETS = {"kill": "$THAW", "killgroup": "-$GROUP", "killrunc": "$RUNC", "killcriu": "$PPID"}
+
+
+def criu_options(work_dir: str) -> tuple[str, ...]:
+    """CRIU config lines for the "criu.STAGE=TARGET" faults (none without them)."""
+    spec = os.environ.get("THAW_TEST_FAULTS", "")
+    cases = []
+    for item in spec.split(","):
+        where, _, target = item.strip().partition("=")
+        if where.startswith("criu.") and target in _CRIU_TARGETS:
+            cases.append(f'  {where[len("criu."):]}) kill -9 {_CRIU_TARGETS[target]} ;;\n')
+    if not cases:
+        return ()
+    # CRIU runs action scripts itself: $PPID is CRIU, its parent runc, runc's parent thaw-runtime.
+    path = os.path.join(work_dir, "fault.sh")
+    with open(path, "w") as f:
+        f.write(f"#!/bin/sh\nTHAW={os.getpid()}; GROUP={os.getpgid(0)}\n"
+                "RUNC=$(cut -d' ' -f4 /proc/$PPID/stat)\n"
+                'case "$CRTOOLS_SCRIPT_ACTION" in\n' + "".join(cases) + "esac\nexit 0\n")
+    os.chmod(path, 0o700)
+    return (f"action-script {path}",)

@@ -1,18 +1,26 @@
-"""Cleaning up after a thaw-runtime that died mid-restore (SIGKILL from a shim's timeout, OOM).
+"""Cleaning up after a restore that did not finish: a thaw-runtime killed mid-restore (SIGKILL from
+a shim's timeout, OOM, its whole process group), or its runc or CRIU killed under it, or a create
+that restored but was never seen to succeed (killed before it exited 0; never started).
 
-Its record is RESTORING with an owner handle that is gone. What may be left: a runc container
-(runc finished the restore after its parent died), processes CRIU restored into the container's
-cgroup that runc never recorded (runc and CRIU died too), runc's restore mounts, the rootfs diff
-applied to the bundle's rootfs, and thaw's own state. The next `create` or `delete` of that id and
-`thaw doctor --fix` call `recover()`: afterwards none of it is left and the id works again.
+What may be left: runc and CRIU still running (CRIU's restore runs in a session of its own, so a
+process-group kill misses it), processes CRIU restored, runc's restore mounts (criu-root under its
+state dir), CRIU's cgroup yard under the work dir, a runc container or half of one, runc's
+temporary pid file, the rootfs diff applied to the bundle's rootfs, and thaw's own state. All of
+it is found from what the record named before runc started (shim/state.py), never from the
+process tree: every process of the restore is in the restore's own cgroup or the container's
+(shim/cgroups.py). The next `create` or `delete` of that id and `thaw doctor --fix` call
+`recover()`: afterwards none of it is left and the id works again, or RecoveryError says what is
+left (the record stays, so the next call tries again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
-import time
+
+from thaw.oci import ThawError
 
 from . import events
 from .config import Config
@@ -22,54 +30,93 @@ from .state import ContainerState, Phase, Record
 _MNT_DETACH = 2
 
 
+class RecoveryError(ThawError):
+    """What a dead restore left could not all be removed."""
+
+
 def stale(record: Record) -> bool:
-    """A RESTORING record whose thaw-runtime is gone."""
+    """A RESTORING record whose thaw-runtime is gone (exited, or a zombie not yet reaped)."""
     if record.phase != Phase.RESTORING:
         return False
     owner = ProcessHandle.from_json(record.owner) if record.owner else None
     return owner is None or not owner.alive()
 
 
-def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[str]:
-    """Remove everything a dead restore of `container_id` left; returns what was cleaned."""
-    from thaw.oci.spec import Bundle, SpecError
+def unstarted(record: Record) -> bool:
+    """Restored, but its `start` never came: the shim may never have seen the create succeed
+    (its thaw-runtime killed before exiting 0). Deleting it undoes the restore whole."""
+    return record.phase == Phase.RESTORED
 
-    from .rootfs import undo
-    from .runc import Runc, cgroup_dirs
-    done = []
-    runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root)
-    bundle = None
-    if record.bundle:
-        try:
-            bundle = Bundle.load(record.bundle)
-        except SpecError:
-            bundle = None
-    # Mounts first: runc's restore bind-mounts the rootfs at <root>/<id>/criu-root, and a runc
-    # that dies mid-restore leaves it there; `runc delete` then removes <root>/<id> recursively —
-    # through that mount, emptying the container's rootfs. So runc's restore mounts (criu-root,
-    # the spec's bind mounts under the rootfs) and CRIU's cgroup yard in the work dir go before
-    # runc is asked to delete anything.
-    rootfs = os.path.realpath(bundle.rootfs) if bundle is not None else None
-    leaked = _mounts_under(ContainerState(cfg.state_dir, container_id).work_dir)
-    if record.root:
-        leaked += _mounts_under(os.path.join(record.root, container_id))
-    if rootfs:
-        leaked += _mounts_under(rootfs, strictly=True)
-    for m in sorted(set(leaked), key=len, reverse=True):
+
+def dead_create(record: Record) -> bool:
+    """A cold start's create (thaw-runtime, then runc by exec) that is no longer running."""
+    owner = ProcessHandle.from_json(record.owner) if record.owner else None
+    return record.phase == Phase.COLD and owner is not None and not owner.alive()
+
+
+def running(cfg: Config, container_id: str, record: Record) -> bool:
+    from .runc import Runc
+    st = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root).state(container_id)
+    return st is not None and st.get("status") == "running"
+
+
+def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[str]:
+    """Remove everything an unfinished restore of `container_id` left; returns what was cleaned.
+    Raises RecoveryError naming what could not be removed."""
+    state = ContainerState(cfg.state_dir, container_id)
+    with _locked(state) as current:
+        if current is None:
+            return []                        # another caller (poststop, doctor) got there first
+        record = current
+        done, left = take_down(cfg, container_id, record)
+        undo_dir = record.undo
+        if undo_dir and os.path.isdir(undo_dir):
+            try:
+                _undo_rootfs(record)
+                done.append("rootfs diff")
+            except (OSError, ValueError, ThawError) as exc:
+                left.append(f"rootfs diff not undone ({exc})")
+        if left:
+            msg = (f"could not clean up after a restore that did not finish ({why}): "
+                   f"{'; '.join(left)} (cleaned: {', '.join(done) or 'nothing'})")
+            events.emit(cfg, "recovery_failed", msg, container_id, "error", cleaned=done, left=left)
+            raise RecoveryError(msg)
+        state.remove()
+    events.emit(cfg, "recovered", f"cleaned up after a restore that did not finish ({why}): "
+                f"{', '.join(done) or 'state only'}", container_id, "warning", cleaned=done)
+    return done
+
+
+def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str], list[str]]:
+    """Everything of a restore but the rootfs diff and thaw's record: its processes, mounts, runc
+    container and runc's leftovers. Returns (what was removed, what is still there)."""
+    from . import cgroups
+    from .runc import Runc, pid_file_temp
+    done: list[str] = []
+    left: list[str] = []
+    dirs = _cgroup_dirs(record)
+    # Processes first: a live CRIU holds the mounts, and runc could still be making the container.
+    killed, alive = cgroups.kill_all(dirs)
+    if killed:
+        done.append(f"{killed} processes")
+    if alive:
+        left.append(f"processes {sorted(alive)} survived SIGKILL")
+    # Mounts before runc deletes anything: runc's restore bind-mounts the rootfs at
+    # <root>/<id>/criu-root, and `runc delete` removes <root>/<id> recursively — through that
+    # mount, emptying the container's rootfs.
+    mounts = _mount_roots(cfg, container_id, record)
+    leaked = sorted({m for root, strictly in mounts for m in _mounts_under(root, strictly)}, key=len, reverse=True)
+    for m in leaked:
         _umount(m)
     if leaked:
-        done.append(f"{len(set(leaked))} mounts")
+        done.append(f"{len(leaked)} mounts")
+    runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root)
     if runc.state(container_id) is not None:
         runc.delete_force(container_id)
-        done.append("runc container")
-    if bundle is not None and rootfs is not None:
-        dirs = [d for d in cgroup_dirs(bundle.spec, bool(record.systemd_cgroup)) if os.path.isdir(d)]
-        if dirs:
-            killed = _kill_cgroup(dirs)
-            done.append(f"cgroup {dirs[0].split('/', 4)[-1]}" + (f" and {killed} processes" if killed else ""))
-        if record.undo and os.path.isdir(record.undo):
-            undo(rootfs, record.undo)
-            done.append("rootfs diff")
+        if runc.state(container_id) is not None:
+            left.append(f"runc container {container_id}")
+        else:
+            done.append("runc container")
     if record.root:
         # runc's own half-written state (no state.json: runc died before it had a container)
         leftover = os.path.join(record.root, container_id)
@@ -77,59 +124,106 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
                 and not _mounts_under(leftover)):
             shutil.rmtree(leftover, ignore_errors=True)
             done.append("runc state directory")
-    ContainerState(cfg.state_dir, container_id).remove()
-    events.emit(cfg, "recovered", f"cleaned up after a restore that died ({why}): "
-                f"{', '.join(done) or 'state only'}", container_id, "warning", cleaned=done)
-    return done
+    if record.pid_file:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file_temp(record.pid_file))
+            done.append("runc's temporary pid file")
+    still = cgroups.remove(dirs)
+    if still:
+        left.append(f"cgroups {still}")
+    mounted = [m for root, strictly in mounts for m in _mounts_under(root, strictly)]
+    if mounted:
+        left.append(f"mounts {mounted}")
+    return done, left
 
 
-def _kill_cgroup(dirs: list[str]) -> int:
-    """Kill every process of a container's cgroup (in all its hierarchies) and remove it.
-    v2: cgroup.kill. v1: freeze (so nothing forks meanwhile), SIGKILL each, thaw. Returns how
-    many processes there were."""
-    def pids() -> set[int]:
-        found: set[int] = set()
-        for d in dirs:
-            for sub, _dirs, _files in os.walk(d):
-                try:
-                    with open(os.path.join(sub, "cgroup.procs")) as f:
-                        found.update(int(p) for p in f.read().split())
-                except (OSError, ValueError):
-                    pass
-        return found
-    first = pids()
-    freezer = next((d for d in dirs if os.path.exists(os.path.join(d, "freezer.state"))), None)
-    deadline = time.monotonic() + 10
-    while (left := pids()) and time.monotonic() < deadline:
-        killer = next((d for d in dirs if os.path.exists(os.path.join(d, "cgroup.kill"))), None)
-        if killer:
-            _write(os.path.join(killer, "cgroup.kill"), "1")
-        else:
-            if freezer:
-                _write(os.path.join(freezer, "freezer.state"), "FROZEN")
-            for pid in left:
-                try:
-                    os.kill(pid, 9)
-                except OSError:
-                    pass
-            if freezer:
-                _write(os.path.join(freezer, "freezer.state"), "THAWED")
-        time.sleep(0.02)
-    for d in dirs:
-        for sub, _dirs, _files in sorted(os.walk(d), key=lambda w: -len(w[0])):
-            try:
-                os.rmdir(sub)
-            except OSError:
-                pass
-    return len(first)
-
-
-def _write(path: str, value: str) -> None:
+def dead_create_leftovers(record: Record) -> list[str]:
+    """What the runc of a cold start's create that died left and that blocks the next create of
+    its bundle: runc's temporary pid file (O_EXCL). Returns what was removed."""
+    from .runc import pid_file_temp
+    if not (record.pid_file and dead_create(record)):
+        return []
     try:
-        with open(path, "w") as f:
-            f.write(value)
+        os.unlink(pid_file_temp(record.pid_file))
+    except FileNotFoundError:
+        return []
+    return ["runc's temporary pid file"]
+
+
+def _cgroup_dirs(record: Record) -> list[str]:
+    """The restore's cgroup and the container's, as recorded; the container's from its spec for
+    a record written before runc started (or by an older thaw)."""
+    from thaw.oci.spec import Bundle, SpecError
+
+    from .runc import cgroup_dirs
+    dirs = [d for d in record.cgroups or [] if isinstance(d, str)]
+    if record.bundle:
+        with contextlib.suppress(SpecError, OSError):
+            dirs += cgroup_dirs(Bundle.load(record.bundle).spec, bool(record.systemd_cgroup))
+    return list(dict.fromkeys(dirs))
+
+
+def _rootfs(record: Record) -> str | None:
+    if record.rootfs:
+        return record.rootfs
+    from thaw.oci.spec import Bundle, SpecError
+    try:
+        return os.path.realpath(Bundle.load(record.bundle).rootfs) if record.bundle else None
+    except SpecError:
+        return None
+
+
+def _mount_roots(cfg: Config, container_id: str, record: Record) -> list[tuple[str, bool]]:
+    """Where a restore's mounts are: CRIU's cgroup yard in the work dir, runc's criu-root under
+    its state dir, runc's mounts inside the rootfs (not the rootfs itself)."""
+    roots = [(ContainerState(cfg.state_dir, container_id).work_dir, False)]
+    if record.root:
+        roots.append((os.path.join(record.root, container_id), False))
+    rootfs = _rootfs(record)
+    if rootfs:
+        roots.append((rootfs, True))
+    return roots
+
+
+def _undo_rootfs(record: Record) -> None:
+    from .rootfs import undo
+    rootfs = _rootfs(record)
+    if rootfs and os.path.isdir(rootfs) and record.undo:
+        undo(rootfs, record.undo)
+    elif record.undo:
+        shutil.rmtree(record.undo, ignore_errors=True)     # the rootfs is gone: nothing to undo
+
+
+def settle_rootfs(record: Record) -> None:
+    """At a container's end (finish): a restore never started is undone, a started one's undo
+    directory (if its removal at start was cut short) dropped."""
+    if not record.undo or not os.path.isdir(record.undo):
+        return
+    if unstarted(record):
+        _undo_rootfs(record)
+    else:
+        shutil.rmtree(record.undo, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(state: ContainerState):
+    """One recovery of a container at a time (a delete and `doctor --fix` may meet): an exclusive
+    lock beside its record (records are replaced by rename, so not on the record itself), then
+    the record as it is now (None once another caller removed it)."""
+    import fcntl
+    lock = state.path[:-len(".json")] + ".lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
-        pass
+        yield state.read()
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield state.read()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def _mounts_under(path: str, strictly: bool = False) -> list[str]:

@@ -179,35 +179,49 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
               state: ContainerState, image_dir: str, proof: Proof) -> Record:
     cid = call.container_id or ""
     snap, phases = plan.snapshot, plan.phases
+    from . import cgroups, recovery
     from .rootfs import RootfsApplier, undo_dir_for
+    from .runc import cgroup_dirs
     work = state.make_work_dir()
     undo = undo_dir_for(bundle.rootfs, cid)
+    pid_file = call.flags.get("pid-file")
+    pid_file = os.path.abspath(pid_file) if isinstance(pid_file, str) else None
+    systemd = bool(call.global_flags.get("systemd-cgroup"))
     # Whoever finds this record after this process died cleans up from it (shim/recovery.py).
-    record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root,
-                                 bool(call.global_flags.get("systemd-cgroup")), undo)
+    record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root, systemd, undo,
+                                 rootfs=os.path.realpath(bundle.rootfs), pid_file=pid_file)
     applier = RootfsApplier(bundle.rootfs, undo)
-    container_may_exist = False
+    runc_started = False
     try:
         faults.point("restore_recorded")
         deleted = store.deleted_paths(snap)
         with store.open_rootfs_layer(snap) as layer:
             def apply() -> int:
                 applier.delete(deleted)
+                faults.point("rootfs_deleted")          # half applied
                 return applier.apply_tar(layer)
             phases.run("rootfs", apply)
         faults.point("rootfs_applied")
-        pid_file = call.flags.get("pid-file")
-        pid_file = pid_file if isinstance(pid_file, str) else os.path.join(work, "pid")
         console = call.flags.get("console-socket")
-        container_may_exist = True
         fill = _fill_options(cfg)
+        # runc, CRIU and all CRIU forks run in a cgroup of their own, named in the record before
+        # it exists: a restore killed at any moment is found whole by what the record says.
+        scratch = cgroups.scratch_path(f"thaw-restore-{os.getpid()}")
+        record.cgroups = [scratch, *cgroup_dirs(bundle.spec, systemd)]
+        state.write(record)
+        runc_started = True
+        cgroups.make(scratch)
         faults.point("runc_restore")
+        # runc writes its own pid file in the work dir: a runc killed while writing it leaves its
+        # O_EXCL temporary file there, never beside the caller's (shim/runc.py pid_file_temp).
+        own_pid_file = os.path.join(work, "pid")
         # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
-        phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, pid_file,
+        phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, own_pid_file,
                    console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")),
-                   fill + (LEAVE_STOPPED,))
+                   fill + (LEAVE_STOPPED,) + faults.criu_options(work), cgroup=scratch)
+        cgroups.remove([scratch])            # runc is gone; what it restored is in the container's
         faults.point("runc_restored")
-        with open(pid_file) as f:
+        with open(own_pid_file) as f:
             pid = int(f.read().strip())
         # Credentials before anything else: the CUDA restore needs the tasks running (the driver's
         # thread in the process does the work) and changes no credentials; their CUDA calls stay
@@ -225,15 +239,24 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
             from . import engine
             phases.run("resume", engine.call, plan.request.resume, pid)
         faults.point("resumed")
+        if pid_file:
+            from thaw.oci.files import atomic_write
+            atomic_write(pid_file, str(pid).encode(), mode=0o644, durable=False)
         phases.add("total", phases.elapsed())
+        # The rootfs diff stays undoable until the shim's `start` (state.started): until then a
+        # delete undoes this whole restore, the way it would a create that never finished.
+        applier.close()
         record = state.restored(record, pid=pid, manifest=snap.manifest.digest, bundle=bundle.path,
                                 root=call.root, phases=phases.rounded(), fill=" ".join(fill) or "stock")
-        applier.commit()
+        faults.point("restored")
         return record
     except BaseException:
-        if container_may_exist:
-            runc.delete_force(cid)
+        left: list[str] = []
+        if runc_started:
+            _done, left = recovery.take_down(cfg, cid, record)
         applier.undo()
+        if left:        # the record stays (its owner, this process, is about to be gone): the next
+            raise recovery.RecoveryError("restore failed and could not be cleaned up: " + "; ".join(left)) from None
         state.remove()
         raise
 

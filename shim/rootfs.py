@@ -353,6 +353,10 @@ class RootfsApplier:
         self._close()
         undo(self.rootfs, self.undo_dir)
 
+    def close(self) -> None:
+        """Done applying: the journal stays, for whoever undoes it later (shim/state.py)."""
+        self._close()
+
     def commit(self) -> None:
         self._close()
         shutil.rmtree(self.undo_dir, ignore_errors=True)

@@ -80,6 +80,16 @@ def cgroup_dirs(spec: dict, systemd: bool, mountinfo: str = "/proc/self/mountinf
     return [os.path.join(h, rel) for h in hierarchies]
 
 
+def pid_file_temp(pid_file: str) -> str:
+    """runc writes --pid-file through ".NAME" beside it, opened O_EXCL: one left by a runc that
+    died in between fails every later create or restore with that pid file."""
+    return os.path.join(os.path.dirname(pid_file), "." + os.path.basename(pid_file))
+
+
+# Runs runc in the cgroup named by $0 (a cgroup.procs file): the shell moves itself, then execs.
+_IN_CGROUP = 'echo $$ > "$0" && exec "$@"'
+
+
 def stdio_descriptors(image_path: str) -> list[str]:
     """What the checkpointed init's fds 0-2 were (runc's descriptors.json in the image): e.g.
     "pipe:[1234]", "/dev/null", "/dev/pts/0"."""
@@ -161,9 +171,10 @@ class Runc:
     # --- container lifecycle ----------------------------------------------------------------------
     def restore(self, container_id: str, bundle: Bundle, image_path: str, work_path: str,
                 pid_file: str, console_socket: str | None = None, no_pivot: bool = False,
-                criu_options: tuple[str, ...] = (), timeout: float = 600) -> None:
+                criu_options: tuple[str, ...] = (), timeout: float = 600, cgroup: str | None = None) -> None:
         """`runc restore --detach` into the caller's stdio (the shim's pipes), with thaw's own
-        CRIU config file for this one restore.
+        CRIU config file for this one restore; runc starts in `cgroup` (a directory) when given, so
+        that CRIU and everything it forks can be found again (shim/cgroups.py).
 
         The restored processes get the caller's fds 0-2 from CRIU itself: the config file maps
         each stdio pipe the image recorded (descriptors.json) to a copy of the caller's fd, and
@@ -192,6 +203,8 @@ class Runc:
             bundle.spec.setdefault("annotations", {})[CRIU_CONFIG] = conf
             bundle.save()
             argv = self._argv("restore", flags, [container_id], log=log)
+            if cgroup:
+                argv = ["/bin/sh", "-c", _IN_CGROUP, os.path.join(cgroup, "cgroup.procs"), *argv]
             with open(os.path.join(work_path, "runc.stderr"), "wb") as err:
                 proc = self._run(argv, timeout=timeout, stdio=(subprocess.DEVNULL, subprocess.DEVNULL, err),
                                  pass_fds=tuple(fds.values()))

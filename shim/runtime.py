@@ -68,7 +68,7 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         _prepare_in_background(cfg, bundle.annotations, call.container_id)   # pull it: the next pod restores
     if isinstance(outcome, create.Restored):
         sys.exit(0)
-    if isinstance(outcome, create.Refused):
+    if isinstance(outcome, (create.Refused, create.Unrecovered)):
         sys.exit(1)
 
 
@@ -140,12 +140,30 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     if call.command == "delete":
         from thaw.shim import recovery
         record = state.ContainerState(cfg.state_dir, call.container_id).read()
-        if record is not None and recovery.stale(record):
-            recovery.recover(cfg, call.container_id, record, "found by delete")
-        else:
-            state.finish(cfg, call.container_id, "delete")  # then runc deletes the container
+        try:
+            if record is not None and recovery.stale(record):
+                recovery.recover(cfg, call.container_id, record, "found by delete")
+            elif record is not None and recovery.unstarted(record):
+                # Without --force runc refuses to delete a running container: then nothing changes.
+                if call.flags.get("force") or not recovery.running(cfg, call.container_id, record):
+                    recovery.recover(cfg, call.container_id, record, "deleted before its start")
+            else:
+                if record is not None:
+                    recovery.dead_create_leftovers(record)
+                state.finish(cfg, call.container_id, "delete")  # then runc deletes the container
+        except recovery.RecoveryError as exc:
+            _fail(call, str(exc))
     elif state.ContainerState(cfg.state_dir, call.container_id).started():
         sys.exit(0)
+
+
+def _fail(call: runc_args.RuncCall, msg: str) -> None:
+    """Exit 1 with `msg` where runc reports its errors (the --log file, else stderr)."""
+    from thaw.oci import runc_log
+    if call.log_path:
+        runc_log.append(call.log_path, "error", f"thaw: {msg}", call.log_format)
+    sys.stderr.write(f"thaw-runtime: {msg}\n")
+    sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,10 @@ A record has an explicit phase; each transition is one method here:
 
 `start` of a RESTORED container is a no-op (runc refuses `start` on the running container that
 restore made); poststop or `thaw-runtime delete`, whichever comes first, calls `finish()`.
+
+The rootfs diff a restore applied stays undoable until that `start`: a create whose success the
+shim never saw (thaw-runtime killed after the restore, before it exited 0) is followed by a
+delete, which undoes it all; a container that started keeps its files, as with runc.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Record:
     undo: str | None
     systemd_cgroup: bool | None
     fill: str | None
+    cgroups: list | None
+    rootfs: str | None
+    pid_file: str | None
 
     _FIELDS = {
         "phase": None,
@@ -82,6 +89,13 @@ class Record:
         "undo": None,          # the rootfs diff's undo directory (its journal)
         "systemd_cgroup": None,  # runc's cgroup driver for this container (--systemd-cgroup)
         "fill": None,          # how CRIU filled memory: thaw's CRIU options, or "stock"
+        # Written before runc starts, for whoever cleans up after a restore that died: the restore's
+        # own cgroup and the container's (every process of the restore is in one of them), the
+        # rootfs (its real path: the bundle may be gone), the caller's --pid-file (runc's temp file
+        # beside it blocks later creates if runc dies writing it).
+        "cgroups": None,
+        "rootfs": None,
+        "pid_file": None,
     }
     __slots__ = tuple(_FIELDS) + ("id",)
 
@@ -153,36 +167,46 @@ class ContainerState:
 
     # --- transitions ------------------------------------------------------------------------------
     def begin_restore(self, snapshot: str, created: float, bundle: str, root: str | None,
-                      systemd_cgroup: bool, undo: str) -> Record:
+                      systemd_cgroup: bool, undo: str, rootfs: str | None = None,
+                      pid_file: str | None = None) -> Record:
         """Written before anything is changed: what a later caller needs to clean up if the
         restoring thaw-runtime dies (its owner handle says whether it did)."""
         from .procs import ProcessHandle
         record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created, bundle=bundle,
-                        root=root, systemd_cgroup=systemd_cgroup, undo=undo,
-                        owner=ProcessHandle.me().to_json())
+                        root=root, systemd_cgroup=systemd_cgroup, undo=undo, rootfs=rootfs,
+                        pid_file=pid_file, owner=ProcessHandle.me().to_json())
         self.write(record)
         return record
 
     def restored(self, record: Record, **fields) -> Record:
+        """The restore is done; its rootfs diff stays undoable (record.undo) until `started()`."""
         for k, v in fields.items():
             setattr(record, k, v)
-        record.phase, record.owner, record.undo = Phase.RESTORED, None, None
+        record.phase, record.owner = Phase.RESTORED, None
         self.write(record)
         return record
 
     def started(self) -> bool:
-        """The shim's `start` after a restore: True if it is to be a no-op (and now RUNNING)."""
+        """The shim's `start` after a restore: True if it is to be a no-op (and now RUNNING).
+        The shim saw the create succeed: the rootfs diff is the container's for good."""
         record = self.read()
         if record is None or record.phase != Phase.RESTORED:
             return False
         record.phase = Phase.RUNNING
         self.write(record)
+        if record.undo:
+            import shutil
+            shutil.rmtree(record.undo, ignore_errors=True)
         return True
 
     def cold(self, created: float, root: str | None, reason: str, snapshot: str | None,
-             capture: dict | None) -> Record:
+             capture: dict | None, pid_file: str | None = None) -> Record:
+        """A cold start: the record names the create (this process, runc after the exec) and its
+        --pid-file, so the next call can tell that this create's runc died and what it left."""
+        from .procs import ProcessHandle
         record = Record(self.id, phase=Phase.COLD, created=created, root=root, cold_reason=reason,
-                        snapshot=snapshot, capture=capture)
+                        snapshot=snapshot, capture=capture, pid_file=pid_file,
+                        owner=ProcessHandle.me().to_json())
         self.write(record)
         return record
 
@@ -220,6 +244,9 @@ def finish(cfg, container_id: str, how: str) -> Record | None:
         watcher = ProcessHandle.from_json(record.watcher)
         if watcher is not None:
             watcher.signal(signal.SIGTERM)      # never a process that reused the watcher's pid
+    if record.undo:
+        from .recovery import settle_rootfs
+        settle_rootfs(record)               # a restore never started is undone whole
     now = time.time()
     restored = record.phase in (Phase.RESTORED, Phase.RUNNING)
     events.emit(cfg, "finished", f"{'restored' if restored else 'cold-started'} container ended ({how})",

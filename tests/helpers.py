@@ -240,6 +240,7 @@ class ShimContainer:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
     create_rc: int | None = None
+    create_pid: int | None = None
     create_s: float = 0.0
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -264,6 +265,7 @@ class ShimContainer:
                                                       self.pid_file, self.id],
                                     stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
                                     env={**os.environ, **(env or {})}, start_new_session=session)
+        self.create_pid = proc.pid
         self.create_rc = proc.wait(timeout=timeout)
         self.create_s = time.perf_counter() - t
         return self.create_rc
