@@ -91,7 +91,7 @@ def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str]
     """Everything of a restore but the rootfs diff and thaw's record: its processes, mounts, runc
     container and runc's leftovers. Returns (what was removed, what is still there)."""
     from . import cgroups
-    from .runc import Runc, pid_file_temp
+    from .runc import Runc
     done: list[str] = []
     left: list[str] = []
     dirs = _cgroup_dirs(record)
@@ -117,17 +117,7 @@ def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str]
             left.append(f"runc container {container_id}")
         else:
             done.append("runc container")
-    if record.root:
-        # runc's own half-written state (no state.json: runc died before it had a container)
-        leftover = os.path.join(record.root, container_id)
-        if (os.path.isdir(leftover) and not os.path.exists(os.path.join(leftover, "state.json"))
-                and not _mounts_under(leftover)):
-            shutil.rmtree(leftover, ignore_errors=True)
-            done.append("runc state directory")
-    if record.pid_file:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(pid_file_temp(record.pid_file))
-            done.append("runc's temporary pid file")
+    done += _runc_leftovers(container_id, record)
     still = cgroups.remove(dirs)
     if still:
         left.append(f"cgroups {still}")
@@ -139,15 +129,27 @@ def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str]
 
 def dead_create_leftovers(record: Record) -> list[str]:
     """What the runc of a cold start's create that died left and that blocks the next create of
-    its bundle: runc's temporary pid file (O_EXCL). Returns what was removed."""
+    its id or bundle. Returns what was removed."""
+    return _runc_leftovers(record.id, record) if dead_create(record) else []
+
+
+def _runc_leftovers(container_id: str, record: Record) -> list[str]:
+    """runc's half-written state directory (no state.json: runc died before it had a container;
+    runc refuses the id while it exists) and its temporary pid file (O_EXCL: it fails every
+    later create with that pid file)."""
     from .runc import pid_file_temp
-    if not (record.pid_file and dead_create(record)):
-        return []
-    try:
-        os.unlink(pid_file_temp(record.pid_file))
-    except FileNotFoundError:
-        return []
-    return ["runc's temporary pid file"]
+    done = []
+    if record.root:
+        leftover = os.path.join(record.root, container_id)
+        if (os.path.isdir(leftover) and not os.path.exists(os.path.join(leftover, "state.json"))
+                and not _mounts_under(leftover)):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append("runc state directory")
+    if record.pid_file:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pid_file_temp(record.pid_file))
+            done.append("runc's temporary pid file")
+    return done
 
 
 def _cgroup_dirs(record: Record) -> list[str]:

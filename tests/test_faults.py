@@ -231,12 +231,94 @@ def test_runc_or_criu_killed_mid_restore_cold_starts_and_leaves_nothing(env, tar
     c2.destroy()
 
 
+def test_an_unreaped_thaw_runtime_counts_as_dead(env, target):
+    """The issue's reproduction: thaw-runtime's group SIGKILLed mid-restore and the delete comes
+    before its parent reaped it. A zombie is dead: the delete cleans up everything (CRIU, whose
+    restore runs in a session of its own, survived the group kill) and the id restores again."""
+    bundle, before = target
+    c = env.container(bundle)
+    with c.pipes() as (out_w, err_w):
+        proc = subprocess.Popen(c._global() + ["create", "--bundle", bundle, "--pid-file", c.pid_file, c.id],
+                                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, start_new_session=True,
+                                env={**os.environ, "THAW_TEST_FAULTS": "criu.post-restore=killgroup"})
+
+    def zombie() -> bool:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    wait_for(zombie, 60, "thaw-runtime to die (unreaped)")
+    try:
+        c.run("delete", "--force", c.id)
+        assert_nothing_left(env, bundle, c.id, before, proc.pid)
+    finally:
+        assert proc.wait(timeout=10) == -9
+    assert c.create() == 0, c.log_text()
+    restored_and_counting(c)
+    c.destroy()
+
+
 DEAD_RESTORE = r"""
 import sys
 from thaw.shim.state import ContainerState
 state, cid, bundle, root = sys.argv[1:5]
 ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, bundle + "/.thaw-undo")
 """
+
+
+def test_a_delete_that_cannot_clean_up_says_so_and_exits_non_zero(env, tmp_path):
+    """A dead restore whose rootfs journal cannot be undone (it names a path outside the rootfs):
+    delete exits 1 naming what is left, in runc's log; the record stays for the next try, and
+    once the obstacle is gone the next delete cleans up and exits 0."""
+    bundle = make_bundle(str(tmp_path / "b"), COUNTER)
+    cid = unique("dead")
+    subprocess.run([sys.executable, "-c", DEAD_RESTORE, env.state, cid, bundle, env.root], check=True)
+    undo = bundle + "/.thaw-undo"
+    os.makedirs(undo)
+    with open(os.path.join(undo, "journal"), "w") as f:
+        f.write(json.dumps({"op": "created", "path": "../outside", "backup": ""}) + "\n")
+    c = env.container(bundle, cid)
+    p = c.run("delete", "--force", cid, check=False)
+    assert p.returncode == 1, p
+    assert b"could not clean up" in p.stderr and b"rootfs diff not undone" in p.stderr, p.stderr
+    assert "could not clean up" in c.log_text()
+    assert env.state_entries() == [cid + ".json"]        # kept: the next delete tries again
+    os.unlink(os.path.join(undo, "journal"))
+    assert c.run("delete", "--force", cid, check=False).returncode == 0
+    assert env.state_entries() == [] and not os.path.exists(undo)
+
+
+def test_a_cold_create_killed_with_its_group_leaves_the_id_usable(env, target):
+    """thaw-runtime hands a cold start to runc by exec; its process group killed while runc creates
+    the container (from a createRuntime hook of runc's, a deterministic point inside runc create)
+    leaves runc's half-made state, and a runc killed while writing the pid file leaves its O_EXCL
+    temporary file (made here the way runc makes it: that window is too short to hit), which fails
+    every later create of the bundle. Both the next delete and the next create clean them up."""
+    bundle, _ = target
+    spec = json.load(open(os.path.join(bundle, "config.json")))
+    spec["annotations"]["thaw.dev/snapshot"] = "missing:1"            # a cold start
+    killer = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "kill -9 0"]}]}   # its group
+    spec["hooks"] = killer
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+    for then in ("delete", "create"):
+        c = env.container(bundle)
+        assert c.create(session=True) == -9, c.log_text()
+        with open(os.path.join(bundle, ".init.pid"), "x"):             # runc's createPidFile, cut short
+            pass
+        if then == "delete":
+            c.run("delete", "--force", c.id)
+            assert not os.path.exists(os.path.join(bundle, ".init.pid"))
+            assert c.id not in env.runc_ids() and env.state_entries() == []
+        spec["hooks"] = {}
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(spec, f)
+        assert c.create() == 0, c.log_text()                            # the id and bundle work again
+        c.start()
+        assert ticks(c.wait_output(lambda t: len(ticks(t)) > 2))
+        c.destroy()
+        spec["hooks"] = killer
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump(spec, f)
+        assert env.state_entries() == []
 
 
 def test_recovery_unmounts_the_rootfs_bind_before_runc_deletes(env, tmp_path):
