@@ -487,12 +487,13 @@ class Store:
         parts = {p.file for p in snap.parts}
         if bad & parts:
             self._unpublish_corrupt(snap, f"{', '.join(sorted(bad & parts))} do not match the manifest")
+        hashes = None
         if bad:
             for name in bad:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(path, name))
-            self._unpack_whole(snap, path, only=bad)
-        self._write_seal(snap, path)
+            hashes = self._unpack_whole(snap, path, only=bad)   # the new seal carries their digests
+        self._write_seal(snap, path, hashes)
         self.report("warning", f"snapshot {snap.ref} ({snap.namespace}): image directory failed its seal; "
                                f"{'rebuilt ' + ', '.join(sorted(bad)) if bad else 'content intact, sealed again'}")
 
