@@ -10,7 +10,8 @@ restore and capture paths then acts:
 
 Points inside CRIU's restore: "criu.STAGE=TARGET", STAGE one of CRIU's action-script stages
 (pre-restore, setup-namespaces, post-setup-namespaces, post-restore, pre-resume, post-resume),
-TARGET one of kill (thaw-runtime alone), killgroup (its process group), killrunc, killcriu.
+TARGET one of kill (thaw-runtime alone), killgroup (its process group), killrunc, killcriu,
+stallrunc (runc stopped, thaw-runtime killed).
 criu_options() then adds an action script to the restore's CRIU config that SIGKILLs the target
 when CRIU reaches that stage: a deterministic place inside runc and CRIU, where a timer is not.
 
@@ -61,7 +62,10 @@ def _act(name: str, action: str) -> None:
         raise FaultInjected(f"unknown fault action {action!r} at {name}")
 
 
-_CRIU_TARGETS = {"kill": "$THAW", "killgroup": "-$GROUP", "killrunc": "$RUNC", "killcriu": "$PPID"}
+_CRIU_TARGETS = {"kill": "-9 $THAW", "killgroup": "-9 -$GROUP", "killrunc": "-9 $RUNC", "killcriu": "-9 $PPID",
+                 # runc stalled (as on a loaded node) when thaw-runtime dies: only the restore's
+                 # cgroup finds it (runc moves CRIU into the container's cgroup, never itself)
+                 "stallrunc": "-STOP $RUNC; kill -9 $THAW"}
 
 
 def criu_options(work_dir: str) -> tuple[str, ...]:
@@ -71,7 +75,7 @@ def criu_options(work_dir: str) -> tuple[str, ...]:
     for item in spec.split(","):
         where, _, target = item.strip().partition("=")
         if where.startswith("criu.") and target in _CRIU_TARGETS:
-            cases.append(f'  {where[len("criu."):]}) kill -9 {_CRIU_TARGETS[target]} ;;\n')
+            cases.append(f'  {where[len("criu."):]}) kill {_CRIU_TARGETS[target]} ;;\n')
     if not cases:
         return ()
     # CRIU runs action scripts itself: $PPID is CRIU, its parent runc, runc's parent thaw-runtime.

@@ -169,7 +169,8 @@ _CRIU_STAGES = ["pre-restore", "setup-namespaces", "post-setup-namespaces", "pos
 _THENS = ["delete", "create", "doctor"]
 KILLS = ([(f"{p}=kill", _THENS[i % 3]) for i, p in enumerate(_THAW_POINTS)]
          + [(f"criu.{s}={t}", _THENS[(i + j) % 3]) for i, s in enumerate(_CRIU_STAGES)
-            for j, t in enumerate(["kill", "killgroup"])])
+            for j, t in enumerate(["kill", "killgroup"])]
+         + [("criu.pre-restore=stallrunc", "delete"), ("criu.post-restore=stallrunc", "create")])
 SURVIVED = [f"criu.{s}={t}" for s in ("pre-restore", "post-restore", "post-resume") for t in ("killrunc", "killcriu")]
 
 

@@ -1,0 +1,156 @@
+"""A mutation check: deliberate small breaks of thaw, applied one at a time to the INSTALLED copy
+that the tests run (thaw-runtime and thaw-hook run it too, not the checkout), each run against
+the tests that should catch it. A break no test catches is a behaviour no test pins.
+
+    sudo PATH=/opt/thaw/bin:$PATH /opt/thaw/venv/bin/python bench/mutations.py [--only NAME] [--list]
+
+Not part of CI (a few minutes on 2 cores): run it after changing a module or its tests. Every file
+is put back after each break, also on Ctrl-C. The result lands in bench/results/mutations-*.json;
+the last one is summarised in docs/implementation-notes.md ("Mutation check").
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+FAULTS = "tests/test_faults.py"
+PINS = "tests/test_pins.py"
+REG = "tests/test_registry_pins.py"
+
+# (name, module, exact text, its replacement, pytest arguments that must fail)
+BREAKS: list[tuple[str, str, str, str, list[str]]] = [
+    ("zombie owner counts as alive", "thaw.shim.procs",
+     'return None if fields[0] in (b"Z", b"X") else int(fields[19])', "return int(fields[19])",
+     [FAULTS, "-k", "unreaped"]),
+    ("runc not started in the restore's cgroup", "thaw.shim.restore",
+     "fill + faults.criu_options(work), cgroup=scratch)", "fill + faults.criu_options(work), cgroup=None)",
+     [FAULTS, "-k", "stallrunc"]),
+    ("recovery kills no process", "thaw.shim.recovery",
+     "killed, alive = cgroups.kill_all(dirs)", "killed, alive = cgroups.kill_all([])",
+     [FAULTS, "-k", "post-restore and killgroup"]),
+    ("recovery unmounts nothing", "thaw.shim.recovery",
+     "    for m in leaked:\n        _umount(m)\n", "    for m in leaked:\n        pass\n",
+     [FAULTS, "-k", "post-restore and killgroup or unmounts_the_rootfs"]),
+    ("v1 freezer/pids kill skipped (cgroup.kill only)", "thaw.shim.cgroups",
+     "        for pid in procs(dirs) - {me}:\n", "        for pid in ():\n",
+     [FAULTS, "-k", "post-restore and killgroup"]),
+    ("dead create's runc leftovers kept", "thaw.shim.recovery",
+     "return _runc_leftovers(record.id, record) if dead_create(record) else []", "return []",
+     [FAULTS, "-k", "cold_create_killed"]),
+    ("rootfs diff committed at create (not at start)", "thaw.shim.restore",
+     "        applier.close()\n", "        applier.commit()\n",
+     [FAULTS, "-k", "restored and not runc_restored and not post-restore"]),
+    ("delete of an unstarted restore leaves it", "thaw.shim.runtime",
+     'recovery.recover(cfg, call.container_id, record, "deleted before its start")', "pass",
+     [FAULTS, "-k", "restored and not runc_restored and not post-restore"]),
+    ("a delete that could not clean up exits 0", "thaw.shim.recovery",
+     "        if left:\n            msg =", "        if False:\n            msg =",
+     [FAULTS, "-k", "cannot_clean_up"]),
+    ("restore failure path leaves runc's processes", "thaw.shim.restore",
+     "            _done, left = recovery.take_down(cfg, cid, record)", "            _done, left = [], []",
+     [FAULTS, "-k", "cold_starts_and_leaves"]),
+    ("policy prefix matches a longer component", "thaw.shim.config",
+     'name.startswith(prefix + "/")', "name.startswith(prefix)", [PINS, "-k", "prefixes"]),
+    ("seccomp compared by defaultAction only", "thaw.shim.fingerprint",
+     '"seccomp": hashlib.sha256(_canon(seccomp).encode()).hexdigest() if seccomp else None',
+     '"seccomp": (seccomp or {}).get("defaultAction")', [PINS, "-k", "seccomp"]),
+    ("ambient capabilities not compared", "thaw.shim.fingerprint",
+     '("bounding", "effective", "inheritable", "permitted", "ambient")}',
+     '("bounding", "effective", "inheritable", "permitted")}', [PINS, "-k", "ambient"]),
+    ("inheritable capabilities not compared", "thaw.shim.fingerprint",
+     '("bounding", "effective", "inheritable", "permitted", "ambient")}',
+     '("bounding", "effective", "permitted", "ambient")}', [PINS, "-k", "inheritable"]),
+    ("hugepages auto ignores the probe", "thaw.shim.criu",
+     'hugepages == "auto" and bool(probe and probe.get("hugepages_faster"))', 'hugepages == "auto"',
+     [PINS, "-k", "restore_options"]),
+    ("prefetch floor a ninth", "thaw.shim.prefetch", "total // 10", "total // 9", [PINS, "-k", "prefetch"]),
+    ("extra image file passes the seal", "thaw.shim.store",
+     "if present != set(files):", "if not set(files) <= present:", [PINS, "-k", "extra_file"]),
+    ("repaired seal without digests", "thaw.shim.store",
+     "self._write_seal(snap, path, hashes)", "self._write_seal(snap, path)", [PINS, "-k", "seal_without"]),
+    ("store_dir not 0700", "thaw.shim.store", "os.chmod(self.root, 0o700)", "os.chmod(self.root, 0o755)",
+     [PINS, "-k", "root_only"]),
+    ("credentials follow a redirect to another port", "thaw.shim.registry.transport",
+     "same_host = _origin(url) == _origin(self.base)",
+     "same_host = urllib.parse.urlsplit(url).hostname == urllib.parse.urlsplit(self.base).hostname",
+     [REG, "-k", "redirect"]),
+    ("token realm over plain http", "thaw.shim.registry.transport",
+     "        self._check_url(realm, where)\n", "", [REG, "-k", "realm"]),
+    ("a token for any scope", "thaw.shim.registry.transport",
+     "tok = self._tokens.get(_scope_key(scopes))", "tok = next(iter(self._tokens.values()), None)",
+     [REG, "-k", "scope"]),
+    ("200 to a Range request appended", "thaw.shim.registry.client",
+     "            if state.pos and resp.status == 200:\n                state.restart()\n",
+     "            if False:\n                state.restart()\n", [REG, "-k", "range"]),
+    ("resume prefix digest ignored", "thaw.shim.registry.client",
+     'if pos < have or (have_digest and "sha256:" + state.hash.hexdigest() != have_digest):',
+     "if pos < have:", [REG, "-k", "already_on_disk"]),
+]
+
+
+def module_file(name: str) -> str:
+    return importlib.import_module(name).__file__ or ""
+
+
+def run_one(name: str, module: str, old: str, new: str, tests: list[str]) -> dict:
+    path = module_file(module)
+    with open(path) as f:
+        original = f.read()
+    if original.count(old) != 1:
+        return {"name": name, "result": "stale", "why": f"text found {original.count(old)} times in {path}"}
+    t = time.monotonic()
+    try:
+        with open(path, "w") as f:
+            f.write(original.replace(old, new))
+        cache = os.path.join(os.path.dirname(path), "__pycache__")
+        for pyc in os.listdir(cache) if os.path.isdir(cache) else []:
+            if pyc.startswith(os.path.basename(path)[:-3] + "."):
+                os.unlink(os.path.join(cache, pyc))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-x", "-q", *tests],
+                              cwd=ROOT, capture_output=True, text=True, timeout=900)
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+    tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
+    return {"name": name, "module": module, "tests": " ".join(tests),
+            "result": "caught" if proc.returncode != 0 else "NOT CAUGHT",
+            "seconds": round(time.monotonic() - t, 1), "pytest": tail[0] if tail else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="run the breaks whose name contains this")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    chosen = [b for b in BREAKS if not args.only or args.only in b[0]]
+    if args.list:
+        for b in chosen:
+            print(f"{b[0]:55} {b[1]:32} {' '.join(b[4])}")
+        return
+    results = []
+    for b in chosen:
+        r = run_one(*b)
+        results.append(r)
+        print(f"{r['result']:10} {r['name']}  ({r.get('seconds', '-')}s) {r.get('pytest', r.get('why', ''))}",
+              flush=True)
+    caught = sum(r["result"] == "caught" for r in results)
+    summary = {"tried": len(results), "caught": caught,
+               "not_caught": [r["name"] for r in results if r["result"] != "caught"], "results": results}
+    print(f"tried {len(results)}, caught {caught}, not caught {len(results) - caught}")
+    out = os.path.join(HERE, "results", f"mutations-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
