@@ -202,6 +202,14 @@ def test_thaw_runtime_killed_mid_restore(env, target, fault, then):
     kill_mid_restore(env, target, fault, then)
 
 
+def test_a_create_killed_after_its_restore_is_undone_by_delete_without_hooks(env, target):
+    """thaw-runtime killed after the restore was recorded done, before it exited 0: the shim never
+    saw the create succeed, and its delete undoes all of it, rootfs diff included — by
+    thaw-runtime's delete itself, not only through the poststop hook (a node may run without it)."""
+    env.write_config(hook="")
+    kill_mid_restore(env, target, "restored=kill", "delete")
+
+
 @pytest.mark.parametrize("fault", [f"criu.{s}=killgroup" for s in ("setup-namespaces", "post-restore")]
                          + ["rootfs_deleted=killgroup"])
 def test_process_group_killed_mid_restore_under_cpu_load(env, target, cpu_load, fault):
