@@ -54,7 +54,25 @@ def dead_create(record: Record) -> bool:
     return record.phase == Phase.COLD and owner is not None and not owner.alive()
 
 
-def running(cfg: Config, container_id: str, record: Record) -> bool:
+def before_delete(cfg: Config, container_id: str, force: bool) -> None:
+    """What `thaw-runtime delete` of a thaw container does before runc's delete runs: recover a
+    dead restore; undo whole a restore that never started (unless runc will refuse the delete: a
+    running container without --force); else end the container's state (and remove what a dead
+    cold create's runc left). Raises RecoveryError when a cleanup could not finish."""
+    from .state import finish
+    record = ContainerState(cfg.state_dir, container_id).read()
+    if record is not None and stale(record):
+        recover(cfg, container_id, record, "found by delete")
+    elif record is not None and unstarted(record):
+        if force or not _running(cfg, container_id, record):
+            recover(cfg, container_id, record, "deleted before its start")
+    else:
+        if record is not None:
+            dead_create_leftovers(record)
+        finish(cfg, container_id, "delete")         # then runc deletes the container
+
+
+def _running(cfg: Config, container_id: str, record: Record) -> bool:
     from .runc import Runc
     st = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root).state(container_id)
     return st is not None and st.get("status") == "running"

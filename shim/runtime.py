@@ -139,18 +139,8 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
         return
     if call.command == "delete":
         from thaw.shim import recovery
-        record = state.ContainerState(cfg.state_dir, call.container_id).read()
         try:
-            if record is not None and recovery.stale(record):
-                recovery.recover(cfg, call.container_id, record, "found by delete")
-            elif record is not None and recovery.unstarted(record):
-                # Without --force runc refuses to delete a running container: then nothing changes.
-                if call.flags.get("force") or not recovery.running(cfg, call.container_id, record):
-                    recovery.recover(cfg, call.container_id, record, "deleted before its start")
-            else:
-                if record is not None:
-                    recovery.dead_create_leftovers(record)
-                state.finish(cfg, call.container_id, "delete")  # then runc deletes the container
+            recovery.before_delete(cfg, call.container_id, bool(call.flags.get("force")))
         except recovery.RecoveryError as exc:
             _fail(call, str(exc))
     elif state.ContainerState(cfg.state_dir, call.container_id).started():
