@@ -62,11 +62,13 @@ def test_seccomp_profiles_are_compared_whole_not_by_default_action():
 
 @pytest.mark.parametrize("kind", ["ambient", "inheritable"])
 def test_ambient_and_inheritable_capabilities_are_compared(kind):
-    a = _spec()
-    b = _spec()
-    b["process"]["capabilities"][kind] = ["CAP_KILL"]
-    reasons = _differs(a, b)
+    """A capturing spec that granted an ambient (inheritable) capability the new one does not:
+    refused (the new spec may grant more, never less)."""
+    captured, new = _spec(), _spec()
+    captured["process"]["capabilities"][kind] = ["CAP_KILL"]
+    reasons = _differs(captured, new)
     assert reasons and any("capabilities" in r for r in reasons), reasons
+    assert _differs(new, captured) == []
 
 
 # --- restore: CRIU's fill options for each probe result --------------------------------------------
