@@ -12,6 +12,7 @@ the last one is summarised in docs/implementation-notes.md ("Mutation check").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -33,7 +34,7 @@ BREAKS: list[tuple[str, str, str, str, list[str]]] = [
      'return None if fields[0] in (b"Z", b"X") else int(fields[19])', "return int(fields[19])",
      [FAULTS, "-k", "unreaped"]),
     ("runc not started in the restore's cgroup", "thaw.shim.restore",
-     "fill + faults.criu_options(work), cgroup=scratch)", "fill + faults.criu_options(work), cgroup=None)",
+     "faults.criu_options(work), cgroup=scratch)", "faults.criu_options(work), cgroup=None)",
      [FAULTS, "-k", "stallrunc"]),
     ("recovery kills no process", "thaw.shim.recovery",
      "killed, alive = cgroups.kill_all(dirs)", "killed, alive = cgroups.kill_all([])",
@@ -122,6 +123,13 @@ def sweep(basetemp: str) -> None:
     for m in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", m], capture_output=True)
     shutil.rmtree(basetemp, ignore_errors=True)
+    # A break of the cleanup leaves its restore's scratch cgroup: empty ones of dead thaw-runtimes go.
+    from thaw.shim.cgroups import scratch_path
+    parent = os.path.dirname(scratch_path("x"))
+    for name in os.listdir(parent):
+        if name.startswith("thaw-restore-") and not os.path.exists(f"/proc/{name.rsplit('-', 1)[1]}"):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(parent, name))
 
 
 def run_one(name: str, module: str, old: str, new: str, tests: list[str]) -> dict:
