@@ -222,6 +222,8 @@ def test_runc_or_criu_killed_mid_restore_cold_starts_and_leaves_nothing(env, tar
     killed (CRIU may outlive runc; it is in the restore's cgroup or the container's), the rootfs
     diff undone, and the create cold-starts; after delete nothing is left and the id restores."""
     bundle, _ = target
+    with open(os.path.join(bundle, "config.json"), "rb") as f:
+        as_written = f.read()                              # a cold start narrows its seccomp (io_uring)
     c = env.container(bundle)
     assert c.create(env={"THAW_TEST_FAULTS": fault}, session=True) == 0, c.log_text()
     [cold] = [e for e in c.log_entries() if e.get("level") == "warning"]
@@ -233,6 +235,8 @@ def test_runc_or_criu_killed_mid_restore_cold_starts_and_leaves_nothing(env, tar
     assert c.state()["status"] == "running"
     c.destroy()
     assert_nothing_left(env, bundle, c.id, None, c.create_pid)
+    with open(os.path.join(bundle, "config.json"), "wb") as f:
+        f.write(as_written)                                # a new create gets the spec as written
     c2 = env.container(bundle, c.id)
     logged = len(c2.log_entries())                         # the same bundle's log.json
     assert c2.create() == 0
