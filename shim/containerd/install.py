@@ -10,6 +10,8 @@ edit only inserts) and the new text must read as the old plus the one `imports` 
 from __future__ import annotations
 
 import datetime
+import glob
+import json
 import os
 import subprocess
 import tomllib
@@ -23,6 +25,10 @@ from thaw.oci.files import atomic_write
 from . import ContainerdConfigError, checks, dropin
 from .discovery import containerd_version, default_config
 from .merge import covered, cri_disabled, cri_plugin, dig, effective, load_files, runtimes_of
+
+
+# Next to the drop-in (not *.toml: containerd never reads it): the imports entry install added.
+RECORD_NAME = ".thaw-import.json"
 
 
 def _only_inserts(old: str, new: str) -> bool:
@@ -63,6 +69,72 @@ def add_import(text: str, entry: str) -> str:
     if got != want or not _only_inserts(text, new):
         raise ContainerdConfigError("adding the imports entry would change other parts of the file")
     return new
+
+
+def remove_import(text: str, entry: str) -> str | None:
+    """`text` without `entry` in its top-level `imports` (the key itself goes when that leaves it
+    empty); None when it has no such entry. Only that entry's text goes: the rest stays as is."""
+    try:
+        old = tomllib.loads(text)
+        doc = tomlkit.parse(text)
+    except (tomllib.TOMLDecodeError, tomlkit.exceptions.TOMLKitError) as exc:
+        raise ContainerdConfigError(f"not valid TOML: {exc}") from None
+    imports = doc.get("imports")
+    if not isinstance(imports, Array) or entry not in list(old.get("imports") or []):
+        return None
+    del imports[list(old["imports"]).index(entry)]
+    rest = [e for e in old["imports"] if e != entry] + [entry] * (old["imports"].count(entry) - 1)
+    if not len(imports):
+        del doc["imports"]
+    new = tomlkit.dumps(doc)
+    want = {**old, "imports": rest} if rest else {k: v for k, v in old.items() if k != "imports"}
+    try:
+        got = tomllib.loads(new)
+    except tomllib.TOMLDecodeError as exc:
+        raise ContainerdConfigError(f"removing the imports entry would break the file ({exc})") from None
+    if got != want or not _only_inserts(new, text):
+        raise ContainerdConfigError("removing the imports entry would change other parts of the file")
+    return new
+
+
+def uninstall(main: str, conf_d: str, say=print) -> bool:
+    """Undo `install`: remove the drop-in and the `imports` entry thaw added (recorded in
+    RECORD_NAME by install; an entry the user had, or one that now also pulls in other files of
+    conf_d, stays). Returns whether a file changed."""
+    drop_in = os.path.join(conf_d, dropin.DROP_IN_NAME)
+    record_path = os.path.join(conf_d, RECORD_NAME)
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        record = None
+    except (OSError, ValueError) as exc:
+        raise ContainerdConfigError(f"{record_path}: {exc}") from None
+    changed = False
+    if record and os.path.exists(record.get("main", main)):
+        main, entry = record.get("main", main), record["entry"]
+        others = sorted(p for p in glob.glob(entry) if p != drop_in)
+        text = _read(main)
+        if others:
+            say(f"main config: keeping {entry} in the imports of {main}: it also imports {', '.join(others)}")
+        else:
+            new = remove_import(text, entry)
+            if new is None:
+                say(f"main config: {main} no longer imports {entry}")
+            else:
+                target = os.path.realpath(main)
+                _backup(main, text, os.stat(target).st_mode & 0o7777, say)
+                atomic_write(target, new.encode(), mode=os.stat(target).st_mode & 0o7777)
+                say(f"main config: removed {entry} from the imports of {main} (nothing else changed)")
+                changed = True
+    elif not record:
+        say(f"main config: thaw added no imports entry (no {record_path}): left as is")
+    if os.path.exists(drop_in):
+        os.unlink(drop_in)
+        say(f"drop-in: removed {drop_in}")
+        changed = True
+    _unlink(record_path)
+    return changed
 
 
 def _main_config_change(main: str, main_text: str | None, main_cfg: dict, entry: str,
@@ -146,6 +218,11 @@ def install(main: str, conf_d: str, containerd_bin: str, binary: str = dropin.DE
                 os.makedirs(os.path.dirname(os.path.abspath(main)), mode=0o755, exist_ok=True)
             written.append((target, main_text, mode))
             atomic_write(target, new_main.encode(), mode=mode)
+            # what uninstall may take out again (and nothing else)
+            record = os.path.join(conf_d, RECORD_NAME)
+            os.makedirs(conf_d, mode=0o755, exist_ok=True)
+            written.append((record, _read(record) if os.path.exists(record) else None, 0o644))
+            atomic_write(record, json.dumps({"main": main, "entry": entry}).encode(), mode=0o644)
         say(f"main config: {main_note}")
         # What containerd loads now must have the handler, whatever the other imports do...
         problems = [d for ok, _, d in checks.registration_checks(main, major) if not ok]
