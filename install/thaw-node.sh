@@ -159,12 +159,11 @@ case "$cmd" in
     done
     ;;
   uninstall)
-    cur=$(readlink "$TOP/current" 2>/dev/null || true)
-    [ -n "$cur" ] || die "thaw is not installed here ($TOP/current missing)"
+    # Runs again where a first uninstall left a version in use (or the store: --purge).
     command -v containerd >/dev/null || PATH="$PATH:/usr/local/bin:/usr/bin:/usr/sbin"
     if command -v containerd >/dev/null; then
       rc=0
-      py "$cur" thaw.shim.containerd uninstall || rc=$?
+      py "$VERSION" thaw.shim.containerd uninstall || rc=$?
       case $rc in
         0) ;;
         100) if [ -d /run/systemd/system ] && systemctl is-active --quiet containerd 2>/dev/null; then

@@ -10,12 +10,18 @@ root_tar=$1 work=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$work/root"
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  rm -rf "$work"
+  # the containers' cgroups (cgroupsPath /thaw-smoke/...), empty once the pid namespace is gone
+  find /sys/fs/cgroup -depth -type d -path '*/thaw-smoke*' -exec rmdir {} + 2>/dev/null || true
+}
+trap cleanup EXIT
 tar -xf "$root_tar" -C "$work/root"
 args=()
 for b in "$@"; do cp "$b" "$work/root/tmp/" && args+=("/tmp/$(basename "$b")"); done
 cp "$here/smoke.sh" "$work/root/tmp/smoke.sh"
-SMOKE_X=${SMOKE_X:-} unshare --net --mount --propagation private -- bash -s "$work/root" "${args[@]}" <<'EOF'
+# A pid namespace too: when the smoke ends, however it ends, the kernel kills what it left running.
+SMOKE_X=${SMOKE_X:-} unshare --net --mount --propagation private --pid --fork --kill-child -- bash -s "$work/root" "${args[@]}" <<'EOF'
 set -euo pipefail
 r=$1; shift
 # The root becomes this mount namespace's root (pivot_root), as on a node: CRIU walks the mount

@@ -48,7 +48,7 @@ EOF
 }
 run_counter() {  # dir id: create + start; stdout a pipe (as containerd's shim gives) into dir/out
   thaw-runtime --root $R --log "$1/log.json" --log-format json create --bundle "$1" --pid-file "$1/pid" "$2" \
-    </dev/null > >(cat >"$1/out") 2>&1 || fail "create $2: $(tail -c 1500 "$1/log.json")"
+    </dev/null > >(exec cat >"$1/out" 2>/dev/null) 2>&1 || fail "create $2: $(tail -c 1500 "$1/log.json")"
   thaw-runtime --root $R start "$2" 2>/dev/null || true   # a no-op for a restored container
 }
 last_tick() { grep -o 'tick [0-9]*' "$1/out" | tail -n1 | cut -d' ' -f2; }
@@ -85,7 +85,7 @@ install_bundle "$N1"
 [ "$(readlink /opt/thaw/current)" = "$vN1" ] && [ "$(readlink /opt/thaw/previous)" = "$vN" ] || fail "links after upgrade"
 n0=$(grep -c tick /tmp/dst/out); sleep 0.5
 [ "$(grep -c tick /tmp/dst/out)" -gt "$n0" ] || fail "the container started by $vN stopped over the upgrade"
-thaw list | grep -q smoke:v1 || fail "the snapshot made by $vN is gone after the upgrade"
+thaw ls | grep -q smoke:v1 || fail "the snapshot made by $vN is gone after the upgrade"
 delete dst
 say "upgrade: the running container kept running, $vN1 deleted it"
 counter_bundle /tmp/dst2 smoke:v1
@@ -101,8 +101,16 @@ say "upgrade: $vN1 restored the snapshot $vN made"
 thaw doctor --skip-containerd --quiet || fail "doctor after rollback"
 say "rollback to $vN: ok"
 
+# A thaw process of the current version still runs: uninstall must leave its files.
+/opt/thaw/"$vN"/python/bin/python3 -IS -c 'import time; time.sleep(60)' &
+user=$!
+sleep 0.3
 /opt/thaw/current/share/thaw-node.sh uninstall
+[ -x /opt/thaw/"$vN"/python/bin/python3 ] || fail "uninstall removed $vN while a process ran from it"
+[ -d /var/lib/thaw ] && [ ! -e /usr/local/bin/thaw-runtime ] || fail "uninstall removed the store without --purge, or left the commands"
+kill $user; wait $user 2>/dev/null || true
+/opt/thaw/"$vN"/share/thaw-node.sh uninstall --purge
+[ ! -e /opt/thaw/"$vN" ] && [ ! -e /var/lib/thaw ] || fail "a second uninstall --purge did not remove $vN's unused files and the store"
 [ ! -e /usr/local/bin/thaw ] && [ ! -e /opt/thaw/current ] || fail "uninstall left commands or links"
-[ -d /var/lib/thaw ] || fail "uninstall removed the store without --purge"
-say "uninstall: commands and versions gone, store kept"
+say "uninstall: commands gone, the version in use kept until its process ended, then --purge removed it and the store"
 say "PASS"
