@@ -49,6 +49,8 @@ if [ "$DEV" = 1 ]; then
   PKGS+=(containerd containernetworking-plugins)   # the tests start a private containerd
   # Registry tests: a real registry (CNCF distribution 2.8), a second OCI client, htpasswd, a CA.
   PKGS+=(docker-registry skopeo apache2-utils openssl)
+  # The node bundle (install/bundle.sh, tests/test_bundle.py): patchelf, and mmdebstrap for the roots.
+  PKGS+=(patchelf mmdebstrap)
 elif [ "$CONTAINERD" = 1 ] && ! command -v containerd >/dev/null; then
   PKGS+=(containerd containernetworking-plugins)   # never replace a containerd the node already runs
 fi

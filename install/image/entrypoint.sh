@@ -1,0 +1,42 @@
+#!/bin/bash
+# The installer image's entrypoint (the DaemonSet's init container runs it privileged, with
+# hostPID and the node's / at /host). Nothing here uses a package manager or the network.
+#   thaw-installer install     copy this image's thaw version to the node and make it current;
+#                              register the containerd handler; restart containerd
+#   thaw-installer uninstall   [--purge]
+#   thaw-installer sleep       what the DaemonSet's main container runs
+# Optional inputs: /etc/thaw-config/config.yaml (a ConfigMap) replaces the node's
+# /etc/thaw/config.yaml; files in /etc/thaw-registry (a Secret, e.g. auth.json) go to the node's
+# /etc/thaw/ (root-only), for config.yaml's registry.auth_file.
+set -euo pipefail
+HOST=${THAW_HOST_ROOT:-/host}
+B=/opt/thaw/$THAW_VERSION
+say() { printf '[thaw-installer] %s\n' "$*"; }
+
+case "${1:-install}" in
+  install)
+    [ -d "$HOST/proc/1" ] || { say "the node's / must be mounted at $HOST"; exit 1; }
+    mkdir -p "$HOST/etc/thaw"
+    if [ -f /etc/thaw-config/config.yaml ]; then
+      cp /etc/thaw-config/config.yaml "$HOST/etc/thaw/config.yaml.thaw-new"
+      mv "$HOST/etc/thaw/config.yaml.thaw-new" "$HOST/etc/thaw/config.yaml"
+      say "config: /etc/thaw/config.yaml from the ConfigMap"
+    fi
+    if [ -d /etc/thaw-registry ]; then
+      for f in /etc/thaw-registry/*; do
+        [ -f "$f" ] || continue
+        install -m 0600 "$f" "$HOST/etc/thaw/$(basename "$f")"
+        say "registry credentials: /etc/thaw/$(basename "$f")"
+      done
+    fi
+    # containerd is restarted below, in the host's namespaces: systemctl refuses in a chroot.
+    THAW_CONTAINERD_RESTART=0 "$B/share/thaw-node.sh" install --root "$HOST" --containerd
+    if [ "${THAW_RESTART_CONTAINERD:-1}" = 1 ] && nsenter --target 1 --mount -- systemctl is-active --quiet containerd 2>/dev/null; then
+      say "restarting containerd (running containers keep running)"
+      nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd
+    fi
+    ;;
+  uninstall) shift; exec "$B/share/thaw-node.sh" uninstall --root "$HOST" "$@" ;;
+  sleep) exec sleep infinity ;;
+  *) say "unknown command $1 (install, uninstall, sleep)"; exit 2 ;;
+esac
