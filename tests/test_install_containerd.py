@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from thaw.oci import annotations as ann
+from thaw.shim import config
 from thaw.shim.containerd import ContainerdConfigError, checks, discovery, dropin, goglob, install, merge
 from thaw.shim.containerd.merge import CRI_V2, CRI_V3
 
@@ -174,7 +175,7 @@ def _docs(name: str) -> list[dict]:
 
 def test_every_manifest_loads_with_known_kinds():
     want = {("node.k8s.io/v1", "RuntimeClass"), ("v1", "Pod"), ("v1", "Namespace"),
-            ("v1", "ServiceAccount"), ("apps/v1", "DaemonSet")}
+            ("v1", "ServiceAccount"), ("apps/v1", "DaemonSet"), ("v1", "ConfigMap")}
     seen = set()
     files = sorted(glob.glob(os.path.join(K8S, "*.yaml")))
     assert {os.path.basename(f) for f in files} >= {"runtimeclass.yaml", "example-pod.yaml", "daemonset.yaml"}
@@ -213,14 +214,14 @@ def test_example_pod_uses_the_runtime_class_and_valid_annotations():
     assert not dropin.uncovered(dropin.ANNOTATIONS, keys=tuple(annotations))
 
 
-def test_daemonset_installs_thaw_on_the_node():
+def test_daemonset_installs_thaw_on_the_node(tmp_path):
     docs = _docs("daemonset.yaml")
     by_kind = {d["kind"]: d for d in docs}
-    assert set(by_kind) == {"Namespace", "ServiceAccount", "DaemonSet"}
+    assert set(by_kind) == {"Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"}
     ns = by_kind["Namespace"]["metadata"]["name"]
     assert ns == "thaw-system"
-    sa, ds = by_kind["ServiceAccount"], by_kind["DaemonSet"]
-    assert sa["metadata"]["namespace"] == ns and ds["metadata"]["namespace"] == ns
+    sa, ds, cm = by_kind["ServiceAccount"], by_kind["DaemonSet"], by_kind["ConfigMap"]
+    assert sa["metadata"]["namespace"] == ns and ds["metadata"]["namespace"] == ns == cm["metadata"]["namespace"]
     assert ds["apiVersion"] == "apps/v1"
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     spec = ds["spec"]["template"]["spec"]
@@ -230,15 +231,26 @@ def test_daemonset_installs_thaw_on_the_node():
     assert any(t.get("key") == "nvidia.com/gpu" for t in spec["tolerations"])
     [init] = spec["initContainers"]
     assert init["securityContext"]["privileged"] is True
-    script = " ".join(init["command"] + init.get("args", []))
-    assert "nsenter --target 1 --mount --uts --ipc --net --pid" in script
-    assert "/opt/thaw/src/install/node.sh --containerd" in script
-    assert "/host/opt/thaw/src" in script
+    # the installer image's entrypoint (install/image/entrypoint.sh) installs into the node at /host
+    assert init["command"] == ["/usr/local/bin/thaw-installer", "install"]
+    entrypoint = open(os.path.join(REPO, "install", "image", "entrypoint.sh")).read()
+    assert 'thaw-node.sh" install --root "$HOST" --containerd' in entrypoint
+    assert "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd" in entrypoint
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
     vols = {v["name"]: v for v in spec["volumes"]}
-    assert all(vols[n]["hostPath"]["path"] == "/opt/thaw" for n in mounts)
+    assert mounts["host-root"] == "/host" and vols["host-root"]["hostPath"]["path"] == "/"
+    # config.yaml through the ConfigMap, registry credentials through a Secret, both optional
+    assert mounts["config"] == "/etc/thaw-config" and vols["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    assert vols["config"]["configMap"]["optional"] and vols["registry"]["secret"]["optional"]
+    assert mounts["registry"] == "/etc/thaw-registry" and "/etc/thaw-registry" in entrypoint
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    path = os.path.join(str(tmp_path), "config.yaml")
+    with open(path, "w") as f:
+        f.write(cm["data"]["config.yaml"])
+    assert config.load(path).criu == "/opt/thaw/current/sbin/criu"     # a valid config
+    assert cfg["registry"]["auth_file"] == "/etc/thaw/auth.json"
     [main] = spec["containers"]
-    assert "infinity" in " ".join(main["command"])
+    assert main["command"] == ["/usr/local/bin/thaw-installer", "sleep"]
     assert "thaw-installer:" in init["image"] and main["image"] == init["image"]
 
 
@@ -308,6 +320,55 @@ def test_add_import_inserts_one_line_or_extends_the_array():
     assert install.add_import(text, "/d") == 'version = 2\nimports = ["/d"]\n[x]\nimports = ["/no"]\n'
     with pytest.raises(ContainerdConfigError):
         install.add_import('version = 2\nimports = "/a"\n', "/d")       # not an array
+
+
+def _uninstall(node: Node) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "thaw.shim.containerd", "uninstall", "--config", str(node.config),
+                           "--conf-d", str(node.conf_d)], capture_output=True, text=True, timeout=60)
+
+
+def test_uninstall_removes_the_drop_in_and_only_the_imports_entry_thaw_added(tmp_path):
+    node = Node(tmp_path)
+    node.write_config(USER_V2)
+    node.run()
+    assert node.drop_in.exists() and node.entry in node.main()["imports"]
+    # the user edits the main config after the install: a comment, another import, a setting
+    edited = node.config.read_text().replace("imports = [", "# mine\nimports = [\"/etc/extra.toml\", ")
+    edited += '\n[debug]\n  level = "debug"\n'
+    node.config.write_text(edited)
+    proc = _uninstall(node)
+    assert proc.returncode == 100, proc.stdout + proc.stderr
+    assert not node.drop_in.exists() and not (node.conf_d / install.RECORD_NAME).exists()
+    text = node.config.read_text()
+    assert node.main()["imports"] == ["/etc/extra.toml"] and "# mine" in text and 'level = "debug"' in text
+    assert tomllib.loads(text) == {k: v for k, v in tomllib.loads(edited).items() if k != "imports"} | {
+        "imports": ["/etc/extra.toml"]}
+    assert _uninstall(node).returncode == 0       # nothing left to do
+
+
+def test_uninstall_leaves_an_entry_the_user_had_or_that_other_files_need(tmp_path):
+    node = Node(tmp_path)
+    node.write_config(USER_V2.replace("version = 2", f"version = 2\nimports = [\"{tmp_path}/etc/containerd/conf.d/*.toml\"]"))
+    before = node.config.read_text()
+    node.run()
+    assert _uninstall(node).returncode == 100
+    assert node.config.read_text() == before and not node.drop_in.exists()   # the user's own entry stays
+    other = Node(tmp_path / "b") if (tmp_path / "b").mkdir() is None else None
+    assert other is not None
+    other.write_config(USER_V2)
+    other.run()
+    (other.conf_d / "50-gpu.toml").write_text("version = 2\n")     # e.g. NVIDIA's toolkit, added later
+    assert _uninstall(other).returncode == 100
+    assert other.entry in other.main()["imports"] and not other.drop_in.exists()
+
+
+def test_remove_import_keeps_every_other_byte():
+    assert install.remove_import('version = 2\nimports = ["/d"]\n[a]\n', "/d") == 'version = 2\n[a]\n'
+    assert install.remove_import('imports = ["/x", "/d"] # c\n', "/d") == 'imports = ["/x"] # c\n'
+    assert install.remove_import('version = 2\n', "/d") is None
+    for text in (USER_V2, USER_V3):
+        added = install.add_import(text, "/etc/containerd/conf.d/*.toml")
+        assert install.remove_import(added, "/etc/containerd/conf.d/*.toml") == text
 
 
 @pytest.mark.parametrize("text", [USER_V2, USER_V3, DEFAULT_V2, DEFAULT_V3,

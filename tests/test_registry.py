@@ -399,19 +399,31 @@ def test_first_hard_error_cancels_the_other_transfers(tls_registry, tmp_path):
         pull_blobs(c, repo, moved(good, str(tmp_path / "dst")), cancel=cancel)
 
 
-def test_tls_needs_the_ca_and_plain_http_needs_listing(tls_registry, tmp_path):
+def test_tls_needs_the_ca_and_plain_http_needs_listing_except_on_loopback(tls_registry, tmp_path):
     with tls_registry.client(ca_bundle=None) as c, pytest.raises(NetworkError) as err:
         c.ping()
     assert "certificate" in str(err.value).lower()
     plain = RegistryProxy(tls_registry.server.url, ca=tls_registry.ca.ca).start()
     try:
         from thaw.shim.registry.client import RegistryClient
-        creds = tls_registry.server.auth_config(str(tmp_path / "plain.json"), USER, PASSWORD, host=plain.host)
-        with RegistryClient(plain.host, tls_registry.settings(creds)) as c, pytest.raises(NetworkError) as err:
-            c.ping()  # https to a plain-HTTP server
-        assert "insecure" in str(err.value)
-        with RegistryClient(plain.host, tls_registry.settings(creds, insecure_hosts=(plain.host,))) as c:
-            c.ping()
+        from thaw.shim.registry.transport import Transport, is_loopback
+        # A registry on this host (127.0.0.0/8, localhost) speaking plain HTTP: docker's rule,
+        # HTTPS first, then HTTP, with no insecure-registries entry.
+        for host in (plain.host, plain.storage_host):
+            creds = tls_registry.server.auth_config(str(tmp_path / f"{host}.json"), USER, PASSWORD, host=host)
+            with RegistryClient(host, tls_registry.settings(creds)) as c:
+                c.ping()
+        # Any other host must be listed: thaw never falls back to plain HTTP for it.
+        assert [is_loopback(h) for h in ("127.0.0.1:5000", "127.8.0.1", "localhost:5000", "[::1]:5000", "LOCALHOST")] \
+            == [True] * 5
+        assert not any(is_loopback(h) for h in ("10.0.0.1:5000", "localhost.example.com", "registry.local:5000",
+                                                 "[fe80::1]:5000", "127.0.0.1.nip.io"))
+        remote = Transport("registry.example:5000")
+        assert remote.scheme == "https"
+        with pytest.raises(ConfigError):
+            remote._check_url("http://registry.example:5000/v2/", ())
+        assert Transport("registry.example:5000", tls_registry.settings(None, insecure_hosts=("registry.example:5000",))
+                         ).scheme == "http"
     finally:
         plain.stop()
 

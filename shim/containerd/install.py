@@ -26,7 +26,6 @@ from . import ContainerdConfigError, checks, dropin
 from .discovery import containerd_version, default_config
 from .merge import covered, cri_disabled, cri_plugin, dig, effective, load_files, runtimes_of
 
-
 # Next to the drop-in (not *.toml: containerd never reads it): the imports entry install added.
 RECORD_NAME = ".thaw-import.json"
 

@@ -11,6 +11,7 @@ factories, so a request can be re-sent; an upload sends its body only after a bo
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import ssl
@@ -138,6 +139,8 @@ class Transport:
         where = (repository, digest)
         tried_auth = False
         for _ in range(MAX_REDIRECTS + 1):
+            if self.scheme == "http" and url.startswith(f"https://{self.registry}/"):
+                url = "http" + url[len("https"):]     # a loopback registry found to speak HTTP (_send)
             self._check_url(url, where)
             hdrs = {"User-Agent": self.settings.user_agent, **self.settings.extra_headers, **(headers or {})}
             same_host = _origin(url) == _origin(self.base)
@@ -172,8 +175,14 @@ class Transport:
             return self._pool.urlopen(method, url, body=data, headers=headers, redirect=False, retries=False,
                                       preload_content=False, decode_content=False)
         except Urllib3SSLError as exc:
+            plain = "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc)
+            if plain and self.scheme == "https" and url.startswith(self.base + "/") and is_loopback(self.registry):
+                # As docker does for a registry on this host: HTTPS first, then plain HTTP.
+                self.scheme, self._insecure = "http", self._insecure | {self.registry.lower()}
+                self.base = f"http://{self.registry}"
+                return self._send(method, "http" + url[len("https"):], headers, body, where)
             hint = ""
-            if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
+            if plain:
                 hint = " (the registry seems to speak plain HTTP: list it in the insecure hosts to allow that)"
             elif "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 hint = " (certificate not trusted: add its CA to the CA bundle)"
@@ -343,6 +352,22 @@ def _scope_key(scopes: tuple[str, ...]) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, parts.netloc.lower()
+
+
+def is_loopback(registry: str) -> bool:
+    """localhost or an address in 127.0.0.0/8 or ::1, with or without a port: the registries docker
+    speaks to over plain HTTP when HTTPS fails, with no insecure-registries entry needed."""
+    if registry.startswith("["):
+        host = registry[1:registry.find("]")]
+    else:
+        host = registry.partition(":")[0] if registry.count(":") == 1 else registry
+    host = host.lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _strip_query(url: str) -> str:
