@@ -6,6 +6,7 @@
 #   thaw-node.sh rollback  [--root DIR] [VERSION]        make VERSION (default: the previous) current
 #   thaw-node.sh uninstall [--root DIR] [--purge]        remove thaw (--purge: also store and config)
 #   thaw-node.sh versions  [--root DIR]
+#   thaw-node.sh copy      --root DIR                    only copy this version into DIR/opt/thaw
 #
 # --root DIR: a host mounted at DIR (the installer image mounts the node's / at /host): the bundle
 # is copied to DIR/opt/thaw/<version> and the rest runs chrooted there, with the bundle's own
@@ -50,7 +51,7 @@ if [ -n "$ROOT" ] && [ "$(cd "$ROOT" && pwd -P)" != / ]; then
   # Into a mounted host: copy this version (atomically: a half-copied version never exists),
   # then run this same script there.
   [ -d "$ROOT/proc/1" ] || say "note: $ROOT/proc is not mounted: versions in use there cannot be seen"
-  if [ "$cmd" = install ] && [ ! -f "$ROOT$TOP/$VERSION/share/VERSION" ]; then
+  if { [ "$cmd" = install ] || [ "$cmd" = copy ]; } && [ ! -f "$ROOT$TOP/$VERSION/share/VERSION" ]; then
     mkdir -p "$ROOT$TOP"
     tmp=$(mktemp -d "$ROOT$TOP/.incoming.XXXXXX")
     cp -a "$BUNDLE/." "$tmp/"
@@ -58,6 +59,7 @@ if [ -n "$ROOT" ] && [ "$(cd "$ROOT" && pwd -P)" != / ]; then
     mv -T "$tmp" "$ROOT$TOP/$VERSION"
     say "copied $VERSION to $ROOT$TOP/$VERSION"
   fi
+  [ "$cmd" = copy ] && exit 0
   args=()
   [ "$CONTAINERD" = 1 ] && args+=(--containerd)
   [ "$PURGE" = 1 ] && args+=(--purge)
@@ -188,5 +190,6 @@ case "$cmd" in
     rmdir "$TOP" 2>/dev/null || true
     say "uninstalled"
     ;;
-  *) die "unknown command $cmd (install, rollback, uninstall, versions)" ;;
+  copy) die "copy needs --root DIR (a host mounted there)" ;;
+  *) die "unknown command $cmd (install, rollback, uninstall, versions, copy)" ;;
 esac

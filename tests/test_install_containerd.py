@@ -234,8 +234,8 @@ def test_daemonset_installs_thaw_on_the_node(tmp_path):
     # the installer image's entrypoint (install/image/entrypoint.sh) installs into the node at /host
     assert init["command"] == ["/usr/local/bin/thaw-installer", "install"]
     entrypoint = open(os.path.join(REPO, "install", "image", "entrypoint.sh")).read()
-    assert 'thaw-node.sh" install --root "$HOST" --containerd' in entrypoint
-    assert "nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd" in entrypoint
+    assert 'thaw-node.sh" copy --root "$HOST"' in entrypoint and '$ENTER "$B/share/thaw-node.sh" install' in entrypoint
+    assert "nsenter --target 1 --mount --uts --ipc --net --pid --" in entrypoint
     mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
     vols = {v["name"]: v for v in spec["volumes"]}
     assert mounts["host-root"] == "/host" and vols["host-root"]["hostPath"]["path"] == "/"

@@ -22,7 +22,8 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$SRC" log -1 --format=%c
 BASE=localhost/thaw-base:bookworm
 if ! "$PODMAN" image exists "$BASE"; then
   mirror=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'; grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}') \
-            | grep -E '/debian/?$' | head -n1)
+            | grep -E '/debian/?$' | head -n1 || true)
+  [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
   say "base: mmdebstrap bookworm minbase from $mirror"
   mmdebstrap --quiet --variant=minbase bookworm "$WORK/base.tar" "$mirror"
   "$PODMAN" import --change 'CMD ["/bin/bash"]' "$WORK/base.tar" "$BASE" >/dev/null

@@ -11,6 +11,8 @@
 set -euo pipefail
 HOST=${THAW_HOST_ROOT:-/host}
 B=/opt/thaw/$THAW_VERSION
+# How to run a command in the node's namespaces (hostPID: its pid 1). Tests set another way in.
+ENTER=${THAW_HOST_ENTER:-nsenter --target 1 --mount --uts --ipc --net --pid --}
 say() { printf '[thaw-installer] %s\n' "$*"; }
 
 case "${1:-install}" in
@@ -29,14 +31,19 @@ case "${1:-install}" in
         say "registry credentials: /etc/thaw/$(basename "$f")"
       done
     fi
-    # containerd is restarted below, in the host's namespaces: systemctl refuses in a chroot.
-    THAW_CONTAINERD_RESTART=0 "$B/share/thaw-node.sh" install --root "$HOST" --containerd
-    if [ "${THAW_RESTART_CONTAINERD:-1}" = 1 ] && nsenter --target 1 --mount -- systemctl is-active --quiet containerd 2>/dev/null; then
-      say "restarting containerd (running containers keep running)"
-      nsenter --target 1 --mount --uts --ipc --net --pid -- systemctl restart containerd
+    # Copy this version onto the node, then install it in the node's own namespaces (the bundle
+    # carries its interpreter and C library: it runs on any distribution). There `thaw doctor`
+    # sees the node's mounts and containerd.sh can restart containerd with systemctl.
+    "$B/share/thaw-node.sh" copy --root "$HOST"
+    args=()
+    if $ENTER /bin/sh -c 'PATH=$PATH:/usr/local/bin:/usr/bin:/usr/sbin; command -v containerd' >/dev/null 2>&1; then
+      args+=(--containerd)
+    else
+      say "no containerd on this node: thaw installed, no runtime handler registered"
     fi
+    $ENTER "$B/share/thaw-node.sh" install "${args[@]}"
     ;;
-  uninstall) shift; exec "$B/share/thaw-node.sh" uninstall --root "$HOST" "$@" ;;
+  uninstall) shift; exec $ENTER /opt/thaw/current/share/thaw-node.sh uninstall "$@" ;;
   sleep) exec sleep infinity ;;
   *) say "unknown command $1 (install, uninstall, sleep)"; exit 2 ;;
 esac
