@@ -17,7 +17,7 @@ say() { printf '[thaw-installer] %s\n' "$*"; }
 
 case "${1:-install}" in
   install)
-    [ -d "$HOST/proc/1" ] || { say "the node's / must be mounted at $HOST"; exit 1; }
+    [ -e "$HOST/etc/os-release" ] || { say "the node's / must be mounted at $HOST"; exit 1; }
     mkdir -p "$HOST/etc/thaw"
     if [ -f /etc/thaw-config/config.yaml ]; then
       cp /etc/thaw-config/config.yaml "$HOST/etc/thaw/config.yaml.thaw-new"
