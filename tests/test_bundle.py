@@ -39,8 +39,8 @@ def bullseye_root() -> str:
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=busybox-static", "bullseye",
-                        path + ".tmp", _mirror()], check=True, timeout=900)
-        os.rename(path + ".tmp", path)
+                        path + ".tmp.tar", _mirror()], check=True, timeout=900)   # format from the name
+        os.rename(path + ".tmp.tar", path)
     return path
 
 
