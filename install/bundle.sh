@@ -80,6 +80,7 @@ build() {
   mkdir -p "$wheel_dir" "$build_src"
   cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/oci" "$SRC/shim" "$SRC/hooks" "$build_src/"
   find "$build_src" -name __pycache__ -prune -exec rm -rf {} +
+  criu_protos "$build_src"
   "$WORK/pip-venv/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$wheel_dir" "$build_src" 2>&1 \
     | grep -v "is ignored: it is neither" || true
   # cryptography: the provenance checks' signatures; cuda-bindings: the gpu extra.
@@ -144,7 +145,7 @@ EOF
   # (this machine's identical interpreter: the staged one only runs from its final prefix)
   "$PY" -I -m compileall -q -j1 --invalidation-mode unchecked-hash \
     -s "$stage" -p / "$stdlib" "$site" >/dev/null || die "compileall failed"
-  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.runtime, thaw.shim.cli, thaw.hooks.main, cryptography, cuda.bindings" \
+  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.runtime, thaw.shim.cli, thaw.hooks.main, cryptography, cuda.bindings, importlib.util as u; u.find_spec('thaw.shim.criu_images') is None or __import__('thaw.shim.criu_images').shim.criu_images.schemas()" \
     || die "the bundled interpreter cannot import thaw"
 
   local tarball=$out/thaw-node-$v.tar.gz
@@ -155,6 +156,26 @@ EOF
   rm -rf "$WORK"
   say "wrote $tarball ($(du -h "$tarball" | cut -f1), $(sha256sum "$tarball" | cut -c1-16))"
   echo "$tarball"
+}
+
+# CRIU's image schemas (thaw.shim.criu_proto), generated exactly as install/node.sh does: protoc
+# on the images/*.proto of the CRIU source node.sh verified and built (its cache), imports made
+# package-relative.
+criu_protos() {
+  local src=$1 ver sum tarball protos
+  [ -d "$src/shim/criu_proto" ] || return 0     # a tree from before the schemas
+  ver=$(sed -n 's/^CRIU_VERSION=//p' "$SRC/install/node.sh")
+  sum=$(sed -n 's/^CRIU_SHA256=//p' "$SRC/install/node.sh")
+  tarball=${THAW_BUILD_CACHE:-/var/cache/thaw}/criu_${ver}.orig.tar.xz
+  echo "$sum  $tarball" | sha256sum -c --status 2>/dev/null \
+    || die "$tarball missing or not CRIU $ver's (install/node.sh fetches and verifies it)"
+  command -v protoc >/dev/null || die "protoc missing (apt-get install protobuf-compiler; install/node.sh does)"
+  protos=$(mktemp -d)
+  tar -xJf "$tarball" -C "$protos" --strip-components=1 --wildcards '*/images/*.proto'
+  rm -f "$src"/shim/criu_proto/*_pb2.py
+  protoc -I"$protos/images" --python_out="$src/shim/criu_proto" "$protos"/images/*.proto || die "protoc failed"
+  sed -i -E 's/^import ([A-Za-z0-9_]+_pb2) as /from . import \1 as /' "$src"/shim/criu_proto/*_pb2.py
+  rm -rf "$protos"
 }
 
 # Every NEEDED of every ELF in the bundle resolves inside it (site-packages' own libraries aside).
