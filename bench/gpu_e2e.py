@@ -8,14 +8,23 @@ quiesce/resume, then restored — side by side in one run, the order alternating
   by_hand     the same CRIU image, read through the store's API, restored with plain runc and the
               CUDA driver's restore + unlock from a small script: what an operator gets without thaw
 
-each with a hot page cache; then, with the page cache dropped (a new node), `fast` timed from the
-pod sandbox's create (which starts thaw's prefetch) with the container's create right after it
-(the real gap is reported), and `by_hand` timed from its create.
+each with a hot page cache (`--variants` picks which; stock_fill is off by default); then, with
+the page cache dropped (a new node), `fast` timed from the pod sandbox's create (which starts
+thaw's prefetch) with the container's create right after it (the real gap is reported), and
+`by_hand` timed from its create.
 
-    source bench/device/env.sh && python3 bench/gpu_e2e.py --runs 3 --out DIR [--config qwen3-4b]
+Per phase of each thaw restore: thaw's own (fingerprint, verify, runc restore, CUDA restore,
+resume, first token), CRIU's page fill (bytes and seconds from its restore log), the CUDA
+restore's rate (GPU state staged by the checkpoint / its seconds) and, with the page cache
+dropped, the prefetch (its event). With `--limits FILE` (bench/device/limits.py on the same
+machine) the report sets each against the machine's limit: the disk floor of a restore on a new
+node is the snapshot's bytes over the measured sequential read rate.
+
+    source bench/device/env.sh && python3 bench/gpu_e2e.py --runs 3 --out DIR [--config qwen3-8b]
     python3 bench/gpu_e2e.py --cpu --runs 1        # the same flow on any machine (tiny CPU worker)
 
-Writes DIR/gpu-e2e.json (one object per run), DIR/gpu-e2e.md and DIR/gpu-e2e.png.
+Writes DIR/gpu-e2e.json (one object per run, rewritten after every measurement, so a run cut
+short keeps what it had), DIR/gpu-e2e.md and DIR/gpu-e2e.png.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import tempfile
 import time
 
 import yaml
+from restore_speed import fill_of_largest
 
 from common import ROOT
 from helpers import ShimContainer, make_bundle, netns, netns_delete, unique, wait_http_ready
@@ -135,8 +145,9 @@ def drop_caches() -> None:
 
 
 class Bench:
-    def __init__(self, args, tmp: str, work: str, device: str):
+    def __init__(self, args, tmp: str, work: str, device: str, save=lambda run: None):
         self.args, self.tmp, self.work, self.device = args, tmp, work, device
+        self.save = save                                # writes the results so far (run: the one under way)
         base = load()                                   # THAW_CONFIG: env.sh's on the GPU machine
         self.cfg = base
         self.configs = {"fast": self._config("fast", {}), "stock_fill": self._config("stock_fill", {"workers": 0})}
@@ -159,13 +170,39 @@ class Bench:
             yaml.safe_dump(raw, f)
         return path
 
-    def keep_log(self, path: str, name: str) -> None:
-        """CRIU's restore log (its timestamps say where the time outside the page fill goes)."""
+    def keep_log(self, path: str, name: str) -> dict:
+        """CRIU's restore log (its timestamps say where the time outside the page fill goes);
+        returns its page fill of the largest process, where thaw's CRIU logged one."""
         os.makedirs(self.logs, exist_ok=True)
+        kept = f"run{self.i}-{name}.log"
         try:
-            shutil.copy(path, os.path.join(self.logs, f"run{self.i}-{name}.log"))
+            shutil.copy(path, os.path.join(self.logs, kept))
         except OSError as exc:
             log(f"no restore log at {path}: {exc}")
+            return {}
+        got = fill_of_largest(self.logs, kept)
+        return {} if not got or got[1] <= 0 else \
+            {"bytes": got[0], "s": round(got[1], 4), "gib_per_s": round(got[0] / 2**30 / got[1], 2)}
+
+    def prefetch_event(self, name: str, since: float, wait_s: float = 20.0) -> dict:
+        """The prefetch's own report (thaw's events log) for snapshot `name`, written after `since`."""
+        path = os.path.join(self.cfg.state_dir, "events.log")
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = {}
+            try:
+                with open(path) as f:
+                    for line in f:
+                        e = json.loads(line)
+                        if e.get("kind") == "prefetch" and e.get("snapshot") == name \
+                                and e.get("outcome") != "busy" and e.get("time", "") >= time.strftime(
+                                    "%Y-%m-%dT%H:%M:%S", time.gmtime(since)):
+                            found = e
+            except (OSError, ValueError):
+                pass
+            if found or time.monotonic() > deadline:
+                return {k: found[k] for k in ("outcome", "bytes", "seconds", "msg") if k in found}
+            time.sleep(0.2)
 
     def bundle(self, name: str, ns: str, annotations: dict | None = None) -> str:
         return gpu_bundle(os.path.join(self.tmp, unique(name)), self.cmd, self.work, ns, annotations)
@@ -190,6 +227,7 @@ class Bench:
         sandbox: first create the pod's sandbox (which starts the prefetch) and time from there."""
         annotations = {"thaw.dev/snapshot": name, "thaw.dev/resume": f"{URL}/resume"}
         env = {"THAW_CONFIG": self.configs[variant]}
+        wall0 = time.time()
         dst = ShimContainer("thaw-runtime", RUNC_ROOT, self.bundle("restored", ns, annotations), unique("restored"))
         box = None
         out: dict = {}
@@ -210,8 +248,8 @@ class Bench:
             if rc != 0 or problems:
                 raise RuntimeError(f"{variant} restore did not happen: rc={rc} {problems}")
             record = json.load(open(os.path.join(self.cfg.state_dir, "containers", dst.id + ".json")))
-            self.keep_log(os.path.join(self.cfg.state_dir, "containers", dst.id + ".d", "restore.log"),
-                          f"{variant}{'-cold-cache' if sandbox else ''}")
+            out["criu_fill"] = self.keep_log(os.path.join(self.cfg.state_dir, "containers", dst.id + ".d",
+                                                          "restore.log"), f"{variant}{'-cold-cache' if sandbox else ''}")
             dst.start()
             t_ready = wait_http_ready(dst.pid(), f"{URL}/health", 300)
             got = generate(dst.pid())
@@ -220,6 +258,8 @@ class Bench:
             phases["first_token"] = round(t_ready - t1 + got["ttft_s"] - create_s, 4)
             out.update(ttft_s=t_ready - t0 + got["ttft_s"], tokens=got["tokens"], phases=phases, fill=record["fill"],
                        runc_restore_s=phases["runc_restore"])
+            if sandbox:
+                out["prefetch"] = self.prefetch_event(name, wall0)
             return out
         finally:
             dst.destroy()
@@ -242,7 +282,7 @@ class Bench:
                                            c.bundle, "--pid-file", c.pid_file, cid],
                                           stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, timeout=600)
                 t_runc = time.perf_counter()
-            self.keep_log(os.path.join(swork, "restore.log"), tag)
+            fill = self.keep_log(os.path.join(swork, "restore.log"), tag)
             if proc.returncode != 0:
                 raise RuntimeError(f"stock runc restore failed: {open(os.path.join(swork, 'restore.log')).read()[-800:]}")
             pid = c.pid()
@@ -253,7 +293,7 @@ class Bench:
             t_ready = wait_http_ready(pid, f"{URL}/health", 300)
             got = generate(pid)
             return {"restore_s": restore_s, "runc_restore_s": t_runc - t0, "ttft_s": t_ready - t0 + got["ttft_s"],
-                    "tokens": got["tokens"]}
+                    "tokens": got["tokens"], "criu_fill": fill}
         finally:
             c.destroy()
 
@@ -271,6 +311,7 @@ class Bench:
             containers.append(cold)
             run["cold_phases"] = ready_line(cold)
             log(f"run {i}: cold ttft {run['cold_ttft_s']:.2f}s; {run['cold_phases']}")
+            self.save(run)
 
             t = time.perf_counter()
             thaw("capture", cold.id, "--name", name, "--root", RUNC_ROOT,
@@ -290,35 +331,47 @@ class Bench:
                 f"({run['pages_bytes'] / 2**30:.2f} GiB pages); {run['capture_phases']}; {run['composition']}")
             cold.destroy()
             containers.remove(cold)
+            self.save(run)
 
             identical = True
-            order = ["fast", "stock_fill", "by_hand"][:: 1 if i % 2 else -1]
+            order = self.args.variants[:: 1 if i % 2 else -1]
             for k, variant in enumerate(order):
                 r = self.by_hand(name, paths[1 + k]) if variant == "by_hand" else \
                     self.thaw_restore(variant, name, paths[1 + k])
                 identical &= r["tokens"] == ref["tokens"]
                 run[variant] = {k2: v for k2, v in r.items() if k2 != "tokens"}
+                run[variant]["identical"] = r["tokens"] == ref["tokens"]
+                if "phases" in r and r["phases"].get("cuda_restore"):
+                    run[variant]["cuda_restore_gib_per_s"] = round(
+                        run["gpu_bytes_checkpointed"] / 2**30 / r["phases"]["cuda_restore"], 2)
                 log(f"run {i}: {variant}: ttft {r['ttft_s']:.2f}s, runc restore {r['runc_restore_s']:.2f}s "
-                    f"({run['pages_bytes'] / 2**30 / r['runc_restore_s']:.2f} GiB/s) {r.get('phases', '')}")
+                    f"({run['pages_bytes'] / 2**30 / r['runc_restore_s']:.2f} GiB/s; fill {r['criu_fill']}) "
+                    f"{r.get('phases', '')}")
+                self.save(run)
             run["generations_identical"] = identical
             # The fields earlier runs wrote, kept, plus the new ones.
             run.update(restore_ttft_s=run["fast"]["ttft_s"], phases=run["fast"]["phases"],
-                       stock_page_restore_ttft_s=run["stock_fill"]["ttft_s"],
                        stock_restore_s=run["by_hand"]["restore_s"], stock_ttft_s=run["by_hand"]["ttft_s"],
                        restore_gib_per_s=run["pages_bytes"] / 2**30 / run["fast"]["runc_restore_s"],
-                       stock_fill_gib_per_s=run["pages_bytes"] / 2**30 / run["stock_fill"]["runc_restore_s"],
                        by_hand_gib_per_s=run["pages_bytes"] / 2**30 / run["by_hand"]["runc_restore_s"])
+            if "stock_fill" in run:
+                run.update(stock_page_restore_ttft_s=run["stock_fill"]["ttft_s"],
+                           stock_fill_gib_per_s=run["pages_bytes"] / 2**30 / run["stock_fill"]["runc_restore_s"])
             if not self.args.no_cold_cache:
                 drop_caches()
                 r = self.thaw_restore("fast", name, paths[4], sandbox=True)
                 identical &= r["tokens"] == ref["tokens"]
                 run["fast_cold_cache"] = {k2: v for k2, v in r.items() if k2 != "tokens"}
+                run["fast_cold_cache"]["identical"] = r["tokens"] == ref["tokens"]
                 log(f"run {i}: fast, page cache dropped, from the sandbox's create: ttft {r['ttft_s']:.2f}s "
-                    f"(sandbox gap {r['sandbox_gap_s']:.2f}s) {r['phases']}")
+                    f"(sandbox gap {r['sandbox_gap_s']:.2f}s; prefetch {r['prefetch']}; fill {r['criu_fill']}) "
+                    f"{r['phases']}")
+                self.save(run)
                 drop_caches()
                 r = self.by_hand(name, paths[5], "by_hand-cold-cache")
                 identical &= r["tokens"] == ref["tokens"]
                 run["by_hand_cold_cache"] = {k2: v for k2, v in r.items() if k2 != "tokens"}
+                run["by_hand_cold_cache"]["identical"] = r["tokens"] == ref["tokens"]
                 log(f"run {i}: by hand, page cache dropped: ttft {r['ttft_s']:.2f}s")
                 run["generations_identical"] = identical
             if "fast_cold_cache" in run:
@@ -339,49 +392,131 @@ class Bench:
                 netns_delete(n)
 
 
-def report(runs: list[dict], out: str) -> None:
+def med(values) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def against_limits(runs: list[dict], limits: dict) -> dict:
+    """Medians over the runs set against the machine's limits and the issue's goals."""
+    ok = [r for r in runs if "restore_ttft_s" in r]
+    if not ok:
+        return {}
+    disk = (limits.get("disk") or {}).get("best_gib_per_s")
+    fill_limit = (limits.get("page_fill") or {}).get("best_gib_per_s")
+    out = {"restore_ttft_s": med(r["restore_ttft_s"] for r in ok),
+           "by_hand_ttft_s": med(r["stock_ttft_s"] for r in ok),
+           "thaw_vs_by_hand": med(r["stock_ttft_s"] / r["restore_ttft_s"] for r in ok),
+           "cold_ttft_s": med(r["cold_ttft_s"] for r in ok),
+           "criu_fill_gib_per_s": med(r["fast"].get("criu_fill", {}).get("gib_per_s") for r in ok),
+           "cuda_restore_gib_per_s": med(r["fast"].get("cuda_restore_gib_per_s") for r in ok),
+           "snapshot_gib": ok[0]["snapshot_bytes"] / 2**30}
+    if fill_limit:
+        out["page_fill_limit_gib_per_s"] = fill_limit
+        out["criu_fill_of_limit"] = out["criu_fill_gib_per_s"] / fill_limit
+    h2d = (limits.get("h2d") or {}).get("pinned_h2d_gib_per_s")
+    if h2d:
+        out["pinned_h2d_limit_gib_per_s"] = h2d
+    cc = [r for r in ok if "restore_cold_cache_ttft_s" in r]
+    if cc:
+        out["cold_cache_ttft_s"] = med(r["restore_cold_cache_ttft_s"] for r in cc)
+        out["by_hand_cold_cache_ttft_s"] = med(r.get("stock_cold_cache_ttft_s") for r in cc)
+        if disk:
+            # What a new node must read before the worker can answer: the snapshot (weights inside it).
+            out["disk_gib_per_s"] = disk
+            out["disk_floor_s"] = ok[0]["snapshot_bytes"] / 2**30 / disk
+            out["cold_cache_vs_floor"] = out["cold_cache_ttft_s"] / out["disk_floor_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+PHASES = [("fingerprint+verify", ("fingerprint", "verify_layer")), ("runc restore (CRIU)", ("runc_restore",)),
+          ("CUDA restore", ("cuda_init_wait", "cuda_restore", "cuda_unlock")), ("resume", ("resume",)),
+          ("thaw-runtime + rest", ("resolve", "rootfs", "runtime")), ("start + first token", ("first_token",))]
+
+
+def report(runs: list[dict], out: str, limits: dict | None = None) -> dict:
     ok = [r for r in runs if "restore_ttft_s" in r]
     nan = float("nan")
-    lines = ["| run | cold TTFT | thaw fast TTFT | thaw stock-fill TTFT | by hand TTFT | fast vs by hand | "
-             "fast GiB/s | stock-fill GiB/s | by hand GiB/s | fast TTFT, cache dropped (gap) | by hand, cache dropped | "
-             "snapshot GiB | identical |", "|" + "---|" * 13]
+    lines = ["| run | cold TTFT | thaw TTFT | by hand TTFT | thaw vs by hand | thaw stock-fill TTFT | "
+             "CRIU fill GiB/s (thaw / by hand) | CUDA restore GiB/s | thaw TTFT, cache dropped (gap) | "
+             "prefetch | by hand, cache dropped | snapshot GiB | identical |", "|" + "---|" * 13]
     for r in ok:
-        cc = f"{r['restore_cold_cache_ttft_s']:.2f} ({r['sandbox_gap_s']:.2f})" if "sandbox_gap_s" in r else "-"
-        lines.append(f"| {r['run']} | {r['cold_ttft_s']:.2f} | {r['restore_ttft_s']:.2f} | "
-                     f"{r['stock_page_restore_ttft_s']:.2f} | {r['stock_ttft_s']:.2f} | "
-                     f"{r['stock_ttft_s'] / r['restore_ttft_s']:.2f}x | {r['restore_gib_per_s']:.2f} | "
-                     f"{r['stock_fill_gib_per_s']:.2f} | {r['by_hand_gib_per_s']:.2f} | {cc} | "
-                     f"{r.get('stock_cold_cache_ttft_s') or nan:.2f} | {r['snapshot_bytes'] / 2**30:.2f} | "
-                     f"{r['generations_identical']} |")
+        cc = r.get("fast_cold_cache", {})
+        pf = cc.get("prefetch") or {}
+        lines.append(
+            f"| {r['run']} | {r['cold_ttft_s']:.2f} | {r['restore_ttft_s']:.2f} | {r['stock_ttft_s']:.2f} | "
+            f"{r['stock_ttft_s'] / r['restore_ttft_s']:.2f}x | {r.get('stock_page_restore_ttft_s', nan):.2f} | "
+            f"{r['fast'].get('criu_fill', {}).get('gib_per_s', nan):.2f} / "
+            f"{r['by_hand'].get('criu_fill', {}).get('gib_per_s', nan):.2f} | "
+            f"{r['fast'].get('cuda_restore_gib_per_s', nan):.2f} | "
+            + (f"{cc['ttft_s']:.2f} ({cc['sandbox_gap_s']:.2f})" if cc else "-") + " | "
+            + (f"{pf.get('outcome')} {pf.get('bytes', 0) / 2**30:.2f} GiB in {pf.get('seconds', 0):.2f}s" if pf else "-")
+            + f" | {r.get('stock_cold_cache_ttft_s') or nan:.2f} | {r['snapshot_bytes'] / 2**30:.2f} | "
+            f"{r['generations_identical']} |")
+    summary = against_limits(runs, limits or {})
     if ok:
-        lines += ["", f"Restore phases of the fast path, median over runs (s); fill: {ok[0]['fast']['fill']}", ""]
-        names = list(ok[0]["phases"])
-        lines += ["| " + " | ".join(names) + " |", "|" + "---|" * len(names),
-                  "| " + " | ".join(f"{statistics.median(r['phases'].get(k, nan) for r in ok):.3f}" for k in names) + " |"]
-        lines += ["", "Snapshot composition (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in ok[0]["composition"].items())
+        lines += ["", f"Restore phases of thaw's path, median over runs (s); fill: {ok[0]['fast']['fill']}", ""]
+        for label, key in (("hot page cache", "fast"), ("page cache dropped", "fast_cold_cache")):
+            rs = [r for r in ok if key in r]
+            if not rs:
+                continue
+            names = list(rs[0][key]["phases"])
+            lines += [f"{label}:", "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+                      "| " + " | ".join(f"{med(r[key]['phases'].get(k) for r in rs):.3f}" for k in names) + " |", ""]
+        lines += ["Snapshot composition (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in ok[0]["composition"].items())
                   + f"; GPU state staged by the CUDA checkpoint {ok[0]['gpu_bytes_checkpointed'] / 2**30:.2f}"]
+    if summary:
+        lines += ["", "Medians against the machine's limits: " + ", ".join(f"{k} {v}" for k, v in summary.items())]
     text = "\n".join(lines) + "\n"
     open(os.path.join(out, "gpu-e2e.md"), "w").write(text)
     print(text)
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        xs = range(len(ok))
-        bars = [("cold start", "cold_ttft_s"), ("thaw (fast fill)", "restore_ttft_s"),
-                ("thaw (stock fill)", "stock_page_restore_ttft_s"), ("runc+CRIU+CUDA by hand", "stock_ttft_s")]
-        w = 0.2
-        for k, (label, key) in enumerate(bars):
-            ax.bar([x + (k - 1.5) * w for x in xs], [r[key] for r in ok], w, label=label)
-        ax.set_xticks(list(xs), [f"run {r['run']}" for r in ok])
-        ax.set_ylabel("time to first token (s)")
-        ax.set_title(f"{ok[0]['device']}: {ok[0]['config']} worker, time to first token (hot page cache)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "gpu-e2e.png"), dpi=110)
+        plot(ok, summary, os.path.join(out, "gpu-e2e.png"))
     except Exception as exc:  # noqa: BLE001
         print(f"no chart: {exc}")
+    return summary
+
+
+def plot(ok: list[dict], summary: dict, path: str) -> None:
+    """Left: time to first token of each variant per run. Right: thaw's restore by phase (median),
+    hot and with the page cache dropped, beside the disk floor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not ok:
+        return
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    bars = [("cold start", lambda r: r["cold_ttft_s"]), ("thaw", lambda r: r["restore_ttft_s"]),
+            ("by hand (runc + stock CRIU + CUDA)", lambda r: r["stock_ttft_s"]),
+            ("thaw, cache dropped", lambda r: r.get("restore_cold_cache_ttft_s")),
+            ("by hand, cache dropped", lambda r: r.get("stock_cold_cache_ttft_s"))]
+    bars = [(label, f) for label, f in bars if any(f(r) is not None for r in ok)]
+    w = 0.8 / len(bars)
+    for k, (label, f) in enumerate(bars):
+        xs = [x + (k - (len(bars) - 1) / 2) * w for x in range(len(ok))]
+        ax.bar(xs, [f(r) or 0 for r in ok], w, label=label)
+    ax.set_xticks(range(len(ok)), [f"run {r['run']}" for r in ok])
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"{ok[0]['device']}: {ok[0]['config']} worker")
+    ax.legend(fontsize=8)
+    cols = []
+    for label, key in (("hot", "fast"), ("cache dropped", "fast_cold_cache")):
+        rs = [r for r in ok if key in r]
+        if rs:
+            cols.append((label, [med(sum(r[key]["phases"].get(p, 0) for p in parts) for r in rs) for _, parts in PHASES]))
+    bottom = [0.0] * len(cols)
+    for j, (name, _) in enumerate(PHASES):
+        vals = [c[1][j] for c in cols]
+        bx.bar([c[0] for c in cols], vals, 0.5, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    if "disk_floor_s" in summary:
+        bx.axhline(summary["disk_floor_s"], color="k", ls="--", lw=1,
+                   label=f"disk floor {summary['disk_floor_s']:.2f}s ({summary['disk_gib_per_s']} GiB/s)")
+    bx.set_ylabel("seconds (median)")
+    bx.set_title("thaw restore by phase")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -390,17 +525,30 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="worker config (default qwen3-0.6b; tiny with --cpu)")
     ap.add_argument("--kv-fraction", type=float, default=0.5)
     ap.add_argument("--server-arg", action="append", default=[], help="extra server.py argument (repeatable)")
+    ap.add_argument("--variants", default="fast,by_hand", type=lambda v: v.split(","),
+                    help="hot-cache restores, in this order on odd runs, reversed on even (fast,by_hand[,stock_fill])")
     ap.add_argument("--no-cold-cache", action="store_true", help="skip the page-cache-dropped measurements")
+    ap.add_argument("--limits", help="bench/device/limits.py's JSON from this machine (disk floor, fill limit)")
     ap.add_argument("--cpu", action="store_true", help="the tiny worker on the CPU: the flow, on any machine")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--report-only", metavar="JSON", help="redo the report and chart from a results file")
     args = ap.parse_args()
+    if not {"fast", "by_hand"} <= set(args.variants) <= {"fast", "by_hand", "stock_fill"}:
+        ap.error("--variants: fast and by_hand, optionally stock_fill")
+    limits = json.load(open(args.limits)) if args.limits and os.path.exists(args.limits) else {}
+    if args.report_only:
+        data = json.load(open(args.report_only))
+        summary = report(data["runs"], args.out, limits or data.get("limits"))
+        json.dump({**data, "limits": limits or data.get("limits"), "summary": summary},
+                  open(os.path.join(args.out, "gpu-e2e.json"), "w"), indent=1)
+        return
     args.config = args.config or ("tiny" if args.cpu else "qwen3-0.6b")
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.cpu else subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                                    capture_output=True, text=True).stdout.strip().splitlines()[0]
     probe = subprocess.run(["thaw", "doctor", "--skip-containerd"], capture_output=True, text=True).stdout
     log("; ".join(line for line in probe.splitlines() if "fast restore" in line or "criu" in line))
-    tmp = tempfile.mkdtemp(prefix="gpu-e2e-")
+    tmp = tempfile.mkdtemp(prefix="gpu-e2e-", dir=os.environ.get("GPU_E2E_TMP"))
     work = os.path.join(tmp, "work")
     os.makedirs(work)
     shutil.copy(SERVER, work)
@@ -408,16 +556,24 @@ def main() -> None:
     subprocess.run([sys.executable, SERVER, "--init-weights-only", "--config", args.config,
                     "--weights", os.path.join(work, "weights.safetensors")], check=True)
     log(f"weights ready in {time.perf_counter() - t:.1f}s")
-    bench = Bench(args, tmp, work, device)
-    runs = []
-    for i in range(1, args.runs + 1):
-        runs.append(bench.run(i))
+    runs: list[dict] = []
+
+    def save(current: dict | None = None) -> None:
         with open(os.path.join(args.out, "gpu-e2e.json"), "w") as f:
-            json.dump({"doctor": probe, "runs": runs}, f, indent=1)
-    report(runs, args.out)
-    if os.path.isdir(bench.logs):
-        subprocess.run(["tar", "-czf", os.path.join(args.out, "restore-logs.tar.gz"), "-C", tmp, "restore-logs"])
-    shutil.rmtree(tmp, ignore_errors=True)
+            json.dump({"doctor": probe, "limits": limits, "runs": runs + ([current] if current else [])}, f, indent=1)
+
+    bench = Bench(args, tmp, work, device, save)
+    try:
+        for i in range(1, args.runs + 1):
+            runs.append(bench.run(i))
+            save()
+        summary = report(runs, args.out, limits)
+        with open(os.path.join(args.out, "gpu-e2e.json"), "w") as f:
+            json.dump({"doctor": probe, "limits": limits, "summary": summary, "runs": runs}, f, indent=1)
+    finally:
+        if os.path.isdir(bench.logs):
+            subprocess.run(["tar", "-czf", os.path.join(args.out, "restore-logs.tar.gz"), "-C", tmp, "restore-logs"])
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

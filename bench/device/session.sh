@@ -3,7 +3,11 @@
 # and timed on its cores, then the end-to-end benchmark. Everything goes to $OUT (logs tee'd, so
 # a call stopped at its limit still returns what it had).
 #   bash bench/device/session.sh [gpu_e2e.py arguments...]
-# Environment: SKIP_TESTS=1, SKIP_SPEED=1, DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3"
+# Environment: SKIP_TESTS=1, SKIP_SPEED=1, DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3",
+#   LIMITS=1 (bench/device/limits.py first, into $OUT/limits.json, handed to gpu_e2e.py),
+#   CONFIGS="qwen3-0.6b:3 qwen3-8b:2" (gpu_e2e.py once per worker config and run count, each into
+#   $OUT/CONFIG/; the restore logs of all of them in $OUT/restore-logs.tar; the .md is left out:
+#   `gpu_e2e.py --report-only` remakes it from the JSON).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 E2E_ARGS=("$@")   # env.sh sets positional parameters
@@ -45,4 +49,22 @@ if [ -n "${HEAP_PROBE:-}" ]; then    # where the worker's heap comes from
   { python3 examples/inference-server/server.py --init-weights-only --config qwen3-0.6b --weights /var/tmp/w.st >/dev/null
     python3 bench/device/heap_probe.py /var/tmp/w.st; rm -f /var/tmp/w.st; } 2>&1 | tee "$OUT/heap-probe.txt"
 fi
-python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee "$OUT/gpu-e2e.log"
+{ uname -r; df -h / /var/tmp /tmp; grep -E 'MemTotal|MemAvailable' /proc/meminfo; } 2>&1 | tee -a "$OUT/gpu-e2e.log"
+if [ -n "${LIMITS:-}" ]; then    # the machine's own limits, before anything fills its page cache
+  timeout 150 python3 bench/device/limits.py --out "$OUT/limits.json" --dir /var/tmp 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  E2E_ARGS+=(--limits "$OUT/limits.json")
+fi
+if [ -z "${CONFIGS:-}" ]; then
+  python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  exit
+fi
+mkdir -p /var/tmp/gpu-e2e /tmp/restore-logs
+for c in $CONFIGS; do   # CONFIG:RUNS
+  mkdir -p "$OUT/${c%%:*}"
+  GPU_E2E_TMP=/var/tmp/gpu-e2e python3 bench/gpu_e2e.py --out "$OUT/${c%%:*}" --config "${c%%:*}" --runs "${c##*:}" \
+    "${E2E_ARGS[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  rm -f "$OUT/${c%%:*}/gpu-e2e.md"
+  mv "$OUT/${c%%:*}/restore-logs.tar.gz" "/tmp/restore-logs/${c%%:*}.tar.gz" 2>/dev/null
+  tar -cf "$OUT/restore-logs.tar" -C /tmp restore-logs
+  df -h /var/tmp | sed 1d
+done

@@ -37,6 +37,9 @@ CONFIGS = {
     # A 4B-class shape (Qwen3-4B's): 8 GB of bf16 weights, for measuring how restore grows with size.
     "qwen3-4b": dict(hidden=2560, layers=36, heads=32, kv_heads=8, head_dim=128, inter=9728,
                      vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048),
+    # An 8B-class shape (Qwen3-8B's, untied output head like the real model): 16.4 GB of bf16 weights.
+    "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, inter=12288,
+                     vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048, tied=False),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inter=128,
                  vocab=512, rope_theta=1e6, eps=1e-6, dtype="float32", max_len=256),
 }
@@ -54,6 +57,8 @@ class Unavailable(Exception):
 def weight_shapes(c):
     h, hd = c["hidden"], c["head_dim"]
     shapes = {"model.embed_tokens.weight": (c["vocab"], h), "model.norm.weight": (h,)}
+    if not c.get("tied", True):
+        shapes["lm_head.weight"] = (c["vocab"], h)
     for i in range(c["layers"]):
         p = f"model.layers.{i}."
         shapes.update({
@@ -70,10 +75,13 @@ def weight_shapes(c):
 
 
 def init_weights(c, path):
-    """Deterministic random weights (fixed seed, CPU generator), written once, atomically."""
+    """Deterministic random weights (fixed seed), written once, atomically. Drawn on the GPU where
+    there is one (an 8B-class file takes minutes on the CPU; Philox gives the same numbers on
+    every GPU), else on the CPU."""
     import torch
     from safetensors.torch import save_file
-    gen = torch.Generator().manual_seed(SEED)
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(where).manual_seed(SEED)
     dtype = getattr(torch, c["dtype"])
     tensors = {}
     for name, shape in weight_shapes(c).items():  # dict order is fixed -> same bytes every time
@@ -81,7 +89,7 @@ def init_weights(c, path):
             tensors[name] = torch.ones(shape, dtype=dtype)
         else:
             std = 0.02 if "embed" in name else shape[1] ** -0.5  # O(1) block outputs: varied tokens
-            tensors[name] = (torch.randn(shape, generator=gen) * std).to(dtype)
+            tensors[name] = (torch.randn(shape, generator=gen, device=where) * std).to(dtype).cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     save_file(tensors, tmp, metadata={"seed": str(SEED), "format": "pt"})
@@ -317,6 +325,7 @@ class Engine:
         self.phase, t = "load", time.perf_counter()
         w = load_weights(a.weights, self.dev, self.dtype)
         self.emb, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
+        self.lm_head = w.get("lm_head.weight", self.emb)   # tied unless the config has its own head
         names = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
                  "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -451,8 +460,8 @@ class Engine:
             x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
         return x
 
-    def _head(self, x):  # [T, hidden] -> greedy next token [T]; tied embeddings
-        return F.linear(self._rms(x, self.norm), self.emb).argmax(-1)
+    def _head(self, x):  # [T, hidden] -> greedy next token [T]
+        return F.linear(self._rms(x, self.norm), self.lm_head).argmax(-1)
 
     def _prefill(self, ids, bt):
         """One sequence from position 0: ids [T], bt [nb] its block table. Writes its K/V into the
