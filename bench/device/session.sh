@@ -51,7 +51,7 @@ if [ -n "${HEAP_PROBE:-}" ]; then    # where the worker's heap comes from
 fi
 { uname -r; df -h / /var/tmp /tmp; grep -E 'MemTotal|MemAvailable' /proc/meminfo; } 2>&1 | tee -a "$OUT/gpu-e2e.log"
 if [ -n "${LIMITS:-}" ]; then    # the machine's own limits, before anything fills its page cache
-  timeout 150 python3 bench/device/limits.py --out "$OUT/limits.json" --dir /var/tmp 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  timeout 150 python3 bench/device/limits.py --out "$OUT/limits.json" --dir /var/tmp --fill-gib 6 2>&1 | tee -a "$OUT/gpu-e2e.log"
   E2E_ARGS+=(--limits "$OUT/limits.json")
 fi
 if [ -z "${CONFIGS:-}" ]; then
