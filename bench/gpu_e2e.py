@@ -302,7 +302,7 @@ class Bench:
         ns_names = [unique("gpuns") for _ in range(6)]
         paths = [netns(n) for n in ns_names]
         name = f"gpu-worker:run{i}"
-        run: dict = {"run": i, "device": self.device, "config": self.args.config, "server_args": self.cmd[2:],
+        run: dict = {"run": i, "device": self.device, "config": self.args.config, "worker": os.path.basename(os.path.dirname(os.path.abspath(self.args.worker))), "server_args": self.cmd[2:],
                      "thp": re.search(r"\[(\w+)\]", open("/sys/kernel/mm/transparent_hugepage/enabled").read())[1]}
         containers: list[ShimContainer] = []
         self.i = i
@@ -530,6 +530,8 @@ def main() -> None:
     ap.add_argument("--no-cold-cache", action="store_true", help="skip the page-cache-dropped measurements")
     ap.add_argument("--limits", help="bench/device/limits.py's JSON from this machine (disk floor, fill limit)")
     ap.add_argument("--cpu", action="store_true", help="the tiny worker on the CPU: the flow, on any machine")
+    ap.add_argument("--worker", default=SERVER, help="the worker to run (the example inference worker's protocol; "
+                    "examples/transformers-worker/worker.py draws its own weights)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--report-only", metavar="JSON", help="redo the report and chart from a results file")
     args = ap.parse_args()
@@ -551,11 +553,12 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="gpu-e2e-", dir=os.environ.get("GPU_E2E_TMP"))
     work = os.path.join(tmp, "work")
     os.makedirs(work)
-    shutil.copy(SERVER, work)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, SERVER, "--init-weights-only", "--config", args.config,
-                    "--weights", os.path.join(work, "weights.safetensors")], check=True)
-    log(f"weights ready in {time.perf_counter() - t:.1f}s")
+    shutil.copy(args.worker, os.path.join(work, "server.py"))
+    if os.path.samefile(args.worker, SERVER):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, SERVER, "--init-weights-only", "--config", args.config,
+                        "--weights", os.path.join(work, "weights.safetensors")], check=True)
+        log(f"weights ready in {time.perf_counter() - t:.1f}s")
     runs: list[dict] = []
 
     def save(current: dict | None = None) -> None:
