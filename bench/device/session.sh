@@ -6,8 +6,8 @@
 # Environment: SKIP_TESTS=1, SKIP_SPEED=1, DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3",
 #   LIMITS=1 (bench/device/limits.py first, into $OUT/limits.json, handed to gpu_e2e.py),
 #   CONFIGS="qwen3-0.6b:3 qwen3-8b:2" (gpu_e2e.py once per worker config and run count, each into
-#   $OUT/CONFIG/; the restore logs of all of them in $OUT/restore-logs.tar; the .md is left out:
-#   `gpu_e2e.py --report-only` remakes it from the JSON).
+#   $OUT/CONFIG/; the restore logs of all of them in $OUT/restore-logs.tar; the .md and .png are
+#   left out, to stay within the files a device call returns: `gpu_e2e.py --report-only` remakes them).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 E2E_ARGS=("$@")   # env.sh sets positional parameters
@@ -59,11 +59,13 @@ if [ -z "${CONFIGS:-}" ]; then
   exit
 fi
 mkdir -p /var/tmp/gpu-e2e /tmp/restore-logs
-for c in $CONFIGS; do   # CONFIG:RUNS
+for c in $CONFIGS; do   # CONFIG:RUNS; the config "transformers" is examples/transformers-worker (hot cache only)
+  extra=()
+  [ "${c%%:*}" = transformers ] && extra=(--worker examples/transformers-worker/worker.py --no-cold-cache)
   mkdir -p "$OUT/${c%%:*}"
   GPU_E2E_TMP=/var/tmp/gpu-e2e python3 bench/gpu_e2e.py --out "$OUT/${c%%:*}" --config "${c%%:*}" --runs "${c##*:}" \
-    "${E2E_ARGS[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
-  rm -f "$OUT/${c%%:*}/gpu-e2e.md"
+    "${E2E_ARGS[@]}" "${extra[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  rm -f "$OUT/${c%%:*}/gpu-e2e.md" "$OUT/${c%%:*}/gpu-e2e.png"   # remade here: --report-only
   mv "$OUT/${c%%:*}/restore-logs.tar.gz" "/tmp/restore-logs/${c%%:*}.tar.gz" 2>/dev/null
   tar -cf "$OUT/restore-logs.tar" -C /tmp restore-logs
   df -h /var/tmp | sed 1d
