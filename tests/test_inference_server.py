@@ -349,3 +349,26 @@ def test_vmm_region_with_a_fake_driver(server_mod, monkeypatch):
     fail.add("cuMemAddressReserve")
     with pytest.raises(RuntimeError, match="cuMemAddressReserve failed"):
         server_mod.VmmRegion(10_000, 0, dl_device=(server_mod.DL_CPU, 0))
+
+
+def test_qwen3_8b_shapes(server_mod):
+    """The 8B class is Qwen3-8B's shape: 8,190,735,360 parameters with its own output head."""
+    shapes = server_mod.weight_shapes(server_mod.CONFIGS["qwen3-8b"])
+    assert sum(__import__("math").prod(s) for s in shapes.values()) == 8_190_735_360
+    assert shapes["lm_head.weight"] == (151936, 4096)
+    assert "lm_head.weight" not in server_mod.weight_shapes(server_mod.CONFIGS["qwen3-0.6b"])   # tied
+
+
+def test_untied_head_is_the_one_used(server_mod, tmp_path, monkeypatch):
+    """A config with its own head draws lm_head.weight and decodes through it, not the embedding."""
+    monkeypatch.setitem(server_mod.CONFIGS, "tiny-untied", {**server_mod.CONFIGS["tiny"], "tied": False})
+    weights = tmp_path / "w.safetensors"
+    a = server_mod.parse_args(["--config", "tiny-untied", "--device", "cpu", "--weights", str(weights),
+                               "--graph-batch-sizes", "1"])
+    engine = server_mod.Engine(a)
+    engine.load()
+    assert engine.lm_head is not engine.emb
+    first = engine.generate(PROMPT, 8)["tokens"]
+    assert engine.generate(PROMPT, 8)["tokens"] == first
+    engine.lm_head.zero_()   # every token now scores 0: greedy picks token 0, unless the embedding decides
+    assert engine.generate(PROMPT, 8)["tokens"] == [0] * 8 != first
