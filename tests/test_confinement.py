@@ -470,11 +470,13 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
 
     def cont():
         def restored_and_stopped():
-            # runc writes the pid file once CRIU is done; thaw then sleeps at the fault point
+            # runc knows the restored init once CRIU is done; thaw then sleeps at the fault point
+            # (the caller's pid file is written only after the checks)
+            st = dst.state()
+            if not st or not st.get("pid"):
+                return None
             try:
-                with open(dst.pid_file) as f:
-                    pid = int(f.read())
-                pids = confinement.tree(pid)
+                pids = confinement.tree(int(st["pid"]))
                 states = [confinement._status(f"/proc/{p}/status")["State"] for p in pids]
             except (OSError, ValueError, KeyError):
                 return None
