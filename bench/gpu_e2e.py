@@ -22,6 +22,7 @@ node is the snapshot's bytes over the measured sequential read rate.
 
     source bench/device/env.sh && python3 bench/gpu_e2e.py --runs 3 --out DIR [--config qwen3-8b]
     python3 bench/gpu_e2e.py --cpu --runs 1        # the same flow on any machine (tiny CPU worker)
+    ... --weights-outside                          # weights outside the snapshot (vLLM preset, reload at resume)
 
 Writes DIR/gpu-e2e.json (one object per run, rewritten after every measurement, so a run cut
 short keeps what it had), DIR/gpu-e2e.md and DIR/gpu-e2e.png.
@@ -157,9 +158,13 @@ class Bench:
         # The container sees the host's /usr and /opt: on the GPU machine python3 has torch; here
         # thaw's own venv does (the tests' example worker installs it there).
         python = "/opt/thaw/venv/bin/python3" if args.cpu else "python3"
-        self.cmd = [python, "/work/server.py", "--config", args.config, "--weights", "/work/weights.safetensors",
+        self.cmd = [python, "/work/server.py", "--config", args.config,
+                    "--model" if args.weights_outside else "--weights", "/work/weights.safetensors",
                     "--port", str(PORT), *(["--device", "cpu"] if args.cpu else ["--kv-fraction", str(args.kv_fraction)]),
-                    *args.server_arg]
+                    *(["--enable-sleep-mode"] if args.weights_outside else []), *args.server_arg]
+        # --weights-outside: the vLLM preset (sleep level 2 before the capture; wake, reload_weights
+        # from /work, KV after): the snapshot holds no weights, the restore verifies and prefetches them.
+        self.engine = {"thaw.dev/engine": "vllm"} if args.weights_outside else {}
 
     def _config(self, name: str, restore: dict) -> str:
         with open(self.cfg.source or "/etc/thaw/config.yaml") as f:
@@ -210,7 +215,7 @@ class Bench:
     # --- the variants -------------------------------------------------------------------------------
     def cold_start(self, ns: str) -> tuple[ShimContainer, float, dict]:
         """Create + start through thaw-runtime without the annotation (passthrough)."""
-        c = ShimContainer("thaw-runtime", RUNC_ROOT, self.bundle("cold", ns), unique("cold"))
+        c = ShimContainer("thaw-runtime", RUNC_ROOT, self.bundle("cold", ns, self.engine or None), unique("cold"))
         try:
             t0 = time.perf_counter()
             assert c.create() == 0, c.log_text()
@@ -225,7 +230,7 @@ class Bench:
     def thaw_restore(self, variant: str, name: str, ns: str, sandbox: bool = False) -> dict:
         """Create + start a container asking for `name` through thaw-runtime; time to first token.
         sandbox: first create the pod's sandbox (which starts the prefetch) and time from there."""
-        annotations = {"thaw.dev/snapshot": name, "thaw.dev/resume": f"{URL}/resume"}
+        annotations = {"thaw.dev/snapshot": name, **(self.engine or {"thaw.dev/resume": f"{URL}/resume"})}
         env = {"THAW_CONFIG": self.configs[variant]}
         wall0 = time.time()
         dst = ShimContainer("thaw-runtime", RUNC_ROOT, self.bundle("restored", ns, annotations), unique("restored"))
@@ -289,7 +294,11 @@ class Bench:
             if not self.args.cpu:
                 subprocess.run([sys.executable, "-c", STOCK_CUDA, str(pid)], check=True, timeout=300)
             restore_s = time.perf_counter() - t0
-            engine.call(f"{URL}/resume", pid)
+            if self.engine:
+                from thaw.oci.annotations import parse_engine_steps
+                engine.steps(parse_engine_steps(self.engine).resume, pid, "resume")
+            else:
+                engine.call(f"{URL}/resume", pid)
             t_ready = wait_http_ready(pid, f"{URL}/health", 300)
             got = generate(pid)
             return {"restore_s": restore_s, "runc_restore_s": t_runc - t0, "ttft_s": t_ready - t0 + got["ttft_s"],
@@ -315,13 +324,14 @@ class Bench:
 
             t = time.perf_counter()
             thaw("capture", cold.id, "--name", name, "--root", RUNC_ROOT,
-                 "--quiesce", f"{URL}/quiesce", "--resume", f"{URL}/resume")
+                 *([] if self.engine else ["--quiesce", f"{URL}/quiesce", "--resume", f"{URL}/resume"]))
             run["capture_s"] = time.perf_counter() - t
             snap = self.store.resolve(SnapshotRef.parse(name), "_local")
             run["snapshot_bytes"] = snap.size
             run["capture_phases"] = snap.config.phases
             run["gpu_bytes_checkpointed"] = snap.config.sizes.gpu_bytes
             run["composition"] = snap.config.sizes.composition
+            run["weights"] = snap.config.weights.to_json()
             pages = [f for f in os.listdir(self.store.image_path(snap)) if re.fullmatch(r"pages-\d+\.img", f)]
             run["pages_bytes"] = sum(os.path.getsize(os.path.join(self.store.image_path(snap), f)) for f in pages)
             run["packaging_gib_per_s"] = snap.config.sizes.criu_bytes / 2**30 / max(snap.config.phases["package_criu"], 1e-6)
@@ -532,6 +542,9 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="the tiny worker on the CPU: the flow, on any machine")
     ap.add_argument("--worker", default=SERVER, help="the worker to run (the example inference worker's protocol; "
                     "examples/transformers-worker/worker.py draws its own weights)")
+    ap.add_argument("--weights-outside", action="store_true",
+                    help="the worker in sleep mode under the vLLM preset: weights leave before the capture "
+                         "and are reloaded from /work at resume (issue 21)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--report-only", metavar="JSON", help="redo the report and chart from a results file")
     args = ap.parse_args()

@@ -312,6 +312,75 @@ class Network:
 
 
 @dataclass(frozen=True)
+class WeightFile:
+    """One weight file the engine reads at its wake, outside the snapshot: its path inside the
+    container, size and content digest at capture, and where it came from: `image` (the layer
+    that holds it, `layer`), `volume` (the mount's destination and, on the capturing node, its
+    source), or `rootfs` (the container's root file system, no overlay to tell a layer by)."""
+    path: str
+    size: int
+    digest: str
+    origin: str = "rootfs"
+    layer: str | None = None
+    mount: str | None = None          # volume: the mount destination the path is under
+    source: str | None = None         # volume: that mount's source on the capturing node
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "size": self.size, "digest": self.digest, "origin": self.origin}
+        for k in ("layer", "mount", "source"):
+            if getattr(self, k) is not None:
+                out[k] = getattr(self, k)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> WeightFile:
+        path, digest = _get(obj, "path", str, ""), _get(obj, "digest", str, "")
+        origin = _get(obj, "origin", str, "rootfs")
+        if not path.startswith("/") or origin not in ("image", "volume", "rootfs") or \
+                not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise SnapshotFormatError(f"weight file {path!r} is malformed")
+        return cls(path, _get(obj, "size", int, 0), digest, origin, _get(obj, "layer", str),
+                   _get(obj, "mount", str), _get(obj, "source", str))
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The weights manifest: the files the engine reloads at resume, and what the capture
+    measured. `outside`: the engine released them before the dump (memory it held fell by at
+    least the files' size), so the snapshot holds no weight bytes and a restore must find,
+    verify and prefetch the files; False: the engine kept them, the snapshot carries them as
+    before. held_before/held_after: the memory the container held around the quiesce, measured as
+    `measure` says (gpu: device memory of its CUDA processes; rss: resident host memory)."""
+    files: tuple[WeightFile, ...] = ()
+    outside: bool = False
+    held_before: int = 0
+    held_after: int = 0
+    measure: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def released(self) -> int:
+        return max(0, self.held_before - self.held_after)
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.files:
+            return {}
+        return {"files": [f.to_json() for f in self.files], "outside": self.outside, "bytes": self.bytes,
+                "held_before": self.held_before, "held_after": self.held_after, "released": self.released,
+                "measure": self.measure}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Weights:
+        obj = obj or {}
+        return cls(tuple(WeightFile.from_json(f) for f in _get(obj, "files", list, [])),
+                   _get(obj, "outside", bool, False), _get(obj, "held_before", int, 0),
+                   _get(obj, "held_after", int, 0), _get(obj, "measure", str, ""))
+
+
+@dataclass(frozen=True)
 class SnapshotConfig:
     """The config blob: everything thaw records about a snapshot besides its layers."""
     ref: str
@@ -324,6 +393,7 @@ class SnapshotConfig:
     phases: dict[str, float] = field(default_factory=dict)
     gpu: GpuState = GpuState()
     network: Network = Network()
+    weights: Weights = Weights()
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -334,7 +404,8 @@ class SnapshotConfig:
                 "processes": [p.to_json() for p in self.processes],
                 "source": self.source.to_json(), "sizes": self.sizes.to_json(),
                 "phases": {k: round(v, 4) for k, v in self.phases.items()},
-                "gpu": self.gpu.to_json(), "network": self.network.to_json()}
+                "gpu": self.gpu.to_json(), "network": self.network.to_json(),
+                **({"weights": self.weights.to_json()} if self.weights.files else {})}
 
     @classmethod
     def from_json(cls, obj: Any) -> SnapshotConfig:
@@ -360,6 +431,7 @@ class SnapshotConfig:
                    phases={str(k): float(v) for k, v in phases.items()},
                    gpu=GpuState.from_json(_get(obj, "gpu", dict, {})),
                    network=Network.from_json(_get(obj, "network", dict, {})),
+                   weights=Weights.from_json(_get(obj, "weights", dict, {})),
                    created=_get(obj, "created", str, ""), format_version=version)
 
     def blob(self) -> bytes:

@@ -1,7 +1,8 @@
 """Capture: checkpoint a running container into a published snapshot.
 
-quiesce URL -> (GPU: lock + checkpoint every CUDA process) -> runc checkpoint [--leave-running]
--> (GPU: restore + unlock, the source keeps serving) -> resume URL -> rootfs diff -> layers,
+weights manifest (files named, hashed) -> quiesce steps -> memory the engine released -> (GPU:
+lock + checkpoint every CUDA process) -> runc checkpoint [--leave-running] -> (GPU: restore +
+unlock, the source keeps serving) -> resume steps (also after a failure) -> rootfs diff -> layers,
 config, manifest -> publish. Everything is written under a staging area of the store; only the
 final publish makes the snapshot visible, so a capture killed half-way leaves none. The snapshot
 belongs to the namespace of the container's pod (or `_local` outside Kubernetes).
@@ -48,6 +49,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             gpu: bool | None = None, log: Callable[[str], None] = lambda msg: None) -> fmt.Snapshot:
     """Capture `container_id` (a runc container under `root`) as snapshot `ref` of its namespace.
 
+    quiesce/resume: one-step URLs that replace the engine steps the container's annotations name
+    (thaw.dev/engine, thaw.dev/engine-steps, thaw.dev/quiesce, thaw.dev/resume).
     gpu: None = checkpoint GPU state if the container has CUDA processes; False = never.
     """
     runc = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), root)
@@ -60,6 +63,15 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
     _refuse_foreign_criu_config(cfg, container_id, state, bundle)
     namespace = ann.namespace_of(bundle.annotations)
     pid = int(state["pid"])
+    args = (bundle.spec.get("process") or {}).get("args") or []
+    try:
+        steps = ann.parse_engine_steps(bundle.annotations, args)
+        weight_paths = ann.weight_paths(bundle.annotations, steps)
+    except ann.AnnotationError as exc:
+        raise CaptureError(str(exc)) from exc
+    if quiesce or resume:
+        steps = ann.EngineSteps((ann.Step("POST", quiesce, timeout=120.0),) if quiesce else (),
+                                (ann.Step("POST", resume, timeout=120.0),) if resume else ())
     store = Store.for_config(cfg).init()
     phases = Phases()
 
@@ -79,9 +91,24 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             gpu_session = cuda.CaptureSession.for_tree(pid, bundle.spec)
             if not gpu_session.pids:
                 gpu_session = None
-        if quiesce:
-            phases.run("quiesce", engine.call, quiesce, pid)
+        weights = fmt.Weights()
+        files: tuple[fmt.WeightFile, ...] = ()
+        if weight_paths:
+            from . import weights as wts
+            digests = wts.DigestCache(cfg.state_dir)
+            with engine.ContainerView(pid) as view:
+                files = phases.run("weights_manifest", wts.manifest, view.root_fd, bundle, weight_paths,
+                                   digests, make_private_dir(cfg.state_dir))
+            digests.save()                 # the restores on this node need not hash them again
+            held_before, measure = wts.held_memory(pid, gpu_session is not None)
         try:
+            if steps.quiesce:
+                phases.run("quiesce", engine.steps, steps.quiesce, pid, "quiesce")
+            if files:
+                held_after, _ = wts.held_memory(pid, gpu_session is not None)
+                weights = wts.judge(files, held_before, held_after, measure)
+                log(f"weights: {weights.bytes} bytes in {len(files)} files; the engine released "
+                    f"{weights.released} bytes ({measure}): {'outside' if weights.outside else 'inside'} the snapshot")
             if gpu_session:
                 phases.run("cuda_checkpoint", gpu_session.checkpoint)
                 log(f"GPU state of pids {gpu_session.pids} checkpointed")
@@ -100,8 +127,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             # The source keeps serving whatever happened to the dump.
             if gpu_session and leave_running:
                 phases.run("cuda_resume_source", gpu_session.resume_source)
-            if resume and leave_running:
-                phases.run("resume", engine.call, resume, pid)
+            if steps.resume and leave_running:
+                phases.run("resume", engine.steps, steps.resume, pid, "resume")
 
         diffs: list[rootfs.Diff] = []
         rootfs_desc = phases.run("package_rootfs", staging.put_stream, lambda w: diffs.append(
@@ -129,7 +156,8 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
                             gpu_bytes=gpu_session.gpu_bytes if gpu_session else 0, composition=composition),
             phases=phases.rounded(),
             gpu=gpu_session.describe() if gpu_session else fmt.GpuState(),
-            network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None))
+            network=fmt.Network(tuple(listen), bundle.namespace_path("network") is not None),
+            weights=weights)
         snap = staging.write_snapshot(config, whole, parts, rootfs_desc, deleted_desc)
         faults.point("publish")
         store.publish(snap, images, "captured", hashes)

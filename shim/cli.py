@@ -78,8 +78,10 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--name", "name", required=True, help="Snapshot NAME[:TAG] to publish.")
 @click.option("--root", default=None, help="runc root of the container (default: runc's).")
 @click.option("--exit", "exit_", is_flag=True, help="Stop the container after the checkpoint.")
-@click.option("--quiesce", default=None, help="URL to POST (inside the container) before capture.")
-@click.option("--resume", default=None, help="URL to POST (inside the container) after capture.")
+@click.option("--quiesce", default=None, help="URL to POST (inside the container) before capture "
+              "(default: the steps its annotations name, thaw.dev/engine or thaw.dev/quiesce).")
+@click.option("--resume", default=None, help="URL to POST (inside the container) after capture "
+              "(default: the steps its annotations name).")
 @click.option("--no-gpu", is_flag=True, help="Do not checkpoint GPU state even if present.")
 @click.pass_context
 @_one_line_errors

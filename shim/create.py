@@ -75,7 +75,8 @@ def reason_code(exc: BaseException) -> str:
         if isinstance(exc, kind):
             return code
     name = type(exc).__name__
-    return {"RuncError": "restore_failed", "CudaError": "gpu", "EngineError": "resume_failed"}.get(name, "error")
+    return {"RuncError": "restore_failed", "CudaError": "gpu", "EngineError": "resume_failed",
+            "WeightsError": "weights"}.get(name, "error")
 
 
 def describe(exc: BaseException) -> str:
@@ -138,7 +139,7 @@ def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
 def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Record:
     from . import restore
     from .store import Store
-    request = ann.parse_request(bundle.annotations)
+    request = ann.parse_request(bundle.annotations, (bundle.spec.get("process") or {}).get("args") or [])
     store = Store.for_config(cfg)
     plan = restore.check(request, bundle, cfg, store)
     return restore.bring_up(plan, call, bundle, cfg, store, next_runtime)
@@ -168,7 +169,7 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
     Returns whether it asks for auto-capture. A record that cannot be written costs only that."""
     capture = snapshot = None
     try:
-        req = ann.parse_request(bundle.annotations)
+        req = ann.parse_request(bundle.annotations, (bundle.spec.get("process") or {}).get("args") or [])
         snapshot = str(req.snapshot)
         if req.capture_on_ready:
             capture = {"snapshot": snapshot, "namespace": ann.namespace_of(bundle.annotations),

@@ -253,6 +253,30 @@ def gpu_pairs(snapshot_uuids: list[str], container_uuids: list[str]) -> list[tup
 
 # --- capture and restore of a container's process tree ------------------------------------------
 
+def device_memory(pids: list[int]) -> int:
+    """Device memory (bytes) the given host pids hold on any GPU, as the driver reports it
+    (nvidia-smi's compute-apps query: NVML's per-process used memory)."""
+    import shutil
+    import subprocess
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return 0
+    try:
+        out = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    want, total = set(pids), 0
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        try:
+            if int(pid) in want:
+                total += int(mib.strip()) << 20
+        except ValueError:
+            continue
+    return total
+
+
 def _rss(pids: list[int]) -> int:
     total = 0
     for pid in pids:

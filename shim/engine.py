@@ -1,4 +1,5 @@
-"""Calls to the inference engine inside a container: quiesce/resume URLs and readiness probes.
+"""Calls to the inference engine inside a container: quiesce/resume steps (a preset such as vLLM's
+sleep/wake, custom steps, or one URL; oci/annotations.py parses them) and readiness probes.
 
 The URLs name 127.0.0.1 *inside the container*: the request is made from a forked child that
 has joined the container's network namespace, so it works for pods whose network is not
@@ -38,10 +39,10 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def open_in_root(root_fd: int, path: str) -> int:
-    """An O_PATH descriptor of `path` resolved inside root_fd as if it were `/` (openat2
+def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH) -> int:
+    """A descriptor (default O_PATH) of `path` resolved inside root_fd as if it were `/` (openat2
     RESOLVE_IN_ROOT: absolute symlinks and `..` stay inside; no /proc magic links)."""
-    how = _OpenHow(os.O_PATH | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(_SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
@@ -176,6 +177,52 @@ def _request(url: str, method: str, timeout: float, json_body: dict | None = Non
             return resp.status, resp.read(65536).decode(errors="replace")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(65536).decode(errors="replace")
+
+
+def run_steps(view: ContainerView, steps, what: str, budget: float | None = None,
+              log: Callable[[str], None] = lambda msg: None) -> list[dict]:
+    """Run engine steps (oci.annotations.Step) in order inside the container's network namespace;
+    each within its own timeout and, all together, within `budget` seconds. A step that fails (a
+    non-2xx answer, no answer, or a poll that never matches) stops the rest: EngineError naming it.
+    Returns what each step took."""
+    import time
+    start = time.monotonic()
+    done: list[dict] = []
+    for i, step in enumerate(steps):
+        t = time.monotonic()
+        limit = step.timeout if budget is None else min(step.timeout, budget - (t - start))
+        if limit <= 0:
+            raise EngineError(f"{what} step {i + 1} ({step!r}) not started: the {budget:g}s for all "
+                              f"{what} steps are spent")
+        deadline = t + limit
+        status, body, tries = 0, "", 0
+        while True:
+            tries += 1
+            try:
+                status, body = view.request(step.url, step.method, max(0.1, deadline - time.monotonic()),
+                                            json_body=step.body)
+            except EngineError as exc:
+                if not step.until:
+                    raise EngineError(f"{what} step {i + 1} ({step!r}): {exc}") from exc
+                status, body = 0, str(exc)
+            if step.matches(status, body):
+                break
+            if not step.until or not 200 <= status < 300 and status not in (0, 503) \
+                    and status != step.until.get("status", 200):
+                raise EngineError(f"{what} step {i + 1} ({step!r}) answered {status}: {body[:200]}")
+            if time.monotonic() + step.interval > deadline:
+                raise EngineError(f"{what} step {i + 1} ({step!r}) did not match within {limit:.1f}s "
+                                  f"(last answer {status}: {body[:200]})")
+            time.sleep(step.interval)
+        done.append({"step": repr(step), "seconds": round(time.monotonic() - t, 4), "tries": tries})
+        log(f"{what} step {i + 1}: {step!r} ({time.monotonic() - t:.2f}s)")
+    return done
+
+
+def steps(steps, pid: int, what: str, budget: float | None = None) -> list[dict]:
+    """run_steps in the container of `pid`."""
+    with ContainerView(pid) as view:
+        return run_steps(view, steps, what, budget)
 
 
 def call(url: str, pid: int, timeout: float = 120.0) -> str:

@@ -3,7 +3,8 @@ is created before CNI, the image pull and the container's own create, and carrie
 annotations. thaw-runtime hands that sandbox's create to runc at once and starts `thaw-hook
 prepare NAMESPACE REF` beside it: a process of its own session, stdio on /dev/null, idle I/O
 priority, that reads the snapshot's CRIU files into the page cache (so that CRIU's page fill reads
-memory, not disk). `thaw warm` does the same for an operator.
+memory, not disk), then the weight files of a snapshot whose weights are outside it where their
+host location is known (a volume's source). `thaw warm` does the same for an operator.
 
 Bounded: one reader at a time per snapshot, however many pods ask (a lock; the others leave); one
 sequential stream through a fixed 8 MiB buffer; it stops when the node's available memory would
@@ -175,7 +176,16 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
                     os.close(fd)
             if progress:
                 progress(done, total)
-            return _report(cfg, ref, namespace, "warm", f"{done >> 20} MiB read", done, time.perf_counter() - t)
+            msg = f"{done >> 20} MiB read"
+            if snap.config.weights.outside:
+                # Weight files whose host location is known before any container exists (a
+                # volume's source): into the page cache, and their digests into the cache.
+                from . import weights
+                got = weights.warm_sources(snap.config.weights, weights.DigestCache(cfg.state_dir),
+                                           lambda: mem_available() >= floor)
+                done += got
+                msg += f" (weights {got >> 20} MiB)"
+            return _report(cfg, ref, namespace, "warm", msg, done, time.perf_counter() - t)
     finally:
         os.close(lock)
 

@@ -51,6 +51,12 @@ class Plan:
     gpus: list | None              # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
     phases: Phases
     cuda_init: threading.Thread | None = None   # importing cuda-python and cuInit, meanwhile
+    weights: object | None = None   # weights.Prefetch: the weight files, being verified and read meanwhile
+
+
+# All resume steps of one restore together: the create must answer inside kubelet's runtime
+# request timeout (2 minutes by default) with time left for the rest of the restore.
+RESUME_BUDGET = 100.0
 
 
 def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
@@ -92,7 +98,18 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     phases.add("fingerprint", time.perf_counter() - t)
     if reasons:
         raise Incompatible(f"snapshot {snap.ref} does not fit here: " + "; ".join(reasons))
-    return Plan(request, snap, gpus, phases, cuda_init)
+    prefetch = None
+    if snap.config.weights.outside and not request.steps.resume:
+        raise Incompatible(f"snapshot {snap.ref} holds no weights (its engine released them before the "
+                           "capture), and this container names no resume steps to reload them")
+    if snap.config.weights.files and request.steps.resume:
+        # The resume steps may reload them (even where the capture could not see the memory
+        # fall): opened and checked now (a missing or changed file is a cold start before
+        # anything changes); read and verified in the background while the restore goes on.
+        from . import weights
+        prefetch = phases.run("weights_open", weights.Prefetch, bundle, snap.config.weights,
+                              weights.DigestCache(cfg.state_dir))
+    return Plan(request, snap, gpus, phases, cuda_init, prefetch)
 
 
 def _narrow_like_capture(snap: fmt.Snapshot, bundle: Bundle) -> None:
@@ -132,10 +149,14 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
     state = ContainerState(cfg.state_dir, cid)
     runc = Runc.for_call(next_runtime, cfg.resolve_criu(), call)
     t = time.perf_counter()
-    with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
-        plan.phases.add("verify_layer", time.perf_counter() - t)
-        proof = plan.phases.run("image_check", _check_images, image_dir, bundle, cfg, next_runtime)
-        record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir, proof)
+    try:
+        with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
+            plan.phases.add("verify_layer", time.perf_counter() - t)
+            proof = plan.phases.run("image_check", _check_images, image_dir, bundle, cfg, next_runtime)
+            record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir, proof)
+    finally:
+        if plan.weights is not None:
+            plan.weights.abort()           # type: ignore[attr-defined]
     store.touch(plan.snapshot)
     return record
 
@@ -235,9 +256,11 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
             phases.run("loopback", _loopback_up, pid)
         if plan.gpus is not None:
             _restore_gpus(plan, pid)
-        if plan.request.resume:
+        if plan.weights is not None:
+            phases.run("weights_wait", plan.weights.wait)        # type: ignore[attr-defined]
+        if plan.request.steps.resume:
             from . import engine
-            phases.run("resume", engine.call, plan.request.resume, pid)
+            phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)
         faults.point("resumed")
         if pid_file:
             from thaw.oci.files import atomic_write

@@ -58,10 +58,11 @@ def _http(port, method, path, body=None, timeout=30):
 
 
 class Server:
-    def __init__(self, tmp_path: Path, weights: Path, name: str, ready_file: Path | None = None, extra=()):
+    def __init__(self, tmp_path: Path, weights: Path, name: str, ready_file: Path | None = None, extra=(),
+                 config: str = "tiny"):
         self.port = _free_port()
         self.log_path = tmp_path / f"{name}.log"
-        cmd = [sys.executable, str(SERVER), "--config", "tiny", "--device", "cpu", "--host", "127.0.0.1",
+        cmd = [sys.executable, str(SERVER), "--config", config, "--device", "cpu", "--host", "127.0.0.1",
                "--port", str(self.port), "--weights", str(weights), *extra]
         if ready_file:
             cmd += ["--ready-file", str(ready_file)]
@@ -218,6 +219,49 @@ def test_quiesce_resume(env):
     code, after = srv.generate()
     assert code == 200 and after["tokens"] == before["tokens"]
     assert _http(srv.port, "POST", "/resume") == (200, {"status": "ready", "noop": True, "num_blocks": 64})
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Rss:"))
+
+
+def test_sleep_mode_vllm_endpoints(env):
+    """--enable-sleep-mode: vLLM's /sleep, /wake_up, /collective_rpc reload_weights, /is_sleeping;
+    the weights leave at level 2 (the process's memory falls by their size) and come back from the
+    file with identical outputs. Without the flag /sleep is refused."""
+    srv, tmp, _, _ = env
+    assert _http(srv.port, "POST", "/sleep?level=2")[0] == 400           # not in sleep mode
+    s = Server(tmp, tmp / "small.safetensors", "sleep", extra=["--enable-sleep-mode"], config="small")
+    try:
+        s.wait_ready()
+        ready = s.ready_line()
+        assert ready["sleep_mode"] is True and ready["config"] == "small" and ready["weight_bytes"] > 40 << 20
+        code, before = s.generate()
+        assert code == 200
+        rss = _rss(s.proc.pid)
+        code, r = _http(s.port, "POST", "/sleep?level=2")
+        assert code == 200 and r["weight_bytes_released"] == ready["weight_bytes"] and r["weights"] == "released", r
+        assert rss - _rss(s.proc.pid) >= 0.9 * ready["weight_bytes"]
+        assert _http(s.port, "GET", "/is_sleeping") == (200, {"is_sleeping": True})
+        assert s.generate()[0] == 503
+        assert _http(s.port, "POST", "/wake_up?tags=weights")[1]["weights"] == "empty"
+        assert _http(s.port, "POST", "/wake_up?tags=kv_cache")[1]["status"] == "sleeping"   # weights not loaded
+        assert s.generate()[0] == 503 and _http(s.port, "GET", "/is_sleeping")[1]["is_sleeping"] is True
+        assert _http(s.port, "POST", "/collective_rpc", {"method": "other"})[0] == 400
+        code, r = _http(s.port, "POST", "/collective_rpc", {"method": "reload_weights"})
+        assert code == 200 and r["status"] == "ready" and r["bytes"] == ready["weight_bytes"], r
+        assert _http(s.port, "GET", "/is_sleeping")[1]["is_sleeping"] is False
+        assert s.generate()[1]["tokens"] == before["tokens"]
+        # /quiesce and /resume stay: the KV cache only, or a full wake after a level-2 sleep.
+        assert _http(s.port, "POST", "/quiesce")[1]["status"] == "quiesced"
+        assert _http(s.port, "POST", "/resume")[1]["status"] == "ready"
+        assert _http(s.port, "POST", "/sleep?level=2")[0] == 200
+        assert _http(s.port, "POST", "/resume")[1]["status"] == "ready"
+        assert s.generate()[1]["tokens"] == before["tokens"]
+        assert _http(s.port, "POST", "/sleep?level=3")[0] == 400
+    finally:
+        assert s.terminate() == 0, s.log()
 
 
 def test_restart_reuses_weights_and_sigterm(env):

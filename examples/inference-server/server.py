@@ -40,6 +40,10 @@ CONFIGS = {
     # An 8B-class shape (Qwen3-8B's, untied output head like the real model): 16.4 GB of bf16 weights.
     "qwen3-8b": dict(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, inter=12288,
                      vocab=151936, rope_theta=1e6, eps=1e-6, dtype="bfloat16", max_len=2048, tied=False),
+    # A CPU test size whose weights (~50 MiB fp32) dwarf the process's other memory, so that a
+    # released engine shows in its resident memory and its snapshot.
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, inter=1024,
+                  vocab=32000, rope_theta=1e6, eps=1e-6, dtype="float32", max_len=512),
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inter=128,
                  vocab=512, rope_theta=1e6, eps=1e-6, dtype="float32", max_len=256),
 }
@@ -286,6 +290,140 @@ class VmmRegion:
         self._ck("cuMemAddressFree", self.cu.cuMemAddressFree(self.dptr, self.size))
 
 
+# ---- weights that can leave and come back (sleep mode) ------------------------------------------
+def safetensors_layout(path):
+    """(data offset in the file, data length, {name: (dtype name, shape, start, end)}) of a
+    safetensors file: the data section is what the arena holds, byte for byte."""
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    tensors = {k: (v["dtype"], v["shape"], *v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+    return 8 + n, max((t[3] for t in tensors.values()), default=0), tensors
+
+
+def empty_host_cache():
+    """Give torch's cached pinned host blocks (the loader's buffers, a level-1 copy) back: a
+    snapshot would carry them."""
+    fn = getattr(torch._C, "_host_emptyCache", None)
+    if fn is not None:
+        fn()
+
+
+class WeightArena:
+    """All weights in one block of memory laid out as the safetensors file's data section, with
+    tags like vLLM's allocator ("weights"): release() gives the memory back, map() takes memory
+    again, load() fills it from the file. On CUDA with VMM the block keeps its virtual address
+    across release/map (so CUDA graphs stay valid); on the CPU it is a plain host buffer, a new
+    one at each map() (nothing holds its address)."""
+    tag = "weights"
+
+    def __init__(self, path, device, dtype, vmm):
+        self.path, self.device, self.dtype = path, device, dtype
+        self.data_start, self.nbytes, self.tensors = safetensors_layout(path)
+        kinds = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+        for name, (dt, _shape, a, _b) in self.tensors.items():
+            if kinds[dt] != dtype or a % dtype.itemsize:
+                raise RuntimeError(f"--enable-sleep-mode loads {path} as it is: {name} is {dt} at offset {a}, "
+                                   f"the engine runs {dtype} (drop --dtype)")
+        self.vmm = VmmRegion(self.nbytes, device.index) if vmm else None
+        self.buf = None
+        self.map()
+
+    @property
+    def mapped(self):
+        return self.buf is not None
+
+    def map(self):
+        if self.buf is None:
+            if self.vmm is not None:
+                self.vmm.map()
+                self.buf = self.vmm.tensor[:self.nbytes]
+            else:
+                self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        return self.views()
+
+    def views(self):
+        return {name: self.buf[a:b].view(self.dtype).view(shape) for name, (_, shape, a, b) in self.tensors.items()}
+
+    def release(self):
+        """Give the memory back; returns the bytes released."""
+        if self.buf is None:
+            return 0
+        self.buf = None
+        if self.vmm is not None:
+            return self.vmm.release()
+        gc.collect()
+        return self.nbytes
+
+    def host_copy(self):
+        """Level 1 sleep on CUDA: the weights into pinned host memory before the release."""
+        copy = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        copy.copy_(self.buf)
+        return copy
+
+    def load(self, streams=4, chunk=64 << 20):
+        """Fill the mapped block from the file: parallel preads straight into host memory (CPU), or
+        through pinned buffers and several CUDA streams (a multi-stream loader: each reader thread
+        owns two pinned buffers and a stream, so reads and copies overlap). Returns bytes/seconds."""
+        import concurrent.futures
+        if self.buf is None:
+            raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
+        t = time.perf_counter()
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ranges = [(off, min(chunk, self.nbytes - off)) for off in range(0, self.nbytes, chunk)]
+            if self.device.type == "cuda":
+                self._load_cuda(fd, ranges, streams, chunk)
+            else:
+                import ctypes
+                base = self.buf.data_ptr()
+
+                def read(r):
+                    off, n = r
+                    view = memoryview((ctypes.c_char * n).from_address(base + off)).cast("B")
+                    got = 0
+                    while got < n:
+                        k = os.preadv(fd, [view[got:]], self.data_start + off + got)
+                        if not k:
+                            raise RuntimeError(f"{self.path} ends early")
+                        got += k
+                with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+                    list(pool.map(read, ranges))
+        finally:
+            os.close(fd)
+        return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams}
+
+    def _load_cuda(self, fd, ranges, streams, chunk):
+        import concurrent.futures
+        import ctypes
+
+        def worker(k):
+            stream = torch.cuda.Stream(self.device)
+            bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            events = [None, None]
+            for i, (off, n) in enumerate(ranges[k::streams]):
+                j = i % 2
+                if events[j] is not None:
+                    events[j].synchronize()      # the copy out of this buffer has finished
+                view = memoryview((ctypes.c_char * n).from_address(bufs[j].data_ptr())).cast("B")
+                got = 0
+                while got < n:
+                    m = os.preadv(fd, [view[got:]], self.data_start + off + got)
+                    if not m:
+                        raise RuntimeError(f"{self.path} ends early")
+                    got += m
+                with torch.cuda.stream(stream):
+                    self.buf[off:off + n].copy_(bufs[j][:n], non_blocking=True)
+                    events[j] = torch.cuda.Event()
+                    events[j].record(stream)
+            stream.synchronize()
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            list(pool.map(worker, range(streams)))
+        torch.cuda.synchronize(self.device)
+        empty_host_cache()
+
+
 class Engine:
     def __init__(self, args):
         self.args, self.c = args, CONFIGS[args.config]
@@ -293,6 +431,9 @@ class Engine:
         self.state, self.phase = "loading", "start"
         self.timings, self.info = {}, {}
         self.pool = self.kv = self.vmm = None
+        self.arena = self.host_weights = None
+        self.weights = "loaded"      # loaded | host (level 1 on CUDA) | released (level 2) | empty (mapped, not loaded)
+        self.kv_released = False
         self.graphs = {}  # batch size -> (torch.cuda.CUDAGraph, its output tensor)
         self.sizes = args.graph_batch_sizes  # sorted, unique; also the padding sizes without graphs
         self.max_batch = self.sizes[-1]
@@ -323,13 +464,14 @@ class Engine:
             init_weights(c, a.weights)
             created, tm["init_weights_s"] = True, time.perf_counter() - t
         self.phase, t = "load", time.perf_counter()
-        w = load_weights(a.weights, self.dev, self.dtype)
-        self.emb, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
-        self.lm_head = w.get("lm_head.weight", self.emb)   # tied unless the config has its own head
-        names = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-                 "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-        self.layers = [[w[f"model.layers.{i}.{n}.weight"] for n in names] for i in range(c["layers"])]
+        if a.enable_sleep_mode:
+            # Weights in one tagged block that sleep can release and a wake refill from the file.
+            self.arena = WeightArena(a.weights, self.dev, self.dtype, vmm=self.cuda)
+            tm["weights_loader"] = self.arena.load(a.load_streams)["load_s"]
+            w = self.arena.views()
+        else:
+            w = load_weights(a.weights, self.dev, self.dtype)
+        self._bind(w)
         self.weight_bytes = sum(v.numel() * v.element_size() for v in w.values())
         inv = 1.0 / (c["rope_theta"] ** (torch.arange(0, c["head_dim"], 2, dtype=torch.float64) / c["head_dim"]))
         ang = torch.outer(torch.arange(a.max_model_len or c["max_len"], dtype=torch.float64), inv)
@@ -375,9 +517,24 @@ class Engine:
                          num_blocks=self.num_blocks, block_size=BLOCK_SIZE, max_model_len=self.max_len,
                          kv_bytes=self.kv_bytes, kv_allocator=self.allocator, kv_ptr=hex(self.pool.data_ptr()),
                          cuda_graph=bool(self.graphs), graphs=len(self.graphs), max_batch=self.max_batch,
-                         graph_batch_sizes=sorted(self.graphs), host_memory=host_memory())
+                         graph_batch_sizes=sorted(self.graphs), host_memory=host_memory(),
+                         sleep_mode=self.arena is not None,
+                         weights_ptr=hex(self.emb.data_ptr()) if self.arena is not None else None)
         self._ready()
         print("READY " + json.dumps({**{k: round(v, 4) for k, v in tm.items()}, **self.info}), flush=True)
+
+    def _bind(self, w):
+        """Point the model at weight tensors (the arena's views after a wake, or loaded ones)."""
+        self.emb, self.norm = w["model.embed_tokens.weight"], w["model.norm.weight"]
+        self.lm_head = w.get("lm_head.weight", self.emb)   # tied unless the config has its own head
+        names = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                 "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        self.layers = [[w[f"model.layers.{i}.{n}.weight"] for n in names] for i in range(self.c["layers"])]
+
+    def _unbind(self):
+        self.emb = self.norm = self.lm_head = None
+        self.layers = []
 
     def _sync(self):
         if self.cuda:
@@ -587,25 +744,130 @@ class Engine:
         return {"allocated": torch.cuda.memory_allocated(self.dev), "reserved": torch.cuda.memory_reserved(self.dev),
                 "gpu_free": free, "gpu_total": total}
 
-    def quiesce(self):
-        """Give the KV pool's memory back. vmm: unmap and release its physical memory, keeping its
-        address, its tensor and the graphs. torch: drop the pool and the graphs."""
-        with self.lock:
-            if self.state == "quiesced":  # idempotent, so that callers may retry
-                return {"status": "quiesced", "noop": True, "after": self._mem()}
-            if self.state != "ready":
-                raise Unavailable(self.state)
-            t, before = time.perf_counter(), self._mem()
-            self.state = "quiesced"  # from here on nothing touches the pool or replays a graph
-            if self.args.ready_file and os.path.exists(self.args.ready_file):
-                os.unlink(self.args.ready_file)
+    def _release_kv(self):
+        """The KV pool's memory back: vmm keeps its address, its tensor and the graphs; torch drops
+        the pool and the graphs."""
+        if self.kv_released:
+            return 0
+        self._sync()
+        if self.vmm is not None:
+            released = self.vmm.release()
+        else:
+            released = self.kv_bytes
+            self.graphs, self.pool, self.kv = {}, None, None
+            gc.collect()
+        self.kv_released = True
+        return released
+
+    def _map_kv(self):
+        """vmm: new memory at the same address, zeroed; the graphs are used as they are. torch: a new
+        pool and the graphs captured again."""
+        if not self.kv_released:
+            return {}
+        t = time.perf_counter()
+        if self.vmm is not None:
+            self.vmm.map()
+            with torch.inference_mode():
+                self.pool.zero_()  # the same tensor object, at the same address
             self._sync()
-            if self.vmm is not None:
-                released = self.vmm.release()
-            else:
-                released = self.kv_bytes
-                self.graphs, self.pool, self.kv = {}, None, None
-                gc.collect()
+            t_kv = t_g = time.perf_counter()
+        else:
+            self._alloc_kv()
+            t_kv = time.perf_counter()
+            self._capture()
+            t_g = time.perf_counter()
+        self.kv_released = False
+        self.info["kv_ptr"] = hex(self.pool.data_ptr())
+        return {"kv_alloc_s": round(t_kv - t, 6), "graph_s": round(t_g - t_kv, 6)}
+
+    def _not_ready(self):
+        """Leave the ready state: no request touches the engine's memory from here on."""
+        if self.state not in ("ready", "sleeping"):
+            raise Unavailable(self.state)
+        self.state = "sleeping"
+        if self.args.ready_file and os.path.exists(self.args.ready_file):
+            os.unlink(self.args.ready_file)
+
+    def _maybe_ready(self):
+        if self.weights == "loaded" and not self.kv_released and self.state == "sleeping":
+            self._ready()
+
+    def is_sleeping(self):
+        return {"is_sleeping": self.state == "sleeping"}
+
+    def sleep(self, level):
+        """vLLM's /sleep: level 1 keeps a host copy of the weights (on CUDA; on the CPU they stay
+        where they are), level 2 discards them; both release the KV cache. Needs --enable-sleep-mode."""
+        if self.arena is None:
+            raise ValueError("sleep mode is off: start the server with --enable-sleep-mode")
+        if level not in (1, 2):
+            raise ValueError("level must be 1 or 2")
+        with self.lock:
+            t, before = time.perf_counter(), self._mem()
+            self._not_ready()
+            out = {"kv_bytes_released": self._release_kv(), "weight_bytes_released": 0}
+            if self.weights in ("loaded", "empty") and (level == 2 or self.cuda):
+                self._sync()
+                if level == 1 and self.weights == "loaded":
+                    self.host_weights = self.arena.host_copy()
+                self._unbind()
+                out["weight_bytes_released"] = self.arena.release()
+                self.weights = "host" if self.host_weights is not None else "released"
+            if self.cuda:
+                torch.cuda.empty_cache()
+            return {"status": "sleeping", "level": level, "weights": self.weights, **out, "before": before,
+                    "after": self._mem(), "sleep_s": round(time.perf_counter() - t, 6)}
+
+    def wake_up(self, tags=None):
+        """vLLM's /wake_up: tags "weights" (memory mapped again: level 1's copy restored; after level
+        2 it holds nothing until reload_weights), "kv_cache", or both (no tags)."""
+        tags = tags or ["weights", "kv_cache"]
+        if set(tags) - {"weights", "kv_cache"}:
+            raise ValueError(f"unknown tags {tags}: weights, kv_cache")
+        with self.lock:
+            if self.state == "ready":
+                return {"status": "ready", "noop": True, "num_blocks": self.num_blocks}
+            if self.state != "sleeping":
+                raise Unavailable(self.state)
+            t, out = time.perf_counter(), {}
+            if "weights" in tags and self.weights in ("host", "released"):
+                self._bind(self.arena.map())
+                if self.weights == "host":
+                    self.arena.buf.copy_(self.host_weights)
+                    self._sync()
+                    self.host_weights = None
+                    empty_host_cache()
+                    self.weights = "loaded"
+                else:
+                    self.weights = "empty"
+            if "kv_cache" in tags:
+                out.update(self._map_kv())
+            self._maybe_ready()
+            return {"status": self.state, "weights": self.weights, "kv_cache": not self.kv_released,
+                    "num_blocks": self.num_blocks, **out, "wake_s": round(time.perf_counter() - t, 6)}
+
+    def reload_weights(self):
+        """vLLM's collective_rpc reload_weights: the weights file read again into the mapped memory."""
+        with self.lock:
+            if self.arena is None:
+                raise ValueError("sleep mode is off: start the server with --enable-sleep-mode")
+            if self.state == "ready":                  # reload in place: the lock keeps requests out
+                self._not_ready()
+            if self.weights in ("host", "released"):
+                raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
+            out = self.arena.load(self.args.load_streams)
+            self.weights = "loaded"
+            self._maybe_ready()
+            return {"status": self.state, **out}
+
+    def quiesce(self):
+        """Today's /quiesce (kept): the KV cache leaves, the weights stay."""
+        with self.lock:
+            if self.state == "sleeping" and self.kv_released:  # idempotent, so that callers may retry
+                return {"status": "quiesced", "noop": True, "after": self._mem()}
+            t, before = time.perf_counter(), self._mem()
+            self._not_ready()
+            released = self._release_kv()
             if self.cuda:
                 torch.cuda.empty_cache()
             return {"status": "quiesced", "kv_bytes_released": released, "num_blocks": self.num_blocks,
@@ -613,32 +875,18 @@ class Engine:
                     "before": before, "after": self._mem(), "quiesce_s": round(time.perf_counter() - t, 6)}
 
     def resume(self):
-        """vmm: map new memory at the same address and zero it; the graphs are used as they are.
-        torch: allocate a new pool and capture the graphs again."""
-        with self.lock:
-            if self.state == "ready":
-                return {"status": "ready", "noop": True, "num_blocks": self.num_blocks}
-            if self.state != "quiesced":
-                raise Unavailable(self.state)
-            t = time.perf_counter()
-            if self.vmm is not None:
-                self.vmm.map()
-                with torch.inference_mode():
-                    self.pool.zero_()  # the same tensor object, at the same address
-                self._sync()
-                t_kv = t_g = time.perf_counter()
-            else:
-                self._alloc_kv()
-                t_kv = time.perf_counter()
-                self._capture()
-                t_g = time.perf_counter()
-            self.info["kv_ptr"] = hex(self.pool.data_ptr())
-            self._ready()
-            return {"status": "ready", "num_blocks": self.num_blocks, "kv_bytes": self.kv_bytes,
-                    "kv_allocator": self.allocator, "kv_ptr": self.info["kv_ptr"],
-                    "graphs": len(self.graphs), "graphs_recaptured": self.vmm is None and bool(self.graphs),
-                    "kv_alloc_s": round(t_kv - t, 6), "graph_s": round(t_g - t_kv, 6),
-                    "total_s": round(t_g - t, 6), "resume_s": round(t_g - t, 6), "mem": self._mem()}
+        """Today's /resume (kept): wake everything, reloading weights that a level-2 sleep discarded."""
+        t = time.perf_counter()
+        out = self.wake_up(["weights"])
+        if out.get("noop"):
+            return out
+        if self.weights == "empty":
+            self.reload_weights()
+        out = self.wake_up(["kv_cache"])
+        return {**out, "kv_bytes": self.kv_bytes, "kv_allocator": self.allocator, "kv_ptr": self.info.get("kv_ptr"),
+                "graphs": len(self.graphs), "graphs_recaptured": self.vmm is None and bool(self.graphs),
+                "total_s": round(time.perf_counter() - t, 6), "resume_s": round(time.perf_counter() - t, 6),
+                "mem": self._mem()}
 
 
 def selftest_vmm(a):
@@ -741,6 +989,8 @@ class Handler(BaseHTTPRequestHandler):
             if e.state == "loading":
                 body["phase"] = e.phase
             self._send(200 if e.state == "ready" else 503, body)
+        elif url.path == "/is_sleeping":
+            self._send(200, e.is_sleeping())
         elif url.path == "/generate":
             q = urllib.parse.parse_qs(url.query)
             try:
@@ -753,7 +1003,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": "not found"})
 
     def do_POST(self):
-        e, path = self.engine, urllib.parse.urlsplit(self.path).path
+        e, url = self.engine, urllib.parse.urlsplit(self.path)
+        path, q = url.path, urllib.parse.parse_qs(url.query)
         try:
             n = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(n) or b"{}") if n else {}
@@ -767,6 +1018,19 @@ class Handler(BaseHTTPRequestHandler):
             self._call(e.quiesce)
         elif path == "/resume":
             self._call(e.resume)
+        # vLLM's sleep-mode endpoints (its dev mode): never to face users.
+        elif path == "/sleep":
+            try:
+                level = int(q.get("level", ["1"])[0])
+            except ValueError:
+                return self._send(400, {"error": "level must be 1 or 2"})
+            self._call(e.sleep, level)
+        elif path == "/wake_up":
+            self._call(e.wake_up, q.get("tags"))
+        elif path == "/collective_rpc":
+            if req.get("method") != "reload_weights":
+                return self._send(400, {"error": "only the reload_weights method is implemented"})
+            self._call(e.reload_weights)
         else:
             self._send(404, {"error": "not found"})
 
@@ -787,7 +1051,12 @@ def parse_args(argv=None):
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--config", choices=sorted(CONFIGS), default="qwen3-0.6b")
-    p.add_argument("--weights", help="safetensors file (default /tmp/thaw-example-<config>.safetensors)")
+    p.add_argument("--weights", "--model", dest="weights",
+                   help="safetensors file (default /tmp/thaw-example-<config>.safetensors); --model as vLLM names it")
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="weights in one tagged block (CUDA VMM on cuda) that /sleep?level=2 releases and "
+                        "/wake_up + /collective_rpc reload_weights bring back from the file (vLLM's API)")
+    p.add_argument("--load-streams", type=int, default=4, help="parallel readers (and CUDA streams) of the loader")
     p.add_argument("--init-weights-only", action="store_true", help="create the weights file and exit")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: from --config")
