@@ -16,7 +16,14 @@ done
 gcc -O2 -Wall -pthread -o "$C/bin/memzoo" tests/workloads/memzoo.c
 cp -rL /usr/lib/x86_64-linux-gnu/xtables "$C/xtables"
 for l in $(for f in "$C"/xtables/*.so; do libs "$f"; done | sort -u); do cp -Ln "$l" "$C/lib/" 2>/dev/null || true; done
-/opt/thaw/venv/bin/pip wheel -q --no-deps -w "$C/wheels" . 2>&1 | grep -v "is ignored" || true
+# thaw's wheel with CRIU's image classes, which install/node.sh generates at install time (never
+# committed): taken from the installed package, so they come from the CRIU this node built.
+T=$(mktemp -d)
+cp -a pyproject.toml README.md oci shim hooks "$T/"
+cp /opt/thaw/venv/lib/python3*/site-packages/thaw/shim/criu_proto/*_pb2.py "$T/shim/criu_proto/"
+/opt/thaw/venv/bin/pip wheel -q --no-deps -w "$C/wheels" "$T" 2>&1 | grep -v "is ignored" || true
+rm -rf "$T"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform any -d "$C/wheels" pyroute2 tomlkit 2>&1 | grep -v "is ignored" || true
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$C/wheels" pyroute2 tomlkit \
+  "protobuf==$(/opt/thaw/venv/bin/python -c 'import google.protobuf as p; print(p.__version__)')" 2>&1 | grep -v "is ignored" || true
 du -sh "$C"; ls "$C/bin" "$C/wheels"
