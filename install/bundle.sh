@@ -158,24 +158,17 @@ EOF
   echo "$tarball"
 }
 
-# CRIU's image schemas (thaw.shim.criu_proto), generated exactly as install/node.sh does: protoc
-# on the images/*.proto of the CRIU source node.sh verified and built (its cache), imports made
-# package-relative.
+# CRIU's image schemas (thaw.shim.criu_proto), by install/criu-protos.sh as install/node.sh makes
+# them, from the CRIU source node.sh verified and built (its cache).
 criu_protos() {
-  local src=$1 ver sum tarball protos
+  local src=$1 ver sum tarball
   [ -d "$src/shim/criu_proto" ] || return 0     # a tree from before the schemas
   ver=$(sed -n 's/^CRIU_VERSION=//p' "$SRC/install/node.sh")
   sum=$(sed -n 's/^CRIU_SHA256=//p' "$SRC/install/node.sh")
   tarball=${THAW_BUILD_CACHE:-/var/cache/thaw}/criu_${ver}.orig.tar.xz
   echo "$sum  $tarball" | sha256sum -c --status 2>/dev/null \
     || die "$tarball missing or not CRIU $ver's (install/node.sh fetches and verifies it)"
-  command -v protoc >/dev/null || die "protoc missing (apt-get install protobuf-compiler; install/node.sh does)"
-  protos=$(mktemp -d)
-  tar -xJf "$tarball" -C "$protos" --strip-components=1 --wildcards '*/images/*.proto'
-  rm -f "$src"/shim/criu_proto/*_pb2.py
-  protoc -I"$protos/images" --python_out="$src/shim/criu_proto" "$protos"/images/*.proto || die "protoc failed"
-  sed -i -E 's/^import ([A-Za-z0-9_]+_pb2) as /from . import \1 as /' "$src"/shim/criu_proto/*_pb2.py
-  rm -rf "$protos"
+  bash "$SRC/install/criu-protos.sh" "$src" "$tarball" || die "CRIU's image schemas: protoc failed"
 }
 
 # Every NEEDED of every ELF in the bundle resolves inside it (site-packages' own libraries aside).

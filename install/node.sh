@@ -254,18 +254,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "impo
   say "thaw: pip install $SPEC"
   BUILD_TMP=$(mktemp -d)
   cp -a "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/oci" "$SRC/shim" "$SRC/hooks" "$BUILD_TMP/"
-  # Python classes for CRIU's image format, from the .proto files of the CRIU thaw builds (a build
-  # product, never committed). protoc emits top-level imports between the generated modules:
-  # made package-relative, as CRIU's own pycriu build does.
   criu_tarball
-  PROTOS=$(mktemp -d)
-  tar -xJf "$TARBALL" -C "$PROTOS" --strip-components=1 --wildcards '*/images/*.proto' \
-    || die "criu: no images/*.proto in $TARBALL"
-  rm -f "$BUILD_TMP"/shim/criu_proto/*_pb2.py
-  protoc -I"$PROTOS/images" --python_out="$BUILD_TMP/shim/criu_proto" "$PROTOS"/images/*.proto \
-    || die "protoc: compiling CRIU's image schemas failed"
-  sed -i -E 's/^import ([A-Za-z0-9_]+_pb2) as /from . import \1 as /' "$BUILD_TMP"/shim/criu_proto/*_pb2.py
-  rm -rf "$PROTOS"
+  bash "$SRC/install/criu-protos.sh" "$BUILD_TMP" "$TARBALL" || die "protoc: compiling CRIU's image schemas failed"
   "$VENV/bin/pip" install -q --disable-pip-version-check "$BUILD_TMP${EXTRAS:+[$EXTRAS]}" 2>&1 \
     | grep -v "is ignored: it is neither" || true
   rm -rf "$BUILD_TMP"

@@ -16,11 +16,11 @@ done
 gcc -O2 -Wall -pthread -o "$C/bin/memzoo" tests/workloads/memzoo.c
 cp -rL /usr/lib/x86_64-linux-gnu/xtables "$C/xtables"
 for l in $(for f in "$C"/xtables/*.so; do libs "$f"; done | sort -u); do cp -Ln "$l" "$C/lib/" 2>/dev/null || true; done
-# thaw's wheel with CRIU's image classes, which install/node.sh generates at install time (never
-# committed): taken from the installed package, so they come from the CRIU this node built.
+# thaw's wheel with CRIU's image classes (a build product, never committed), made as node.sh makes
+# them from the CRIU source it verified and built.
 T=$(mktemp -d)
 cp -a pyproject.toml README.md oci shim hooks "$T/"
-cp /opt/thaw/venv/lib/python3*/site-packages/thaw/shim/criu_proto/*_pb2.py "$T/shim/criu_proto/"
+bash install/criu-protos.sh "$T" "${THAW_BUILD_CACHE:-/var/cache/thaw}/criu_$(sed -n 's/^CRIU_VERSION=//p' install/node.sh).orig.tar.xz"
 /opt/thaw/venv/bin/pip wheel -q --no-deps -w "$C/wheels" "$T" 2>&1 | grep -v "is ignored" || true
 rm -rf "$T"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
