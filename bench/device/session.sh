@@ -59,14 +59,17 @@ if [ -z "${CONFIGS:-}" ]; then
   exit
 fi
 mkdir -p /var/tmp/gpu-e2e /tmp/restore-logs
-for c in $CONFIGS; do   # CONFIG:RUNS; the config "transformers" is examples/transformers-worker (hot cache only)
-  extra=()
-  [ "${c%%:*}" = transformers ] && extra=(--worker examples/transformers-worker/worker.py --no-cold-cache)
-  mkdir -p "$OUT/${c%%:*}"
-  GPU_E2E_TMP=/var/tmp/gpu-e2e python3 bench/gpu_e2e.py --out "$OUT/${c%%:*}" --config "${c%%:*}" --runs "${c##*:}" \
+# CONFIG:RUNS; the config "transformers" is examples/transformers-worker (hot cache only);
+# CONFIG-outside: the same config with its weights outside the snapshot (--weights-outside)
+for c in $CONFIGS; do
+  extra=(); name=${c%%:*}; config=${name%-outside}
+  [ "$config" = transformers ] && extra=(--worker examples/transformers-worker/worker.py --no-cold-cache)
+  [ "$config" != "$name" ] && extra+=(--weights-outside)
+  mkdir -p "$OUT/$name"
+  GPU_E2E_TMP=/var/tmp/gpu-e2e python3 bench/gpu_e2e.py --out "$OUT/$name" --config "$config" --runs "${c##*:}" \
     "${E2E_ARGS[@]}" "${extra[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
-  rm -f "$OUT/${c%%:*}/gpu-e2e.md" "$OUT/${c%%:*}/gpu-e2e.png"   # remade here: --report-only
-  mv "$OUT/${c%%:*}/restore-logs.tar.gz" "/tmp/restore-logs/${c%%:*}.tar.gz" 2>/dev/null
+  rm -f "$OUT/$name/gpu-e2e.md" "$OUT/$name/gpu-e2e.png"   # remade here: --report-only
+  mv "$OUT/$name/restore-logs.tar.gz" "/tmp/restore-logs/$name.tar.gz" 2>/dev/null
   tar -cf "$OUT/restore-logs.tar" -C /tmp restore-logs
   df -h /var/tmp | sed 1d
 done
