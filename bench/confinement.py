@@ -1,4 +1,4 @@
-"""What proving a restore's credentials costs (shim/confinement.py): the image check (every
+"""What proving a restore's credentials costs (shim/lifecycle/confinement.py): the image check (every
 task and thread of the CRIU images decoded and compared with the spec) and the kernel check
 (every restored thread's /proc status read while CRIU leaves them stopped, then SIGCONT), on a
 snapshot of a process with 200 threads, restored for real through thaw-runtime.
@@ -38,7 +38,8 @@ time.sleep(10**6)
 # store): the first image check, which also imports protobuf and the generated classes.
 COLD = r"""
 import json, sys, time
-from thaw.shim import confinement, fingerprint, restore, store
+from thaw.shim.lifecycle import confinement, fingerprint, restore
+from thaw.shim.node import store
 spec = json.load(open(sys.argv[2]))
 w, c = time.perf_counter(), time.process_time()
 confinement.check_images(sys.argv[1], spec, confinement.Grant.of(spec))
@@ -52,8 +53,9 @@ def kernel_check_alone(env, pid: int, spec_path: str) -> tuple[float, float]:
     import signal
 
     from thaw.oci.annotations import SnapshotRef
-    from thaw.shim import confinement, criu_images
-    from thaw.shim.store import Store
+    from thaw.shim.drivers import criu_images
+    from thaw.shim.lifecycle import confinement
+    from thaw.shim.node.store import Store
     store = Store(env.store)
     with open(spec_path) as f:
         spec = json.load(f)
@@ -108,8 +110,9 @@ def main() -> None:
             shutil.rmtree(dst.bundle, ignore_errors=True)
 
         from thaw.oci.annotations import SnapshotRef
-        from thaw.shim import confinement, criu_images
-        from thaw.shim.store import Store
+        from thaw.shim.drivers import criu_images
+        from thaw.shim.lifecycle import confinement
+        from thaw.shim.node.store import Store
         store = Store(env.store)
         snap = store.resolve(SnapshotRef("threads", "1"), "_local")
         spec_path = os.path.join(tmp, "src", "config.json")

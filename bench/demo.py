@@ -18,7 +18,7 @@ import time
 
 from common import ROOT, machine, save
 from helpers import PYTHON, make_bundle, netns, netns_delete, unique, wait_http_ready
-from thaw.shim import engine
+from thaw.shim.drivers import engine
 
 PORT = 8080
 SNAPSHOT = "demo-warm-server:latest"

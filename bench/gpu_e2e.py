@@ -47,9 +47,9 @@ from restore_speed import fill_of_largest
 from common import ROOT
 from helpers import ShimContainer, make_bundle, netns, netns_delete, unique, wait_http_ready
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim import engine
-from thaw.shim.config import load
-from thaw.shim.store import Store
+from thaw.shim.drivers import engine
+from thaw.shim.node.config import load
+from thaw.shim.node.store import Store
 
 SERVER = os.path.join(ROOT, "examples", "inference-server", "server.py")
 PORT = 8000

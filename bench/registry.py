@@ -10,7 +10,7 @@ file. Everything runs on loopback on this machine, so the numbers are CPU-bound 
 the registry and here, HTTP parsing) and page-cache-bound, not network-bound: each phase also
 records the CPU seconds of the client (this process) and of the registry, which share the cores.
 Then the same through thaw: a stand-in snapshot whose pages file is --gib of random bytes,
-`thaw push` from one store and `thaw pull` into another (shim/distribution.py: file parts read
+`thaw push` from one store and `thaw pull` into another (shim/lifecycle/distribution.py: file parts read
 and written in place, every blob verified, published when complete).
 JSON goes to bench/results/registry-*.json.
 """
@@ -109,9 +109,10 @@ def snapshot_run(work: str, size: int, server: RegistryServer, settings: Setting
     """thaw push / thaw pull of a snapshot between two stores, through the library calls."""
     from helpers import fake_snapshot
     from thaw.oci.annotations import SnapshotRef
-    from thaw.shim import distribution, provenance
-    from thaw.shim.config import Config, Registry, Trust
-    from thaw.shim.store import Store
+    from thaw.shim.lifecycle import distribution
+    from thaw.shim.node import provenance
+    from thaw.shim.node.config import Config, Registry, Trust
+    from thaw.shim.node.store import Store
     reg = Registry(auth_file=settings.auth_config or "", ca_file=settings.ca_bundle or "",
                    insecure=tuple(settings.insecure_hosts))
     # Pushed signed, pulled verified: what a node requiring provenance does (the default).

@@ -745,8 +745,8 @@ class PullSoak(Soak):
                 **({"problems": problems} if problems else {})}
 
     def sample(self, i: int) -> None:
-        from thaw.shim.config import load
-        from thaw.shim.store import Store
+        from thaw.shim.node.config import load
+        from thaw.shim.node.store import Store
         store = Store.for_config(load(self.config))
         row = {"after_cycle": i, **{ns: store.usage(ns) for ns in NAMESPACES}, "total": store.total_bytes(),
                "disk": sum(os.lstat(os.path.join(d, n)).st_blocks * 512

@@ -31,9 +31,9 @@ import yaml
 from common import ROOT, machine, save
 from helpers import ShimContainer, make_bundle, netns, netns_delete, unique, wait_http_ready
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim import engine
-from thaw.shim.config import load
-from thaw.shim.store import Store
+from thaw.shim.drivers import engine
+from thaw.shim.node.config import load
+from thaw.shim.node.store import Store
 
 SERVER = os.path.join(ROOT, "examples", "inference-server", "server.py")
 URL = "http://127.0.0.1:8000"

@@ -8,7 +8,7 @@ failure, and never lingers (the watcher is a process of its own with its stdio o
   thaw-hook prestart|poststop < state.json
   thaw-hook watch CONTAINER_ID PID        the auto-capture watcher
   thaw-hook prepare NAMESPACE SNAPSHOT [CONTAINER_ID]
-                                          started beside a pod sandbox's create (shim/prefetch.py);
+                                          started beside a pod sandbox's create (shim/lifecycle/prefetch.py);
                                           stopped when CONTAINER_ID is deleted
 """
 
@@ -27,11 +27,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     from thaw.oci import ThawError
     from thaw.oci.state import OciState
-    from thaw.shim.config import load
+    from thaw.shim.node.config import load
     try:
         cfg = load()
         if argv[0] == "watch":
-            from thaw.shim import autocapture
+            from thaw.shim.lifecycle import autocapture
             if len(argv) != 3 or not argv[2].isdigit():
                 sys.stderr.write(USAGE)
                 sys.exit(2)

@@ -1,7 +1,7 @@
 """What thaw-hook does at each stage; each returns the hook's exit code (hooks/main.py exits).
 
   prestart  cold path with `thaw.dev/capture: on-ready`: start the capture watcher (the restore
-            path has no prestart hook: thaw-runtime checks the network itself, shim/restore.py).
+            path has no prestart hook: thaw-runtime checks the network itself, shim/lifecycle/restore.py).
   poststop  stop the watcher, record the container's end, remove its thaw state.
   watch     the auto-capture watcher itself (started by prestart as its own process).
   prepare   started by thaw-runtime beside a pod sandbox's create: get its snapshot ready.
@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 from thaw.oci.state import OciState
-from thaw.shim.config import Config
+from thaw.shim.node.config import Config
 
 
 def prestart(oci_state: OciState, cfg: Config) -> int:
-    from thaw.shim import events
-    from thaw.shim.state import ContainerState, Phase
+    from thaw.shim.node import events
+    from thaw.shim.node.state import ContainerState, Phase
     try:
         st = ContainerState(cfg.state_dir, oci_state.id)
     except ValueError:
@@ -25,7 +25,7 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
         return 0                               # not a container thaw handles
     if record.phase == Phase.COLD and record.capture and not record.watcher and oci_state.pid:
         try:
-            from thaw.shim import autocapture
+            from thaw.shim.lifecycle import autocapture
             st.update(watcher=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid).to_json())
         except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
             events.emit(cfg, "hook_error", f"auto-capture watcher not started: {exc}", oci_state.id, "error")
@@ -33,7 +33,7 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
 
 
 def poststop(oci_state: OciState, cfg: Config) -> int:
-    from thaw.shim.state import finish
+    from thaw.shim.node.state import finish
     finish(cfg, oci_state.id, "poststop")
     return 0
 
@@ -47,7 +47,7 @@ def prepare(cfg: Config, namespace: str, snapshot: str, container_id: str | None
     import signal
 
     from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
-    from thaw.shim import prefetch
+    from thaw.shim.lifecycle import prefetch
     os.closerange(3, 65536)
     try:
         ref = SnapshotRef.parse(snapshot)

@@ -133,8 +133,8 @@ EOF
   check_closure "$stage" "$p"
 
   # --- launchers, config, installer --------------------------------------------------------------
-  write_launcher "$stage" "$p" thaw thaw.shim.cli
-  write_launcher "$stage" "$p" thaw-runtime thaw.shim.runtime
+  write_launcher "$stage" "$p" thaw thaw.shim.entry.cli
+  write_launcher "$stage" "$p" thaw-runtime thaw.shim.entry.runtime
   write_launcher "$stage" "$p" thaw-hook thaw.hooks.main
   install -m 0644 "$SRC/install/config.yaml" "$stage/share/config.yaml"
   install -m 0755 "$SRC/install/thaw-node.sh" "$stage/share/thaw-node.sh"
@@ -145,7 +145,7 @@ EOF
   # (this machine's identical interpreter: the staged one only runs from its final prefix)
   "$PY" -I -m compileall -q -j1 --invalidation-mode unchecked-hash \
     -s "$stage" -p / "$stdlib" "$site" >/dev/null || die "compileall failed"
-  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.runtime, thaw.shim.cli, thaw.hooks.main, cryptography, cuda.bindings, importlib.util as u; u.find_spec('thaw.shim.criu_images') is None or __import__('thaw.shim.criu_images').shim.criu_images.schemas()" \
+  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.entry.runtime, thaw.shim.entry.cli, thaw.hooks.main, cryptography, cuda.bindings, importlib.util as u; u.find_spec('thaw.shim.drivers.criu_images') is None or __import__('thaw.shim.drivers.criu_images').shim.drivers.criu_images.schemas()" \
     || die "the bundled interpreter cannot import thaw"
 
   local tarball=$out/thaw-node-$v.tar.gz
@@ -158,11 +158,11 @@ EOF
   echo "$tarball"
 }
 
-# CRIU's image schemas (thaw.shim.criu_proto), by install/criu-protos.sh as install/node.sh makes
+# CRIU's image schemas (thaw.shim.drivers.criu_proto), by install/criu-protos.sh as install/node.sh makes
 # them, from the CRIU source node.sh verified and built (its cache).
 criu_protos() {
   local src=$1 ver sum tarball
-  [ -d "$src/shim/criu_proto" ] || return 0     # a tree from before the schemas
+  [ -d "$src/shim/drivers/criu_proto" ] || return 0     # a tree from before the schemas
   ver=$(sed -n 's/^CRIU_VERSION=//p' "$SRC/install/node.sh")
   sum=$(sed -n 's/^CRIU_SHA256=//p' "$SRC/install/node.sh")
   tarball=${THAW_BUILD_CACHE:-/var/cache/thaw}/criu_${ver}.orig.tar.xz

@@ -247,7 +247,7 @@ SPEC="thaw${EXTRAS:+[$EXTRAS]} from $SRC"
 STAMP="$PREFIX/.installed"
 # Always a regular (non-editable) install: an editable one adds a path finder to every Python
 # start, ~10 ms on each runtime call. Reinstall whenever the sources change.
-# The CRIU image schemas (thaw.shim.criu_proto) are generated from this CRIU's images/*.proto.
+# The CRIU image schemas (thaw.shim.drivers.criu_proto) are generated from this CRIU's images/*.proto.
 PROTOC_VERSION=$(protoc --version 2>/dev/null) || die "protoc: not found (apt package protobuf-compiler)"
 WANT="$( (cd "$SRC" && find oci shim hooks pyproject.toml -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-16) $EXTRAS; criu $CRIU_SHA256; $PROTOC_VERSION"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import thaw.shim" 2>/dev/null; then
@@ -259,9 +259,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "impo
   "$VENV/bin/pip" install -q --disable-pip-version-check "$BUILD_TMP${EXTRAS:+[$EXTRAS]}" 2>&1 \
     | grep -v "is ignored: it is neither" || true
   rm -rf "$BUILD_TMP"
-  "$VENV/bin/python" -c "import thaw.shim.runtime, thaw.hooks.main, thaw.oci.snapshot, thaw.shim.criu_images" \
+  "$VENV/bin/python" -c "import thaw.shim.entry.runtime, thaw.hooks.main, thaw.oci.snapshot, thaw.shim.drivers.criu_images" \
     || die "thaw: pip install failed"
-  "$VENV/bin/python" -c "from thaw.shim import criu_images; criu_images.schemas()" \
+  "$VENV/bin/python" -c "from thaw.shim.drivers import criu_images; criu_images.schemas()" \
     || die "thaw: CRIU's image schemas do not load with this protobuf runtime"
   echo "$WANT" > "$STAMP"
 else
@@ -289,7 +289,7 @@ write_launcher() {  # $1 = command, $2 = module with main()
   chmod 0755 "$tmp"
   mv -f "$tmp" "$BIN_DIR/$1"
 }
-write_launcher thaw-runtime thaw.shim.runtime
+write_launcher thaw-runtime thaw.shim.entry.runtime
 write_launcher thaw-hook thaw.hooks.main
 say "thaw: commands linked in $BIN_DIR: thaw thaw-runtime thaw-hook"
 

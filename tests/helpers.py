@@ -32,7 +32,7 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05, error: typ
 
 def wait_http_ready(pid: int, url: str, timeout: float) -> float:
     """Poll a readiness URL inside pid's network namespace; perf_counter() when it answered 2xx."""
-    from thaw.shim import engine
+    from thaw.shim.drivers import engine
     wait_for(lambda: engine.ready(url, pid, timeout=5), timeout, f"{url} in pid {pid}", 0.02)
     return time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""shim/cgroups.py on this machine's real cgroup hierarchies: kill_all empties a cgroup whose
+"""shim/node/cgroups.py on this machine's real cgroup hierarchies: kill_all empties a cgroup whose
 processes fork while it runs, through cgroup.kill (v2) and through freeze + SIGKILL + thaw (every
 v1 freezer or pids hierarchy mounted here; a hybrid host has both), then removes it."""
 
@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from helpers import wait_for
-from thaw.shim import cgroups
+from thaw.shim.node import cgroups
 
 pytestmark = pytest.mark.root
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from thaw.shim import config
+from thaw.shim.node import config
 
 
 def test_defaults_when_default_file_missing(monkeypatch):

@@ -1,4 +1,4 @@
-"""What CRIU restores is proven within the new spec (shim/confinement.py), attacked for real: real
+"""What CRIU restores is proven within the new spec (shim/lifecycle/confinement.py), attacked for real: real
 captures, forged the way an attacker would — the CRIU images re-encoded with the classes generated
 from CRIU's .proto files, the snapshot re-packed with correct digests and brought in with
 `thaw import` — and restored into a restricted spec. Each attack must cold-start with an event
@@ -20,10 +20,11 @@ import pytest
 from helpers import PYTHON, make_bundle, unique, wait_for
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim import confinement, criu_images
-from thaw.shim.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
-from thaw.shim.runc import cgroup_dirs
-from thaw.shim.store import Store
+from thaw.shim.drivers import criu_images
+from thaw.shim.drivers.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
+from thaw.shim.drivers.runc import cgroup_dirs
+from thaw.shim.lifecycle import confinement
+from thaw.shim.node.store import Store
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
@@ -262,7 +263,7 @@ def test_forged_config_over_uid0_images(world):
     with open(os.path.join(bundle(os.path.join(world.dir, unique("id")), lambda s: restricted(s, 1000)),
                            "config.json")) as f:
         claimed = json.load(f)
-    from thaw.shim import fingerprint
+    from thaw.shim.lifecycle import fingerprint
     ref = forge(world, "root:1", config=lambda c: dataclasses.replace(
         c, identity=fingerprint.identity(claimed), processes=()))
     msg = cold_started(world, ref, "task 1: uids [0, 0, 0, 0] (the spec grants uid 1000)", "gids", "CapEff",
@@ -407,7 +408,7 @@ def test_a_task_the_config_does_not_list(world):
 def test_an_apparmor_policy_blob(world):
     """Policy CRIU would load into the kernel: an apparmor.img, or apparmor_data in the creds."""
     def policy_image(images):
-        from thaw.shim.criu_proto import apparmor_pb2
+        from thaw.shim.drivers.criu_proto import apparmor_pb2
         entry = apparmor_pb2.apparmor_entry()
         ns = entry.namespaces.add(name="root")
         ns.policies.add(name="unconfined-everything", blob=b"\x04\x08\x00version\x00")
@@ -422,12 +423,12 @@ def test_an_apparmor_policy_blob(world):
 
 def test_an_image_kind_outside_the_allow_list(world):
     def tun(images):
-        from thaw.shim.criu_proto import tun_pb2
+        from thaw.shim.drivers.criu_proto import tun_pb2
         write(images, "tunfile.img", 0x57143751, [tun_pb2.tunfile_entry(id=7, netdev="tun0")])
     cold_started(world, forge(world, "base:1", tun), "tunfile.img", "not restored by thaw")
 
     def old_creds(images):
-        from thaw.shim.criu_proto import creds_pb2
+        from thaw.shim.drivers.criu_proto import creds_pb2
         c = creds_pb2.creds_entry(uid=0, gid=0, euid=0, egid=0, suid=0, sgid=0, fsuid=0, fsgid=0, secbits=0)
         write(images, "creds-1.img", 0x54023547, [c])
     cold_started(world, forge(world, "base:1", old_creds), "creds-1.img", "old per-task credentials")

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from thaw.oci.snapshot import Fingerprint, NodeFingerprint
-from thaw.shim import cuda, fingerprint
+from thaw.shim.drivers import cuda
+from thaw.shim.lifecycle import fingerprint
 
 
 def test_process_tree_and_discovery_with_a_state_oracle():

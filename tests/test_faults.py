@@ -119,11 +119,11 @@ def assert_nothing_left(env, bundle: str, cid: str, before: dict | None, thaw_pi
     assert not left, (left, [os.listdir(os.path.join(env.state, "containers", e)) for e in left if e.endswith(".d")])
     work = os.path.join(env.state, "containers", cid + ".d")
     assert not [m for m in mounts() if m.startswith((rootfs + "/", os.path.join(env.root, cid), work))]
-    from thaw.shim.runc import cgroup_dirs
+    from thaw.shim.drivers.runc import cgroup_dirs
     spec = json.load(open(os.path.join(bundle, "config.json")))
     assert not [d for d in cgroup_dirs(spec, systemd=False) if os.path.exists(d)]     # every hierarchy
     if thaw_pid is not None:                                     # the restore's own cgroup
-        from thaw.shim.cgroups import scratch_path
+        from thaw.shim.node.cgroups import scratch_path
         assert not os.path.exists(scratch_path(f"thaw-restore-{thaw_pid}"))
     assert processes_of(env) == []
     if before is not None:
@@ -271,7 +271,7 @@ def test_an_unreaped_thaw_runtime_counts_as_dead(env, target):
 
 DEAD_RESTORE = r"""
 import sys
-from thaw.shim.state import ContainerState
+from thaw.shim.node.state import ContainerState
 state, cid, bundle, root = sys.argv[1:5]
 ContainerState(state, cid).begin_restore("golden:1", 0.0, bundle, root, False, bundle + "/.thaw-undo")
 """
@@ -530,7 +530,7 @@ def test_a_resume_url_answering_500_leaves_nothing_and_cold_starts(thaw_env, ser
     c.start()
     out = c.wait_output(lambda t: "cold start" in t)
     assert out.index("POST /refuse answered 500") < out.index("cold start")
-    from thaw.shim.runc import cgroup_dirs
+    from thaw.shim.drivers.runc import cgroup_dirs
     spec = json.load(open(os.path.join(bundle, "config.json")))
     procs = set()
     for d in cgroup_dirs(spec, systemd=False):
@@ -549,7 +549,7 @@ def events_of(env) -> list[dict]:
 
 GUARDED = r"""
 import os, signal, subprocess, sys
-from thaw.shim.runc import Runc
+from thaw.shim.drivers.runc import Runc
 runc, root, cid, die = sys.argv[1:5]
 with Runc.with_root(runc, "criu", root).resumed_if_we_die(cid):
     subprocess.run([runc, "--root", root, "pause", cid], check=True)   # as CRIU freezes it to dump

@@ -2,7 +2,7 @@ import copy
 
 from thaw.oci.snapshot import Fingerprint
 from thaw.oci.spec import Bundle
-from thaw.shim import fingerprint
+from thaw.shim.lifecycle import fingerprint
 
 BASE = {
     "node": {"kernel": "6.18.44", "arch": "x86_64", "cpu_flags": ["avx", "avx2", "sse4_2"],
@@ -79,7 +79,7 @@ def test_cpu_flags_filter(tmp_path):
 
 
 def test_criu_version_cache(tmp_path):
-    from thaw.shim import criu
+    from thaw.shim.drivers import criu
     fake = tmp_path / "criu"
     fake.write_text("#!/bin/sh\necho calls >> " + str(tmp_path / "calls") + "\necho 'Version: 4.1.1'\n")
     fake.chmod(0o755)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import gpu_skip
-from thaw.shim import cuda
+from thaw.shim.drivers import cuda
 from thaw.shim.phases import Phases
 
 pytestmark = pytest.mark.gpu

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_bundle, netns, netns_delete, unique, wait_for
 from thaw.oci.spec import Bundle, add_hook
-from thaw.shim.netcheck import listening_sockets
+from thaw.shim.drivers.netcheck import listening_sockets
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 

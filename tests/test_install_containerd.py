@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from thaw.oci import annotations as ann
-from thaw.shim import config
 from thaw.shim.containerd import ContainerdConfigError, checks, discovery, dropin, goglob, install, merge
 from thaw.shim.containerd.merge import CRI_V2, CRI_V3
+from thaw.shim.node import config
 
 _PKG = "tests.cri" if __name__.startswith("tests.") else "cri"
 builds = importlib.import_module(f"{_PKG}.builds")
@@ -668,8 +668,8 @@ def test_doctor_without_containerd(monkeypatch):
 
 
 def test_doctor_run_checks_ends_with_the_containerd_checks(monkeypatch):
-    from thaw.shim import doctor
-    from thaw.shim.config import Config
+    from thaw.shim.entry import doctor
+    from thaw.shim.node.config import Config
     monkeypatch.setattr(checks, "find_containerd", lambda: None)
     assert list(doctor.run_checks(Config()))[-1] == (True, "containerd", "not installed")
 

@@ -25,8 +25,8 @@ from registry_fixture.malicious import MaliciousRegistry, basic_auth_file  # noq
 
 from helpers import fake_snapshot, wait_for  # noqa: E402
 from thaw.oci.annotations import SnapshotRef  # noqa: E402
-from thaw.shim.config import load  # noqa: E402
-from thaw.shim.store import QuotaExceeded, Store  # noqa: E402
+from thaw.shim.node.config import load  # noqa: E402
+from thaw.shim.node.store import QuotaExceeded, Store  # noqa: E402
 
 MiB = 1 << 20
 
@@ -161,7 +161,7 @@ def test_eviction_stays_in_the_namespace_and_spares_what_is_in_use(evil, tmp_pat
 
 
 def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_share(tmp_path):
-    from thaw.shim.config import Config, StoreLimits, Trust
+    from thaw.shim.node.config import Config, StoreLimits, Trust
     cfg = Config(store_dir=str(tmp_path / "s"), state_dir=str(tmp_path / "st"),
                  store=StoreLimits(max_bytes=8 * MiB, quota_share=0.5), trust=Trust(unsigned=("import",)))
     store = Store.for_config(cfg).init()
@@ -173,7 +173,7 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     fake_snapshot(store, "other:1", os.urandom(MiB + MiB // 2), namespace="team-b")   # its own share
     assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
     # an import is checked before its blobs are written
-    from thaw.shim.importer import import_archive
+    from thaw.shim.lifecycle.importer import import_archive
     probe = Store(str(tmp_path / "probe")).init()
     fake_snapshot(probe, "three:1", os.urandom(2 * MiB), namespace="team-a")
     archive = str(tmp_path / "three.tar")
@@ -187,7 +187,7 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
 def test_names_of_one_manifest_go_together_and_nothing_shared_with_a_kept_one_is_removed(tmp_path):
     import dataclasses
 
-    from thaw.shim.config import Config, StoreLimits
+    from thaw.shim.node.config import Config, StoreLimits
     cfg = Config(store_dir=str(tmp_path / "s"), state_dir=str(tmp_path / "st"),
                  store=StoreLimits(quota={"team-a": 3 * MiB}))
     store = Store.for_config(cfg).init()

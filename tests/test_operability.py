@@ -12,10 +12,10 @@ import time
 
 from helpers import fake_snapshot, wait_for
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim import events, metrics
-from thaw.shim.config import Config
-from thaw.shim.state import ContainerState, Phase, finish
-from thaw.shim.store import Store
+from thaw.shim.node import events, metrics
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, Phase, finish
+from thaw.shim.node.store import Store
 
 
 def cfg_in(tmp_path, **kw) -> Config:

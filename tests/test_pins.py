@@ -13,10 +13,11 @@ import stat
 import pytest
 
 from helpers import fake_snapshot
-from thaw.shim import criu, fingerprint, prefetch
-from thaw.shim.config import Config, Registry
-from thaw.shim.runc import RuncError, pid_file_temp, stdio_descriptors
-from thaw.shim.store import Store
+from thaw.shim.drivers import criu
+from thaw.shim.drivers.runc import RuncError, pid_file_temp, stdio_descriptors
+from thaw.shim.lifecycle import fingerprint, prefetch
+from thaw.shim.node.config import Config, Registry
+from thaw.shim.node.store import Store
 
 # --- policy: repository prefixes match whole path components ---------------------------------------
 

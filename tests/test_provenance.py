@@ -25,9 +25,10 @@ from test_distribution import COUNTER, Node, events_of, json_lines, published  #
 from helpers import make_bundle  # noqa: E402
 from thaw.oci import cosign  # noqa: E402
 from thaw.oci.annotations import SnapshotRef  # noqa: E402
-from thaw.shim import distribution, prefetch, provenance  # noqa: E402
-from thaw.shim.events import read as read_events  # noqa: E402
-from thaw.shim.store import PROVENANCE  # noqa: E402
+from thaw.shim.lifecycle import distribution, prefetch  # noqa: E402
+from thaw.shim.node import provenance  # noqa: E402
+from thaw.shim.node.events import read as read_events  # noqa: E402
+from thaw.shim.node.store import PROVENANCE  # noqa: E402
 
 pytest_plugins = ["registry_fixture.fixtures"]
 pytestmark = pytest.mark.registry
@@ -372,7 +373,7 @@ def test_captured_here_restores_an_unsigned_one_from_before_the_upgrade_cold_sta
 
 
 def test_config_validates_trust(tmp_path):
-    from thaw.shim.config import ConfigError, load
+    from thaw.shim.node.config import ConfigError, load
     for bad in ({"keys": {"no-slash": ["/k.pub"]}}, {"keys": {"r.example/x": ["relative.pub"]}},
                 {"unsigned": ["anything"]}, {"signing_key": "relative.key"}):
         p = tmp_path / "c.yaml"
@@ -409,8 +410,8 @@ def test_doctor_reports_unusable_keys(tmp_path, tls_registry):
 def test_entries_from_before_provenance_are_read_from_their_origin(tmp_path):
     """The upgrade's migration, for every origin a store recorded: only "captured" is trusted."""
     from helpers import fake_snapshot
-    from thaw.shim.config import Config, Trust
-    from thaw.shim.store import Store
+    from thaw.shim.node.config import Config, Trust
+    from thaw.shim.node.store import Store
     store = Store(str(tmp_path / "store")).init()
     origins = {"cap:1": "captured", "imp:1": "imported", "mig:1": "migrated",
                "pul:1": "pulled:registry.example/thaw/team-a/app:1"}

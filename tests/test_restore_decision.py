@@ -15,9 +15,10 @@ from thaw.oci import runc_args
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, parse_request
 from thaw.oci.spec import Bundle, deny_io_uring
-from thaw.shim import create, events, fingerprint, metrics, restore
-from thaw.shim.config import Config, Policy
-from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
+from thaw.shim.lifecycle import create, fingerprint, restore
+from thaw.shim.node import events, metrics
+from thaw.shim.node.config import Config, Policy
+from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
 
 NODE = fmt.NodeFingerprint(kernel="6.18.44", arch="x86_64", cpu_flags=("avx2", "sse4_2"),
                            criu="4.1.1", runc="1.1.5")

@@ -131,7 +131,7 @@ def test_tcp_server_restored_into_other_netns(thaw_env, tmp_path, netns_pair):
     before = wait_for(lambda: (lambda n: n > 5 and n)(count(ns_src)), 20, "the server's count to pass 5")
     capture(thaw_env, src.id, "web:1")
     src.destroy()
-    # Dumped with the in-process nftables lock (shim/criu.py dump_options): the restore below then
+    # Dumped with the in-process nftables lock (shim/drivers/criu.py dump_options): the restore below then
     # unlocks without running iptables-restore, and its server must still be reachable.
     info = json.loads(thaw_env.thaw("inspect", "web:1").stdout)
     images = os.path.join(thaw_env.store, "images", info["manifest"].split(":")[1])
@@ -172,7 +172,7 @@ def test_a_plain_rootfs_diff_holds_only_what_the_container_wrote(thaw_env, tmp_p
 def test_a_loopback_server_in_its_own_network_namespace_answers_after_restore(thaw_env, tmp_path):
     """A bare runc bundle with a network namespace of its own (no path): the restored server must
     answer on 127.0.0.1 inside it, as it did before the capture."""
-    from thaw.shim import engine
+    from thaw.shim.drivers import engine
     serve = ["sh", "-c", "mkdir -p /www; echo hello > /www/index.html; exec httpd -f -p 127.0.0.1:8080 -h /www"]
     src = thaw_env.container(make_bundle(str(tmp_path / "src"), serve))
     assert src.create() == 0

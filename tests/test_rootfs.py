@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from thaw.shim import rootfs
-from thaw.shim.rootfs import RootfsApplier, RootfsError
+from thaw.shim.drivers import rootfs
+from thaw.shim.drivers.rootfs import RootfsApplier, RootfsError
 
 
 def tar_of(entries):

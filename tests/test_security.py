@@ -19,10 +19,10 @@ import uuid
 import pytest
 
 from helpers import PYTHON, make_bundle, unique, wait_for
-from thaw.shim import engine
-from thaw.shim.config import Config
-from thaw.shim.procs import ProcessHandle
-from thaw.shim.state import ContainerState, finish
+from thaw.shim.drivers import engine
+from thaw.shim.drivers.procs import ProcessHandle
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, finish
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 

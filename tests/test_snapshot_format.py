@@ -17,9 +17,9 @@ from helpers import dead_capture, fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import ImageLayout, LayoutError
-from thaw.shim.config import Config, Trust
-from thaw.shim.importer import import_archive, open_store
-from thaw.shim.store import CorruptSnapshot, SnapshotNotFound, Store
+from thaw.shim.lifecycle.importer import import_archive, open_store
+from thaw.shim.node.config import Config, Trust
+from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
 
 A1 = SnapshotRef("a", "1")
 

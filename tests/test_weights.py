@@ -169,7 +169,7 @@ def _steps(port: int, quiesce: list, resume: list | None = None) -> ann.EngineSt
 
 @pytest.mark.root
 def test_steps_run_in_order_inside_the_namespace(recorder):
-    from thaw.shim import engine
+    from thaw.shim.drivers import engine
     port, pid = recorder
     Recorder.script["/is_sleeping"] = [(200, {"is_sleeping": False}, 0)] * 3 + [(200, {"is_sleeping": True}, 0)]
     steps = ann.parse_engine_steps({**VLLM, ann.ENGINE_URL: f"http://127.0.0.1:{port}"}, ["vllm", "serve", "/m"])
@@ -188,7 +188,7 @@ def test_steps_run_in_order_inside_the_namespace(recorder):
 
 @pytest.mark.root
 def test_a_failing_or_slow_step_stops_the_rest(recorder):
-    from thaw.shim import engine
+    from thaw.shim.drivers import engine
     port, pid = recorder
     Recorder.script["/bad"] = [(500, {"error": "no"}, 0)]
     Recorder.script["/slow"] = [(200, {}, 3)]
@@ -229,7 +229,7 @@ def _bundle_with_volume(tmp, vol: str) -> Bundle:
 
 @pytest.mark.root
 def test_volume_resolution_changed_missing_and_symlinked(tmp_path):
-    from thaw.shim import weights
+    from thaw.shim.lifecycle import weights
     vol = tmp_path / "vol"
     _weights_file(str(vol / "m" / "w.safetensors"))
     bundle = _bundle_with_volume(tmp_path, str(vol))
@@ -286,7 +286,7 @@ def test_volume_resolution_changed_missing_and_symlinked(tmp_path):
 
 @pytest.mark.root
 def test_image_layer_resolution(tmp_path):
-    from thaw.shim import weights
+    from thaw.shim.lifecycle import weights
     lower = tmp_path / "layer"
     _weights_file(str(lower / "models" / "a.safetensors"), 1 << 20, 1)
     _weights_file(str(lower / "models" / "b.safetensors"), 1 << 20, 2)
@@ -300,7 +300,7 @@ def test_image_layer_resolution(tmp_path):
             files = weights.manifest(rfd, bundle, ("/models",), weights.DigestCache(str(tmp_path / "st")))
         finally:
             os.close(rfd)
-        from thaw.shim.fingerprint import layer_digest
+        from thaw.shim.lifecycle.fingerprint import layer_digest
         by = {f.path: f for f in files}
         assert sorted(by) == ["/models/a.safetensors", "/models/b.safetensors", "/models/c.bin"]
         assert by["/models/a.safetensors"].origin == "image"
@@ -329,7 +329,7 @@ def _worker_bundle(tmp, work: str, ns: str, annotations: dict) -> str:
 
 
 def _generate(pid: int) -> list[int]:
-    from thaw.shim import engine
+    from thaw.shim.drivers import engine
     with engine.ContainerView(pid) as view:
         status, body = view.request(f"{URL}/generate", "POST", 60, json_body=PROMPT)
     assert status == 200, body
@@ -355,8 +355,8 @@ def _found_in_pages(image_dir: str, samples: list[bytes]) -> int:
 @pytest.mark.criu
 def test_cpu_end_to_end_weights_leave_and_come_back(thaw_env, netns_pair, tmp_path):
     from thaw.oci.annotations import SnapshotRef
-    from thaw.shim.config import load
-    from thaw.shim.store import Store
+    from thaw.shim.node.config import load
+    from thaw.shim.node.store import Store
     work = tmp_path / "work"
     work.mkdir()
     weights_path = str(work / "w.safetensors")

@@ -182,7 +182,7 @@ def run(tmp: str, venv: str, config: str, root: str, netns_paths: list[str], con
     restored -> the same completions, new and concurrent ones. Containers created are appended to
     `containers` (the caller destroys them). Returns what was measured and seen."""
     from helpers import ShimContainer, unique
-    from thaw.shim import capture
+    from thaw.shim.lifecycle import capture
     model = make_model(venv, os.path.join(tmp, "model"))
     annotations = {"thaw.dev/snapshot": snapshot}
     env = {"THAW_CONFIG": config}

@@ -18,7 +18,7 @@ ln -sf /tmp/site/bin/thaw "$B/"
 # Launchers like install/node.sh writes: runc runs hooks with an empty environment.
 PY=$(command -v python3)
 SITE=$(python3 -c 'import sysconfig as s; print(s.get_paths()["purelib"])')
-for c in "thaw-runtime thaw.shim.runtime" "thaw-hook thaw.hooks.main"; do
+for c in "thaw-runtime thaw.shim.entry.runtime" "thaw-hook thaw.hooks.main"; do
   set -- $c   # (the sourcing script's arguments are lost: session.sh saves them)
   printf '#!%s -IS\nimport sys\nsys.path[:0] = ["/tmp/site", "%s"]\nfrom %s import main\nmain()\n' "$PY" "$SITE" "$2" > "$B/$1"
   chmod +x "$B/$1"

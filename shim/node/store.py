@@ -24,7 +24,7 @@
 A snapshot belongs to the namespace the node published it under (dev.thaw.namespace of its
 index entry): the one that captured it, or the one a pull or import was made for — never a field
 of the snapshot itself. It is found only under that namespace (or by a namespace the node's
-policy lets read it). Each index entry also records the snapshot's provenance (shim/provenance.py)
+policy lets read it). Each index entry also records the snapshot's provenance (shim/node/provenance.py)
 and the cosign signatures known for it (exported with it). Each namespace has a byte quota (Store.quota_of);
 what a namespace is charged for is what its snapshots hold, each file once per namespace (a file
 several namespaces hold counts for each), plus the declared size of its pulls in progress;
@@ -51,8 +51,8 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError, sha256_file
+from thaw.shim.drivers.procs import ProcessHandle
 
-from .procs import ProcessHandle
 from .provenance import Provenance, from_origin, signatures_from_json, signatures_json
 
 CLAIM = ".claim"                    # in a pull area: {"namespace", "bytes"} the pull is charged

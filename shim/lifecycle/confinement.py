@@ -3,7 +3,7 @@ what it may do, proven twice and never taken from the snapshot's own word (its c
 hint, checked earlier by fingerprint.py, and may only refuse):
 
   images_excess()   before CRIU runs: every task and thread of the snapshot's CRIU images
-                    (shim/criu_images.py) against what the spec grants
+                    (shim/drivers/criu_images.py) against what the spec grants
   kernel_excess()   after CRIU restored the tasks and left them stopped, before any of them runs
                     user code: every thread's /proc status against the same grant
   resume()          then let them run (SIGCONT)
@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from thaw.oci import ThawError
-
-from . import criu_images
-from .criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC, Images
+from thaw.shim.drivers import criu_images
+from thaw.shim.drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC, Images
 
 # Linux capability numbers (include/uapi/linux/capability.h).
 CAP_BITS = {name: i for i, name in enumerate((

@@ -22,10 +22,9 @@ from thaw.oci import cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
 from thaw.oci.layout import CHUNK, REF_NAME, Descriptor, HashingWriter, LayoutError
-
-from . import provenance
-from .config import UNSIGNED_IMPORT, Config
-from .store import CorruptSnapshot, Staging, Store
+from thaw.shim.node import provenance
+from thaw.shim.node.config import UNSIGNED_IMPORT, Config
+from thaw.shim.node.store import CorruptSnapshot, Staging, Store
 
 
 def open_store(store: Store) -> Store:

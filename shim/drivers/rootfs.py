@@ -354,7 +354,7 @@ class RootfsApplier:
         undo(self.rootfs, self.undo_dir)
 
     def close(self) -> None:
-        """Done applying: the journal stays, for whoever undoes it later (shim/state.py)."""
+        """Done applying: the journal stays, for whoever undoes it later (shim/node/state.py)."""
         self._close()
 
     def commit(self) -> None:

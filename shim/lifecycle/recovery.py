@@ -6,9 +6,9 @@ What may be left: runc and CRIU still running (CRIU's restore runs in a session 
 process-group kill misses it), processes CRIU restored, runc's restore mounts (criu-root under its
 state dir), CRIU's cgroup yard under the work dir, a runc container or half of one, runc's
 temporary pid file, the rootfs diff applied to the bundle's rootfs, and thaw's own state. All of
-it is found from what the record named before runc started (shim/state.py), never from the
+it is found from what the record named before runc started (shim/node/state.py), never from the
 process tree: every process of the restore is in the restore's own cgroup or the container's
-(shim/cgroups.py). The next `create` or `delete` of that id and `thaw doctor --fix` call
+(shim/node/cgroups.py). The next `create` or `delete` of that id and `thaw doctor --fix` call
 `recover()`: afterwards none of it is left and the id works again, or RecoveryError says what is
 left (the record stays, so the next call tries again).
 """
@@ -21,11 +21,10 @@ import os
 import shutil
 
 from thaw.oci import ThawError
-
-from . import events
-from .config import Config
-from .procs import ProcessHandle
-from .state import ContainerState, Phase, Record
+from thaw.shim.drivers.procs import ProcessHandle
+from thaw.shim.node import events
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, Phase, Record
 
 _MNT_DETACH = 2
 
@@ -59,7 +58,7 @@ def before_delete(cfg: Config, container_id: str, force: bool) -> None:
     dead restore; undo whole a restore that never started (unless runc will refuse the delete: a
     running container without --force); else end the container's state (and remove what a dead
     cold create's runc left). Raises RecoveryError when a cleanup could not finish."""
-    from .state import finish
+    from thaw.shim.node.state import finish
     record = ContainerState(cfg.state_dir, container_id).read()
     if record is not None and stale(record):
         recover(cfg, container_id, record, "found by delete")
@@ -73,7 +72,7 @@ def before_delete(cfg: Config, container_id: str, force: bool) -> None:
 
 
 def _running(cfg: Config, container_id: str, record: Record) -> bool:
-    from .runc import Runc
+    from thaw.shim.drivers.runc import Runc
     st = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root).state(container_id)
     return st is not None and st.get("status") == "running"
 
@@ -108,8 +107,8 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
 def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str], list[str]]:
     """Everything of a restore but the rootfs diff and thaw's record: its processes, mounts, runc
     container and runc's leftovers. Returns (what was removed, what is still there)."""
-    from . import cgroups
-    from .runc import Runc
+    from thaw.shim.drivers.runc import Runc
+    from thaw.shim.node import cgroups
     done: list[str] = []
     left: list[str] = []
     dirs = _cgroup_dirs(record)
@@ -155,7 +154,7 @@ def _runc_leftovers(container_id: str, record: Record) -> list[str]:
     """runc's half-written state directory (no state.json: runc died before it had a container;
     runc refuses the id while it exists) and its temporary pid file (O_EXCL: it fails every
     later create with that pid file)."""
-    from .runc import pid_file_temp
+    from thaw.shim.drivers.runc import pid_file_temp
     done = []
     if record.root:
         leftover = os.path.join(record.root, container_id)
@@ -174,8 +173,7 @@ def _cgroup_dirs(record: Record) -> list[str]:
     """The restore's cgroup and the container's, as recorded; the container's from its spec for
     a record written before runc started (or by an older thaw)."""
     from thaw.oci.spec import Bundle, SpecError
-
-    from .runc import cgroup_dirs
+    from thaw.shim.drivers.runc import cgroup_dirs
     dirs = [d for d in record.cgroups or [] if isinstance(d, str)]
     if record.bundle:
         with contextlib.suppress(SpecError, OSError):
@@ -206,7 +204,7 @@ def _mount_roots(cfg: Config, container_id: str, record: Record) -> list[tuple[s
 
 
 def _undo_rootfs(record: Record) -> None:
-    from .rootfs import undo
+    from thaw.shim.drivers.rootfs import undo
     rootfs = _rootfs(record)
     if rootfs and os.path.isdir(rootfs) and record.undo:
         undo(rootfs, record.undo)

@@ -1,13 +1,13 @@
 """What `create` does for a container that carries thaw.dev/snapshot, as an outcome:
 
-  Restored    the snapshot was restored (shim/restore.py); the runtime exits 0
+  Restored    the snapshot was restored (shim/lifecycle/restore.py); the runtime exits 0
   ColdStart   restore not possible (reason named); config.json is as containerd wrote it plus
               thaw's hooks and io_uring denied (oci/spec.deny_io_uring), and the runtime hands
               the original create to the next runtime
   Refused     restore required (thaw.dev/required or policy.required) but not possible: the
               runtime exits 1, leaving nothing behind (config.json as containerd wrote it)
 
-Nothing here execs or exits: shim/runtime.py (the thaw-runtime entry point) does, from the outcome. `report()` writes the
+Nothing here execs or exits: shim/entry/runtime.py (the thaw-runtime entry point) does, from the outcome. `report()` writes the
 outcome where operators and containerd look (runc's log file, the events log, metrics).
 """
 
@@ -22,9 +22,8 @@ from thaw.oci import ThawError, runc_log
 from thaw.oci import annotations as ann
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
-
-from .config import Config
-from .state import ContainerState, Phase, Record, finish
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, Phase, Record, finish
 
 
 @dataclass
@@ -64,10 +63,10 @@ Outcome = Restored | ColdStart | Refused | NotOurs | Unrecovered
 def reason_code(exc: BaseException) -> str:
     """A short, stable class of why a restore was not possible (a metrics label)."""
     from thaw.oci.layout import LayoutError
+    from thaw.shim.node.provenance import Untrusted
+    from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound
 
-    from .provenance import Untrusted
     from .restore import Incompatible
-    from .store import CorruptSnapshot, SnapshotNotFound
     for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
                        (Untrusted, "untrusted"),
                        (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
@@ -116,8 +115,9 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
 def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
     """Why this create's id is not free for thaw, if it is not. A record left by a thaw-runtime
     that died mid-restore is cleaned up first (then the id is free)."""
+    from thaw.shim.drivers.runc import Runc
+
     from . import recovery
-    from .runc import Runc
     cid = call.container_id or ""
     state = ContainerState(cfg.state_dir, cid)
     record = state.read()
@@ -137,8 +137,9 @@ def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
 
 
 def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Record:
+    from thaw.shim.node.store import Store
+
     from . import restore
-    from .store import Store
     request = ann.parse_request(bundle.annotations, (bundle.spec.get("process") or {}).get("args") or [])
     store = Store.for_config(cfg)
     plan = restore.check(request, bundle, cfg, store)
@@ -189,7 +190,7 @@ def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str)
 
 def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
     """Write the outcome to runc's log file (containerd reads it), the events log and metrics."""
-    from . import events, metrics
+    from thaw.shim.node import events, metrics
     cid = call.container_id
     if isinstance(outcome, Restored):
         r = outcome.record

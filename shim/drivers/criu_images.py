@@ -1,11 +1,11 @@
 """CRIU's image files, read with the classes protoc generates from the .proto files of the CRIU
-thaw builds (thaw.shim.criu_proto, made by install/node.sh), and what a snapshot's image
+thaw builds (thaw.shim.drivers.criu_proto, made by install/node.sh), and what a snapshot's image
 directory may hold for a container restore.
 
 CRIU restores each thread's credentials, capabilities, no-new-privs, seccomp filters and LSM
 label, each task's rlimits and oom_score_adj, exactly as its images say, running as root; runc
 re-applies none of them on restore. So what a restore brings back is read here from the very
-files CRIU will read (never from the snapshot's config), and shim/confinement.py compares it
+files CRIU will read (never from the snapshot's config), and shim/lifecycle/confinement.py compares it
 with the new spec.
 
 This sits in shim/ beside criu.py (the node's CRIU), not in oci/: it is CRIU's format, not an
@@ -300,7 +300,7 @@ def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
         for pattern, why in REFUSED:
             if pattern.fullmatch(name):
                 raise ImageError(f"image {name}: {why}: not restored by thaw")
-        raise ImageError(f"image {name}: not a kind of CRIU image thaw restores (see KINDS in shim/criu_images.py)")
+        raise ImageError(f"image {name}: not a kind of CRIU image thaw restores (see KINDS in shim/drivers/criu_images.py)")
 
 
 def check_magics(image_dir: str, names: list[str]) -> None:

@@ -1,6 +1,6 @@
 """CRIU itself: its version, its features, `criu check`, and the options thaw gives it for a
 restore (what the fingerprint, the restore path and `thaw doctor` need). Checkpoint and restore
-go through runc (shim/runc.py), which runs CRIU in RPC mode.
+go through runc (shim/drivers/runc.py), which runs CRIU in RPC mode.
 
 The version and the features are asked of the binary once and cached in state_dir, keyed by the
 binary's path, size and mtime: running `criu --version` costs 40-120 ms of every restore.

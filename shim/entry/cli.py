@@ -12,9 +12,8 @@ import click
 
 from thaw.oci import ThawError
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
-
-from .config import Config, load
-from .registry.progress import human_bytes as _human
+from thaw.shim.node.config import Config, load
+from thaw.shim.registry.progress import human_bytes as _human
 
 
 def _cfg(ctx: click.Context) -> Config:
@@ -35,18 +34,18 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ThawError, OSError) as exc:
-            from .safetext import printable  # messages may quote what a registry sent
+            from thaw.shim.safetext import printable  # messages may quote what a registry sent
             raise click.ClickException(printable(exc, None, lines=True)) from exc
     return wrapper
 
 
 def _store(ctx: click.Context):
     """The node's store; a format 1 store (thaw 0.1) is converted by the first command that opens it."""
-    from .store import Store
+    from thaw.shim.node.store import Store
     store = Store.for_config(_cfg(ctx))
     if not store.is_format_1():
         return store
-    from .importer import open_store
+    from thaw.shim.lifecycle.importer import open_store
     return open_store(store)
 
 
@@ -88,8 +87,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
     """Checkpoint a running container into snapshot NAME of the container's namespace (its pod's
     Kubernetes namespace, or _local)."""
-    from .capture import capture as do_capture
-    from .capture import report
+    from thaw.shim.lifecycle.capture import capture as do_capture
+    from thaw.shim.lifecycle.capture import report
     cfg, ref = _cfg(ctx), _ref(name)
     try:
         snap = do_capture(cfg, container_id, ref, root=root, leave_running=not exit_,
@@ -112,7 +111,7 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
 def ls(ctx, namespace, as_json):
     """List snapshots in the store: size on disk (a blob shared by several counts for each), last
     use (restore, else publish), where each came from."""
-    from .provenance import check_restorable
+    from thaw.shim.node.provenance import check_restorable
     store = _store(ctx)
     rows, snaps = [], store.snapshots(namespace)
     for s in snaps:
@@ -194,7 +193,7 @@ def gc(ctx, max_bytes, as_json):
 def inspect(ctx, name, namespace):
     """Show a snapshot's manifest digest, provenance (and whether this node's trust config lets
     it be restored), signatures and config as JSON."""
-    from .provenance import check_restorable
+    from thaw.shim.node.provenance import check_restorable
     store = _store(ctx)
     snap = store.resolve(_ref(name), namespace)
     prov = store.provenance(snap)
@@ -245,7 +244,7 @@ def import_(ctx, file, namespace):
     """Import snapshots from an OCI archive FILE into namespace -n (the archive does not choose):
     each must carry a signature by a key trust.keys trusts (or trust.unsigned name "import");
     digests verified before anything becomes visible."""
-    from .importer import import_archive
+    from thaw.shim.lifecycle.importer import import_archive
     store = _store(ctx)
     for s in import_archive(store, file, _cfg(ctx), namespace):
         captured_in = f" (captured in {s.config.namespace})" if s.config.namespace != s.namespace else ""
@@ -255,7 +254,7 @@ def import_(ctx, file, namespace):
 
 def _progress(as_json: bool):
     """Progress on a terminal; JSON lines (one per blob, and a summary) with --json; else nothing."""
-    from .registry.progress import JsonLinesProgress, TerminalProgress
+    from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
     if as_json:
         return JsonLinesProgress(sys.stdout)
     return TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
@@ -273,7 +272,7 @@ def push(ctx, name, reference, namespace, as_json, sign):
     """Push snapshot NAME to the registry REFERENCE (REGISTRY/REPO:TAG; default: NAME itself, when
     it is one). Blobs the registry already has are skipped. --sign: sign it for that repository
     (cosign's key-based form, verifiable with `cosign verify --key`)."""
-    from . import distribution
+    from thaw.shim.lifecycle import distribution
     ref = _ref(name)
     result = distribution.push(_cfg(ctx), _store(ctx), ref, namespace, distribution.target_of(ref, reference),
                                _progress(as_json), sign=sign)
@@ -296,7 +295,7 @@ def pull(ctx, reference, name, namespace, as_json):
     namespace -n (default: the one namespace registry.pull lets pull from there; never what the
     snapshot says). Its signature is verified against trust.keys before anything is fetched,
     every blob before the snapshot becomes visible; an interrupted pull resumes where it stopped."""
-    from . import distribution
+    from thaw.shim.lifecycle import distribution
     source = _ref(reference).remote
     if source is None:
         raise click.BadParameter(f"{reference!r} is not a registry reference (REGISTRY/REPO:TAG)")
@@ -317,7 +316,7 @@ def pull(ctx, reference, name, namespace, as_json):
 def warm(ctx, name, namespace):
     """Read snapshot NAME into the page cache ahead of the pods that will restore it (what a pod's
     sandbox create starts by itself)."""
-    from . import prefetch
+    from thaw.shim.lifecycle import prefetch
     ref = _ref(name)
     show = sys.stderr.isatty()
 
@@ -348,7 +347,7 @@ def key_generate(directory, name):
     """Write a new ECDSA P-256 key pair: DIRECTORY/NAME.key (PKCS#8 PEM, 0600: for
     trust.signing_key, where signing happens) and DIRECTORY/NAME.pub (for trust.keys, and for
     `cosign verify --key`)."""
-    from .provenance import generate
+    from thaw.shim.node.provenance import generate
     private, public, kid = generate(directory, name)
     click.echo(f"wrote {private} and {public}; key id {kid}")
 
@@ -362,8 +361,8 @@ def key_generate(directory, name):
 def events(ctx, follow, container, as_json):
     """Show what thaw did on this node: restores, cold starts (with the reason), refusals,
     captures, hook errors, container ends."""
-    from . import events as ev
-    from .safetext import printable
+    from thaw.shim.node import events as ev
+    from thaw.shim.safetext import printable
     state_dir = _cfg(ctx).state_dir
 
     def show(e: dict) -> None:

@@ -13,7 +13,7 @@ before a gc resumes from the journal; a second pull of the same manifest waits f
 A pull that fails removes its area at once, and gc removes one whose process is gone: space is
 taken only as bytes arrive, within what the namespace's quota let the pull claim.
 
-Provenance (shim/provenance.py): a pull fetches the cosign signatures stored beside the manifest
+Provenance (shim/node/provenance.py): a pull fetches the cosign signatures stored beside the manifest
 (`sha256-<hex>.sig` in the same repository) right after the manifest, and verifies them against
 the keys trust.keys names for that repository — the payload must name this digest and this
 repository — before any blob is fetched; without a trusted signature the pull is refused unless
@@ -45,10 +45,9 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, LayoutError
 from thaw.oci.reference import Reference
-
-from . import provenance
-from .config import Config
-from .store import Store, StoreError
+from thaw.shim.node import provenance
+from thaw.shim.node.config import Config
+from thaw.shim.node.store import Store, StoreError
 
 SPACE_MARGIN = 256 << 20       # a pull leaves at least this much free on the store's disk
 
@@ -64,7 +63,7 @@ class PullRefused(DistributionError):
 
 
 def settings(cfg: Config):
-    from .registry.transport import Settings
+    from thaw.shim.registry.transport import Settings
     reg = cfg.registry
     return Settings(auth_config=reg.auth_file or None, ca_bundle=reg.ca_file or None,
                     insecure_hosts=tuple(reg.insecure))
@@ -72,8 +71,8 @@ def settings(cfg: Config):
 
 @contextlib.contextmanager
 def _client(cfg: Config, registry: str) -> Iterator[Any]:
-    from .registry.client import RegistryClient
-    from .registry.errors import RegistryError
+    from thaw.shim.registry.client import RegistryClient
+    from thaw.shim.registry.errors import RegistryError
     try:
         with RegistryClient(registry, settings(cfg)) as client:
             yield client
@@ -100,8 +99,8 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
     """Upload snapshot `ref` of `namespace` to `target` (blobs the registry has are skipped),
     then its manifest under target's tag; the store notes where it was pushed. sign: also store
     a cosign signature of the manifest for target's repository (trust.signing_key)."""
-    from .registry import transfer
-    from .registry.client import BlobRange
+    from thaw.shim.registry import transfer
+    from thaw.shim.registry.client import BlobRange
     snap = store.resolve(ref, namespace)
     if sign:
         provenance.signing_key(cfg)                  # a missing or bad key fails before any upload
@@ -129,7 +128,7 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
 def _sign(cfg: Config, client, target: Reference, digest: str) -> cosign.Signature:
     """Sign manifest `digest` for target's repository and store the signature where cosign looks
     (appended to the signatures already there)."""
-    from .registry.errors import NotFoundError
+    from thaw.shim.registry.errors import NotFoundError
     signature = provenance.sign(cfg, f"{target.registry}/{target.repository}", digest)
     tag = cosign.tag_for(digest)
     try:
@@ -154,7 +153,7 @@ def _fetch_signatures(client, repository: str, sig_manifest: bytes) -> list[cosi
 
 def signatures_of(client, repository: str, digest: str) -> list[cosign.Signature]:
     """The cosign signatures a repository holds for manifest `digest` (none: an empty list)."""
-    from .registry.errors import NotFoundError, RegistryError
+    from thaw.shim.registry.errors import NotFoundError, RegistryError
     try:
         got = client.get_manifest(repository, cosign.tag_for(digest), (cosign.MANIFEST_MEDIA_TYPE,))
     except NotFoundError:
@@ -184,7 +183,7 @@ def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple
 
 
 def _registry_call(fn, *args, **kwargs):
-    from .registry import errors
+    from thaw.shim.registry import errors
     try:
         return fn(*args, **kwargs)
     except errors.RegistryError as exc:
@@ -233,7 +232,8 @@ def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None
     bytes by the owner namespace's quota (claimed before anything is written). `cancel`: an
     object whose is_set() stops the pull (its `reason`, if any, is the error's). Every outcome
     is a `pull` event; a failed pull leaves no pull area."""
-    from . import events, safetext
+    from thaw.shim import safetext
+    from thaw.shim.node import events
     who = for_namespace or "the operator"
     events.emit(cfg, "pull", f"pull of {source} for {who} started", None, "info", snapshot=str(source),
                 namespace=for_namespace, outcome="started")
@@ -363,7 +363,7 @@ def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotR
 
 
 def _is_local_failure(exc: BaseException) -> bool:
-    from .registry.errors import LocalFileError
+    from thaw.shim.registry.errors import LocalFileError
     return isinstance(exc.__cause__, LocalFileError)
 
 
@@ -398,8 +398,8 @@ def _check_space(store: Store, snap: fmt.Snapshot) -> None:
 
 def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
            listener: Listener | None, guard: _PullGuard) -> None:
-    from .registry import transfer
-    from .registry.client import BlobRange
+    from thaw.shim.registry import transfer
+    from thaw.shim.registry.client import BlobRange
     images = make_private_dir(os.path.join(area, "images"))
     blobs = make_private_dir(os.path.join(area, "blobs"))
     for name, size in snap.files().items():        # each CRIU file its final size; parts fill it

@@ -75,7 +75,7 @@ class Restore(_Record):
 
 
 class Registry(_Record):
-    """How this node reaches registries (shim/distribution.py) and what pods may do with them.
+    """How this node reaches registries (shim/lifecycle/distribution.py) and what pods may do with them.
     auth_file: docker-style config.json with credentials ("" = anonymous); ca_file: PEM bundle
     trusted besides the system's CAs; insecure: hosts spoken to over plain HTTP; pull / push:
     Kubernetes namespace -> repository prefixes (REGISTRY/REPO...) its pods' annotations may
@@ -118,7 +118,7 @@ UNSIGNED_THAW_0_1 = "thaw-0.1"      # snapshots of a store thaw 0.1 left (origin
 
 
 class Trust(_Record):
-    """Which snapshots from outside this node may be restored (shim/provenance.py). Captured
+    """Which snapshots from outside this node may be restored (shim/node/provenance.py). Captured
     here: always. keys: repository prefix (REGISTRY/REPO...) -> public keys (PEM files) whose
     cosign signatures are accepted for snapshots from under that prefix (several: rotation;
     removing one: revocation, also of what it signed earlier). unsigned: sources whose unsigned

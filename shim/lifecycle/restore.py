@@ -7,7 +7,7 @@
              it leaves nothing behind (the half-restored container deleted, the rootfs diff
              undone, the state record removed) and raises.
 
-Neither decides what happens next: shim/create.py turns the outcome into a restore, a cold start
+Neither decides what happens next: shim/lifecycle/create.py turns the outcome into a restore, a cold start
 or a refusal.
 """
 
@@ -24,16 +24,20 @@ from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
+from thaw.shim import faults
+from thaw.shim.drivers.runc import Runc
+from thaw.shim.node import provenance
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, Record
+from thaw.shim.node.store import Store
+from thaw.shim.phases import Phases
 
-from . import faults, fingerprint, provenance
-from .config import Config
-from .phases import Phases
-from .runc import Runc
-from .state import ContainerState, Record
-from .store import Store
+from . import fingerprint
 
 if TYPE_CHECKING:
-    from . import confinement, criu_images
+    from thaw.shim.drivers import criu_images
+
+    from . import confinement
 
 
 class Incompatible(ThawError):
@@ -75,7 +79,7 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     gpu_fp = fmt.GpuFingerprint()
     if snap.config.gpu.pids:
         # The snapshot holds checkpointed CUDA processes: this node must be able to restore them.
-        from . import cuda
+        from thaw.shim.drivers import cuda
         if not cuda.available():
             raise Incompatible(f"snapshot {snap.ref} holds GPU state, but this node has no NVIDIA "
                                "driver or cuda-python")
@@ -136,7 +140,7 @@ def _network_problems(snap: fmt.Snapshot, bundle: Bundle) -> list[str]:
     netns = bundle.namespace_path("network")
     if not netns or not snap.config.network.listen:
         return []
-    from . import netcheck
+    from thaw.shim.drivers import netcheck
     return netcheck.problems(netns, [s.addr for s in snap.config.network.listen])
 
 
@@ -164,7 +168,9 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
 def _check_images(image_dir: str, bundle: Bundle, cfg: Config, next_runtime: str) -> Proof:
     """What the images would restore, within the new spec (else Incompatible naming the excess):
     the snapshot's config said so too, but only the images are what CRIU reads."""
-    from . import confinement, criu_images
+    from thaw.shim.drivers import criu_images
+
+    from . import confinement
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
     reference = None
     if seccomp:
@@ -200,15 +206,17 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
               state: ContainerState, image_dir: str, proof: Proof) -> Record:
     cid = call.container_id or ""
     snap, phases = plan.snapshot, plan.phases
-    from . import cgroups, recovery
-    from .rootfs import RootfsApplier, undo_dir_for
-    from .runc import cgroup_dirs
+    from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
+    from thaw.shim.drivers.runc import cgroup_dirs
+    from thaw.shim.node import cgroups
+
+    from . import recovery
     work = state.make_work_dir()
     undo = undo_dir_for(bundle.rootfs, cid)
     pid_file = call.flags.get("pid-file")
     pid_file = os.path.abspath(pid_file) if isinstance(pid_file, str) else None
     systemd = bool(call.global_flags.get("systemd-cgroup"))
-    # Whoever finds this record after this process died cleans up from it (shim/recovery.py).
+    # Whoever finds this record after this process died cleans up from it (shim/lifecycle/recovery.py).
     record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root, systemd, undo,
                                  rootfs=os.path.realpath(bundle.rootfs), pid_file=pid_file)
     applier = RootfsApplier(bundle.rootfs, undo)
@@ -234,7 +242,7 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         cgroups.make(scratch)
         faults.point("runc_restore")
         # runc writes its own pid file in the work dir: a runc killed while writing it leaves its
-        # O_EXCL temporary file there, never beside the caller's (shim/runc.py pid_file_temp).
+        # O_EXCL temporary file there, never beside the caller's (shim/drivers/runc.py pid_file_temp).
         own_pid_file = os.path.join(work, "pid")
         # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, own_pid_file,
@@ -259,7 +267,7 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         if plan.weights is not None:
             phases.run("weights_wait", plan.weights.wait)        # type: ignore[attr-defined]
         if plan.request.steps.resume:
-            from . import engine
+            from thaw.shim.drivers import engine
             phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)
         faults.point("resumed")
         if pid_file:
@@ -287,13 +295,13 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
 def _fill_options(cfg: Config) -> tuple[str, ...]:
     """How CRIU fills memory for this restore: the node config, what the node's CRIU can do, and
     (for hugepages: auto) the node's measured probe."""
-    from . import criu
+    from thaw.shim.drivers import criu
     return criu.restore_options(cfg.restore.worker_count(), cfg.restore.hugepages,
                                 criu.features(cfg.resolve_criu(), cfg.state_dir), criu.read_thp_probe(cfg.state_dir))
 
 
 def _loopback_up(pid: int) -> None:
-    from . import engine
+    from thaw.shim.drivers import engine
     with engine.ContainerView(pid) as view:
         view.loopback_up()
 
@@ -301,14 +309,14 @@ def _loopback_up(pid: int) -> None:
 def _start_cuda_init() -> threading.Thread:
     """Importing cuda-python and cuInit cost ~0.5 s: pay them while the fingerprint is checked,
     the rootfs diff applied and CRIU restores memory."""
-    from . import cuda
+    from thaw.shim.drivers import cuda
     thread = threading.Thread(target=cuda.init_quietly, daemon=True)
     thread.start()
     return thread
 
 
 def _restore_gpus(plan: Plan, pid: int) -> None:
-    from . import cuda
+    from thaw.shim.drivers import cuda
     pairs = cuda.gpu_pairs(list(plan.snapshot.fingerprint.node.gpu.uuids),
                            [g.uuid for g in plan.gpus or []])
     if not cuda.restore_tree(pid, pairs, plan.phases):

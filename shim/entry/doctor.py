@@ -8,9 +8,9 @@ import shutil
 import stat
 from typing import Iterator
 
-from . import criu
-from .config import Config, ConfigError
-from .runc import Runc
+from thaw.shim.drivers import criu
+from thaw.shim.drivers.runc import Runc
+from thaw.shim.node.config import Config, ConfigError
 
 Check = tuple[bool, str, str]
 
@@ -78,7 +78,7 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     yield _owner_only(cfg.state_dir)
     yield from _trust(cfg)
 
-    from . import cuda
+    from thaw.shim.drivers import cuda
     if os.path.exists("/dev/nvidiactl"):
         yield cuda.available(), "cuda-python", "importable" if cuda.available() else \
             "missing: pip install cuda-bindings into thaw's virtualenv (install/node.sh does this on GPU nodes)"
@@ -88,14 +88,14 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
 
     # containerd: is the runtime handler "thaw" registered (only where containerd is installed)?
     if containerd:
-        from .containerd.checks import doctor_checks
+        from thaw.shim.containerd.checks import doctor_checks
         yield from doctor_checks()
 
 
 def _trust(cfg: Config) -> Iterator[Check]:
     """Every key trust.keys names must load (an unusable one is silently not trusted); the signing
     key, if any, must load and be root-only."""
-    from .provenance import ProvenanceError, check_public_key, signing_key
+    from thaw.shim.node.provenance import ProvenanceError, check_public_key, signing_key
     keys = sorted({p for paths in cfg.trust.keys.values() for p in paths})
     for path in keys:
         try:
@@ -124,7 +124,7 @@ def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
 def _node_cache(cfg: Config) -> Check:
     """Over store.max_bytes is reported, not failed: what could not be evicted is in use or
     exists nowhere else."""
-    from .store import Store
+    from thaw.shim.node.store import Store
     held, limit = Store(cfg.store_dir).total_bytes(), cfg.store.max_bytes
     state = ("warning: over it (thaw gc evicts what may go; thaw events says what may not)"
              if held > limit else "within it")
@@ -157,9 +157,9 @@ def fix(cfg: Config) -> list[str]:
     died (recovery), records of containers runc no longer has (deleted without their hooks),
     staging areas of dead captures and imports, and blobs and image directories no snapshot uses
     (store gc). Returns what it did, one line each."""
-    from . import recovery
-    from .state import ContainerState, Phase, finish
-    from .store import Store
+    from thaw.shim.lifecycle import recovery
+    from thaw.shim.node.state import ContainerState, Phase, finish
+    from thaw.shim.node.store import Store
     done = []
     records_dir = os.path.join(cfg.state_dir, "containers")
     names = sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []

@@ -11,7 +11,7 @@ sequential stream through a fixed 8 MiB buffer; it stops when the node's availab
 fall under a floor (page cache must not push out what the node's processes use).
 
 The same mechanism pulls on demand: a registry reference the node lacks is pulled first
-(shim/distribution.py; node policy decides whether the pod's namespace may), once however many
+(shim/lifecycle/distribution.py; node policy decides whether the pod's namespace may), once however many
 pods ask, so that the next pod on the node restores.
 """
 
@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
-
-from . import events, faults
-from .config import Config
-from .store import Store, StoreError
+from thaw.shim import faults
+from thaw.shim.node import events
+from thaw.shim.node.config import Config
+from thaw.shim.node.store import Store, StoreError
 
 CHUNK = 8 << 20
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
@@ -63,8 +63,7 @@ def register_prepare(cfg: Config, container_id: str, pid: int) -> None:
     import json
 
     from thaw.oci.files import atomic_write
-
-    from .procs import ProcessHandle
+    from thaw.shim.drivers.procs import ProcessHandle
     make_private_dir(os.path.join(cfg.state_dir, PREPARE_DIR))
     atomic_write(prepare_record(cfg.state_dir, container_id), json.dumps(ProcessHandle.of(pid).to_json()).encode(),
                  durable=False)
@@ -89,7 +88,7 @@ def cancel_prepare(cfg: Config, container_id: str) -> bool:
     import json
     import signal
 
-    from .procs import ProcessHandle
+    from thaw.shim.drivers.procs import ProcessHandle
     path = prepare_record(cfg.state_dir, container_id)
     try:
         with open(path) as f:

@@ -171,7 +171,7 @@ class ContainerState:
                       pid_file: str | None = None) -> Record:
         """Written before anything is changed: what a later caller needs to clean up if the
         restoring thaw-runtime dies (its owner handle says whether it did)."""
-        from .procs import ProcessHandle
+        from thaw.shim.drivers.procs import ProcessHandle
         record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created, bundle=bundle,
                         root=root, systemd_cgroup=systemd_cgroup, undo=undo, rootfs=rootfs,
                         pid_file=pid_file, owner=ProcessHandle.me().to_json())
@@ -203,7 +203,7 @@ class ContainerState:
              capture: dict | None, pid_file: str | None = None) -> Record:
         """A cold start: the record names the create (this process, runc after the exec) and its
         --pid-file, so the next call can tell that this create's runc died and what it left."""
-        from .procs import ProcessHandle
+        from thaw.shim.drivers.procs import ProcessHandle
         record = Record(self.id, phase=Phase.COLD, created=created, root=root, cold_reason=reason,
                         snapshot=snapshot, capture=capture, pid_file=pid_file,
                         owner=ProcessHandle.me().to_json())
@@ -240,12 +240,12 @@ def finish(cfg, container_id: str, how: str) -> Record | None:
         # the restoring thaw-runtime cleans up itself (or, if it died, recovery does).
         return None
     if record.watcher:
-        from .procs import ProcessHandle
+        from thaw.shim.drivers.procs import ProcessHandle
         watcher = ProcessHandle.from_json(record.watcher)
         if watcher is not None:
             watcher.signal(signal.SIGTERM)      # never a process that reused the watcher's pid
     if record.undo:
-        from .recovery import settle_rootfs
+        from thaw.shim.lifecycle.recovery import settle_rootfs
         settle_rootfs(record)               # a restore never started is undone whole
     now = time.time()
     restored = record.phase in (Phase.RESTORED, Phase.RUNNING)

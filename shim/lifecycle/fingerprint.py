@@ -19,8 +19,8 @@ from typing import Any
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.spec import Bundle
+from thaw.shim.drivers import criu as criu_mod
 
-from . import criu as criu_mod
 from .confinement import CAP_BITS, CAP_SETGID, CAP_SETUID
 
 # CPU feature flags that decide whether restored code keeps running: instruction-set extensions
@@ -72,7 +72,7 @@ def image_of(bundle: Bundle, cache_dir: str | None = None) -> str | None:
     named = a.get(ann.CRI_IMAGE_NAME) or a.get(ann.OCI_IMAGE_REF)
     if named:
         return named
-    from .rootfs import overlay_dirs
+    from thaw.shim.drivers.rootfs import overlay_dirs
     try:
         upper, lowers = overlay_dirs(bundle.rootfs)
     except OSError:
@@ -265,7 +265,7 @@ def compare_identity(captured: dict[str, Any], here: dict[str, Any], env_may_dif
 
 
 # Privileges the new spec may grant beyond the capturing one's: the restored processes keep less
-# (what CRIU restores is proven within the new spec from the images and the kernel, shim/confinement.py).
+# (what CRIU restores is proven within the new spec from the images and the kernel, shim/lifecycle/confinement.py).
 # Each says whether the captured value (a) is more than the new spec's (b) — an early refusal.
 _MAY_GRANT_MORE = {
     "capabilities": lambda a, b: any(set((a or {}).get(k) or []) - set((b or {}).get(k) or [])

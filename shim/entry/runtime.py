@@ -12,7 +12,7 @@ import os
 import sys
 
 from thaw.oci import runc_args
-from thaw.shim import config
+from thaw.shim.node import config
 
 
 def passthrough(binary: str, argv: list[str]):
@@ -35,7 +35,7 @@ def _config() -> config.Config:
         return config.load()
     except config.ConfigError as exc:
         # A broken config must not break containers: run with defaults and say why.
-        from thaw.shim import events
+        from thaw.shim.node import events
         cfg = config.Config()
         events.emit(cfg, "config_error", f"thaw: {exc}; using defaults", level="error")
         return cfg
@@ -58,7 +58,7 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
             _prepare_in_background(cfg, bundle.annotations, call.container_id)
         return
     from thaw.oci.reference import is_registry_reference
-    from thaw.shim import create
+    from thaw.shim.lifecycle import create
     remote = is_registry_reference(bundle.annotations.get(ann.SNAPSHOT, ""))
     if remote and bundle.annotations.get(ann.PULL, "").strip() == "wait":
         _wait_for_pull(cfg, bundle.annotations, call.container_id)
@@ -77,7 +77,7 @@ def _wait_for_pull(cfg: config.Config, annotations: dict[str, str], container_id
     the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
     way (restore, or cold start)."""
     from thaw.oci import annotations as ann
-    from thaw.shim import distribution
+    from thaw.shim.lifecycle import distribution
     try:
         ref, namespace = ann.SnapshotRef.parse(annotations[ann.SNAPSHOT]), ann.namespace_of(annotations)
     except ann.AnnotationError:
@@ -89,7 +89,7 @@ def _wait_for_pull(cfg: config.Config, annotations: dict[str, str], container_id
 
 def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], container_id: str | None = None) -> None:
     """A pod asking for a snapshot has its sandbox created first: start getting the snapshot ready
-    (shim/prefetch.py) beside it, without waiting and without ever failing the sandbox. Spawned
+    (shim/lifecycle/prefetch.py) beside it, without waiting and without ever failing the sandbox. Spawned
     directly (posix_spawn: no subprocess import on this path), in a session of its own, with
     /dev/null for stdio: the sandbox's pipes must not be held by it."""
     if not cfg.hook:
@@ -111,7 +111,7 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], cont
     except OSError:
         return                                # only a later restore is slower for it
     if container_id:
-        from thaw.shim import prefetch
+        from thaw.shim.lifecycle import prefetch
         try:
             prefetch.register_prepare(cfg, container_id, pid)   # its delete stops it
         except OSError:
@@ -120,17 +120,17 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], cont
 
 def _cancel_prepare(cfg: config.Config, container_id: str) -> None:
     """A container's delete stops the prepare (pull, page-cache read) started for it: one stat
-    on every delete, more only when there is one (shim/prefetch.py, cancel_prepare)."""
+    on every delete, more only when there is one (shim/lifecycle/prefetch.py, cancel_prepare)."""
     if "/" in container_id or container_id.startswith("."):
         return
     if os.path.exists(os.path.join(cfg.state_dir, "prepare", container_id + ".json")):
-        from thaw.shim import prefetch
+        from thaw.shim.lifecycle import prefetch
         prefetch.cancel_prepare(cfg, container_id)
 
 
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     """`start` of a restored container is a no-op (exit 0); `delete` clears thaw's state first."""
-    from thaw.shim import state
+    from thaw.shim.node import state
     try:
         known = os.path.exists(state.record_path(cfg.state_dir, call.container_id or ""))
     except ValueError:
@@ -138,7 +138,7 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     if not known:
         return
     if call.command == "delete":
-        from thaw.shim import recovery
+        from thaw.shim.lifecycle import recovery
         try:
             recovery.before_delete(cfg, call.container_id, bool(call.flags.get("force")))
         except recovery.RecoveryError as exc:

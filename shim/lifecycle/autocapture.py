@@ -16,11 +16,10 @@ import subprocess
 import time
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
-
-from . import events
-from .config import Config
-from .procs import ProcessHandle
-from .state import ContainerState
+from thaw.shim.drivers.procs import ProcessHandle
+from thaw.shim.node import events
+from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState
 
 
 def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
@@ -49,9 +48,10 @@ def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
 
 
 def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, str, str]:
+    from thaw.shim.drivers.engine import ContainerView, EngineError
+    from thaw.shim.node.store import Store, StoreError
+
     from .capture import capture, report
-    from .engine import ContainerView, EngineError
-    from .store import Store, StoreError
 
     st = ContainerState(cfg.state_dir, container_id)
     record = st.read()

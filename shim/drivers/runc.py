@@ -174,7 +174,7 @@ class Runc:
                 criu_options: tuple[str, ...] = (), timeout: float = 600, cgroup: str | None = None) -> None:
         """`runc restore --detach` into the caller's stdio (the shim's pipes), with thaw's own
         CRIU config file for this one restore; runc starts in `cgroup` (a directory) when given, so
-        that CRIU and everything it forks can be found again (shim/cgroups.py).
+        that CRIU and everything it forks can be found again (shim/node/cgroups.py).
 
         The restored processes get the caller's fds 0-2 from CRIU itself: the config file maps
         each stdio pipe the image recorded (descriptors.json) to a copy of the caller's fd, and

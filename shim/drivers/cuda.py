@@ -22,8 +22,7 @@ import psutil
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
-
-from .phases import Phases
+from thaw.shim.phases import Phases
 
 LOCK_TIMEOUT_MS = 10_000
 NVIDIA_MAJOR = 195

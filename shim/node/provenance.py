@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from thaw.oci import ThawError, cosign
+from thaw.shim.safetext import printable
 
 from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
-from .safetext import printable
 
 CAPTURED, SIGNED, UNSIGNED = "captured", "signed", "unsigned"
 
