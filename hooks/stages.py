@@ -33,7 +33,7 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
 
 
 def poststop(oci_state: OciState, cfg: Config) -> int:
-    from thaw.shim.node.state import finish
+    from thaw.shim.lifecycle.recovery import finish
     finish(cfg, oci_state.id, "poststop")
     return 0
 

@@ -12,4 +12,6 @@ echo "[thaw test] ruff check"
 "$PREFIX/venv/bin/ruff" check --no-cache .
 echo "[thaw test] mypy"
 "$PREFIX/venv/bin/mypy" --no-incremental
+echo "[thaw test] import contracts"    # the layers, on the installed package node.sh just built
+"$PREFIX/venv/bin/lint-imports" --no-cache
 exec "$PREFIX/venv/bin/python" -m pytest -v -p no:cacheprovider tests "$@"

@@ -21,8 +21,9 @@ import pytest
 from helpers import PYTHON, make_bundle, unique, wait_for
 from thaw.shim.drivers import engine
 from thaw.shim.drivers.procs import ProcessHandle
+from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, finish
+from thaw.shim.node.state import ContainerState
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 

@@ -158,7 +158,8 @@ def fix(cfg: Config) -> list[str]:
     staging areas of dead captures and imports, and blobs and image directories no snapshot uses
     (store gc). Returns what it did, one line each."""
     from thaw.shim.lifecycle import recovery
-    from thaw.shim.node.state import ContainerState, Phase, finish
+    from thaw.shim.lifecycle.recovery import finish
+    from thaw.shim.node.state import ContainerState, Phase
     from thaw.shim.node.store import Store
     done = []
     records_dir = os.path.join(cfg.state_dir, "containers")

@@ -22,8 +22,9 @@ from thaw.oci import ThawError, runc_log
 from thaw.oci import annotations as ann
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
+from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase, Record, finish
+from thaw.shim.node.state import ContainerState, Phase, Record
 
 
 @dataclass

@@ -19,6 +19,8 @@ import contextlib
 import ctypes
 import os
 import shutil
+import signal
+import time
 
 from thaw.oci import ThawError
 from thaw.shim.drivers.procs import ProcessHandle
@@ -58,7 +60,6 @@ def before_delete(cfg: Config, container_id: str, force: bool) -> None:
     dead restore; undo whole a restore that never started (unless runc will refuse the delete: a
     running container without --force); else end the container's state (and remove what a dead
     cold create's runc left). Raises RecoveryError when a cleanup could not finish."""
-    from thaw.shim.node.state import finish
     record = ContainerState(cfg.state_dir, container_id).read()
     if record is not None and stale(record):
         recover(cfg, container_id, record, "found by delete")
@@ -210,6 +211,38 @@ def _undo_rootfs(record: Record) -> None:
         undo(rootfs, record.undo)
     elif record.undo:
         shutil.rmtree(record.undo, ignore_errors=True)     # the rootfs is gone: nothing to undo
+
+
+def finish(cfg, container_id: str, how: str) -> Record | None:
+    """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
+    comes first): stop its capture watcher, record a `finished` event with its timings, remove
+    its state. Returns the record it found, or None if another caller got there first."""
+    try:
+        st = ContainerState(cfg.state_dir, container_id)
+    except ValueError:
+        return None
+    record = st.read()
+    if record is None:
+        st.remove()
+        return None
+    if record.phase == Phase.RESTORING:
+        # runc runs poststop when a restore fails, and a shim may delete while a create runs:
+        # the restoring thaw-runtime cleans up itself (or, if it died, recovery does).
+        return None
+    if record.watcher:
+        watcher = ProcessHandle.from_json(record.watcher)
+        if watcher is not None:
+            watcher.signal(signal.SIGTERM)      # never a process that reused the watcher's pid
+    if record.undo:
+        settle_rootfs(record)               # a restore never started is undone whole
+    now = time.time()
+    restored = record.phase in (Phase.RESTORED, Phase.RUNNING)
+    events.emit(cfg, "finished", f"{'restored' if restored else 'cold-started'} container ended ({how})",
+                container_id, snapshot=record.snapshot, restored=restored,
+                cold_reason=record.cold_reason, phases=record.phases, captured=record.captured,
+                lifetime_s=round(now - record.created, 3) if record.created else None, by=how)
+    st.remove()
+    return record
 
 
 def settle_rootfs(record: Record) -> None:

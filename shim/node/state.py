@@ -10,7 +10,7 @@ A record has an explicit phase; each transition is one method here:
   COLD                                                             (cold start; may auto-capture)
 
 `start` of a RESTORED container is a no-op (runc refuses `start` on the running container that
-restore made); poststop or `thaw-runtime delete`, whichever comes first, calls `finish()`.
+restore made); poststop or `thaw-runtime delete`, whichever comes first, calls `recovery.finish()`.
 
 The rootfs diff a restore applied stays undoable until that `start`: a create whose success the
 shim never saw (thaw-runtime killed after the restore, before it exited 0) is followed by a
@@ -217,41 +217,3 @@ class ContainerState:
         except FileNotFoundError:
             pass
         shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def finish(cfg, container_id: str, how: str) -> Record | None:
-    """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
-    comes first): stop its capture watcher, record a `finished` event with its timings, remove
-    its state. Returns the record it found, or None if another caller got there first."""
-    import signal
-    import time
-
-    from . import events
-    try:
-        st = ContainerState(cfg.state_dir, container_id)
-    except ValueError:
-        return None
-    record = st.read()
-    if record is None:
-        st.remove()
-        return None
-    if record.phase == Phase.RESTORING:
-        # runc runs poststop when a restore fails, and a shim may delete while a create runs:
-        # the restoring thaw-runtime cleans up itself (or, if it died, recovery does).
-        return None
-    if record.watcher:
-        from thaw.shim.drivers.procs import ProcessHandle
-        watcher = ProcessHandle.from_json(record.watcher)
-        if watcher is not None:
-            watcher.signal(signal.SIGTERM)      # never a process that reused the watcher's pid
-    if record.undo:
-        from thaw.shim.lifecycle.recovery import settle_rootfs
-        settle_rootfs(record)               # a restore never started is undone whole
-    now = time.time()
-    restored = record.phase in (Phase.RESTORED, Phase.RUNNING)
-    events.emit(cfg, "finished", f"{'restored' if restored else 'cold-started'} container ended ({how})",
-                container_id, snapshot=record.snapshot, restored=restored,
-                cold_reason=record.cold_reason, phases=record.phases, captured=record.captured,
-                lifetime_s=round(now - record.created, 3) if record.created else None, by=how)
-    st.remove()
-    return record
