@@ -12,9 +12,10 @@ import time
 
 from helpers import fake_snapshot, wait_for
 from thaw.oci.annotations import SnapshotRef
+from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node import events, metrics
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase, finish
+from thaw.shim.node.state import ContainerState, Phase
 from thaw.shim.node.store import Store
 
 
