@@ -130,9 +130,9 @@ def _cancel_prepare(cfg: config.Config, container_id: str) -> None:
 
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     """`start` of a restored container is a no-op (exit 0); `delete` clears thaw's state first."""
-    from thaw.shim.node import state
+    from thaw.shim.node.state_path import record_path
     try:
-        known = os.path.exists(state.record_path(cfg.state_dir, call.container_id or ""))
+        known = os.path.exists(record_path(cfg.state_dir, call.container_id or ""))
     except ValueError:
         known = False
     if not known:
@@ -143,8 +143,10 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
             recovery.before_delete(cfg, call.container_id, bool(call.flags.get("force")))
         except recovery.RecoveryError as exc:
             _fail(call, str(exc))
-    elif state.ContainerState(cfg.state_dir, call.container_id).started():
-        sys.exit(0)
+    else:
+        from thaw.shim.node.state import ContainerState
+        if ContainerState(cfg.state_dir, call.container_id).started():
+            sys.exit(0)
 
 
 def _fail(call: runc_args.RuncCall, msg: str) -> None:

@@ -20,37 +20,49 @@ delete, which undoes it all; a container that started keeps its files, as with r
 from __future__ import annotations
 
 import os
+from enum import StrEnum
 
-# json, shutil, time and signal are imported where used: `start`/`delete` of every container
-# imports this module only to look for a record.
+from thaw.oci import ThawError
 
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+from .state_path import record_path
+
+# json, shutil, time and signal are imported where used. (The runtime's start and delete of every
+# container import only state_path, to look for a record; this module once there is one.)
 
 
-class Phase:
+class Phase(StrEnum):
     RESTORING = "restoring"     # thaw-runtime create is restoring it
     RESTORED = "restored"       # restored; the shim's `start` is still to come
     RUNNING = "running"         # restored and started
     COLD = "cold"               # thaw handed it to the next runtime's create
 
 
-def valid_id(container_id: str) -> bool:
-    """Container ids become file names here: the alphabet runc accepts, no leading dot."""
-    return (0 < len(container_id) <= 1024 and container_id[0] != "." and
-            _ID_CHARS.issuperset(container_id))
+# The one place that says which transition is legal: a record is born RESTORING or COLD and only
+# moves forward along a restore. A failed restore's record is removed, never moved back.
+_NEXT: dict[Phase | None, frozenset[Phase]] = {
+    None: frozenset({Phase.RESTORING, Phase.COLD}),
+    Phase.RESTORING: frozenset({Phase.RESTORED}),
+    Phase.RESTORED: frozenset({Phase.RUNNING}),
+    Phase.RUNNING: frozenset(),
+    Phase.COLD: frozenset(),
+}
 
 
-def record_path(state_dir: str, container_id: str) -> str:
-    """Cheap existence check for the runtime's hot path (start/delete of any container)."""
-    if not valid_id(container_id):
-        raise ValueError(f"invalid container id {container_id!r}")
-    return os.path.join(state_dir, "containers", container_id + ".json")
+class PhaseError(ThawError):
+    """An illegal phase transition: a bug in thaw (never a snapshot's or a caller's doing)."""
+
+
+def advance(current: Phase | None, to: Phase) -> Phase:
+    """`to`, if a record in phase `current` (None: no record yet) may move there."""
+    if to not in _NEXT[current]:
+        raise PhaseError(f"illegal container phase transition {current} -> {to}")
+    return to
 
 
 class Record:
     """What thaw remembers about one container. (A plain class: see the module's imports.)"""
     id: str
-    phase: str
+    phase: Phase
     snapshot: str | None
     created: float
     root: str | None
@@ -106,6 +118,7 @@ class Record:
         self.id = container_id
         for k, default in self._FIELDS.items():
             setattr(self, k, values.get(k, default))
+        self.phase = Phase(self.phase)          # ValueError for a phase thaw never writes
 
     def to_json(self) -> dict:
         return {"id": self.id, **{k: getattr(self, k) for k in self._FIELDS}}
@@ -149,8 +162,8 @@ class ContainerState:
         if record is None:
             return None
         for k, v in fields.items():
-            if k not in Record._FIELDS:
-                raise TypeError(f"unknown record field {k}")
+            if k not in Record._FIELDS or k == "phase":
+                raise TypeError(f"record field {k} is not updated this way (phases move by transition)")
             setattr(record, k, v)
         self.write(record)
         return record
@@ -172,7 +185,7 @@ class ContainerState:
         """Written before anything is changed: what a later caller needs to clean up if the
         restoring thaw-runtime dies (its owner handle says whether it did)."""
         from thaw.shim.drivers.procs import ProcessHandle
-        record = Record(self.id, phase=Phase.RESTORING, snapshot=snapshot, created=created, bundle=bundle,
+        record = Record(self.id, phase=advance(None, Phase.RESTORING), snapshot=snapshot, created=created, bundle=bundle,
                         root=root, systemd_cgroup=systemd_cgroup, undo=undo, rootfs=rootfs,
                         pid_file=pid_file, owner=ProcessHandle.me().to_json())
         self.write(record)
@@ -180,9 +193,11 @@ class ContainerState:
 
     def restored(self, record: Record, **fields) -> Record:
         """The restore is done; its rootfs diff stays undoable (record.undo) until `started()`."""
+        if {"phase", "owner"} & set(fields):
+            raise TypeError("restored() sets the phase and the owner itself")
         for k, v in fields.items():
             setattr(record, k, v)
-        record.phase, record.owner = Phase.RESTORED, None
+        record.phase, record.owner = advance(record.phase, Phase.RESTORED), None
         self.write(record)
         return record
 
@@ -192,7 +207,7 @@ class ContainerState:
         record = self.read()
         if record is None or record.phase != Phase.RESTORED:
             return False
-        record.phase = Phase.RUNNING
+        record.phase = advance(record.phase, Phase.RUNNING)
         self.write(record)
         if record.undo:
             import shutil
@@ -204,7 +219,7 @@ class ContainerState:
         """A cold start: the record names the create (this process, runc after the exec) and its
         --pid-file, so the next call can tell that this create's runc died and what it left."""
         from thaw.shim.drivers.procs import ProcessHandle
-        record = Record(self.id, phase=Phase.COLD, created=created, root=root, cold_reason=reason,
+        record = Record(self.id, phase=advance(None, Phase.COLD), created=created, root=root, cold_reason=reason,
                         snapshot=snapshot, capture=capture, pid_file=pid_file,
                         owner=ProcessHandle.me().to_json())
         self.write(record)

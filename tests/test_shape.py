@@ -1,0 +1,152 @@
+"""The shape the code promises: the passthrough fence (what a passthrough decision imports) and
+the container phases' guarded transitions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import thaw.oci
+from thaw.shim.node.state import ContainerState, Phase, PhaseError, Record, advance
+
+SITE = os.path.dirname(os.path.dirname(os.path.dirname(thaw.oci.__file__)))
+
+# What thaw-runtime may have loaded when it decides to pass a call through: its own top-level
+# imports and the record lookup of start/delete. Anything more is paid by every container.
+ALLOWED_THAW = {"thaw", "thaw.oci", "thaw.oci.runc_args", "thaw.shim", "thaw.shim.entry",
+                "thaw.shim.entry.runtime", "thaw.shim.node", "thaw.shim.node.config",
+                "thaw.shim.node.state_path"}
+NEVER = ["json", "re", "enum", "subprocess", "yaml", "typing", "dataclasses", "signal"]
+
+_PROBE = r"""
+import sys
+sys.path[:0] = [SITE]
+before = set(sys.modules)
+from thaw.shim.entry import runtime
+class Passed(BaseException):
+    pass
+def passthrough(binary, argv):
+    raise Passed()
+runtime.passthrough = passthrough
+try:
+    runtime.main(ARGV)
+    outcome = "returned"
+except Passed:
+    outcome = "passthrough"
+except SystemExit as e:
+    outcome = f"exit {e.code}"
+loaded = sorted(m for m in set(sys.modules) - before)
+sys.stdout.write(repr((outcome, loaded)))
+"""
+
+
+def _decide(argv: list[str], env: dict) -> tuple[str, list[str]]:
+    code = _PROBE.replace("SITE", repr(SITE)).replace("ARGV", repr(["thaw-runtime", *argv]))
+    # -I -S, as the installed launcher runs it: no site, no user paths.
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    outcome, loaded = eval(out.stdout)  # noqa: S307 - our own probe's repr of (str, list[str])
+    return outcome, loaded
+
+
+@pytest.fixture
+def node(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    conf = tmp_path / "config.yaml"
+    runc = shutil.which("runc") or "/usr/sbin/runc"
+    conf.write_text(f"state_dir: {state_dir}\nstore_dir: {tmp_path / 'store'}\nnext_runtime: {runc}\n")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"ociVersion": "1.0.2", "process": {"args": ["sh"]},
+                                                    "annotations": {"io.kubernetes.cri.container-type": "container"}}))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "THAW_CONFIG": str(conf)}
+    _decide(["--version"], env)      # the first call parses the YAML and caches it, as on a node once
+    return env, str(bundle), state_dir
+
+
+@pytest.mark.parametrize("argv", [
+    ["create", "--bundle", "{bundle}", "c1"],
+    ["start", "c1"],
+    ["delete", "--force", "c1"],
+    ["kill", "c1", "9"],
+    ["state", "c1"],
+    ["--version"],
+])
+def test_passthrough_decision_imports_almost_nothing(node, argv):
+    """The fence around the hot path, checked on sys.modules rather than trusted to a comment."""
+    env, bundle, _ = node
+    outcome, loaded = _decide([a.replace("{bundle}", bundle) for a in argv], env)
+    assert outcome == "passthrough"
+    thaw_loaded = {m for m in loaded if m.startswith("thaw")}
+    assert thaw_loaded <= ALLOWED_THAW, sorted(thaw_loaded - ALLOWED_THAW)
+    assert not [m for m in NEVER if m in loaded]
+
+
+@pytest.mark.runc
+def test_a_thaw_container_leaves_the_fence(node):
+    """The probe sees imports: a create that asks for a snapshot loads the restore machinery."""
+    env, bundle, _ = node
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    spec["annotations"]["thaw.dev/snapshot"] = "absent:v1"
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+    outcome, loaded = _decide(["--root", os.path.join(bundle, "runc-root"), "create", "--bundle", bundle, "c1"], env)
+    assert "thaw.shim.lifecycle.create" in loaded and "json" in loaded, (outcome, loaded)
+
+
+# --- phases ------------------------------------------------------------------------------------
+LEGAL = {(None, Phase.RESTORING), (None, Phase.COLD), (Phase.RESTORING, Phase.RESTORED),
+         (Phase.RESTORED, Phase.RUNNING)}
+
+
+def test_the_transition_table_is_exactly_the_legal_one():
+    for current in (None, *Phase):
+        for to in Phase:
+            if (current, to) in LEGAL:
+                assert advance(current, to) is to
+            else:
+                with pytest.raises(PhaseError):
+                    advance(current, to)
+
+
+def test_transitions_through_the_state_files(tmp_path):
+    st = ContainerState(str(tmp_path), "c1")
+    record = st.begin_restore("snap:v1", 1.0, "/b", None, False, "/u")
+    assert st.read().phase is Phase.RESTORING
+    with pytest.raises(TypeError):
+        st.update(phase=Phase.RUNNING)              # phases move only by transition
+    assert st.started() is False                    # not restored yet: start is not a no-op
+    st.restored(record, pid=42)
+    assert st.read().phase is Phase.RESTORED and st.read().owner is None
+    with pytest.raises(PhaseError):
+        st.restored(st.read())                      # restored twice: a bug
+    assert st.started() is True and st.read().phase is Phase.RUNNING
+    assert st.started() is False
+
+
+def test_a_cold_record_never_becomes_restored(tmp_path):
+    st = ContainerState(str(tmp_path), "c2")
+    st.cold(1.0, None, "why", None, None)
+    with pytest.raises(PhaseError):
+        st.restored(st.read())
+    assert st.read().phase is Phase.COLD
+
+
+def test_a_record_with_an_unknown_phase_is_not_read(tmp_path):
+    st = ContainerState(str(tmp_path), "c3")
+    st.cold(1.0, None, "why", None, None)
+    with open(st.path) as f:
+        raw = json.load(f)
+    raw["phase"] = "resurrected"
+    with open(st.path, "w") as f:
+        json.dump(raw, f)
+    assert st.read() is None
+    assert Record.from_json({**raw, "phase": "cold"}).phase is Phase.COLD
