@@ -11,19 +11,20 @@ import uuid
 import pytest
 
 from helpers import wait_for
+from thaw.shim.drivers.mounts import MountTable
 from thaw.shim.node import cgroups
 
 pytestmark = pytest.mark.root
 
 
 def _hierarchies() -> list[str]:
-    found = cgroups._hierarchies()
+    found = MountTable.read().cgroup_hierarchies()
     return [k for k in ("cgroup2", "freezer", "pids") if k in found]
 
 
 @pytest.mark.parametrize("kind", _hierarchies())
 def test_kill_all_empties_a_forking_cgroup_and_removes_it(kind):
-    mountpoint, _ = cgroups._hierarchies()[kind]
+    mountpoint, _ = MountTable.read().cgroup_hierarchies()[kind]
     path = os.path.join(mountpoint, f"thaw-test-kill-{uuid.uuid4().hex[:8]}")
     cgroups.make(path)
     procs_file = os.path.join(path, "cgroup.procs")
@@ -47,7 +48,7 @@ def test_kill_all_empties_a_forking_cgroup_and_removes_it(kind):
 
 def test_the_scratch_cgroup_is_below_this_process_s_own():
     path = cgroups.scratch_path("thaw-restore-x")
-    kind = "cgroup2" if "cgroup2" in cgroups._hierarchies() else "freezer"
-    mountpoint, _ = cgroups._hierarchies()[kind]
+    kind = "cgroup2" if "cgroup2" in MountTable.read().cgroup_hierarchies() else "freezer"
+    mountpoint, _ = MountTable.read().cgroup_hierarchies()[kind]
     own = cgroups._own(kind)
     assert path == os.path.normpath(os.path.join(mountpoint, (own or "/").lstrip("/"), "thaw-restore-x"))

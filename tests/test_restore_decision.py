@@ -16,6 +16,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, parse_request
 from thaw.oci.spec import Bundle, deny_io_uring
 from thaw.shim.lifecycle import create, fingerprint, restore
+from thaw.shim.lifecycle.container import Container
 from thaw.shim.node import events, metrics
 from thaw.shim.node.config import Config, Policy
 from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
@@ -60,7 +61,7 @@ def check(tmp_path, node, annotations, node_fp=NODE, process=None, **policy):
     if policy:
         cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook="", policy=Policy(**policy))
     b = bundle_for(tmp_path, annotations, **(process or {}))
-    return restore.check(parse_request(b.annotations), b, cfg, store, node_fp)
+    return restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, node_fp)
 
 
 def test_compatible_snapshot_gives_a_plan(tmp_path, node):
@@ -151,11 +152,11 @@ def test_a_snapshot_of_a_cold_started_thaw_container_restores_under_the_spec_nar
     fake_snapshot(store, "narrow:1", config=dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(narrowed)),
                   namespace="team-a")
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "narrow:1"})
-    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, NODE)
     assert b.spec["linux"]["seccomp"] == narrowed["linux"]["seccomp"]
     # A snapshot of a container thaw-runtime did not create: the spec stays as it is.
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "app:1"})
-    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, NODE)
     assert "linux" not in b.spec
     # A spec with a profile of its own: narrowed alike when that matches the snapshot's...
     profile = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}
@@ -166,14 +167,14 @@ def test_a_snapshot_of_a_cold_started_thaw_container_restores_under_the_spec_nar
                   namespace="team-a")
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "prof:1"})
     b.spec["linux"] = {"seccomp": json.loads(json.dumps(profile))}
-    restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+    restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, NODE)
     assert b.spec["linux"]["seccomp"] == captured["linux"]["seccomp"]
     # ...and any other profile is still a difference.
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "prof:1"})
     b.spec["linux"] = {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["kexec_load"], "action": "SCMP_ACT_ERRNO"}]}}
     with pytest.raises(restore.Incompatible, match="linux.seccomp"):
-        restore.check(parse_request(b.annotations), b, cfg, store, NODE)
+        restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, NODE)
 
 
 def test_hostname_may_differ_by_default_and_the_list_is_the_node_s(tmp_path, node):
@@ -234,7 +235,7 @@ def test_create_cold_starts_with_the_reason(tmp_path, node, annotations, code, w
     cfg, _ = node
     b = bundle_for(tmp_path, annotations)
     before = b.spec
-    outcome = create.create(call_for(b), b, cfg, "/usr/bin/false")
+    outcome = create.create(Container.of(call_for(b), b, cfg, "/usr/bin/false"))
     assert isinstance(outcome, create.ColdStart) and outcome.code == code
     assert all(w in outcome.reason for w in words), outcome.reason
     # No hook (none configured); io_uring denied, as in every cold-started thaw container.
@@ -256,7 +257,7 @@ def test_required_refuses_and_leaves_the_bundle_as_it_was(tmp_path, node):
     cfg, _ = node
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "nope:1", "thaw.dev/required": "true"})
     before = open(os.path.join(b.path, "config.json")).read()
-    outcome = create.create(call_for(b), b, cfg, "/usr/bin/false")
+    outcome = create.create(Container.of(call_for(b), b, cfg, "/usr/bin/false"))
     assert isinstance(outcome, create.Refused) and outcome.code == "not_found"
     assert json.loads(open(os.path.join(b.path, "config.json")).read()) == json.loads(before)
     assert not os.path.exists(os.path.join(cfg.state_dir, "containers", "c1.json"))
@@ -268,7 +269,7 @@ def test_policy_required_refuses_without_the_annotation(tmp_path, node):
     cfg, _ = node
     cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook="", policy=Policy(required=True))
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "nope:1"})
-    assert isinstance(create.create(call_for(b), b, cfg, "/usr/bin/false"), create.Refused)
+    assert isinstance(create.create(Container.of(call_for(b), b, cfg, "/usr/bin/false")), create.Refused)
 
 
 def test_cold_start_with_auto_capture_gets_both_hooks(tmp_path, node):
@@ -279,7 +280,7 @@ def test_cold_start_with_auto_capture_gets_both_hooks(tmp_path, node):
     cfg = Config(store_dir=cfg.store_dir, state_dir=cfg.state_dir, hook=str(hook))
     ann = {"thaw.dev/snapshot": "new:1", "thaw.dev/capture": "on-ready", "thaw.dev/ready": "file:/ready"}
     b = bundle_for(tmp_path, ann)
-    assert isinstance(create.create(call_for(b), b, cfg, "/usr/bin/false"), create.ColdStart)
+    assert isinstance(create.create(Container.of(call_for(b), b, cfg, "/usr/bin/false")), create.ColdStart)
     hooks = json.load(open(os.path.join(b.path, "config.json")))["hooks"]
     assert [h["args"] for h in hooks["prestart"]] == [["thaw-hook", "prestart"]]
     assert [h["args"] for h in hooks["poststop"]] == [["thaw-hook", "poststop"]]

@@ -150,3 +150,45 @@ def test_a_record_with_an_unknown_phase_is_not_read(tmp_path):
         json.dump(raw, f)
     assert st.read() is None
     assert Record.from_json({**raw, "phase": "cold"}).phase is Phase.COLD
+
+
+# --- one Container per call ----------------------------------------------------------------------
+def test_a_create_parses_names_and_reads_once(tmp_path, monkeypatch):
+    """The annotations parsed, the state files named and the mount table read once per create
+    (Container.of and its first use), however far the decision goes: here through the whole check
+    (an image that differs) to a cold start's record."""
+    from helpers import fake_snapshot
+    from thaw.oci import annotations as ann
+    from thaw.oci import runc_args
+    from thaw.oci.spec import Bundle
+    from thaw.shim.drivers.mounts import MountTable
+    from thaw.shim.lifecycle import create
+    from thaw.shim.lifecycle.container import Container
+    from thaw.shim.node.config import Config
+    from thaw.shim.node.store import Store
+
+    cfg = Config(store_dir=str(tmp_path / "store"), state_dir=str(tmp_path / "state"), hook="",
+                 metrics_dir=str(tmp_path / "metrics"))
+    fake_snapshot(Store(cfg.store_dir).init(), "app:1")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({
+        "ociVersion": "1.0.2", "root": {"path": "rootfs"}, "process": {"args": ["sh"]},
+        "annotations": {"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.image-name": "other:2"}}))
+    b = Bundle.load(str(tmp_path / "b"))
+    call = runc_args.parse(["thaw-runtime", "create", "--bundle", b.path, "c1"])
+    c = Container.of(call, b, cfg, "/usr/bin/false")
+
+    counts = {"parse_request": 0, "namespace_of": 0, "ContainerState": 0, "MountTable.read": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **kw):
+            counts[name] += 1
+            return fn(*a, **kw)
+        return wrapper
+    monkeypatch.setattr(ann, "parse_request", counted("parse_request", ann.parse_request))
+    monkeypatch.setattr(ann, "namespace_of", counted("namespace_of", ann.namespace_of))
+    monkeypatch.setattr(ContainerState, "__init__", counted("ContainerState", ContainerState.__init__))
+    monkeypatch.setattr(MountTable, "read", classmethod(counted("MountTable.read", MountTable.read.__func__)))
+    outcome = create.create(c)
+    assert isinstance(outcome, create.ColdStart) and outcome.code == "incompatible", outcome
+    assert counts == {"parse_request": 0, "namespace_of": 0, "ContainerState": 0, "MountTable.read": 1}

@@ -24,6 +24,8 @@ from typing import IO, Any
 
 from thaw.oci import ThawError
 
+from .mounts import MountTable
+
 
 class RootfsError(ThawError):
     pass
@@ -36,32 +38,10 @@ class RootfsError(ThawError):
 # swapped for a symlink to a host path between listing and reading cannot redirect the read: the
 # open fails (and the capture with it) instead of reaching the host.
 
-def overlay_dirs(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> tuple[str | None, list[str]]:
+def overlay_dirs(mountpoint: str, mounts: MountTable | None = None) -> tuple[str | None, list[str]]:
     """(upperdir, lowerdirs) of the overlay mounted at `mountpoint`; (None, []) if it is not one.
-    The last mount on that point is the visible one."""
-    target = os.path.realpath(mountpoint)
-    found: tuple[str | None, list[str]] = (None, [])
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if _unescape(fields[4]) != target:
-                continue
-            fstype, options = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
-            found = (None, [])
-            if fstype == "overlay":
-                upper, lower = None, []
-                for opt in options.split(","):
-                    if opt.startswith("upperdir="):
-                        upper = _unescape(opt[len("upperdir="):])
-                    elif opt.startswith("lowerdir="):
-                        lower = [_unescape(p) for p in opt[len("lowerdir="):].split(":") if p]
-                found = (upper, lower)
-    return found
-
-
-def _unescape(path: str) -> str:
-    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    `mounts`: the create's mount table (default: read now)."""
+    return (mounts or MountTable.read()).overlay_dirs(os.path.realpath(mountpoint))
 
 
 @dataclass
@@ -224,11 +204,11 @@ def _safe_relpath(name: str) -> str:
     return rel
 
 
-def undo_dir_for(rootfs: str, container_id: str) -> str:
+def undo_dir_for(rootfs: str, container_id: str, mounts: MountTable | None = None) -> str:
     """Where a restore keeps what it displaces: on the file system backing the rootfs (moves
     stay renames, nothing lands in state_dir's RAM) and outside the container's view — beside
     the overlay's upper directory, or beside a plain rootfs directory in the bundle."""
-    upper, _ = overlay_dirs(rootfs)
+    upper, _ = overlay_dirs(rootfs, mounts)
     base = os.path.dirname(upper) if upper else os.path.dirname(os.path.realpath(rootfs))
     return os.path.join(base, f".thaw-undo-{container_id}")
 
@@ -241,10 +221,10 @@ class RootfsApplier:
     the image's (read-only) lower layers: removing it only hides it, and undo copies it back from
     the lower layer, so nothing is copied unless a restore fails."""
 
-    def __init__(self, rootfs: str, undo_dir: str):
+    def __init__(self, rootfs: str, undo_dir: str, mounts: MountTable | None = None):
         self.rootfs = os.path.realpath(rootfs)
         self.undo_dir = undo_dir
-        self.upper, self.lowers = overlay_dirs(self.rootfs)
+        self.upper, self.lowers = overlay_dirs(self.rootfs, mounts)
         self._journal: IO[str] | None = None
         self._backups = 0
 

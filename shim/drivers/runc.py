@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from thaw.oci import ThawError, runc_args
 from thaw.oci.spec import Bundle
 
+from .mounts import MountTable
+
 _SYS_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -51,7 +53,7 @@ if sys.stdin.buffer.read() != b"done":
 """
 
 
-def cgroup_dirs(spec: dict, systemd: bool, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+def cgroup_dirs(spec: dict, systemd: bool, mounts: MountTable | None = None) -> list[str]:
     """Where runc puts a container's cgroup, in every cgroup hierarchy mounted here (one on a
     unified v2 host, one per controller on v1): cgroupsPath under each hierarchy's root with the
     cgroupfs driver; with systemd's, "slice:prefix:name" is the unit prefix-name.scope in that slice
@@ -70,14 +72,7 @@ def cgroup_dirs(spec: dict, systemd: bool, mountinfo: str = "/proc/self/mountinf
         rel = os.path.join(*nested, f"{prefix}-{name}.scope" if prefix else f"{name}.scope")
     else:
         rel = path.lstrip("/")
-    hierarchies = []
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype in ("cgroup", "cgroup2"):
-                hierarchies.append(fields[4])
-    return [os.path.join(h, rel) for h in hierarchies]
+    return [os.path.join(h, rel) for h in (mounts or MountTable.read()).cgroup_mount_points()]
 
 
 def pid_file_temp(pid_file: str) -> str:

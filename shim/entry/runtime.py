@@ -14,6 +14,10 @@ import sys
 from thaw.oci import runc_args
 from thaw.shim.node import config
 
+TYPE_CHECKING = False   # not typing's: the passthrough path imports nothing it does not use
+if TYPE_CHECKING:
+    from thaw.shim.lifecycle.container import Container
+
 
 def passthrough(binary: str, argv: list[str]):
     """Replace this process by the next runtime with the same argv: same pid, same fds."""
@@ -57,12 +61,19 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         if ann.is_sandbox(bundle.annotations) and ann.SNAPSHOT in bundle.annotations:
             _prepare_in_background(cfg, bundle.annotations, call.container_id)
         return
-    from thaw.oci.reference import is_registry_reference
     from thaw.shim.lifecycle import create
-    remote = is_registry_reference(bundle.annotations.get(ann.SNAPSHOT, ""))
-    if remote and bundle.annotations.get(ann.PULL, "").strip() == "wait":
-        _wait_for_pull(cfg, bundle.annotations, call.container_id)
-    outcome = create.create(call, bundle, cfg, next_runtime)
+    from thaw.shim.lifecycle.container import Container
+    try:
+        c = Container.of(call, bundle, cfg, next_runtime)
+    except ValueError:
+        return                                      # an id runc refuses: the next runtime says so
+    try:
+        ref, remote = c.request.snapshot, c.request.snapshot.remote is not None
+    except ann.AnnotationError:
+        ref, remote = None, False                   # create reports it
+    if ref is not None and remote and c.request.pull_wait:
+        _wait_for_pull(c)
+    outcome = create.create(c)
     create.report(call, cfg, outcome)
     if remote and isinstance(outcome, create.ColdStart) and outcome.code == "not_found":
         _prepare_in_background(cfg, bundle.annotations, call.container_id)   # pull it: the next pod restores
@@ -72,19 +83,19 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         sys.exit(1)
 
 
-def _wait_for_pull(cfg: config.Config, annotations: dict[str, str], container_id: str | None = None) -> None:
+def _wait_for_pull(c: Container) -> None:
     """thaw.dev/pull: wait — a registry snapshot the node lacks is pulled (or its pull, started by
     the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
     way (restore, or cold start)."""
     from thaw.oci import annotations as ann
     from thaw.shim.lifecycle import distribution
     try:
-        ref, namespace = ann.SnapshotRef.parse(annotations[ann.SNAPSHOT]), ann.namespace_of(annotations)
+        ref, namespace = c.request.snapshot, c.namespace
     except ann.AnnotationError:
         return                                          # create reports it
-    if not distribution.present(cfg, ref, namespace):
-        _prepare_in_background(cfg, annotations, container_id)   # a no-op if the sandbox's is under way
-        distribution.wait_present(cfg, ref, namespace, cfg.registry.pull_timeout)
+    if not distribution.present(c.cfg, ref, namespace):
+        _prepare_in_background(c.cfg, c.bundle.annotations, c.id)   # a no-op if the sandbox's is under way
+        distribution.wait_present(c.cfg, ref, namespace, c.cfg.registry.pull_timeout)
 
 
 def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], container_id: str | None = None) -> None:

@@ -24,7 +24,9 @@ from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
 from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase, Record
+from thaw.shim.node.state import Phase, Record
+
+from .container import Container
 
 
 @dataclass
@@ -84,11 +86,12 @@ def describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ThawError) else f"{type(exc).__name__}: {exc}"
 
 
-def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Outcome:
-    """Restore the container `call` creates, or prepare its cold start."""
+def create(c: Container) -> Outcome:
+    """Restore the container `c` is, or prepare its cold start."""
     from .recovery import RecoveryError
+    bundle, cfg = c.bundle, c.cfg
     try:
-        in_use = _id_in_use(call, cfg, next_runtime)
+        in_use = _id_in_use(c)
     except RecoveryError as exc:
         return Unrecovered(str(exc))
     if in_use:
@@ -97,14 +100,14 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
     original_spec = json.dumps(bundle.spec)
     _add_thaw_hooks(bundle, cfg, ("poststop",))   # runc runs poststop after a failed restore too
     try:
-        return Restored(_restore(call, bundle, cfg, next_runtime))
+        return Restored(_restore(c))
     except Exception as exc:  # noqa: BLE001 - any failure becomes a cold start
         reason, code = describe(exc), reason_code(exc)
     bundle.spec = json.loads(original_spec)
     if required:
         bundle.save()                            # leave the bundle as containerd wrote it
         return Refused(reason, code)
-    capture = _record_cold_start(call, bundle, cfg, reason)
+    capture = _record_cold_start(c, reason)
     # A cold-started thaw container is the one a snapshot is captured from: it runs without
     # io_uring, which CRIU cannot checkpoint (restore.check narrows a new spec alike to match).
     deny_io_uring(bundle.spec, os.uname().machine)
@@ -113,16 +116,15 @@ def create(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Ou
     return ColdStart(reason, code)
 
 
-def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
+def _id_in_use(c: Container) -> str | None:
     """Why this create's id is not free for thaw, if it is not. A record left by a thaw-runtime
     that died mid-restore is cleaned up first (then the id is free)."""
     from thaw.shim.drivers.runc import Runc
 
     from . import recovery
-    cid = call.container_id or ""
-    state = ContainerState(cfg.state_dir, cid)
-    record = state.read()
-    runc_has_it = Runc.for_call(next_runtime, cfg.resolve_criu(), call).state(cid) is not None
+    cid, cfg = c.id, c.cfg
+    record = c.state.read()
+    runc_has_it = Runc.for_call(c.next_runtime, cfg.resolve_criu(), c.call).state(cid) is not None
     if record is not None:
         if recovery.stale(record):
             recovery.recover(cfg, cid, record, "found by the next create of its id")
@@ -137,14 +139,13 @@ def _id_in_use(call: RuncCall, cfg: Config, next_runtime: str) -> str | None:
     return None
 
 
-def _restore(call: RuncCall, bundle: Bundle, cfg: Config, next_runtime: str) -> Record:
+def _restore(c: Container) -> Record:
     from thaw.shim.node.store import Store
 
     from . import restore
-    request = ann.parse_request(bundle.annotations, (bundle.spec.get("process") or {}).get("args") or [])
-    store = Store.for_config(cfg)
-    plan = restore.check(request, bundle, cfg, store)
-    return restore.bring_up(plan, call, bundle, cfg, store, next_runtime)
+    store = Store.for_config(c.cfg)
+    plan = restore.check(c, store)
+    return restore.bring_up(plan, c, store)
 
 
 def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> None:
@@ -166,22 +167,23 @@ def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> Non
     bundle.save()
 
 
-def _record_cold_start(call: RuncCall, bundle: Bundle, cfg: Config, reason: str) -> bool:
+def _record_cold_start(c: Container, reason: str) -> bool:
     """Remember a cold-started thaw container: for its `finished` event, and for auto-capture.
     Returns whether it asks for auto-capture. A record that cannot be written costs only that."""
     capture = snapshot = None
+    call = c.call
     try:
-        req = ann.parse_request(bundle.annotations, (bundle.spec.get("process") or {}).get("args") or [])
+        req = c.request
         snapshot = str(req.snapshot)
         if req.capture_on_ready:
-            capture = {"snapshot": snapshot, "namespace": ann.namespace_of(bundle.annotations),
+            capture = {"snapshot": snapshot, "namespace": c.namespace,
                        "ready": req.ready, "root": call.root, "quiesce": req.quiesce, "resume": req.resume,
                        "push": req.push}
     except ann.AnnotationError:
         pass
     try:
         pid_file = call.flags.get("pid-file")
-        ContainerState(cfg.state_dir, call.container_id or "").cold(
+        c.state.cold(
             time.time(), call.root, reason, snapshot, capture,
             os.path.abspath(pid_file) if isinstance(pid_file, str) else None)
     except (OSError, ValueError):

@@ -20,6 +20,7 @@ from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.spec import Bundle
 from thaw.shim.drivers import criu as criu_mod
+from thaw.shim.drivers.mounts import MountTable
 
 from .confinement import CAP_BITS, CAP_SETGID, CAP_SETUID
 
@@ -55,16 +56,17 @@ def with_gpu(node_fp: fmt.NodeFingerprint, gpu: fmt.GpuFingerprint) -> fmt.NodeF
     return dataclasses.replace(node_fp, gpu=gpu)
 
 
-def container(bundle: Bundle, cache_dir: str | None = None) -> fmt.ContainerFingerprint:
+def container(bundle: Bundle, cache_dir: str | None = None, mounts: MountTable | None = None
+              ) -> fmt.ContainerFingerprint:
     a = bundle.annotations
     return fmt.ContainerFingerprint(
-        image=image_of(bundle, cache_dir),
+        image=image_of(bundle, cache_dir, mounts),
         mounts=tuple(bundle.mount_destinations),
         container_name=a.get(ann.CRI_CONTAINER_NAME) or None,
     )
 
 
-def image_of(bundle: Bundle, cache_dir: str | None = None) -> str | None:
+def image_of(bundle: Bundle, cache_dir: str | None = None, mounts: MountTable | None = None) -> str | None:
     """What image the container runs: its name where Kubernetes (or ctr, or an image builder)
     put one in the spec; else, for an overlay rootfs (Podman, Docker), the content of its image
     layers (`layers:sha256:...`); else None: unidentified, and never restored."""
@@ -74,7 +76,7 @@ def image_of(bundle: Bundle, cache_dir: str | None = None) -> str | None:
         return named
     from thaw.shim.drivers.rootfs import overlay_dirs
     try:
-        upper, lowers = overlay_dirs(bundle.rootfs)
+        upper, lowers = overlay_dirs(bundle.rootfs, mounts)
     except OSError:
         return None
     dirs = []

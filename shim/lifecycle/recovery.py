@@ -23,6 +23,7 @@ import signal
 import time
 
 from thaw.oci import ThawError
+from thaw.shim.drivers.mounts import MountTable
 from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
@@ -278,14 +279,7 @@ def _locked(state: ContainerState):
 
 
 def _mounts_under(path: str, strictly: bool = False) -> list[str]:
-    prefix = path.rstrip("/") + "/"
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-            if mp.startswith(prefix) or (not strictly and mp == path.rstrip("/")):
-                out.append(mp)
-    return out
+    return MountTable.read().under(path, strictly)        # read again: each cleanup step changes it
 
 
 def _umount(path: str) -> None:

@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING
 from thaw.oci import ThawError
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
-from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
 from thaw.shim import faults
 from thaw.shim.drivers.runc import Runc
 from thaw.shim.node import provenance
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Record
+from thaw.shim.node.state import Record
 from thaw.shim.node.store import Store
 from thaw.shim.phases import Phases
 
 from . import fingerprint
+from .container import Container
 
 if TYPE_CHECKING:
     from thaw.shim.drivers import criu_images
@@ -63,12 +63,11 @@ class Plan:
 RESUME_BUDGET = 100.0
 
 
-def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
-          node: fmt.NodeFingerprint | None = None) -> Plan:
-    """Decide whether `request` can be restored into `bundle` here. `node`: this node's facts
+def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -> Plan:
+    """Decide whether what `c` asks can be restored into it here. `node`: this node's facts
     (default: measured now)."""
     phases = Phases()
-    namespace = ann.namespace_of(bundle.annotations)
+    request, bundle, cfg, namespace = c.request, c.bundle, c.cfg, c.namespace
     snap = phases.run("resolve", store.resolve, request.snapshot, namespace,
                       cfg.policy.readable_from(namespace))
     # Provenance first: CRIU images are root-level instructions, only trusted ones are even read.
@@ -90,7 +89,7 @@ def check(request: ann.ThawRequest, bundle: Bundle, cfg: Config, store: Store,
     cache = make_private_dir(cfg.state_dir)
     if node is None:
         node = fingerprint.node(cfg.resolve_criu(), "", cache)
-    here = fmt.Fingerprint(fingerprint.with_gpu(node, gpu_fp), fingerprint.container(bundle, cache))
+    here = fmt.Fingerprint(fingerprint.with_gpu(node, gpu_fp), fingerprint.container(bundle, cache, c.mounts))
     reasons = fingerprint.compare(snap.fingerprint, here)
     _narrow_like_capture(snap, bundle)
     # Who the processes will be: the new spec must ask for what the capturing one did, and no
@@ -144,20 +143,16 @@ def _network_problems(snap: fmt.Snapshot, bundle: Bundle) -> list[str]:
     return netcheck.problems(netns, [s.addr for s in snap.config.network.listen])
 
 
-def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store,
-             next_runtime: str) -> Record:
-    """Restore the container `call` creates as `plan` says; returns its RESTORED record."""
-    cid = call.container_id
-    if not cid:
-        raise ValueError("create without a container id")
-    state = ContainerState(cfg.state_dir, cid)
-    runc = Runc.for_call(next_runtime, cfg.resolve_criu(), call)
+def bring_up(plan: Plan, c: Container, store: Store) -> Record:
+    """Restore the container `c` is as `plan` says; returns its RESTORED record."""
+    cfg = c.cfg
+    runc = Runc.for_call(c.next_runtime, cfg.resolve_criu(), c.call)
     t = time.perf_counter()
     try:
         with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
             plan.phases.add("verify_layer", time.perf_counter() - t)
-            proof = plan.phases.run("image_check", _check_images, image_dir, bundle, cfg, next_runtime)
-            record = _bring_up(plan, call, bundle, cfg, store, runc, state, image_dir, proof)
+            proof = plan.phases.run("image_check", _check_images, image_dir, c)
+            record = _bring_up(plan, c, store, runc, image_dir, proof)
     finally:
         if plan.weights is not None:
             plan.weights.abort()           # type: ignore[attr-defined]
@@ -165,12 +160,13 @@ def bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Sto
     return record
 
 
-def _check_images(image_dir: str, bundle: Bundle, cfg: Config, next_runtime: str) -> Proof:
+def _check_images(image_dir: str, c: Container) -> Proof:
     """What the images would restore, within the new spec (else Incompatible naming the excess):
     the snapshot's config said so too, but only the images are what CRIU reads."""
     from thaw.shim.drivers import criu_images
 
     from . import confinement
+    bundle, cfg, next_runtime = c.bundle, c.cfg, c.next_runtime
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
     reference = None
     if seccomp:
@@ -202,9 +198,8 @@ def _check_kernel(pid: int, proof: Proof) -> None:
     confinement.resume(restored, proof.images)
 
 
-def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: Store, runc: Runc,
-              state: ContainerState, image_dir: str, proof: Proof) -> Record:
-    cid = call.container_id or ""
+def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str, proof: Proof) -> Record:
+    call, bundle, cfg, state, cid = c.call, c.bundle, c.cfg, c.state, c.id
     snap, phases = plan.snapshot, plan.phases
     from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
     from thaw.shim.drivers.runc import cgroup_dirs
@@ -212,14 +207,14 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
 
     from . import recovery
     work = state.make_work_dir()
-    undo = undo_dir_for(bundle.rootfs, cid)
+    undo = undo_dir_for(bundle.rootfs, cid, c.mounts)
     pid_file = call.flags.get("pid-file")
     pid_file = os.path.abspath(pid_file) if isinstance(pid_file, str) else None
     systemd = bool(call.global_flags.get("systemd-cgroup"))
     # Whoever finds this record after this process died cleans up from it (shim/lifecycle/recovery.py).
     record = state.begin_restore(snap.ref, time.time(), bundle.path, call.root, systemd, undo,
                                  rootfs=os.path.realpath(bundle.rootfs), pid_file=pid_file)
-    applier = RootfsApplier(bundle.rootfs, undo)
+    applier = RootfsApplier(bundle.rootfs, undo, c.mounts)
     runc_started = False
     try:
         faults.point("restore_recorded")
@@ -235,8 +230,8 @@ def _bring_up(plan: Plan, call: RuncCall, bundle: Bundle, cfg: Config, store: St
         fill = _fill_options(cfg)
         # runc, CRIU and all CRIU forks run in a cgroup of their own, named in the record before
         # it exists: a restore killed at any moment is found whole by what the record says.
-        scratch = cgroups.scratch_path(f"thaw-restore-{os.getpid()}")
-        record.cgroups = [scratch, *cgroup_dirs(bundle.spec, systemd)]
+        scratch = cgroups.scratch_path(f"thaw-restore-{os.getpid()}", c.mounts)
+        record.cgroups = [scratch, *cgroup_dirs(bundle.spec, systemd, c.mounts)]
         state.write(record)
         runc_started = True
         cgroups.make(scratch)

@@ -16,26 +16,11 @@ import os
 import time
 
 from thaw.oci import ThawError
+from thaw.shim.drivers.mounts import MountTable
 
 
 class CgroupError(ThawError):
     pass
-
-
-def _hierarchies(mountinfo: str = "/proc/self/mountinfo") -> dict[str, tuple[str, str]]:
-    """{"cgroup2" | v1 controller name: (mount point, root of the mount within the hierarchy)}."""
-    found: dict[str, tuple[str, str]] = {}
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype, options = fields[sep + 1], fields[sep + 3].split(",")
-            if fstype == "cgroup2":
-                found.setdefault("cgroup2", (fields[4], fields[3]))
-            elif fstype == "cgroup":
-                for opt in options:
-                    found.setdefault(opt, (fields[4], fields[3]))
-    return found
 
 
 def _own(controller: str) -> str | None:
@@ -48,10 +33,10 @@ def _own(controller: str) -> str | None:
     return None
 
 
-def scratch_path(name: str) -> str:
+def scratch_path(name: str, mounts: MountTable | None = None) -> str:
     """Where an empty cgroup `name` goes: below this process's own cgroup (v2, else the v1
     freezer hierarchy), so that the caller's limits still apply to what runs in it."""
-    hierarchies = _hierarchies()
+    hierarchies = (mounts or MountTable.read()).cgroup_hierarchies()
     for kind in ("cgroup2", "freezer"):
         if kind in hierarchies:
             mountpoint, mount_root = hierarchies[kind]
