@@ -1,6 +1,6 @@
 """Test-only fault injection. The fault-injection tests set THAW_TEST_FAULTS in the environment
 of one thaw process, e.g. "runc_restore=killgroup@0.3,publish=kill"; each named point in the
-restore and capture paths then acts:
+restore, capture and pull paths then acts:
 
   kill        SIGKILL this process (its children, e.g. runc and CRIU, go on)
   killgroup   SIGKILL this process's whole process group (runc and CRIU die too)
@@ -11,7 +11,8 @@ restore and capture paths then acts:
 Points inside CRIU's restore: "criu.STAGE=TARGET", STAGE one of CRIU's action-script stages
 (pre-restore, setup-namespaces, post-setup-namespaces, post-restore, pre-resume, post-resume),
 TARGET one of kill (thaw-runtime alone), killgroup (its process group), killrunc, killcriu,
-stallrunc (runc stopped, thaw-runtime killed).
+stallrunc (runc stopped, thaw-runtime killed). A capture's dump takes them too (stages pre-dump,
+post-dump; "kill" is then `thaw capture`).
 criu_options() then adds an action script to the restore's CRIU config that SIGKILLs the target
 when CRIU reaches that stage: a deterministic place inside runc and CRIU, where a timer is not.
 

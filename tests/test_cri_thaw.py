@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.criu]
 from helpers import wait_for  # noqa: E402
 
 BUSYBOX = _images.BUSYBOX_IMAGE
-# Counts, publishes the count over HTTP; ready (GET /ready -> 200) after 10 ticks.
+# Counts (tick on stdout, tock on stderr), publishes the count over HTTP; ready (GET /ready -> 200) after 10 ticks.
 # /www/count is replaced by rename: httpd never serves it half-written (empty).
-APP = ["sh", "-c", "mkdir -p /www; i=0; while true; do echo tick $i; echo $i > /www/n; mv /www/n /www/count; "
+APP = ["sh", "-c", "mkdir -p /www; i=0; while true; do echo tick $i; echo tock $i >&2; echo $i > /www/n; mv /www/n /www/count; "
        "[ $i = 10 ] && echo ok > /www/ready; i=$((i+1)); sleep 0.1; done & exec httpd -f -p 8080 -h /www"]
 
 
@@ -107,6 +107,11 @@ def test_restore_through_cri(thaw_cri):
     got = wait_for(lambda: len(ticks_in_log(cri, pod2)) > 5 and ticks_in_log(cri, pod2), 30, "restored ticks")
     assert before < got[0] <= after + 1, (before, after, got[:5])   # continued from the capture, not from 0
     assert got == list(range(got[0], got[0] + len(got)))
+    # Each stream of the restored processes reaches the shim's own fifo, as for a runc container.
+    log2 = (Path(cri.pod_configs[pod2].log_directory) / "app" / "0.log").read_text()
+    tocks = [int(t) for t in re.findall(r" stderr [FP] tock (\d+)$", log2, re.M)]
+    assert tocks and before < tocks[0] <= after + 1, (before, after, tocks[:5])
+    assert not re.search(r" stdout [FP] tock| stderr [FP] tick", log2), log2[:2000]
     ip = cri.pod_ip(pod2)
     n1 = int(wait_for(lambda: http_get(ip, "/count"), 10, "server on the new pod IP"))
     assert n1 >= got[0]

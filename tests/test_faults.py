@@ -581,7 +581,7 @@ def test_a_capture_killed_while_its_container_is_frozen_leaves_it_running(thaw_e
     c.destroy()
 
 
-@pytest.mark.parametrize("fault", ["checkpoint=killgroup@0.08", "checkpointed=kill", "package=kill", "publish=kill"])
+@pytest.mark.parametrize("fault", ["criu.post-dump=killgroup", "checkpointed=kill", "package=kill", "publish=kill"])
 def test_capture_killed_leaves_the_source_running_and_no_litter(thaw_env, tmp_path, image, fault):
     b = overlay_bundle(str(tmp_path / "src"), image, SOURCE)
     try:

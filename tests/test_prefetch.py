@@ -96,3 +96,39 @@ def test_thaw_warm(thaw_env, snapshot):
     out = thaw_env.thaw("warm", "pre:1").stdout
     assert re.match(r"pre:1 \(_local\): warm, .* in [\d.]+s", out), out
     assert thaw_env.thaw("warm", "absent:1", check=False).returncode == 1
+
+
+def test_prepare_warms_the_volume_weights_of_a_snapshot_that_holds_none(thaw_env, tmp_path):
+    """A snapshot whose weights stay outside it (on a volume): `thaw-hook prepare`, which the pod
+    sandbox's create starts, reads the weight files from the volume's recorded source into the
+    page cache and their digests into the node's digest cache, so the restore neither waits for
+    the disk nor hashes them."""
+    import hashlib
+
+    from helpers import fake_snapshot
+    from thaw.oci import snapshot as fmt
+    from thaw.shim import weights
+    from thaw.shim.config import load
+    from thaw.shim.store import Store
+    volume = tmp_path / "volume"
+    (volume / "m").mkdir(parents=True)
+    data = os.urandom(3 << 20)
+    (volume / "m" / "w.safetensors").write_bytes(data)
+    wf = fmt.WeightFile("/models/m/w.safetensors", len(data), "sha256:" + hashlib.sha256(data).hexdigest(),
+                        "volume", mount="/models", source=str(volume))
+    config = fmt.SnapshotConfig(ref="w:1", fingerprint=fmt.Fingerprint(), phases={"total": 1.0},
+                                weights=fmt.Weights(files=(wf,), outside=True))
+    fake_snapshot(Store.for_config(load(thaw_env.config)).init(), "w:1", config=config)
+    path = str(volume / "m" / "w.safetensors")
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert resident(path) < len(data)
+    hook = load(thaw_env.config).hook
+    subprocess.run([hook, "prepare", "_local", "w:1"], env={**os.environ, "THAW_CONFIG": thaw_env.config},
+                   check=True, timeout=60)
+    [done] = events(thaw_env, "prefetch")
+    assert done["outcome"] == "warm" and "(weights 3 MiB)" in done["msg"], done
+    assert resident(path) == len(data)
+    assert weights.DigestCache(thaw_env.state).get(os.stat(path)) == wf.digest

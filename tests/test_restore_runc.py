@@ -114,6 +114,36 @@ def test_counter_continues_on_new_pipes(thaw_env, tmp_path):
     assert thaw_env.state_entries() == []                # delete clears thaw's state
 
 
+STDIO = ["sh", "-c", "i=0; while true; do echo out $i; echo err $i >&2; i=$((i+1)); sleep 0.05; done"]
+
+
+def streams(c) -> tuple[list[str], list[str]]:
+    return "".join(c.stdout).splitlines(), "".join(c.stderr).splitlines()
+
+
+def test_a_restored_container_gets_the_callers_stdout_and_stderr_as_a_runc_container_does(thaw_env, tmp_path):
+    """The restored processes write into the stdout and stderr the shim handed to this create,
+    each stream to its own pipe, as runc gives a container it starts; and nothing else reaches
+    them (runc's and CRIU's messages go to their logs)."""
+    src = thaw_env.container(make_bundle(str(tmp_path / "src"), STDIO), runtime="runc")
+    assert src.create() == 0
+    src.start()
+    wait_for(lambda: len(streams(src)[1]) > 10, 30, "the source's stderr")
+    capture(thaw_env, src.id, "stdio:1")
+    src.destroy()
+    dst = thaw_env.container(make_bundle(str(tmp_path / "dst"), STDIO, annotations={"thaw.dev/snapshot": "stdio:1"}))
+    assert dst.create() == 0 and "restored" in dst.log_text(), dst.log_text()
+    wait_for(lambda: all(len(s) > 10 for s in streams(dst)), 30, "the restored container's stdout and stderr")
+    dst.destroy()
+    for c in (src, dst):
+        out, err = streams(c)
+        assert out and all(re.fullmatch(r"out \d+", line) for line in out), out[:5]
+        assert err and all(re.fullmatch(r"err \d+", line) for line in err), err[:5]
+    last = int(streams(src)[0][-1].split()[1])
+    assert int(streams(dst)[0][0].split()[1]) <= last + 1           # the same loop went on: not from 0
+    assert int(streams(dst)[0][0].split()[1]) > 10
+
+
 def test_tcp_server_restored_into_other_netns(thaw_env, tmp_path, netns_pair):
     ns_src, ns_dst = netns_pair
     script = ("i=0; mkdir -p /www; while true; do echo $i > /www/n; mv /www/n /www/count; i=$((i+1)); sleep 0.05; done & "

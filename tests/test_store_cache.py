@@ -146,6 +146,26 @@ def test_captured_and_imported_snapshots_stay_unless_evict_unpushed(tmp_path, st
     assert names(store) == set()
 
 
+def test_eviction_never_removes_an_image_directory_another_snapshot_still_uses(tmp_path, store, cfg):
+    """One manifest published twice (pulled here, imported by another namespace) shares one image
+    directory: evicting the pulled one (the imported one may not go) keeps the directory, and the
+    other still reads it, digest-verified; the last one to go takes it."""
+    pulled = fake_snapshot(store, "app:1", b"S" * 20_000, origin=PULLED)
+    with store.image_dir(pulled) as path:
+        original = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+    store.export(SnapshotRef("app", "1"), "_local", str(tmp_path / "app.tar"))
+    [imported] = import_archive(store, str(tmp_path / "app.tar"), cfg, "team-b")
+    assert imported.manifest.digest == pulled.manifest.digest and len(store.snapshots()) == 2
+    [gone] = store.evict(1)
+    assert (gone.ref, gone.namespace) == ("app:1", "_local")
+    [left] = store.snapshots()
+    assert left.namespace == "team-b"
+    with store.image_dir(left, verify="digest") as path:
+        assert {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)} == original
+    assert [e.namespace for e in store.evict(1, evict_unpushed=True)] == ["team-b"]
+    assert os.listdir(store.images_dir) == []
+
+
 def test_a_pushed_snapshot_may_be_evicted(store):
     snap = fake_snapshot(store, "a:1")
     assert store.evict(1) == [] and store.pushed(snap) == ""

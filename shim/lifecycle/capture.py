@@ -120,7 +120,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
             with runc.resumed_if_we_die(container_id):
                 faults.point("checkpoint")
                 phases.run("runc_checkpoint", runc.checkpoint, container_id, images, work,
-                           leave_running=leave_running, criu_options=dump_options)
+                           leave_running=leave_running, criu_options=dump_options + faults.criu_options(work))
                 faults.point("checkpointed")
             processes += _creds(pid) if leave_running else ()
             _record_seccomp(cfg, container_id, images, bundle, log)
