@@ -26,6 +26,7 @@ ROOT = os.path.dirname(HERE)
 FAULTS = "tests/test_faults.py"
 PINS = "tests/test_pins.py"
 REG = "tests/test_registry_pins.py"
+DIST = "tests/test_distribution_pins.py"
 BASETEMP = f"/tmp/thaw-mutations-{os.getpid()}"
 
 # (name, module, exact text, its replacement, pytest arguments that must fail)
@@ -96,6 +97,54 @@ BREAKS: list[tuple[str, str, str, str, list[str]]] = [
     ("resume prefix digest ignored", "thaw.shim.registry.client",
      'if pos < have or (have_digest and "sha256:" + state.hash.hexdigest() != have_digest):',
      "if pos < have:", [REG, "-k", "already_on_disk"]),
+    ("resume record used for another blob", "thaw.shim.registry.transfer",
+     'return f"{blob.digest} {blob.path} {blob.offset}"', 'return f"{blob.path} {blob.offset}"',
+     [DIST, "-k", "resume_record"]),
+    ("resume record used for another file", "thaw.shim.registry.transfer",
+     'return f"{blob.digest} {blob.path} {blob.offset}"', 'return f"{blob.digest} {blob.offset}"',
+     [DIST, "-k", "resume_record"]),
+    ("resume record used at another offset", "thaw.shim.registry.transfer",
+     'return f"{blob.digest} {blob.path} {blob.offset}"', 'return f"{blob.digest} {blob.path}"',
+     [DIST, "-k", "resume_record"]),
+    ("a layer's size not checked before reading", "thaw.shim.registry.client",
+     "if length and length.isdigit() and state.pos + int(length) != blob.size:", "if False:",
+     [DIST, "-k", "by_its_size"]),
+    ("a downloaded layer's digest not checked", "thaw.shim.registry.client",
+     "            if got != blob.digest:\n", "            if False:\n",
+     ["tests/test_distribution.py", "-k", "corrupted_blob"]),
+    ("a part layer's file name not checked", "thaw.oci.snapshot",
+     "if not _IMAGE_NAME.match(name) or not offset.isdigit():", "if not offset.isdigit():",
+     [DIST, "-k", "bad_file_name"]),
+    ("credentials file read once per process", "thaw.shim.registry.auth",
+     "def load_credentials(config_path: str | None, registry: str) -> Credentials | None:",
+     '@__import__("functools").lru_cache(None)\n'
+     "def load_credentials(config_path: str | None, registry: str) -> Credentials | None:",
+     [DIST, "-k", "credentials_file"]),
+    ("cross-registry mount attempted", "thaw.shim.distribution",
+     "if ref.registry == target.registry and ref.repository != target.repository:",
+     "if ref.repository != target.repository:", [DIST, "-k", "cross_registry"]),
+    ("pushed mark set before the upload", "thaw.shim.distribution",
+     "    manifest = store.layout.read_blob(snap.manifest, fmt.MAX_META)\n",
+     "    store.mark_pushed(snap, str(target))\n    manifest = store.layout.read_blob(snap.manifest, fmt.MAX_META)\n",
+     [DIST, "-k", "pushed_mark"]),
+    ("a half-finished unpack kept", "thaw.shim.distribution",
+     "                if name not in part_files:\n", "                if False:\n", [DIST, "-k", "half_finished"]),
+    ("pull: wait bounded by pull_deadline, not pull_timeout", "thaw.shim.runtime",
+     "distribution.wait_present(cfg, ref, namespace, cfg.registry.pull_timeout)",
+     "distribution.wait_present(cfg, ref, namespace, cfg.registry.pull_deadline)", [DIST, "-k", "pull_timeout"]),
+    ("eviction removes an image dir another snapshot uses", "thaw.shim.store",
+     "if not any(s.manifest.digest == snap.manifest.digest for _d, s, _h in live):", "if True:",
+     ["tests/test_store_cache.py", "-k", "another_snapshot"]),
+    ("restored stdout and stderr swapped", "thaw.shim.runc",
+     'lines = [f"inherit-fd fd[{fds[i]}]:{key}" for i, key in stdio.items()]',
+     'lines = [f"inherit-fd fd[{fds[i ^ 3 if i else i]}]:{key}" for i, key in stdio.items()]',
+     ["tests/test_restore_runc.py", "-k", "stdout_and_stderr"]),
+    ("the guard of a frozen container does nothing", "thaw.shim.runc",
+     '[sys.executable, "-I", "-S", "-c", _GUARD, json.dumps(argv)]',
+     '[sys.executable, "-I", "-S", "-c", "pass", json.dumps(argv)]', [FAULTS, "-k", "frozen"]),
+    ("prepare skips the volume weights", "thaw.shim.prefetch",
+     "            if snap.config.weights.outside:\n", "            if False:\n",
+     ["tests/test_prefetch.py", "-k", "volume_weights"]),
 ]
 
 

@@ -245,7 +245,7 @@ def test_a_create_waits_for_a_pull_at_most_pull_timeout(thaw_env, tmp_path, tls_
     c = thaw_env.container(make_bundle(str(tmp_path / "c"), ["sleep", "100"],
                                        annotations={"thaw.dev/snapshot": target, "thaw.dev/pull": "wait"}))
     t = time.monotonic()
-    assert c.create(timeout=120) == 0, c.log_text()
+    assert c.create(timeout=60) == 0, c.log_text()
     took = time.monotonic() - t
     try:
         assert 2 <= took < 60, took
