@@ -231,6 +231,23 @@ def test_a_half_finished_unpack_is_never_used(tls_registry, tmp_path):
         assert {n: open(os.path.join(dst, n), "rb").read() for n in os.listdir(dst)} == original
 
 
+def test_a_pull_killed_between_moving_its_image_directory_and_sealing_it_is_redone(tls_registry, tmp_path):
+    """The image directory is in place but has no seal yet (and no index entry names it): the
+    pull run again must not take it for the snapshot being here already."""
+    a, b = Node(tmp_path, "a", tls_registry), Node(tmp_path, "b", tls_registry)
+    snap = fake_snapshot(a.store.init(), "app:1", payload=os.urandom(300_000))
+    source = f"{tls_registry.host}/{new_repo()}:v1"
+    a.thaw("push", "app:1", source)
+    env = {**os.environ, "THAW_CONFIG": b.config, "THAW_TEST_FAULTS": "image_dir_moved=kill"}
+    p = subprocess.run(["thaw", "pull", source, "-n", NS], env=env, capture_output=True, timeout=120)
+    assert p.returncode == -9, p.stderr
+    b.thaw("pull", source, "-n", NS)
+    [pulled] = b.store.snapshots()
+    with a.store.image_dir(snap) as src, b.store.image_dir(pulled, verify="digest") as dst:
+        assert {n: open(os.path.join(dst, n), "rb").read() for n in os.listdir(dst)} == \
+            {n: open(os.path.join(src, n), "rb").read() for n in os.listdir(src)}
+
+
 # --- thaw-runtime: thaw.dev/pull: wait -----------------------------------------------------------------
 
 @pytest.mark.root

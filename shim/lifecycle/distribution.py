@@ -355,7 +355,7 @@ def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotR
         raise PullRefused(str(exc)) from exc
     snap = replace(snap, namespace=owner)        # the node decides; the config says only where it was captured
     with store.pull_area(got.digest, guard.cancelled) as area:
-        if not os.path.isdir(store.image_path(snap)):
+        if not store.has_images(snap):
             _check_space(store, snap)
             store.claim_pull(area, store.charged_to(snap), snap.size, f"pulling {source} into {area}")
             _fetch(client, source, snap, area, config_bytes, listener, guard)
@@ -422,7 +422,7 @@ def _publish(store: Store, snap: fmt.Snapshot, area: str, manifest: bytes, confi
     """Every blob is verified: into the layout, the small CRIU files unpacked, then published."""
     with store.staging("pull") as staging:
         hashes = None
-        if os.path.isdir(store.image_path(snap)):   # this manifest is here already, under another name
+        if store.has_images(snap):                  # this manifest is here already, under another name
             images = staging.new_dir("images")
         else:
             images = os.path.join(area, "images")

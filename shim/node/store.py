@@ -51,6 +51,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, LayoutError, sha256_file
+from thaw.shim import faults
 from thaw.shim.drivers.procs import ProcessHandle
 
 from .provenance import Provenance, from_origin, signatures_from_json, signatures_json
@@ -401,6 +402,11 @@ class Store:
 
     def _seal_path(self, snap: fmt.Snapshot) -> str:
         return self.image_path(snap) + ".seal"
+
+    def has_images(self, snap: fmt.Snapshot) -> bool:
+        """Whether the snapshot's image directory is in place and sealed. One without its seal was
+        left by a publish killed between the two: not a snapshot's, the next publish replaces it."""
+        return os.path.isdir(self.image_path(snap)) and os.path.exists(self._seal_path(snap))
 
     @contextlib.contextmanager
     def image_dir(self, snap: fmt.Snapshot, verify: str = "stat") -> Iterator[str]:
@@ -838,6 +844,8 @@ class Store:
                 raise StoreError(f"cannot publish {snap.ref}: blob {d.digest} missing")
         target = self.image_path(snap)
         with self.locked():
+            if os.path.isdir(target) and not os.path.exists(target + ".seal"):
+                self._remove_image_dir(target)          # under the store lock: its publish is dead
             hexd = "images/" + _hex(snap.manifest.digest)
             new = {d.digest: d.size for d in (snap.manifest, snap.config_desc, snap.criu_whole, snap.rootfs,
                                               snap.deleted)}
@@ -850,6 +858,7 @@ class Store:
                     os.chmod(os.path.join(staged_images, name), 0o400)
                 os.chmod(staged_images, 0o700)
                 os.rename(staged_images, target)
+                faults.point("image_dir_moved")     # the tests kill a publish here
                 self._write_seal(snap, target, hashes)
             index, pushed = [], ""
             for d in self._index():
