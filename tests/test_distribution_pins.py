@@ -26,12 +26,12 @@ from registry_fixture.server import PASSWORD, USER, new_repo  # noqa: E402
 from helpers import fake_snapshot, make_bundle  # noqa: E402
 from thaw.oci import snapshot as fmt  # noqa: E402
 from thaw.oci.annotations import SnapshotRef  # noqa: E402
-from thaw.shim import distribution  # noqa: E402
-from thaw.shim.config import load  # noqa: E402
+from thaw.shim.lifecycle import distribution  # noqa: E402
+from thaw.shim.node.config import load  # noqa: E402
+from thaw.shim.node.store import Store  # noqa: E402
 from thaw.shim.registry import transfer  # noqa: E402
 from thaw.shim.registry.client import BlobRange  # noqa: E402
 from thaw.shim.registry.errors import DigestMismatchError  # noqa: E402
-from thaw.shim.store import Store  # noqa: E402
 
 pytest_plugins = ["registry_fixture.fixtures"]
 pytestmark = pytest.mark.registry

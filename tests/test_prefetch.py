@@ -107,9 +107,9 @@ def test_prepare_warms_the_volume_weights_of_a_snapshot_that_holds_none(thaw_env
 
     from helpers import fake_snapshot
     from thaw.oci import snapshot as fmt
-    from thaw.shim import weights
-    from thaw.shim.config import load
-    from thaw.shim.store import Store
+    from thaw.shim.lifecycle import weights
+    from thaw.shim.node.config import load
+    from thaw.shim.node.store import Store
     volume = tmp_path / "volume"
     (volume / "m").mkdir(parents=True)
     data = os.urandom(3 << 20)
