@@ -427,14 +427,23 @@ def against_limits(runs: list[dict], limits: dict) -> dict:
     h2d = (limits.get("h2d") or {}).get("pinned_h2d_gib_per_s")
     if h2d:
         out["pinned_h2d_limit_gib_per_s"] = h2d
+    outside = [r for r in ok if (r.get("weights") or {}).get("outside")]
+    if outside:
+        # Weights outside the snapshot come back in the resume step (wake + reload from the page
+        # cache): its seconds bound the reload rate from below.
+        out["weights_gib"] = outside[0]["weights"]["bytes"] / 2**30
+        out["weights_reload_gib_per_s"] = med(r["weights"]["bytes"] / 2**30 / r["fast"]["phases"]["resume"]
+                                              for r in outside if r["fast"].get("phases", {}).get("resume"))
     cc = [r for r in ok if "restore_cold_cache_ttft_s" in r]
     if cc:
         out["cold_cache_ttft_s"] = med(r["restore_cold_cache_ttft_s"] for r in cc)
         out["by_hand_cold_cache_ttft_s"] = med(r.get("stock_cold_cache_ttft_s") for r in cc)
         if disk:
-            # What a new node must read before the worker can answer: the snapshot (weights inside it).
+            # What a new node must read before the worker can answer: the snapshot, and the weights
+            # when they are outside it.
+            must_read = ok[0]["snapshot_bytes"] + ((ok[0].get("weights") or {}).get("bytes", 0) if outside else 0)
             out["disk_gib_per_s"] = disk
-            out["disk_floor_s"] = ok[0]["snapshot_bytes"] / 2**30 / disk
+            out["disk_floor_s"] = must_read / 2**30 / disk
             out["cold_cache_vs_floor"] = out["cold_cache_ttft_s"] / out["disk_floor_s"]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 

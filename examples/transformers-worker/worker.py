@@ -82,6 +82,11 @@ class Engine:
         # Where inductor and Triton write their kernels: the container's /tmp (its rootfs is read-only).
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/tmp/inductor")
         os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton")
+        # Inductor compiles in a pool of worker processes by default; on the H100 those held device
+        # mappings the CUDA checkpoint does not cover, and CRIU refused them at capture ("Can't
+        # handle non-regular mapping", 2026-12-05). Compiling in this process keeps the tree
+        # checkpointable (not yet re-run on a GPU).
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         import torch as _torch
         torch = _torch
         from transformers import Qwen3Config, Qwen3ForCausalLM
