@@ -97,7 +97,7 @@ def gpu_bundle(path: str, args: list[str], work: str, ns: str, annotations: dict
     spec["linux"]["devices"] = devices
     spec["linux"]["resources"]["devices"] = [{"allow": True, "access": "rwm"}]
     import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # no CAP_SYS_RESOURCE to go higher
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)   # no CAP_SYS_RESOURCE to go higher
     spec["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": hard, "soft": hard}]
     json.dump(spec, open(cfg_path, "w"), indent=1)
     return path

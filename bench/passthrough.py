@@ -24,14 +24,14 @@ def lifecycle(runtime: str, root: str, bundle: str) -> float:
     cid = unique("pt")
     g = [runtime, "--root", root, "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
     t = time.perf_counter()
-    subprocess.run(g + ["create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "pid"), cid],
+    subprocess.run([*g, "create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "pid"), cid],
                    check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    subprocess.run(g + ["start", cid], check=True)
+    subprocess.run([*g, "start", cid], check=True)
     t_started = time.perf_counter()
-    while b'"stopped"' not in subprocess.run(g + ["state", cid], capture_output=True).stdout:
+    while b'"stopped"' not in subprocess.run([*g, "state", cid], capture_output=True).stdout:
         pass
     t_wait = time.perf_counter()
-    subprocess.run(g + ["delete", cid], check=True)
+    subprocess.run([*g, "delete", cid], check=True)
     return (t_started - t) + (time.perf_counter() - t_wait)
 
 

@@ -28,12 +28,12 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from registry_fixture.server import PASSWORD, USER, RegistryServer, TestCA, new_repo  # noqa: E402
+from registry_fixture.server import PASSWORD, USER, RegistryServer, TestCA, new_repo
 
-from common import machine, save  # noqa: E402
-from thaw.shim.registry.client import BlobRange, RegistryClient  # noqa: E402
-from thaw.shim.registry.transfer import pull_blobs, push_blobs  # noqa: E402
-from thaw.shim.registry.transport import Settings  # noqa: E402
+from common import machine, save
+from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.transfer import pull_blobs, push_blobs
+from thaw.shim.registry.transport import Settings
 
 MiB = 1 << 20
 
@@ -72,7 +72,7 @@ class Clock:
     def __init__(self, registry_pid: int):
         self.registry = psutil.Process(registry_pid)
 
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Clock:
         self._wall, self._times = time.perf_counter(), os.times()
         self._reg = sum(self.registry.cpu_times()[:2])
         return self

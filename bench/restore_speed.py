@@ -28,9 +28,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import memzoo as mz  # noqa: E402
+import memzoo as mz
 
-from common import save  # noqa: E402
+from common import save
 
 
 def variants(workers: list[int]) -> list[tuple[str, list[str]]]:

@@ -353,8 +353,8 @@ class Soak:
             left.append(f"cgroup in {len(cg)} hierarchies")
         rootfs = os.path.realpath(os.path.join(c.bundle, "rootfs"))
         m = mountpoints()
-        extra = [p for p in m if p.startswith(rootfs + "/") or p.startswith(os.path.join(self.root, cid))
-                 or p.startswith(os.path.join(self.state, "containers", cid))]
+        extra = [p for p in m if p.startswith((rootfs + "/", os.path.join(self.root, cid),
+                                                os.path.join(self.state, "containers", cid)))]
         if extra or m.count(rootfs) != 1:
             left.append(f"mounts: {len(extra)} beneath, {m.count(rootfs)} on the rootfs")
         return [f"left behind: {x}" for x in left]
@@ -653,7 +653,7 @@ class PullSoak(Soak):
                 self.thaw_cli("rm", REF, "-n", ns)
                 self.refs[(ns, tag)] = ref
         self.quota, self.max_bytes = int(3.5 * max(sizes)), 7 * max(sizes)
-        self.write_config(store={"quota": {ns: self.quota for ns in NAMESPACES}, "max_bytes": self.max_bytes})
+        self.write_config(store={"quota": dict.fromkeys(NAMESPACES, self.quota), "max_bytes": self.max_bytes})
         self.snapshot_info.update(refs=list(self.refs.values()), quota=self.quota, max_bytes=self.max_bytes,
                                   snapshot_bytes=max(sizes))
         self.thaw_cli("gc")
@@ -665,10 +665,7 @@ class PullSoak(Soak):
 
     def cycle(self, i: int) -> dict:
         ns = NAMESPACES[(i // 3) % 2]
-        if i % 3 == 2:
-            out = self.attack(i, ATTACKS[(i // 3) % len(ATTACKS)], ns)
-        else:
-            out = self.good(i, ns)
+        out = self.attack(i, ATTACKS[(i // 3) % len(ATTACKS)], ns) if i % 3 == 2 else self.good(i, ns)
         self.sample(i)
         return out
 

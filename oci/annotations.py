@@ -46,7 +46,7 @@ class SnapshotRef:
     REGISTRY/REPO@sha256:...), which is the local name of what was pulled from it (or captured
     to be pushed there) — the same string is a valid OCI ref.name either way. `remote` holds the
     parsed registry reference (oci/reference.py), None for a plain name."""
-    __slots__ = ("name", "tag", "remote")
+    __slots__ = ("name", "remote", "tag")
 
     def __init__(self, name: str, tag: str = DEFAULT_TAG, remote=None):
         self.name, self.tag, self.remote = name, tag, remote
@@ -71,7 +71,7 @@ class SnapshotRef:
         return hash((self.name, self.tag))
 
     @classmethod
-    def parse(cls, text: str) -> "SnapshotRef":
+    def parse(cls, text: str) -> SnapshotRef:
         from .reference import is_registry_reference
         if is_registry_reference(text):
             return cls.registry(text)
@@ -87,7 +87,7 @@ class SnapshotRef:
         return cls(name, tag)
 
     @classmethod
-    def registry(cls, text: str) -> "SnapshotRef":
+    def registry(cls, text: str) -> SnapshotRef:
         """A registry reference as a snapshot name; a bare repository means its `latest` tag."""
         from .reference import Reference, ReferenceError
         try:
@@ -103,7 +103,7 @@ class Step:
     """One call to the engine inside the container: `method` on `url` with an optional JSON body,
     within `timeout` seconds; with `until` (a status and JSON fields the answer must carry) it is
     repeated every `interval` seconds until the answer matches or the timeout ends."""
-    __slots__ = ("method", "url", "body", "timeout", "until", "interval")
+    __slots__ = ("body", "interval", "method", "timeout", "until", "url")
 
     def __init__(self, method: str, url: str, body: dict | None = None, timeout: float = 60.0,
                  until: dict | None = None, interval: float = 0.2):
@@ -135,7 +135,7 @@ class EngineSteps:
     a restore and on the source after a capture. `engine` names a preset (vllm, sglang), `model`
     the model path found in the engine's arguments (its weights, unless thaw.dev/weights names
     them)."""
-    __slots__ = ("engine", "quiesce", "resume", "model")
+    __slots__ = ("engine", "model", "quiesce", "resume")
 
     def __init__(self, quiesce: tuple[Step, ...] = (), resume: tuple[Step, ...] = (),
                  engine: str | None = None, model: str | None = None):
@@ -219,10 +219,9 @@ def _step(obj: object, base: str, where: str, model: str | None) -> Step:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= top:
             raise AnnotationError(f"{where}: {name} must be a number of seconds in (0, {top:g}]")
     until = obj.get("until")
-    if until is not None:
-        if not isinstance(until, dict) or set(until) - {"status", "json"} \
-                or not isinstance(until.get("status", 200), int) or not isinstance(until.get("json", {}), dict):
-            raise AnnotationError(f"{where}: until must be {{\"status\": N, \"json\": {{...}}}}")
+    if until is not None and (not isinstance(until, dict) or set(until) - {"status", "json"} \
+                or not isinstance(until.get("status", 200), int) or not isinstance(until.get("json", {}), dict)):
+        raise AnnotationError(f"{where}: until must be {{\"status\": N, \"json\": {{...}}}}")
     return Step(method, base + path, body, float(timeout), until, float(interval))
 
 

@@ -12,8 +12,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Any, Iterable
+from typing import IO, Any
 
 from . import ThawError
 from .files import atomic_write
@@ -43,7 +44,7 @@ class Descriptor:
         return out
 
     @classmethod
-    def from_json(cls, obj: Any) -> "Descriptor":
+    def from_json(cls, obj: Any) -> Descriptor:
         try:
             digest = str(obj["digest"])
             size = int(obj["size"])

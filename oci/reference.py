@@ -36,13 +36,13 @@ class Reference:
     """A parsed registry reference. `tag` and `digest` are None when absent; both may be set
     (`repo:tag@sha256:...`), in which case the digest is what is fetched."""
 
-    __slots__ = ("registry", "repository", "tag", "digest")
+    __slots__ = ("digest", "registry", "repository", "tag")
 
     def __init__(self, registry: str, repository: str, tag: str | None = None, digest: str | None = None):
         self.registry, self.repository, self.tag, self.digest = registry, repository, tag, digest
 
     @classmethod
-    def parse(cls, value: str) -> "Reference":
+    def parse(cls, value: str) -> Reference:
         text = value.strip()
         if not text:
             raise ReferenceError("empty registry reference")
@@ -72,7 +72,7 @@ class Reference:
         the tag, else `latest` (Docker's convention for a bare repository)."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> "Reference":
+    def with_digest(self, digest: str) -> Reference:
         check_digest(digest, digest)
         return Reference(self.registry, self.repository, self.tag, digest)
 

@@ -52,7 +52,7 @@ class ArgvError(ThawError):
 class RuncCall:
     """One parsed runc command line. (A plain class: this module is on the hot path, and
     importing dataclasses costs more than the whole parse.)"""
-    __slots__ = ("argv", "global_flags", "command", "flags", "args")
+    __slots__ = ("args", "argv", "command", "flags", "global_flags")
 
     def __init__(self, argv: list[str]):
         self.argv = argv                                  # the original argv, argv[0] included
@@ -112,7 +112,7 @@ def _parse_flags(tokens: list[str], i: int, spec: dict[str, bool], aliases: dict
         if not tok.startswith("-") or tok == "-":
             return i
         body = tok[2:] if tok.startswith("--") else tok[1:]
-        if not body or body.startswith("-") or body.startswith("="):
+        if not body or body.startswith(("-", "=")):
             raise ArgvError(f"bad flag syntax: {tok}")
         name, eq, value = body.partition("=")
         name = aliases.get(name, name)
@@ -152,4 +152,4 @@ def parse(argv: list[str]) -> RuncCall:
 def render(global_flags: dict[str, str | bool], command: str, flags: dict[str, str | bool],
            args: list[str]) -> list[str]:
     """Build a runc argv tail (without the program name) in canonical form."""
-    return _render(global_flags) + [command] + _render(flags) + list(args)
+    return [*_render(global_flags), command, *_render(flags), *args]

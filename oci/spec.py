@@ -25,7 +25,7 @@ class Bundle:
         self.path, self.spec = path, spec
 
     @classmethod
-    def load(cls, path: str) -> "Bundle":
+    def load(cls, path: str) -> Bundle:
         cfg = os.path.join(path, CONFIG)
         try:
             with open(cfg, "rb") as f:

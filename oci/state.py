@@ -22,7 +22,7 @@ class OciState:
     annotations: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, data: str | bytes) -> "OciState":
+    def from_json(cls, data: str | bytes) -> OciState:
         try:
             obj = json.loads(data)
             return cls(id=str(obj["id"]), status=str(obj.get("status", "")),
@@ -33,5 +33,5 @@ class OciState:
             raise StateError(f"not an OCI container state: {exc}") from exc
 
     @classmethod
-    def read(cls, stream: IO[bytes]) -> "OciState":
+    def read(cls, stream: IO[bytes]) -> OciState:
         return cls.from_json(stream.read())

@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import ShimContainer, unique  # noqa: E402
+from helpers import ShimContainer, unique
 
 STRICT = os.environ.get("THAW_TEST_STRICT") == "1"
 GPU_EXPECTED = os.environ.get("THAW_TEST_GPU") == "1"
@@ -94,7 +94,7 @@ def _vllm_skip(item: pytest.Item) -> str | None:
 def gpu_skip(item: pytest.Item, reason: str) -> None:
     """A GPU test that cannot run on this machine: skipped, also under THAW_TEST_STRICT=1 unless
     THAW_TEST_GPU=1 declares that the machine has a GPU (then it fails)."""
-    if STRICT and GPU_EXPECTED == ("gpu" in {m.name for m in item.iter_markers()}):
+    if STRICT and ("gpu" in {m.name for m in item.iter_markers()}) == GPU_EXPECTED:
         pytest.fail(f"under THAW_TEST_STRICT{' and THAW_TEST_GPU' if GPU_EXPECTED else ''}: {reason}",
                     pytrace=False)
     _ALLOWED_SKIPS[item.nodeid] = reason
@@ -140,7 +140,7 @@ class ThawEnv:
     root: str
 
     @classmethod
-    def in_dir(cls, d) -> "ThawEnv":
+    def in_dir(cls, d) -> ThawEnv:
         """One under directory `d`, its config written."""
         env = cls(dir=str(d), config=os.path.join(d, "config.yaml"), store=os.path.join(d, "store"),
                   state=os.path.join(d, "state"), root=os.path.join(d, "runc-root"))

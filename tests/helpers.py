@@ -261,8 +261,8 @@ class ShimContainer:
         process group of its own (a fault that kills its group must not kill the test)."""
         t = time.perf_counter()
         with self.pipes() as (out_w, err_w):
-            proc = subprocess.Popen(self._global() + ["create", "--bundle", self.bundle, "--pid-file",
-                                                      self.pid_file, self.id],
+            proc = subprocess.Popen([*self._global(), "create", "--bundle", self.bundle, "--pid-file",
+                                     self.pid_file, self.id],
                                     stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
                                     env={**os.environ, **(env or {})}, start_new_session=session)
         self.create_pid = proc.pid

@@ -63,7 +63,7 @@ def restricted(spec: dict, uid: int = 0) -> None:
 def privileged(spec: dict) -> None:
     p = spec["process"]
     p["user"] = {"uid": 0, "gid": 0}
-    p["capabilities"] = {k: ALL_CAPS for k in ("bounding", "effective", "permitted")}
+    p["capabilities"] = dict.fromkeys(("bounding", "effective", "permitted"), ALL_CAPS)
     p["noNewPrivileges"] = False
     spec["linux"].pop("seccomp", None)
 
@@ -372,7 +372,7 @@ def test_an_extra_supplementary_group(world):
 def test_a_non_leader_thread_with_other_credentials(world):
     def thread_root(images):
         leader = tasks(images)[0]
-        other = [t for t in leader.threads if t != leader.pid][0]
+        other = next(t for t in leader.threads if t != leader.pid)
 
         def every_capability(core):
             c = core.thread_core.creds

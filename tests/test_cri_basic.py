@@ -64,8 +64,8 @@ def _pod_roundtrip(containerd, cri, handler: str) -> dict:
     ip = cri.pod_ip(pod)
     assert ipaddress.ip_address(ip) in containerd.subnet, ip
     assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.233.0.0/16")
-    netns = [n.get("path") for n in cri.pod_info(pod)["runtimeSpec"]["linux"]["namespaces"]
-             if n["type"] == "network"][0]
+    netns = next(n.get("path") for n in cri.pod_info(pod)["runtimeSpec"]["linux"]["namespaces"]
+             if n["type"] == "network")
     assert netns and netns.startswith(str(containerd.state)), netns
 
     t0 = time.monotonic()

@@ -120,7 +120,7 @@ def test_restore_through_cri(thaw_cri):
     assert st.state == _client.CONTAINER_RUNNING
     teardown_clean(containerd, cri, node, pod2)
     assert not records(node)
-    ends = [json.loads(l) for l in open(Path(node["state"]) / "events.log")]
+    ends = [json.loads(line) for line in open(Path(node["state"]) / "events.log")]
     assert any(e["kind"] == "finished" and e["container"] == cid2 and e["restored"] for e in ends)
 
 
@@ -162,7 +162,7 @@ def test_snapshots_belong_to_the_namespace_that_captured_them(thaw_cri):
     def events_tail() -> str:
         path = Path(node["state"]) / "events.log"
         return path.read_text()[-3000:] if path.exists() else ""
-    pod_b, cid_b = start_app(cri, "b-first", ann, namespace="team-b")
+    pod_b, _cid_b = start_app(cri, "b-first", ann, namespace="team-b")
     digest_b = wait_for(lambda: published("team-b"), 120, "team-b's capture")
     pod_a, cid_a = start_app(cri, "a-first", ann, namespace="team-a")
     rec = records(node)[cid_a]
@@ -254,7 +254,7 @@ def test_bad_snapshot_still_runs_cold(thaw_cri, damage):
 
 
 def test_ctr_run_with_runc_binary(thaw_cri, tmp_path):
-    containerd, cri, node = thaw_cri
+    containerd, _cri, node = thaw_cri
     thaw_bin = shutil.which("thaw-runtime")
     root = "/run/containerd/runc/k8s.io"          # the runc v2 shim's default root for ctr
     ids = [f"thaw-ctr-{os.getpid()}-{i}" for i in range(2)]

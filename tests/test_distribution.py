@@ -161,7 +161,7 @@ def journal_progress(node: Node, snap) -> bool:
     path = os.path.join(node.store_dir, "pulls", snap.manifest.digest.split(":")[1], "journal.json")
     try:
         with open(path) as f:
-            return any(0 < json.loads(line)[1] for line in f if line.endswith("\n"))
+            return any(json.loads(line)[1] > 0 for line in f if line.endswith("\n"))
     except (OSError, ValueError):
         return False
 

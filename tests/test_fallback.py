@@ -116,7 +116,7 @@ def corrupt_malformed(env):
 
 def corrupt_flipped_rootfs_blob(env):
     info = snapshot_info(env)
-    rootfs = next(l for l in info["layers"] if "rootfs.diff" in l["mediaType"])
+    rootfs = next(layer for layer in info["layers"] if "rootfs.diff" in layer["mediaType"])
     blob = writable(os.path.join(env.store, "layout", "blobs", "sha256", rootfs["digest"].split(":")[1]))
     data = bytearray(open(blob, "rb").read())
     data[len(data) // 3] ^= 0x01
@@ -135,7 +135,7 @@ def corrupt_file_and_its_tar(env):
     info = snapshot_info(env)
     pages = writable(os.path.join(image_dir(env), "pages-1.img"))
     os.truncate(pages, os.path.getsize(pages) // 2)
-    whole = next(l for l in info["layers"] if "criu.images" in l["mediaType"])
+    whole = next(layer for layer in info["layers"] if "criu.images" in layer["mediaType"])
     blob = writable(os.path.join(env.store, "layout", "blobs", "sha256", whole["digest"].split(":")[1]))
     with open(blob, "r+b") as f:
         f.seek(os.path.getsize(blob) // 2)

@@ -251,7 +251,7 @@ def test_an_unreaped_thaw_runtime_counts_as_dead(env, target):
     bundle, before = target
     c = env.container(bundle)
     with c.pipes() as (out_w, err_w):
-        proc = subprocess.Popen(c._global() + ["create", "--bundle", bundle, "--pid-file", c.pid_file, c.id],
+        proc = subprocess.Popen([*c._global(), "create", "--bundle", bundle, "--pid-file", c.pid_file, c.id],
                                 stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w, start_new_session=True,
                                 env={**os.environ, "THAW_TEST_FAULTS": "criu.post-restore=killgroup"})
 

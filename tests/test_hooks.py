@@ -52,7 +52,7 @@ def wait_for_snapshot(env, ref, timeout=90):
 
 def events(env):
     path = os.path.join(env.state, "events.log")
-    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def test_auto_capture_then_restore(thaw_env, tmp_path):

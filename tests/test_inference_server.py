@@ -84,7 +84,7 @@ class Server:
                     self.ready_s = time.monotonic() - self.t0
                     return body
                 assert code == 503 and body["status"] == "loading", (code, body)
-            except (urllib.error.URLError, ConnectionError, socket.timeout):
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
                 pass
             time.sleep(0.1)
         pytest.fail(f"server not ready within {READY_TIMEOUT_S}s:\n{self.log()}")

@@ -377,7 +377,7 @@ def test_remove_import_keeps_every_other_byte():
 def test_add_import_keeps_every_byte(text):
     new = install.add_import(text, "/etc/containerd/conf.d/*.toml")
     assert tomllib.loads(new) == {**tomllib.loads(text),
-                                  "imports": tomllib.loads(text).get("imports", []) + ["/etc/containerd/conf.d/*.toml"]}
+                                  "imports": [*tomllib.loads(text).get("imports", []), "/etc/containerd/conf.d/*.toml"]}
     rest = iter(new)
     assert all(c in rest for c in text)                     # the old text is still there, in order
     assert len(new) - len(text) <= len('imports = ["/etc/containerd/conf.d/*.toml"]\r\n')
@@ -549,7 +549,7 @@ def test_stale_drop_in_is_reported_and_fixed_by_a_rerun(tmp_path):
     node.run()
     text = node.config.read_text().replace("pause:3.9", "pause:3.10")
     node.config.write_text(text)
-    ok, what, detail = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
+    ok, _what, detail = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
     assert not ok and "install/containerd.sh" in detail
     node.run()
     assert checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))[0]

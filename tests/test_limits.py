@@ -168,7 +168,7 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     assert store.quota_of("anyone") == 4 * MiB
     # a stand-in's pages sit in its whole-file tar and its image directory: ~2x their size
     fake_snapshot(store, "one:1", os.urandom(MiB + MiB // 2), namespace="team-a")
-    with pytest.raises(QuotaExceeded, match="namespace team-a would hold .* over its quota"):
+    with pytest.raises(QuotaExceeded, match=r"namespace team-a would hold .* over its quota"):
         fake_snapshot(store, "two:1", os.urandom(MiB), namespace="team-a")  # captured here: not evictable
     fake_snapshot(store, "other:1", os.urandom(MiB + MiB // 2), namespace="team-b")   # its own share
     assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
@@ -178,7 +178,7 @@ def test_a_capture_or_import_past_the_quota_fails_and_the_default_quota_is_a_sha
     fake_snapshot(probe, "three:1", os.urandom(2 * MiB), namespace="team-a")
     archive = str(tmp_path / "three.tar")
     probe.export(SnapshotRef.parse("three:1"), "team-a", archive)
-    with pytest.raises(QuotaExceeded, match="importing three:1 .* over its quota"):
+    with pytest.raises(QuotaExceeded, match=r"importing three:1 .* over its quota"):
         import_archive(store, archive, cfg, "team-a")
     assert {s.ref for s in store.snapshots()} == {"one:1", "other:1"}
     assert not os.listdir(store.staging_dir)

@@ -131,7 +131,7 @@ def test_a_seal_without_digests_is_not_trusted_and_a_repair_writes_them(store, t
     seal = store._seal_path(snap)
     with open(seal) as f:
         sealed = json.load(f)
-    whole = {n for n in sealed["files"]} - {p.file for p in snap.parts}
+    whole = set(sealed["files"]) - {p.file for p in snap.parts}
     assert whole and all(sealed["files"][n]["digest"] for n in sealed["files"])   # publish wrote them
     for meta in sealed["files"].values():
         meta["digest"] = None

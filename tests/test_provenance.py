@@ -378,7 +378,7 @@ def test_config_validates_trust(tmp_path):
                 {"unsigned": ["anything"]}, {"signing_key": "relative.key"}):
         p = tmp_path / "c.yaml"
         p.write_text(yaml.safe_dump({"trust": bad}))
-        with pytest.raises(ConfigError, match="trust."):
+        with pytest.raises(ConfigError, match=r"trust\."):
             load(str(p))
     p = tmp_path / "ok.yaml"
     p.write_text(yaml.safe_dump({"trust": {"keys": {"r.example/team-a": ["/k.pub"]}, "unsigned": ["import"]}}))

@@ -95,7 +95,7 @@ def test_another_namespace_reads_only_by_policy(tmp_path, node):
 def test_outside_any_namespace_only_local_snapshots_are_found(tmp_path, node):
     """A container of no Kubernetes namespace (Podman, ctr, a bare runc bundle) is in `_local`: it
     never gets a namespace's snapshot, and a pod never gets a `_local` one."""
-    cfg, store = node
+    _cfg, store = node
     no_namespace = {"thaw.dev/snapshot": "app:1", "io.kubernetes.cri.sandbox-namespace": ""}
     with pytest.raises(SnapshotNotFound, match="_local"):
         check(tmp_path, node, no_namespace)
@@ -108,7 +108,7 @@ def test_outside_any_namespace_only_local_snapshots_are_found(tmp_path, node):
 def test_a_captured_process_may_not_hold_more_than_the_new_spec_grants(tmp_path, node):
     """The spec is the capturing one (identity matches), but a captured process became root with
     every capability (a setuid binary): restoring it would hand that to the new container."""
-    cfg, store = node
+    _cfg, store = node
     root = fmt.ProcessCreds(pid=7, uids=(0, 0, 0, 0), gids=(0, 0, 0, 0), cap_prm=(1 << 41) - 1,
                             cap_eff=(1 << 41) - 1, cap_bnd=(1 << 41) - 1)
     user = {"user": {"uid": 1000, "gid": 1000}}
@@ -173,7 +173,7 @@ def test_a_snapshot_of_a_cold_started_thaw_container_restores_under_the_spec_nar
     b = bundle_for(tmp_path, {"thaw.dev/snapshot": "prof:1"})
     b.spec["linux"] = {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
         {"names": ["kexec_load"], "action": "SCMP_ACT_ERRNO"}]}}
-    with pytest.raises(restore.Incompatible, match="linux.seccomp"):
+    with pytest.raises(restore.Incompatible, match=r"linux\.seccomp"):
         restore.check(Container.of(call_for(b), b, cfg, "/usr/bin/false"), store, NODE)
 
 
@@ -191,7 +191,7 @@ def test_unknown_snapshot(tmp_path, node):
 
 @pytest.mark.no_gpu
 def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
-    cfg, store = node
+    _cfg, store = node
     gpu_cfg = dataclasses.replace(SNAP_CONFIG, gpu=fmt.GpuState(pids=1, uuids=("GPU-a",)))
     fake_snapshot(store, "gpu:1", config=gpu_cfg, namespace="team-a")
     with pytest.raises(restore.Incompatible, match="holds GPU state"):
@@ -199,7 +199,7 @@ def test_gpu_snapshot_on_a_node_without_gpus(tmp_path, node):
 
 
 def test_corrupt_config_blob(tmp_path, node):
-    cfg, store = node
+    _cfg, store = node
     snap = store.resolve(parse_request({"thaw.dev/snapshot": "app:1"}).snapshot, "team-a")
     path = store.layout.blob_path(snap.config_desc.digest)
     os.chmod(path, 0o600)

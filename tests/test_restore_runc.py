@@ -190,7 +190,7 @@ def test_a_plain_rootfs_diff_holds_only_what_the_container_wrote(thaw_env, tmp_p
     capture(thaw_env, src.id, "plain:1")
     src.destroy()
     info = json.loads(thaw_env.thaw("inspect", "plain:1").stdout)
-    layer = next(l for l in info["layers"] if "rootfs.diff" in l["mediaType"])
+    layer = next(desc for desc in info["layers"] if "rootfs.diff" in desc["mediaType"])
     blob = os.path.join(thaw_env.store, "layout", "blobs", "sha256", layer["digest"].split(":")[1])
     with tarfile.open(blob) as tar:
         names = tar.getnames()
@@ -237,9 +237,9 @@ def test_python_heap_survives(thaw_env, tmp_path):
     assert dst.create() == 0, dst.log_text()
     dst.start()
     out = dst.wait_output(lambda t: t.count("heap ") >= 3, timeout=30)
-    lines = [l for l in out.splitlines() if l.startswith("heap ")]
+    lines = [line for line in out.splitlines() if line.startswith("heap ")]
     for line in lines:
-        _, d, _, live, _, n = line.split()
+        _, d, _, live, _, _n = line.split()
         assert d == digest and live == digest
     assert int(lines[0].split()[-1]) > 3           # the loop counter continued
     dst.destroy()

@@ -120,7 +120,7 @@ def test_diff_records_symlinks_and_never_follows_them(tmp_path):
     (secret / "shadow").write_text("host bytes")
     os.symlink(str(secret), r / "d" / "link")                  # absolute: the host's path
     os.symlink(str(secret / "shadow"), r / "file-link")
-    d, members, raw = diff_of(str(r))
+    _d, members, raw = diff_of(str(r))
     assert members["d/link"].issym() and members["d/link"].linkname == str(secret)
     assert members["file-link"].issym()
     assert b"host bytes" not in raw

@@ -114,7 +114,7 @@ def test_privileged_capture_is_not_restored_into_a_restricted_spec(thaw_env, tmp
     def privileged(spec):
         p = spec["process"]
         p["user"] = {"uid": 0, "gid": 0}
-        p["capabilities"] = {k: ALL_CAPS for k in ("bounding", "effective", "permitted")}
+        p["capabilities"] = dict.fromkeys(("bounding", "effective", "permitted"), ALL_CAPS)
         p["noNewPrivileges"] = False
     src = thaw_env.container(edit_spec(make_bundle(str(tmp_path / "src"), COUNTER), privileged))
     assert src.create() == 0
@@ -315,21 +315,21 @@ def test_terminal_mismatch_cold_starts_into_the_terminal(thaw_env, tmp_path):
     cid = unique("tty")
     log = os.path.join(bundle, "log.json")
     g = ["thaw-runtime", "--root", thaw_env.root, "--log", log, "--log-format", "json"]
-    p = subprocess.run(g + ["create", "--bundle", bundle, "--console-socket", console.path, cid],
+    p = subprocess.run([*g, "create", "--bundle", bundle, "--console-socket", console.path, cid],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     try:
         assert p.returncode == 0, (p.stderr, open(log).read())
         msg = [json.loads(line)["msg"] for line in open(log)][-1]
         assert "cold start" in msg and "process.terminal" in msg
-        subprocess.run(g + ["start", cid], check=True)
+        subprocess.run([*g, "start", cid], check=True)
         wait_for(lambda: len(ticks(console.output.decode(errors="replace"))) > 3, 10, "ticks on the terminal")
         assert ticks(console.output.decode())[0] == 0
         assert b"runc" not in console.output and b"criu" not in console.output.lower()
         assert p.stdout == b"" and p.stderr == b""
     finally:
-        subprocess.run(g + ["kill", cid, "KILL"], capture_output=True)
+        subprocess.run([*g, "kill", cid, "KILL"], capture_output=True)
         time.sleep(0.2)
-        subprocess.run(g + ["delete", "--force", cid], capture_output=True)
+        subprocess.run([*g, "delete", "--force", cid], capture_output=True)
 
 
 def test_a_failed_restore_writes_nothing_into_the_container(thaw_env, tmp_path):

@@ -51,7 +51,7 @@ def _decide(argv: list[str], env: dict) -> tuple[str, list[str]]:
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    outcome, loaded = eval(out.stdout)  # noqa: S307 - our own probe's repr of (str, list[str])
+    outcome, loaded = eval(out.stdout)  # our own probe's repr of (str, list[str])
     return outcome, loaded
 
 

@@ -162,7 +162,7 @@ def test_digest_mode_catches_flip_with_mtime_restored(store, small_parts):
     os.chmod(pages, 0o400)
     with store.image_dir(snap, "stat"):             # stat mode cannot see it: documented tradeoff
         pass
-    with pytest.raises(CorruptSnapshot, match="pages-1.img"), store.image_dir(snap, "digest"):
+    with pytest.raises(CorruptSnapshot, match=r"pages-1\.img"), store.image_dir(snap, "digest"):
         pass
 
 

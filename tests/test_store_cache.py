@@ -206,7 +206,7 @@ def test_each_publish_evicts_down_to_max_bytes(tmp_path):
     assert any("a:1 (_local) evicted" in m for m in store_events(cfg, "info"))
     # A snapshot larger than the whole cache is refused (store.max_bytes bounds every publish),
     # and nothing is evicted for it.
-    with pytest.raises(QuotaExceeded, match="publishing big:1 .* over its quota"):
+    with pytest.raises(QuotaExceeded, match=r"publishing big:1 .* over its quota"):
         fake_snapshot(store, "big:1", b"G" * 200_000, origin=PULLED)
     assert names(store) == {"b:1", "c:1"}
 

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -106,8 +107,8 @@ def test_weights_manifest_format_round_trip():
 # --- steps against a real HTTP server, from inside a network namespace ----------------------------
 
 class Recorder(BaseHTTPRequestHandler):
-    calls: list = []
-    script: dict = {}          # path -> list of (status, body, delay) answers, the last one repeats
+    calls: ClassVar[list[tuple]] = []
+    script: ClassVar[dict[str, list]] = {}          # path -> list of (status, body, delay) answers, the last one repeats
 
     def log_message(self, *a):
         pass
@@ -205,7 +206,7 @@ def test_a_failing_or_slow_step_stops_the_rest(recorder):
                                     "until": {"json": {"ok": True}}}]).quiesce, pid, "quiesce")
     # All steps together within a budget: the second gets what is left of it, the third never starts.
     Recorder.calls.clear()
-    with pytest.raises(engine.EngineError, match="resume step 2 .* timed out"):
+    with pytest.raises(engine.EngineError, match=r"resume step 2 .* timed out"):
         engine.steps(_steps(port, [{"path": "/slow"}, {"path": "/slow"}, {"path": "/a"}]).quiesce, pid,
                      "resume", budget=4.0)
     assert [p for _, p, _ in Recorder.calls] == ["/slow", "/slow"]
@@ -262,7 +263,7 @@ def test_volume_resolution_changed_missing_and_symlinked(tmp_path):
     with pytest.raises(weights.WeightsError, match="changed: digest"):
         weights.Prefetch(bundle, w, cache).wait()
     _weights_file(str(target), (3 << 20) - 1)
-    with pytest.raises(weights.WeightsError, match="changed: .* bytes"):
+    with pytest.raises(weights.WeightsError, match=r"changed: .* bytes"):
         weights.Prefetch(bundle, w, cache)
     os.unlink(target)
     with pytest.raises(weights.WeightsError, match="No such file"):

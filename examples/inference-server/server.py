@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 T_START = time.perf_counter()
 BLOCK_SIZE = 16
 SEED = 1234
-GRAPH_BATCH_SIZES = [1, 2, 4] + list(range(8, 257, 8))  # vLLM's default capture sizes (35)
+GRAPH_BATCH_SIZES = [1, 2, 4, *range(8, 257, 8)]  # vLLM's default capture sizes (35)
 ATTN_ROWS = 32  # decode attention gathers the K/V of at most this many sequences at a time
 CONFIGS = {
     "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, inter=3072,
@@ -977,7 +977,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(503, {"status": str(e), "error": "engine not ready"})
         except (ValueError, TypeError) as e:
             self._send(400, {"error": str(e)})
-        except Exception as e:  # keep serving; report what broke
+        except Exception as e:  # noqa: BLE001 - keep serving; report what broke
             log(f"error: {e!r}")
             self._send(500, {"error": repr(e)})
 

@@ -67,7 +67,7 @@ class Engine:
     def loop(self):
         try:
             self.load()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - any load failure ends the worker, said in its log
             self.state = "failed"
             log(f"load failed: {e!r}")
             os._exit(1)

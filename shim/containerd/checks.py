@@ -96,7 +96,7 @@ def doctor_checks(config: str | None = None, containerd_bin: str | None = None,
     """What `thaw doctor` reports about containerd. Never raises."""
     try:
         return list(_doctor_checks(config, containerd_bin, conf_d))
-    except Exception as exc:  # doctor must report, not crash
+    except Exception as exc:  # noqa: BLE001 - doctor must report, not crash
         return [(False, "containerd", f"checking the configuration failed: {exc}")]
 
 

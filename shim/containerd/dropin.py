@@ -114,7 +114,7 @@ def render(data: dict, layout: int, main: str) -> str:
                  "plus the thaw runtime. After editing that section, run install/containerd.sh again."]
     else:
         lines = ["containerd 2.x merges imported files key by key: this file only adds the thaw runtime."]
-    for line in lines + ["Delete this file and restart containerd to unregister thaw."]:
+    for line in [*lines, "Delete this file and restart containerd to unregister thaw."]:
         doc.add(tomlkit.comment(line))
     doc.add(tomlkit.nl())
     doc.update(data)

@@ -60,7 +60,7 @@ def add_import(text: str, entry: str) -> str:
         for item, indent in indents:
             item.trivia.indent = indent
     new = tomlkit.dumps(doc)
-    want = {**old, "imports": list(old.get("imports") or []) + [entry]}
+    want = {**old, "imports": [*(old.get("imports") or []), entry]}
     try:
         got = tomllib.loads(new)
     except tomllib.TOMLDecodeError as exc:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import psutil
 
@@ -78,7 +79,7 @@ def init_quietly() -> None:
 
 def _name(d, err) -> str:
     try:
-        e, s = d.cuGetErrorName(err)
+        _e, s = d.cuGetErrorName(err)
         return s.decode() if isinstance(s, bytes) else str(s)
     except Exception:  # noqa: BLE001
         return str(err)
@@ -297,7 +298,7 @@ class CaptureSession:
     _checkpointed: list[int] = field(default_factory=list)
 
     @classmethod
-    def for_tree(cls, root_pid: int, spec: dict[str, Any] | None = None) -> "CaptureSession":
+    def for_tree(cls, root_pid: int, spec: dict[str, Any] | None = None) -> CaptureSession:
         pids = cuda_pids(root_pid, ("RUNNING",))
         return cls(root_pid, pids, container_gpus(spec) if spec else [])
 

@@ -207,8 +207,8 @@ def run_steps(view: ContainerView, steps, what: str, budget: float | None = None
                 status, body = 0, str(exc)
             if step.matches(status, body):
                 break
-            if not step.until or not 200 <= status < 300 and status not in (0, 503) \
-                    and status != step.until.get("status", 200):
+            if not step.until or (not 200 <= status < 300 and status not in (0, 503) \
+                    and status != step.until.get("status", 200)):
                 raise EngineError(f"{what} step {i + 1} ({step!r}) answered {status}: {body[:200]}")
             if time.monotonic() + step.interval > deadline:
                 raise EngineError(f"{what} step {i + 1} ({step!r}) did not match within {limit:.1f}s "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 from thaw.oci.snapshot import Listen
 

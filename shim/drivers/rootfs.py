@@ -232,7 +232,7 @@ class RootfsApplier:
     def _log(self, op: str, rel: str, backup: str = "") -> None:
         if self._journal is None:
             os.makedirs(self.undo_dir, mode=0o700, exist_ok=True)
-            self._journal = open(os.path.join(self.undo_dir, "journal"), "a")
+            self._journal = open(os.path.join(self.undo_dir, "journal"), "a")  # noqa: SIM115 - open across calls; _close() ends it
         # Before the change: a process killed right after it still finds it listed (the page
         # cache outlives the process; a lost machine loses the container anyway).
         self._journal.write(json.dumps({"op": op, "path": rel, "backup": backup}) + "\n")

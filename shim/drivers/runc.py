@@ -128,13 +128,13 @@ class Runc:
     global_flags: dict[str, str | bool] = field(default_factory=dict)
 
     @classmethod
-    def for_call(cls, binary: str, criu: str, call: runc_args.RuncCall) -> "Runc":
+    def for_call(cls, binary: str, criu: str, call: runc_args.RuncCall) -> Runc:
         """A driver with the caller's --root and cgroup manager (not its --log)."""
         keep = {k: v for k, v in call.global_flags.items() if k in ("root", "systemd-cgroup", "rootless")}
         return cls(binary, criu, keep)
 
     @classmethod
-    def with_root(cls, binary: str, criu: str, root: str | None) -> "Runc":
+    def with_root(cls, binary: str, criu: str, root: str | None) -> Runc:
         return cls(binary, criu, {"root": root} if root else {})
 
     def _argv(self, command: str, flags: dict[str, str | bool], args: list[str],

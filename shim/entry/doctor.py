@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import stat
-from typing import Iterator
+from collections.abc import Iterator
 
 from thaw.shim.drivers import criu
 from thaw.shim.drivers.runc import Runc

@@ -348,7 +348,7 @@ def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tu
         with open(os.path.join(work, "config.json"), "w") as f:
             json.dump(spec, f)
         pid_file = os.path.join(work, "pid")
-        proc = subprocess.run(argv + ["create", "--bundle", work, "--pid-file", pid_file, cid],
+        proc = subprocess.run([*argv, "create", "--bundle", work, "--pid-file", pid_file, cid],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=30)
         if proc.returncode != 0:
@@ -359,7 +359,7 @@ def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tu
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
     finally:
-        subprocess.run(argv + ["delete", "--force", cid], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        subprocess.run([*argv, "delete", "--force", cid], stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         shutil.rmtree(work, ignore_errors=True)
     if found is None:
         return None

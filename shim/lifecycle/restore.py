@@ -242,7 +242,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
         phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, own_pid_file,
                    console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")),
-                   fill + (LEAVE_STOPPED,) + faults.criu_options(work), cgroup=scratch)
+                   (*fill, LEAVE_STOPPED, *faults.criu_options(work)), cgroup=scratch)
         cgroups.remove([scratch])            # runc is gone; what it restored is in the container's
         faults.point("runc_restored")
         with open(own_pid_file) as f:

@@ -16,6 +16,10 @@ import os
 
 from thaw.oci import ThawError
 
+TYPE_CHECKING = False  # typing stays unimported on the passthrough path (tests/test_shape.py)
+if TYPE_CHECKING:
+    from typing import ClassVar
+
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -29,7 +33,7 @@ class ConfigError(ThawError):
 class _Record:
     """Tiny immutable record with keyword defaults and value equality (no dataclasses import:
     this module is on the hot path)."""
-    _fields: dict = {}
+    _fields: ClassVar[dict[str, object]] = {}
 
     def __init__(self, **values):
         unknown = set(values) - set(self._fields)
@@ -53,7 +57,7 @@ class Policy(_Record):
     env_may_differ: tuple
     verify: str
     required: bool
-    _fields = {"share": {}, "env_may_differ": ("HOSTNAME",), "verify": "stat", "required": False}
+    _fields: ClassVar[dict[str, object]] = {"share": {}, "env_may_differ": ("HOSTNAME",), "verify": "stat", "required": False}
 
     def readable_from(self, namespace: str) -> tuple[str, ...]:
         """The namespaces whose snapshots `namespace` may restore besides its own, in the order
@@ -68,7 +72,7 @@ class Restore(_Record):
     hugepages: "auto" = what the node's measured probe says, else "on"/"off"."""
     workers: int
     hugepages: str
-    _fields = {"workers": -1, "hugepages": "auto"}
+    _fields: ClassVar[dict[str, object]] = {"workers": -1, "hugepages": "auto"}
 
     def worker_count(self) -> int:
         return min(16, os.cpu_count() or 1) if self.workers < 0 else self.workers
@@ -92,7 +96,7 @@ class Registry(_Record):
     pull_deadline: float
     max_blobs: int
     max_manifest_bytes: int
-    _fields = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0,
+    _fields: ClassVar[dict[str, object]] = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0,
                "pull_deadline": 1800.0, "max_blobs": 10000, "max_manifest_bytes": 4 << 20}
 
     def allows(self, action: str, namespace: str, registry: str, repository: str) -> bool:
@@ -127,7 +131,7 @@ class Trust(_Record):
     keys: dict
     unsigned: tuple
     signing_key: str
-    _fields = {"keys": {}, "unsigned": (), "signing_key": ""}
+    _fields: ClassVar[dict[str, object]] = {"keys": {}, "unsigned": (), "signing_key": ""}
 
     def keys_for(self, repository: str) -> tuple[str, ...]:
         """The public key files trusted for snapshots of REGISTRY/REPO `repository`."""
@@ -152,7 +156,7 @@ class StoreLimits(_Record):
     evict_unpushed: bool
     quota: dict
     quota_share: float
-    _fields = {"max_bytes": 0, "evict_unpushed": False, "quota": {}, "quota_share": 0.5}
+    _fields: ClassVar[dict[str, object]] = {"max_bytes": 0, "evict_unpushed": False, "quota": {}, "quota_share": 0.5}
 
 
 class Config(_Record):
@@ -171,7 +175,7 @@ class Config(_Record):
     store: StoreLimits
     trust: Trust
     source: str | None
-    _fields = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
+    _fields: ClassVar[dict[str, object]] = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
                "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
                "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
                "policy": None, "restore": None, "registry": None, "store": None, "trust": None,

@@ -17,8 +17,9 @@ import fcntl
 import json
 import os
 import time
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from .config import Config
 
@@ -26,7 +27,7 @@ NAME = "events.log"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def emit(cfg: Config, kind: str, msg: str, container: str | None = None, level: str = "info",
@@ -105,7 +106,7 @@ def follow(state_dir: str, container: str | None = None, poll: float = 0.5,
             if f is not None:
                 f.close()
             first = f is None
-            f = open(path, errors="replace")
+            f = open(path, errors="replace")  # noqa: SIM115 - followed across rotations
             inode = st.st_ino
             if first:
                 f.seek(0, os.SEEK_END)

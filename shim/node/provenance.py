@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from thaw.oci import ThawError, cosign
 from thaw.shim.safetext import printable
@@ -75,7 +75,7 @@ class Provenance:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def from_origin(origin: str) -> Provenance:

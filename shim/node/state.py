@@ -26,6 +26,10 @@ from thaw.oci import ThawError
 
 from .state_path import record_path
 
+TYPE_CHECKING = False  # no typing import on every start and delete
+if TYPE_CHECKING:
+    from typing import ClassVar
+
 # json, shutil, time and signal are imported where used. (The runtime's start and delete of every
 # container import only state_path, to look for a record; this module once there is one.)
 
@@ -83,7 +87,7 @@ class Record:
     rootfs: str | None
     pid_file: str | None
 
-    _FIELDS = {
+    _FIELDS: ClassVar[dict[str, object]] = {
         "phase": None,
         "snapshot": None,      # NAME:TAG asked for
         "created": 0.0,        # epoch seconds of thaw's create
@@ -109,7 +113,7 @@ class Record:
         "rootfs": None,
         "pid_file": None,
     }
-    __slots__ = tuple(_FIELDS) + ("id",)
+    __slots__ = (*tuple(_FIELDS), "id")
 
     def __init__(self, container_id: str, **values) -> None:
         unknown = set(values) - set(self._FIELDS)
@@ -124,7 +128,7 @@ class Record:
         return {"id": self.id, **{k: getattr(self, k) for k in self._FIELDS}}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Record":
+    def from_json(cls, obj: dict) -> Record:
         return cls(str(obj["id"]), **{k: v for k, v in obj.items() if k in cls._FIELDS})
 
 

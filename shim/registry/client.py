@@ -20,8 +20,8 @@ import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from thaw.oci.reference import ReferenceError, check_digest
 
@@ -98,7 +98,7 @@ class RegistryClient:
         """Stop every request now, from any thread (Transport.abort)."""
         self.transport.abort()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -349,7 +349,7 @@ class RegistryClient:
             state.close()
             os.close(fd)
 
-    def _rehash_prefix(self, state: "_Download", have: int, have_digest: str | None, cancel) -> int:
+    def _rehash_prefix(self, state: _Download, have: int, have_digest: str | None, cancel) -> int:
         """Hashes the `have` bytes already in the range; returns how many are reused (0 when they
         are not all there or do not match `have_digest`)."""
         blob = state.blob
@@ -371,7 +371,7 @@ class RegistryClient:
         state.pos = have
         return have
 
-    def _stream_into(self, state: "_Download", repo: str, on_bytes, checkpoint, cancel) -> None:
+    def _stream_into(self, state: _Download, repo: str, on_bytes, checkpoint, cancel) -> None:
         """One GET from state.pos on (a Range request when pos > 0), advancing state as bytes are
         written. A registry that ignores Range restarts the blob from 0."""
         blob, where = state.blob, state.where
@@ -406,7 +406,7 @@ class RegistryClient:
                     state.checkpoint(checkpoint)
             try:
                 extra = resp.read(1)
-            except Exception:  # the blob is complete; what follows does not matter
+            except Exception:  # noqa: BLE001 - the blob is complete; what follows does not matter
                 extra = b""
             if extra:
                 raise DigestMismatchError(f"registry sends more than the blob's {blob.size} bytes", *where)
@@ -459,7 +459,7 @@ def _read_range(blob: BlobRange, start: int, length: int, on_bytes: OnBytes | No
     become LocalFileError (an OSError would look like a network failure to urllib3)."""
     where = (registry, repo, blob.digest)
     try:
-        f = open(blob.path, "rb")
+        f = open(blob.path, "rb")  # noqa: SIM115 - the with below; only the open maps to LocalFileError
     except OSError as exc:
         raise LocalFileError(f"cannot read {blob.path}: {exc}", *where) from exc
     with f:
@@ -492,5 +492,15 @@ def _check_cancel(cancel: threading.Event | None, registry: str, repo: str, dige
         raise Cancelled("transfer cancelled", registry, repo, digest)
 
 
-__all__ = ["BlobRange", "Manifest", "RegistryClient", "RegistryError", "Settings", "OCI_MANIFEST", "OCI_INDEX",
-           "EMPTY_MEDIA_TYPE", "EMPTY_DATA", "EMPTY_DIGEST"]
+__all__ = [
+    "EMPTY_DATA",
+    "EMPTY_DIGEST",
+    "EMPTY_MEDIA_TYPE",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "BlobRange",
+    "Manifest",
+    "RegistryClient",
+    "RegistryError",
+    "Settings",
+]

@@ -18,9 +18,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .client import BlobRange, RegistryClient
 from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError

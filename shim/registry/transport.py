@@ -19,8 +19,8 @@ import threading
 import time
 import urllib.parse
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import urllib3
 import urllib3.connection
@@ -292,7 +292,7 @@ class Transport:
     def _error(self, method: str, url: str, resp: urllib3.BaseHTTPResponse, where) -> RegistryError:
         try:
             raw = resp.read(64 << 10)
-        except Exception:  # the body only decorates the message
+        except Exception:  # noqa: BLE001 - the body only decorates the message
             raw = b""
         finally:
             resp.release_conn()
@@ -383,6 +383,6 @@ def _reason(exc: BaseException) -> str:
 def _drain(resp: urllib3.BaseHTTPResponse) -> None:
     try:
         resp.read(1 << 20)
-    except Exception:  # a broken body of a response we discard does not matter
+    except Exception:  # noqa: BLE001 - a broken body of a response we discard does not matter
         pass
     resp.release_conn()

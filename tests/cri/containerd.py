@@ -550,7 +550,7 @@ class Containerd:
 
     # -------------------------------------------------------------- lifecycle
 
-    def start(self, timeout: float = 30.0) -> "Containerd":
+    def start(self, timeout: float = 30.0) -> Containerd:
         t0 = time.monotonic()
         self.slot = _acquire_slot(self.first_slot)
         try:
@@ -630,7 +630,7 @@ class Containerd:
         self.proc = None
         return problems
 
-    def __enter__(self) -> "Containerd":
+    def __enter__(self) -> Containerd:
         return self.start()
 
     def __exit__(self, *exc) -> None:

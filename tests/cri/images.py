@@ -84,26 +84,26 @@ class LayerBuilder:
             if p not in self._entries:
                 self._entries[p] = (self._info(p, tarfile.DIRTYPE, 0o755), None)
 
-    def dir(self, path: str, mode: int = 0o755) -> "LayerBuilder":
+    def dir(self, path: str, mode: int = 0o755) -> LayerBuilder:
         self._parents(path)
         self._entries[path.strip("/")] = (self._info(path, tarfile.DIRTYPE, mode), None)
         return self
 
-    def file(self, path: str, data: bytes, mode: int = 0o644) -> "LayerBuilder":
+    def file(self, path: str, data: bytes, mode: int = 0o644) -> LayerBuilder:
         self._parents(path)
         ti = self._info(path, tarfile.REGTYPE, mode)
         ti.size = len(data)
         self._entries[path.strip("/")] = (ti, data)
         return self
 
-    def symlink(self, path: str, target: str) -> "LayerBuilder":
+    def symlink(self, path: str, target: str) -> LayerBuilder:
         self._parents(path)
         ti = self._info(path, tarfile.SYMTYPE, 0o777)
         ti.linkname = target
         self._entries[path.strip("/")] = (ti, None)
         return self
 
-    def add_tree(self, src: str | os.PathLike, dest: str = "/") -> "LayerBuilder":
+    def add_tree(self, src: str | os.PathLike, dest: str = "/") -> LayerBuilder:
         """Add a host directory tree (files, dirs, symlinks; modes kept, owner forced to root)."""
         src = Path(src)
         for root, dirs, files in os.walk(src):

@@ -15,8 +15,8 @@ import re
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
-from typing import Callable
 
 from registry_fixture.httpd import LoopbackServer
 from thaw.oci import snapshot as fmt

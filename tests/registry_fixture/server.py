@@ -129,7 +129,7 @@ class RegistryServer:
         with open(self.config_path, "w") as f:
             json.dump(cfg, f, indent=1)
 
-    def start(self) -> "RegistryServer":
+    def start(self) -> RegistryServer:
         assert self.proc is None, "already started"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config_path], stdout=log, stderr=log,
@@ -181,7 +181,7 @@ class RegistryServer:
             json.dump({"auths": {host or self.host: entry}}, f)
         return path
 
-    def __enter__(self) -> "RegistryServer":
+    def __enter__(self) -> RegistryServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
