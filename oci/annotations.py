@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from . import ThawError
 
+TYPE_CHECKING = False  # typing and the reference parser stay unimported until needed
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .reference import Reference
+
 SNAPSHOT = "thaw.dev/snapshot"
 CAPTURE = "thaw.dev/capture"
 READY = "thaw.dev/ready"
@@ -48,7 +54,7 @@ class SnapshotRef:
     parsed registry reference (oci/reference.py), None for a plain name."""
     __slots__ = ("name", "remote", "tag")
 
-    def __init__(self, name: str, tag: str = DEFAULT_TAG, remote=None):
+    def __init__(self, name: str, tag: str = DEFAULT_TAG, remote: Reference | None = None):
         self.name, self.tag, self.remote = name, tag, remote
 
     def __str__(self) -> str:
@@ -64,7 +70,7 @@ class SnapshotRef:
     def __repr__(self) -> str:
         return f"SnapshotRef({self.name!r}, {self.tag!r})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, SnapshotRef) and (self.name, self.tag) == (other.name, other.tag)
 
     def __hash__(self) -> int:
@@ -105,8 +111,8 @@ class Step:
     repeated every `interval` seconds until the answer matches or the timeout ends."""
     __slots__ = ("body", "interval", "method", "timeout", "until", "url")
 
-    def __init__(self, method: str, url: str, body: dict | None = None, timeout: float = 60.0,
-                 until: dict | None = None, interval: float = 0.2):
+    def __init__(self, method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 60.0,
+                 until: dict[str, Any] | None = None, interval: float = 0.2):
         self.method, self.url, self.body, self.timeout = method, url, body, timeout
         self.until, self.interval = until, interval
 
@@ -149,7 +155,7 @@ class EngineSteps:
 # vLLM: --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; level 2 discards the weights, so a wake is
 # weights -> reload from disk -> KV cache. SGLang: --enable-memory-saver.
 _PRESET_PORTS = {"vllm": 8000, "sglang": 30000}
-_PRESETS: dict[str, dict[str, list[dict]]] = {
+_PRESETS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "vllm": {
         "quiesce": [{"method": "POST", "path": "/sleep?level=2", "timeout": 120},
                     {"method": "GET", "path": "/is_sleeping", "until": {"json": {"is_sleeping": True}},

@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .layout import LayoutError, check_digest
 
@@ -85,7 +86,7 @@ class Signature:
                 "signature": base64.b64encode(self.signature).decode()}
 
     @classmethod
-    def from_json(cls, obj: dict) -> Signature:
+    def from_json(cls, obj: dict[str, Any]) -> Signature:
         try:
             return cls(base64.b64decode(obj["payload"], validate=True),
                        base64.b64decode(obj["signature"], validate=True))
@@ -97,7 +98,7 @@ class Signature:
         return "sha256:" + hashlib.sha256(self.payload).hexdigest()
 
 
-def _descriptor(media_type: str, data: bytes, annotations: dict | None = None) -> dict:
+def _descriptor(media_type: str, data: bytes, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     d = {"mediaType": media_type, "size": len(data), "digest": "sha256:" + hashlib.sha256(data).hexdigest()}
     if annotations:
         d["annotations"] = annotations
@@ -116,7 +117,7 @@ def manifest(signatures: list[Signature], existing: bytes | None = None) -> tupl
     """The .sig manifest carrying `signatures` after the layers of `existing` (a .sig manifest
     already stored: its layers are kept as they are, annotations and all), and the blobs to store
     with it by digest (its config and the new payloads)."""
-    layers: list[dict] = []
+    layers: list[dict[str, Any]] = []
     if existing is not None:
         try:
             layers = [d for d in json.loads(existing).get("layers") or [] if isinstance(d, dict)]

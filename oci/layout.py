@@ -14,7 +14,7 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from . import ThawError
 from .files import atomic_write
@@ -75,10 +75,24 @@ def sha256_file(path: str) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), size
 
 
+class ByteSource(Protocol):
+    """What put_stream reads: a binary file, or a window of one (oci/snapshot.py's RangeReader)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class ByteSink(Protocol):
+    """What HashingWriter writes to: a binary file, or a positional writer of one fd."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+
 class HashingWriter:
     """A file-like sink that hashes what passes through it (for tar streams into a blob)."""
 
-    def __init__(self, f: IO[bytes]):
+    def __init__(self, f: ByteSink):
         self._f = f
         self._h = hashlib.sha256()
         self.size = 0
@@ -149,7 +163,7 @@ class ImageLayout:
         self.commit_blob(tmp, digest)
         return Descriptor(media_type, digest, len(data))
 
-    def put_stream(self, src: IO[bytes], expected: Descriptor | None = None) -> tuple[str, int]:
+    def put_stream(self, src: ByteSource, expected: Descriptor | None = None) -> tuple[str, int]:
         """Copy a stream into a blob, hashing as it goes; verify against `expected` if given."""
         f, tmp = self.new_blob_file()
         try:

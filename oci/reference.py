@@ -87,7 +87,7 @@ class Reference:
     def __repr__(self) -> str:
         return f"Reference({str(self)!r})"
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Reference) and str(self) == str(other)
 
     def __hash__(self) -> int:

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from .annotations import LOCAL_NAMESPACE, valid_namespace
 from .layout import (
@@ -43,6 +43,7 @@ from .layout import (
     INDEX_MEDIA_TYPE,
     LAYOUT_VERSION,
     REF_NAME,
+    ByteSink,
     Descriptor,
     HashingWriter,
     LayoutError,
@@ -605,9 +606,10 @@ def split_for_parts(sizes: dict[str, int]) -> tuple[list[str], list[tuple[str, i
     return whole, ranges
 
 
-def pack_whole_files(src_dir: str, names: list[str], out: IO[bytes]) -> None:
+def pack_whole_files(src_dir: str, names: list[str], out: ByteSink) -> None:
     """Tar the named CRIU files (flat, regular, sorted, owner root, mtime kept) into `out`."""
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    # Stream mode ("w|") only writes; typeshed's tarfile asks every fileobj for read/seek/tell too.
+    with tarfile.open(fileobj=cast("IO[bytes]", out), mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
             path = os.path.join(src_dir, name)
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

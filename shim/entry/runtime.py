@@ -142,8 +142,9 @@ def _cancel_prepare(cfg: config.Config, container_id: str) -> None:
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     """`start` of a restored container is a no-op (exit 0); `delete` clears thaw's state first."""
     from thaw.shim.node.state_path import record_path
+    container_id = call.container_id or ""
     try:
-        known = os.path.exists(record_path(cfg.state_dir, call.container_id or ""))
+        known = os.path.exists(record_path(cfg.state_dir, container_id))
     except ValueError:
         known = False
     if not known:
@@ -151,12 +152,12 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     if call.command == "delete":
         from thaw.shim.lifecycle import recovery
         try:
-            recovery.before_delete(cfg, call.container_id, bool(call.flags.get("force")))
+            recovery.before_delete(cfg, container_id, bool(call.flags.get("force")))
         except recovery.RecoveryError as exc:
             _fail(call, str(exc))
     else:
         from thaw.shim.node.state import ContainerState
-        if ContainerState(cfg.state_dir, call.container_id).started():
+        if ContainerState(cfg.state_dir, container_id).started():
             sys.exit(0)
 
 

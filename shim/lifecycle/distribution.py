@@ -88,6 +88,7 @@ def target_of(ref: SnapshotRef, to: str | None) -> Reference:
     if text is None:
         raise DistributionError(f"{ref} is not a registry reference: name one (thaw push NAME REGISTRY/REPO:TAG)")
     target = SnapshotRef.registry(text).remote
+    assert target is not None  # registry() always sets it
     if target.digest:
         raise DistributionError(f"push to a tag, not a digest: {text}")
     return target
@@ -178,6 +179,7 @@ def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple
             ref = SnapshotRef.registry(mark).remote
         except ThawError:
             continue
+        assert ref is not None  # registry() always sets it
         if ref.registry == target.registry and ref.repository != target.repository:
             out.append(ref.repository)
     return tuple(dict.fromkeys(out))

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
+from thaw.oci.reference import Reference
 from thaw.shim import faults
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
@@ -41,7 +42,7 @@ PREPARE_DIR = "prepare"   # state_dir/prepare/<container id>.json: the prepare s
 class Cancel:
     """Why and whether a prepare must stop: set from a signal handler (no lock taken there)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reason = ""
         self._set = False
 
@@ -144,7 +145,7 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         except StoreError as exc:
             if not (pull and ref.remote is not None):
                 return _report(cfg, ref, namespace, "absent", str(exc))
-            snap = _pull(cfg, store, ref, namespace, cancel)
+            snap = _pull(cfg, store, ref, ref.remote, namespace, cancel)
             if snap is None:
                 return {"outcome": "pull_failed", "bytes": 0, "seconds": 0.0}
         faults.point("prefetch")
@@ -189,12 +190,12 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         os.close(lock)
 
 
-def _pull(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, cancel=None):
+def _pull(cfg: Config, store: Store, ref: SnapshotRef, remote: Reference, namespace: str, cancel=None):
     """The pull on demand; its outcome is a `pull` event (distribution.pull writes them). Never
     raises: this runs in the background, where a traceback would reach no one."""
     from . import distribution
     try:
-        return distribution.pull(cfg, store, ref.remote, ref, for_namespace=namespace, cancel=cancel)
+        return distribution.pull(cfg, store, remote, ref, for_namespace=namespace, cancel=cancel)
     except distribution.DistributionError:
         return None                             # the event says why
     except Exception as exc:  # noqa: BLE001 - reported, never a traceback to /dev/null
