@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 from thaw.oci.files import atomic_write
 
@@ -141,7 +142,7 @@ def version_tuple(v: str | None) -> tuple[int, ...]:
 
 # --- the options of one restore ---------------------------------------------------------------------
 
-def restore_options(workers: int, hugepages: str, have: frozenset[str], probe: dict | None) -> tuple[str, ...]:
+def restore_options(workers: int, hugepages: str, have: frozenset[str], probe: dict[str, Any] | None) -> tuple[str, ...]:
     """The lines of thaw's CRIU config file that choose how a restore fills memory. Nothing when
     workers is 0 or the node's CRIU lacks the option (then CRIU's stock fill runs). hugepages
     "auto" follows the node's measured probe (off without one)."""
@@ -163,11 +164,11 @@ def thp_mode() -> str:
         return "unsupported"
 
 
-def read_thp_probe(cache_dir: str) -> dict | None:
+def read_thp_probe(cache_dir: str) -> dict[str, Any] | None:
     """The node's measured probe, if there is one for this kernel and THP mode."""
     try:
         with open(os.path.join(cache_dir, THP_PROBE)) as f:
-            probe = json.load(f)
+            probe: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
     if probe.get("kernel") != os.uname().release or probe.get("thp") != thp_mode():
@@ -175,7 +176,7 @@ def read_thp_probe(cache_dir: str) -> dict | None:
     return probe
 
 
-def measure_thp_fill(cache_dir: str, scratch: str, mib: int = 256, threads: int = 4, rounds: int = 2) -> dict:
+def measure_thp_fill(cache_dir: str, scratch: str, mib: int = 256, threads: int = 4, rounds: int = 2) -> dict[str, Any]:
     """Does filling fresh memory from a file go faster into transparent huge pages on this node?
     It depends on the machine (on VMs that hand freed memory back to the host, huge pages can be
     slower): measure it the way CRIU's page fill works — several threads preadv a page-cache-hot

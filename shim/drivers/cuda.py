@@ -54,8 +54,8 @@ def available() -> bool:
         return False
 
 
-def driver():
-    """cuda.bindings.driver, initialised once per process."""
+def driver() -> Any:
+    """cuda.bindings.driver, initialised once per process (untyped: Any)."""
     global _driver
     if _driver is None:
         try:
@@ -77,7 +77,7 @@ def init_quietly() -> None:
         pass
 
 
-def _name(d, err) -> str:
+def _name(d: Any, err: object) -> str:
     try:
         _e, s = d.cuGetErrorName(err)
         return s.decode() if isinstance(s, bytes) else str(s)
@@ -85,7 +85,7 @@ def _name(d, err) -> str:
         return str(err)
 
 
-def _check(result, pid: int | None, step: str):
+def _check(result: Any, pid: int | None, step: str) -> Any:
     d = driver()
     err = result[0] if isinstance(result, tuple) else result
     if err != d.CUresult.CUDA_SUCCESS:
@@ -99,7 +99,8 @@ def state(pid: int) -> str | None:
     err, st = d.cuCheckpointProcessGetState(pid)
     if err != d.CUresult.CUDA_SUCCESS:
         return None
-    return st.name.replace("CU_PROCESS_STATE_", "")
+    name: str = st.name
+    return name.replace("CU_PROCESS_STATE_", "")
 
 
 def lock(pid: int, timeout_ms: int = LOCK_TIMEOUT_MS) -> None:
@@ -134,7 +135,7 @@ def unlock(pid: int) -> None:
     _check(d.cuCheckpointProcessUnlock(pid, d.CUcheckpointUnlockArgs()), pid, "unlock")
 
 
-def _uuid(d, text: str):
+def _uuid(d: Any, text: str) -> Any:
     u = d.CUuuid()
     u.bytes = uuid_bytes(text)
     return u
@@ -236,7 +237,8 @@ def gpu_fingerprint(gpus: list[Gpu], driver: str | None = None,
 
 def cuda_driver_version() -> int | None:
     try:
-        return _check(driver().cuDriverGetVersion(), None, "version")
+        version: int | None = _check(driver().cuDriverGetVersion(), None, "version")
+        return version
     except CudaError:
         return None
 

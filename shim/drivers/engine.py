@@ -15,9 +15,11 @@ import ctypes
 import errno
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from thaw.oci import ThawError
+from thaw.oci.annotations import Step
 
 from .procs import ProcessHandle
 
@@ -45,7 +47,7 @@ def open_in_root(root_fd: int, path: str, flags: int = os.O_PATH) -> int:
     how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
-    fd = libc.syscall(_SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    fd: int = libc.syscall(_SYS_OPENAT2, root_fd, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
@@ -81,7 +83,7 @@ class ContainerView:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _in_netns(self, fn: Callable[[], dict]) -> dict:
+    def _in_netns(self, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """fn() run in a forked child that joined the container's network namespace; its dict
         (or {"error": ...}) comes back through a pipe."""
         r, w = os.pipe()
@@ -104,18 +106,18 @@ class ContainerView:
         os.close(r)
         os.waitpid(child, 0)
         try:
-            out: dict = json.loads(b"".join(chunks) or b"{}")
+            out: dict[str, Any] = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
             out = {}
         return out
 
     def request(self, url: str, method: str = "POST", timeout: float = 60.0,
-                json_body: dict | None = None) -> tuple[int, str]:
+                json_body: dict[str, Any] | None = None) -> tuple[int, str]:
         """An HTTP request made from inside the container's network namespace (a POST sends
         `json_body` as JSON, else nothing)."""
         import urllib.request  # noqa: F401 - imported here, before the fork: only a call pays for it
 
-        def call() -> dict:
+        def call() -> dict[str, Any]:
             status, body = _request(url, method, timeout, json_body)
             return {"status": status, "body": body}
         out = self._in_netns(call)
@@ -154,7 +156,7 @@ class ContainerView:
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 
-def _loopback_up() -> dict:
+def _loopback_up() -> dict[str, Any]:
     import fcntl
     import socket
     import struct
@@ -166,7 +168,7 @@ def _loopback_up() -> dict:
     return {}
 
 
-def _request(url: str, method: str, timeout: float, json_body: dict | None = None) -> tuple[int, str]:
+def _request(url: str, method: str, timeout: float, json_body: dict[str, Any] | None = None) -> tuple[int, str]:
     import urllib.error
     import urllib.request
     data = json.dumps(json_body).encode() if json_body is not None else b"" if method == "POST" else None
@@ -179,15 +181,15 @@ def _request(url: str, method: str, timeout: float, json_body: dict | None = Non
         return exc.code, exc.read(65536).decode(errors="replace")
 
 
-def run_steps(view: ContainerView, steps, what: str, budget: float | None = None,
-              log: Callable[[str], None] = lambda msg: None) -> list[dict]:
+def run_steps(view: ContainerView, steps: Sequence[Step], what: str, budget: float | None = None,
+              log: Callable[[str], None] = lambda msg: None) -> list[dict[str, Any]]:
     """Run engine steps (oci.annotations.Step) in order inside the container's network namespace;
     each within its own timeout and, all together, within `budget` seconds. A step that fails (a
     non-2xx answer, no answer, or a poll that never matches) stops the rest: EngineError naming it.
     Returns what each step took."""
     import time
     start = time.monotonic()
-    done: list[dict] = []
+    done: list[dict[str, Any]] = []
     for i, step in enumerate(steps):
         t = time.monotonic()
         limit = step.timeout if budget is None else min(step.timeout, budget - (t - start))
@@ -219,7 +221,7 @@ def run_steps(view: ContainerView, steps, what: str, budget: float | None = None
     return done
 
 
-def steps(steps, pid: int, what: str, budget: float | None = None) -> list[dict]:
+def steps(steps: Sequence[Step], pid: int, what: str, budget: float | None = None) -> list[dict[str, Any]]:
     """run_steps in the container of `pid`."""
     with ContainerView(pid) as view:
         return run_steps(view, steps, what, budget)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 
 def start_time(pid: int) -> int | None:
@@ -39,11 +40,11 @@ class ProcessHandle:
     def me(cls) -> ProcessHandle:
         return cls.of(os.getpid())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, int | None]:
         return {"pid": self.pid, "start": self.start}
 
     @classmethod
-    def from_json(cls, obj) -> ProcessHandle | None:
+    def from_json(cls, obj: Any) -> ProcessHandle | None:
         try:
             return cls(int(obj["pid"]), int(obj["start"]) if obj.get("start") is not None else None)
         except (TypeError, KeyError, ValueError):

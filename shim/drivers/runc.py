@@ -14,7 +14,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from thaw.oci import ThawError, runc_args
 from thaw.oci.spec import Bundle
@@ -53,7 +55,7 @@ if sys.stdin.buffer.read() != b"done":
 """
 
 
-def cgroup_dirs(spec: dict, systemd: bool, mounts: MountTable | None = None) -> list[str]:
+def cgroup_dirs(spec: dict[str, Any], systemd: bool, mounts: MountTable | None = None) -> list[str]:
     """Where runc puts a container's cgroup, in every cgroup hierarchy mounted here (one on a
     unified v2 host, one per controller on v1): cgroupsPath under each hierarchy's root with the
     cgroupfs driver; with systemd's, "slice:prefix:name" is the unit prefix-name.scope in that slice
@@ -147,9 +149,9 @@ class Runc:
         return [self.binary, *runc_args.render(gflags, command, flags, args)]
 
     def _run(self, argv: list[str], timeout: float | None = 60, capture: bool = True,
-             stdio: tuple | None = None, pass_fds: tuple[int, ...] = (),
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        kwargs: dict = {"env": {**_env(), **(env or {})}, "timeout": timeout, "pass_fds": pass_fds}
+             stdio: tuple[Any, Any, Any] | None = None, pass_fds: tuple[int, ...] = (),
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        kwargs: dict[str, Any] = {"env": {**_env(), **(env or {})}, "timeout": timeout, "pass_fds": pass_fds}
         if stdio is not None:
             kwargs.update(stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
         else:
@@ -222,7 +224,7 @@ class Runc:
             raise RuncError(f"runc restore exited {proc.returncode}: {detail or 'no error logged'}")
 
     @contextlib.contextmanager
-    def resumed_if_we_die(self, container_id: str):
+    def resumed_if_we_die(self, container_id: str) -> Iterator[None]:
         """While CRIU dumps a container it keeps it frozen; if this process (and CRIU with it) is
         killed meanwhile, the container would stay frozen for good. A small guard process of its
         own session waits on a pipe: if the pipe closes without "done", it resumes the container
@@ -261,15 +263,16 @@ class Runc:
             stderr = proc.stderr.decode(errors="replace").strip()[-400:]
             raise RuncError(f"runc checkpoint exited {proc.returncode}: {detail or stderr or 'no error logged'}")
 
-    def state(self, container_id: str) -> dict | None:
+    def state(self, container_id: str) -> dict[str, Any] | None:
         """`runc state` as a dict, or None if the container does not exist."""
         proc = self._run(self._argv("state", {}, [container_id]))
         if proc.returncode != 0:
             return None
         try:
-            return json.loads(proc.stdout)
+            state: dict[str, Any] = json.loads(proc.stdout)
         except ValueError as exc:
             raise RuncError(f"runc state {container_id}: unreadable output") from exc
+        return state
 
     def delete_force(self, container_id: str) -> None:
         """Remove a container whatever its state; quiet if it does not exist."""

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -75,7 +76,7 @@ def load_credentials(config_path: str | None, registry: str) -> Credentials | No
     return None
 
 
-def _from_auths_entry(entry: dict, registry: str, path: str) -> Credentials | None:
+def _from_auths_entry(entry: dict[str, Any], registry: str, path: str) -> Credentials | None:
     source = f"{path} (auths)"
     if entry.get("identitytoken"):
         return Credentials(identity_token=str(entry["identitytoken"]), source=source)

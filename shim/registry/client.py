@@ -17,11 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import urllib3
 
 from thaw.oci.reference import ReferenceError, check_digest
 
@@ -54,6 +58,12 @@ OnBytes = Callable[[int], None]  # bytes done for this blob so far (may restart 
 Checkpoint = Callable[[int, str], None]  # (bytes verified-written, sha256 of that prefix)
 
 
+class CancelFlag(Protocol):
+    """What a transfer polls between chunks: a threading.Event, transfer's _Stop, a prepare's Cancel."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class BlobRange:
     """A blob and where its bytes live locally: [offset, offset+size) of `path`."""
@@ -62,7 +72,7 @@ class BlobRange:
     offset: int
     size: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         try:
             check_digest(self.digest)
         except ReferenceError as exc:
@@ -77,8 +87,9 @@ class Manifest:
     media_type: str
     digest: str
 
-    def json(self) -> dict:
-        return json.loads(self.data)
+    def json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = json.loads(self.data)
+        return obj
 
 
 class RegistryClient:
@@ -101,10 +112,11 @@ class RegistryClient:
     def __enter__(self) -> RegistryClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _req(self, method: str, url: str, repo: str, actions: str, digest: str = "", extra_scopes=(), **kw):
+    def _req(self, method: str, url: str, repo: str, actions: str, digest: str = "", extra_scopes: tuple[str, ...] = (),
+             **kw: Any) -> urllib3.BaseHTTPResponse:
         scopes = (repository_scope(repo, actions), *extra_scopes) if repo else ()
         return self.transport.request(method, url, repository=repo, digest=digest, scopes=scopes, **kw)
 
@@ -210,14 +222,14 @@ class RegistryClient:
         except RegistryError:
             pass
 
-    def _location(self, resp, repo: str, digest: str) -> str:
-        loc = resp.headers.get("Location")
+    def _location(self, resp: urllib3.BaseHTTPResponse, repo: str, digest: str) -> str:
+        loc: str | None = resp.headers.get("Location")
         if not loc:
             raise ProtocolError(f"HTTP {resp.status} without a Location for the upload", self.registry, repo, digest)
         return urllib.parse.urljoin(self.transport.base + "/", loc)
 
     def upload_blob(self, repo: str, blob: BlobRange, *, location: str | None = None, chunk_size: int | None = None,
-                    on_bytes: OnBytes | None = None, cancel: threading.Event | None = None) -> None:
+                    on_bytes: OnBytes | None = None, cancel: CancelFlag | None = None) -> None:
         """Uploads the range as the blob. Monolithic (POST, then one PUT with the bytes) unless
         the blob is larger than `chunk_size` (default: the client's), then chunked: PATCHes with
         `Content-Range` of at most `chunk_size` bytes each, then a bodiless PUT. The registry
@@ -258,7 +270,7 @@ class RegistryClient:
 
     def push_blob(self, repo: str, blob: BlobRange, *, mount_from: tuple[str, ...] = (), skip_existing: bool = True,
                   chunk_size: int | None = None, on_bytes: OnBytes | None = None,
-                  cancel: threading.Event | None = None) -> str:
+                  cancel: CancelFlag | None = None) -> str:
         """Makes the registry hold the blob in `repo`. Returns how: "present" (HEAD found it),
         "mounted" (cross-repository mount from one of `mount_from`, tried in order) or "uploaded"
         (into the upload session the last refused mount opened, else a new one)."""
@@ -291,7 +303,7 @@ class RegistryClient:
         """A small blob into memory (a config), verified."""
         resp = self._req("GET", f"/v2/{repo}/blobs/{digest}", repo, "pull", digest, stream=True, allow_redirects=True)
         try:
-            data = resp.read(max_size + 1)
+            data: bytes = resp.read(max_size + 1)
         except Exception as exc:
             raise NetworkError(f"reading blob: {exc}", self.registry, repo, digest) from exc
         finally:
@@ -305,7 +317,7 @@ class RegistryClient:
 
     def download_blob(self, repo: str, blob: BlobRange, *, have: int = 0, have_digest: str | None = None,
                       on_bytes: OnBytes | None = None, checkpoint: Checkpoint | None = None,
-                      cancel: threading.Event | None = None) -> int:
+                      cancel: CancelFlag | None = None) -> int:
         """Writes the blob into its range of `blob.path` (created if missing, never truncated),
         verifying it. `have`: bytes at the start of the range already there from an earlier try;
         they are re-hashed (and, with `have_digest`, compared with the digest recorded for that
@@ -349,7 +361,8 @@ class RegistryClient:
             state.close()
             os.close(fd)
 
-    def _rehash_prefix(self, state: _Download, have: int, have_digest: str | None, cancel) -> int:
+    def _rehash_prefix(self, state: _Download, have: int, have_digest: str | None,
+                       cancel: CancelFlag | None) -> int:
         """Hashes the `have` bytes already in the range; returns how many are reused (0 when they
         are not all there or do not match `have_digest`)."""
         blob = state.blob
@@ -371,7 +384,8 @@ class RegistryClient:
         state.pos = have
         return have
 
-    def _stream_into(self, state: _Download, repo: str, on_bytes, checkpoint, cancel) -> None:
+    def _stream_into(self, state: _Download, repo: str, on_bytes: OnBytes | None, checkpoint: Checkpoint | None,
+                     cancel: CancelFlag | None) -> None:
         """One GET from state.pos on (a Range request when pos > 0), advancing state as bytes are
         written. A registry that ignores Range restarts the blob from 0."""
         blob, where = state.blob, state.where
@@ -454,7 +468,7 @@ class _Download:
 
 
 def _read_range(blob: BlobRange, start: int, length: int, on_bytes: OnBytes | None,
-                cancel: threading.Event | None, registry: str, repo: str) -> Iterator[bytes]:
+                cancel: CancelFlag | None, registry: str, repo: str) -> Iterator[bytes]:
     """The bytes [start, start+length) of the blob's range, in IO_CHUNK pieces. Local errors
     become LocalFileError (an OSError would look like a network failure to urllib3)."""
     where = (registry, repo, blob.digest)
@@ -487,7 +501,7 @@ def _content_range_start(value: str) -> int | None:
         return None
 
 
-def _check_cancel(cancel: threading.Event | None, registry: str, repo: str, digest: str) -> None:
+def _check_cancel(cancel: CancelFlag | None, registry: str, repo: str, digest: str) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("transfer cancelled", registry, repo, digest)
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 from .client import BlobRange, RegistryClient
 from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError
@@ -174,7 +175,7 @@ class Journal:
             except FileNotFoundError:
                 pass
 
-    def _append(self, entry: list) -> None:
+    def _append(self, entry: list[Any]) -> None:
         line = (json.dumps(entry) + "\n").encode()
         try:
             if self._fd is None:
@@ -193,7 +194,7 @@ def push_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
     final Progress (each blob's outcome). Raises the first error; the others are cancelled."""
     unique = list({b.digest: b for b in blobs}.values())  # one upload per digest
 
-    def one(blob: BlobRange, tracker: _Tracker, stop: threading.Event) -> None:
+    def one(blob: BlobRange, tracker: _Tracker, stop: _Stop) -> None:
         outcome = client.push_blob(repo, blob, mount_from=mount_from, chunk_size=chunk_size,
                                    on_bytes=tracker.on_bytes(blob.digest), cancel=stop)
         tracker.finish(blob.digest, outcome)
@@ -215,7 +216,7 @@ def pull_blobs(client: RegistryClient, repo: str, blobs: Sequence[BlobRange], *,
         keys.setdefault(Journal.key(b), b)
     items = list(keys.values())
 
-    def one(blob: BlobRange, tracker: _Tracker, stop: threading.Event) -> None:
+    def one(blob: BlobRange, tracker: _Tracker, stop: _Stop) -> None:
         have, prefix = jr.get(blob) if jr else (0, None)
         record = (lambda n, d: jr.record(blob, n, d)) if jr else None
         bp, update = tracker.progress.blobs[_tkey(blob)], tracker.on_bytes(_tkey(blob))
@@ -249,7 +250,8 @@ def _tkey(blob: BlobRange) -> str:
     return Journal.key(blob)
 
 
-def _run(operation: str, items: list[BlobRange], one, parallel: int, listener: Listener | None,
+def _run(operation: str, items: list[BlobRange], one: Callable[[BlobRange, _Tracker, _Stop], None],
+         parallel: int, listener: Listener | None,
          cancel: threading.Event | None) -> Progress:
     progress = Progress(operation)
     for b in items:

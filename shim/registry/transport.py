@@ -21,6 +21,7 @@ import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import urllib3
 import urllib3.connection
@@ -48,6 +49,7 @@ MAX_REDIRECTS = 5
 DEFAULT_TOKEN_TTL_S = 60
 TOKEN_MARGIN_S = 10
 Body = Callable[[], Iterable[bytes]] | bytes | None
+Where = tuple[str, str]  # (repository, digest) a request is about, for its errors
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Transport:
             timeout=urllib3.Timeout(connect=self.settings.connect_timeout_s, read=self.settings.read_timeout_s))
         self._lock = threading.Lock()
         self._aborted = False
-        self._connections: weakref.WeakSet = weakref.WeakSet()
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pool.pool_classes_by_scheme = _tracking_pools(self._connections, self._lock)
         self._creds: Credentials | None = None
         self._creds_loaded = False
@@ -167,7 +169,7 @@ class Transport:
             raise self._error(method, url, resp, where)
         raise ProtocolError(f"more than {MAX_REDIRECTS} redirects for {method} {url}", self.registry, *where)
 
-    def _send(self, method: str, url: str, headers: dict[str, str], body: Body, where) -> urllib3.BaseHTTPResponse:
+    def _send(self, method: str, url: str, headers: dict[str, str], body: Body, where: Where) -> urllib3.BaseHTTPResponse:
         if self._aborted:
             raise Cancelled(f"{method} {_strip_query(url)}: transfer stopped", self.registry, *where)
         data = body() if callable(body) else body
@@ -193,7 +195,7 @@ class Transport:
         except OSError as exc:
             raise NetworkError(f"{method} {_strip_query(url)}: {exc}", self.registry, *where) from exc
 
-    def _check_url(self, url: str, where) -> None:
+    def _check_url(self, url: str, where: Where) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme == "https":
             return
@@ -214,7 +216,7 @@ class Transport:
                     return "Bearer " + tok.value
         return None
 
-    def _on_challenge(self, challenge: Challenge | None, scopes: tuple[str, ...], where, sent_basic: bool) -> None:
+    def _on_challenge(self, challenge: Challenge | None, scopes: tuple[str, ...], where: Where, sent_basic: bool) -> None:
         creds = self.credentials()
         who = f"credentials from {creds.source}" if creds else f"no credentials (config: {self.settings.auth_config or 'none'})"
         if challenge is None:
@@ -236,7 +238,7 @@ class Transport:
             return
         raise AuthError(f"unsupported authentication scheme {challenge.scheme!r}", self.registry, *where)
 
-    def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...], creds: Credentials | None, where) -> _Token:
+    def _fetch_token(self, challenge: Challenge, scopes: tuple[str, ...], creds: Credentials | None, where: Where) -> _Token:
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthError("bearer challenge without a realm", self.registry, *where)
@@ -289,7 +291,7 @@ class Transport:
 
     # --- errors ---------------------------------------------------------------------------------
 
-    def _error(self, method: str, url: str, resp: urllib3.BaseHTTPResponse, where) -> RegistryError:
+    def _error(self, method: str, url: str, resp: urllib3.BaseHTTPResponse, where: Where) -> RegistryError:
         try:
             raw = resp.read(64 << 10)
         except Exception:  # noqa: BLE001 - the body only decorates the message
@@ -315,12 +317,12 @@ class Transport:
         return ProtocolError(what, self.registry, *where)
 
 
-def _tracking_pools(live: weakref.WeakSet, lock: threading.Lock) -> dict:
+def _tracking_pools(live: weakref.WeakSet[Any], lock: threading.Lock) -> dict[str, type[urllib3.HTTPConnectionPool]]:
     """urllib3 pool classes whose connections register themselves in `live` once connected, so
     that Transport.abort can shut each one down (urllib3 does not track connections in use)."""
-    def tracked(base):
-        class Tracked(base):
-            def connect(self):
+    def tracked(base: type[Any]) -> type[Any]:
+        class Tracked(base):  # type: ignore[misc]  # either connection class: mypy wants a static base
+            def connect(self) -> None:
                 super().connect()
                 with lock:
                     live.add(self)
