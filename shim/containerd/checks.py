@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from . import ContainerdConfigError, dropin
 from .discovery import containerd_version, find_config, find_containerd, is_running
@@ -63,7 +64,7 @@ def registration_checks(main: str, major: int, files: list[ConfigFile] | None = 
     return out
 
 
-def _without_runtimes(cri: dict) -> dict:
+def _without_runtimes(cri: dict[str, Any]) -> dict[str, Any]:
     cri = copy.deepcopy(cri)
     if isinstance(cri.get("containerd"), dict):
         cri["containerd"].pop("runtimes", None)
@@ -100,7 +101,7 @@ def doctor_checks(config: str | None = None, containerd_bin: str | None = None,
         return [(False, "containerd", f"checking the configuration failed: {exc}")]
 
 
-def _doctor_checks(config, containerd_bin, conf_d) -> Iterator[Check]:
+def _doctor_checks(config: str | None, containerd_bin: str | None, conf_d: str | None) -> Iterator[Check]:
     binary = containerd_bin or find_containerd()
     if not binary:
         yield True, "containerd", "not installed"

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import tomllib
+from typing import Any
 
 from .merge import dig
 
@@ -47,7 +48,7 @@ def containerd_version(binary: str) -> Version | None:
     return parse_version(out)
 
 
-def default_config(binary: str | None) -> dict:
+def default_config(binary: str | None) -> dict[str, Any]:
     """`containerd config default`, parsed; {} when it cannot be had."""
     if not binary:
         return {}
@@ -95,13 +96,13 @@ def find_config() -> str:
     return running[0] if running else DEFAULT_CONFIG
 
 
-def socket_path(cfg: dict) -> str:
+def socket_path(cfg: dict[str, Any]) -> str:
     """The grpc socket of a merged config."""
     return (dig(cfg, "plugins", "io.containerd.server.v1.grpc", "address")
             or dig(cfg, "grpc", "address") or DEFAULT_SOCKET)
 
 
-def is_running(cfg: dict) -> bool:
+def is_running(cfg: dict[str, Any]) -> bool:
     try:
         return stat.S_ISSOCK(os.stat(socket_path(cfg)).st_mode)
     except OSError:

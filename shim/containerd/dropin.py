@@ -16,6 +16,8 @@ In both cases the thaw table starts from the default runtime's entry (runc), so 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from typing import Any
 
 import tomlkit
 
@@ -35,13 +37,13 @@ DEFAULT_CONF_D = "/etc/containerd/conf.d"
 DROP_IN_NAME = "99-thaw.toml"
 
 
-def uncovered(patterns, keys=ANNOTATION_KEYS) -> list[str]:
-    """The keys an annotation allow-list does not pass."""
-    patterns = [p for p in (patterns or []) if isinstance(p, str)]
-    return [k for k in keys if not any(goglob.match(p, k) for p in patterns)]
+def uncovered(patterns: Iterable[object] | None, keys: Iterable[str] = ANNOTATION_KEYS) -> list[str]:
+    """The keys an annotation allow-list (as read from TOML: anything) does not pass."""
+    allowed = [p for p in (patterns or []) if isinstance(p, str)]
+    return [k for k in keys if not any(goglob.match(p, k) for p in allowed)]
 
 
-def layout_for(version: Version | None, main_cfg: dict) -> int:
+def layout_for(version: Version | None, main_cfg: dict[str, Any]) -> int:
     """The config version of the drop-in: 2 for containerd 1.x; for 2.x the main config's
     version when it is 2 (containerd refuses an import with a higher version than the main
     config), else 3."""
@@ -62,7 +64,7 @@ def layout_for(version: Version | None, main_cfg: dict) -> int:
     return 3 if main_version is None else main_version
 
 
-def thaw_runtime(base: dict | None, binary: str) -> dict:
+def thaw_runtime(base: dict[str, Any] | None, binary: str) -> dict[str, Any]:
     """The thaw entry: the default runtime's entry (SystemdCgroup, Root... carry over) with
     thaw's runtime_type, BinaryName and annotation allow-lists."""
     entry = copy.deepcopy(base) if isinstance(base, dict) and base.get("runtime_type", RUNTIME_TYPE) == RUNTIME_TYPE else {}
@@ -71,13 +73,13 @@ def thaw_runtime(base: dict | None, binary: str) -> dict:
     for key in ("pod_annotations", "container_annotations"):
         have = [a for a in entry.get(key) or [] if isinstance(a, str)]
         entry[key] = have + [a for a in ANNOTATIONS if a not in have]
-    options: dict = entry["options"] if isinstance(entry.get("options"), dict) else {}
+    options: dict[str, Any] = entry["options"] if isinstance(entry.get("options"), dict) else {}
     options["BinaryName"] = binary
     entry["options"] = options
     return entry
 
 
-def build(source: list[ConfigFile], layout: int, major: int, binary: str, defaults: dict) -> dict:
+def build(source: list[ConfigFile], layout: int, major: int, binary: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """The drop-in's content, from the files containerd loads without the drop-in (`source`)
     and `containerd config default` (`defaults`)."""
     plugin = cri_plugin(layout)
@@ -104,7 +106,7 @@ def build(source: list[ConfigFile], layout: int, major: int, binary: str, defaul
     return {"version": layout, "plugins": {plugin: cri}}
 
 
-def render(data: dict, layout: int, main: str) -> str:
+def render(data: dict[str, Any], layout: int, main: str) -> str:
     """The drop-in file: a header saying what it is, then `data` as TOML."""
     doc = tomlkit.document()
     doc.add(tomlkit.comment('Written by thaw\'s install/containerd.sh: registers the runtime handler "thaw".'))

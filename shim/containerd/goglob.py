@@ -6,6 +6,7 @@ may match `/`, a malformed pattern matches nothing, and Glob does not hide dot f
 from __future__ import annotations
 
 import os
+from typing import Any
 
 # Tokens: these two markers, _Class, or a literal character (a str: never `is` a marker).
 _STAR, _ANY = object(), object()
@@ -34,9 +35,9 @@ def _escaped(p: str, i: int) -> tuple[str, int] | None:
     return p[i], i + 1
 
 
-def _tokens(pattern: str) -> list | None:
+def _tokens(pattern: str) -> list[Any] | None:
     """The pattern as a list of `*`, `?`, _Class and literal characters; None if malformed."""
-    out: list = []
+    out: list[Any] = []
     i = 0
     while i < len(pattern):
         c = pattern[i]

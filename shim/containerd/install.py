@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import tomllib
+from collections.abc import Callable
+from typing import Any
 
 import tomlkit
 import tomlkit.exceptions
@@ -25,6 +27,8 @@ from thaw.oci.files import atomic_write
 from . import ContainerdConfigError, checks, dropin
 from .discovery import containerd_version, default_config
 from .merge import covered, cri_disabled, cri_plugin, dig, effective, load_files, runtimes_of
+
+Say = Callable[[str], object]  # where install and uninstall tell what they do (print, by default)
 
 # Next to the drop-in (not *.toml: containerd never reads it): the imports entry install added.
 RECORD_NAME = ".thaw-import.json"
@@ -96,7 +100,7 @@ def remove_import(text: str, entry: str) -> str | None:
     return new
 
 
-def uninstall(main: str, conf_d: str, say=print) -> bool:
+def uninstall(main: str, conf_d: str, say: Say = print) -> bool:
     """Undo `install`: remove the drop-in and the `imports` entry thaw added (recorded in
     RECORD_NAME by install; an entry the user had, or one that now also pulls in other files of
     conf_d, stays). Returns whether a file changed."""
@@ -136,7 +140,7 @@ def uninstall(main: str, conf_d: str, say=print) -> bool:
     return changed
 
 
-def _main_config_change(main: str, main_text: str | None, main_cfg: dict, entry: str,
+def _main_config_change(main: str, main_text: str | None, main_cfg: dict[str, Any], entry: str,
                         drop_in: str, layout: int) -> tuple[str | None, str]:
     """The main config's new text (None: unchanged) and what happens to it, in words."""
     if main_cfg and covered(main, main_cfg.get("imports") or [], drop_in):
@@ -155,7 +159,7 @@ def _main_config_change(main: str, main_text: str | None, main_cfg: dict, entry:
 
 
 def install(main: str, conf_d: str, containerd_bin: str, binary: str = dropin.DEFAULT_BINARY,
-            say=print) -> bool:
+            say: Say = print) -> bool:
     """Register the thaw handler: write the drop-in, make the main config import it.
     Returns whether a file changed. Raises ContainerdConfigError when it cannot be done safely;
     then nothing is left changed."""
@@ -241,7 +245,7 @@ def install(main: str, conf_d: str, containerd_bin: str, binary: str = dropin.DE
     return bool(written)
 
 
-def _reads_as(text: str, data: dict) -> bool:
+def _reads_as(text: str, data: dict[str, Any]) -> bool:
     try:
         return tomllib.loads(text) == data
     except tomllib.TOMLDecodeError:
@@ -260,7 +264,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _backup(main: str, text: str, mode: int, say) -> None:
+def _backup(main: str, text: str, mode: int, say: Say) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = f"{main}.thaw-backup-{stamp}"
     n = 1

@@ -14,13 +14,15 @@ from __future__ import annotations
 import copy
 import os
 import tomllib
+from collections.abc import Iterable
+from typing import Any
 
 from . import ContainerdConfigError, goglob
 
 CRI_V2 = "io.containerd.grpc.v1.cri"       # config version 2: the CRI plugin holds the runtimes
 CRI_V3 = "io.containerd.cri.v1.runtime"    # config version 3 (containerd 2.x)
 
-ConfigFile = tuple[str, dict]              # (path, parsed content)
+ConfigFile = tuple[str, dict[str, Any]]              # (path, parsed content)
 
 
 def cri_plugin(layout: int) -> str:
@@ -28,7 +30,7 @@ def cri_plugin(layout: int) -> str:
     return CRI_V2 if layout == 2 else CRI_V3
 
 
-def load_toml(path: str) -> dict:
+def load_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -38,12 +40,12 @@ def load_toml(path: str) -> dict:
         raise ContainerdConfigError(f"{path}: {exc.strerror}") from None
 
 
-def _absolute(parent: str, entry) -> str:
+def _absolute(parent: str, entry: object) -> str:
     path = os.path.normpath(str(entry))
     return path if os.path.isabs(path) else os.path.join(os.path.dirname(parent), path)
 
 
-def resolve_imports(parent: str, imports) -> list[str]:
+def resolve_imports(parent: str, imports: Iterable[object] | None) -> list[str]:
     """containerd's resolveImports: the files an `imports` array names, in order."""
     out = []
     for entry in imports or []:
@@ -52,7 +54,7 @@ def resolve_imports(parent: str, imports) -> list[str]:
     return out
 
 
-def covered(main: str, imports, path: str) -> bool:
+def covered(main: str, imports: Iterable[object] | None, path: str) -> bool:
     """Does an entry of `imports` load `path`, or match it once it exists?"""
     target = os.path.realpath(path)
     if any(os.path.realpath(p) == target for p in resolve_imports(main, imports)):
@@ -67,7 +69,7 @@ def covered(main: str, imports, path: str) -> bool:
     return False
 
 
-def load_files(main: str, exclude: tuple[str, ...] = (), main_cfg: dict | None = None) -> list[ConfigFile]:
+def load_files(main: str, exclude: tuple[str, ...] = (), main_cfg: dict[str, Any] | None = None) -> list[ConfigFile]:
     """The files containerd loads for `--config main`, in its order (breadth first), each parsed.
     A missing main config reads as empty (containerd then runs on its defaults). Files in
     `exclude` are skipped as if they did not match; `main_cfg` stands for the main config's
@@ -97,7 +99,7 @@ def load_files(main: str, exclude: tuple[str, ...] = (), main_cfg: dict | None =
     return files
 
 
-def deep_merge(into: dict, src: dict) -> dict:
+def deep_merge(into: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
     """`src` merged into `into` key by key (containerd 2.x's rule); returns `into`."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(into.get(k), dict):
@@ -107,7 +109,7 @@ def deep_merge(into: dict, src: dict) -> dict:
     return into
 
 
-def _migrate_v2(cfg: dict) -> dict:
+def _migrate_v2(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of containerd 2.x's v2 -> v3 migration that concerns runtimes."""
     plugins = cfg.get("plugins") or {}
     cri = plugins.get(CRI_V2)
@@ -119,10 +121,10 @@ def _migrate_v2(cfg: dict) -> dict:
     return cfg
 
 
-def effective(files: list[ConfigFile], major: int) -> tuple[dict, dict[str, str]]:
+def effective(files: list[ConfigFile], major: int) -> tuple[dict[str, Any], dict[str, str]]:
     """The merged config as containerd `major` builds it, and for each plugin the last file that
     set it. 2.x results are in the version 3 layout."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     owner: dict[str, str] = {}
     for path, cfg in files:
         if major >= 2 and cfg.get("version", 2) == 2:
@@ -143,7 +145,7 @@ def effective(files: list[ConfigFile], major: int) -> tuple[dict, dict[str, str]
     return out, owner
 
 
-def dig(d, *keys):
+def dig(d: Any, *keys: str) -> Any:
     """d[k1][k2]..., or None where a level is missing or not a table."""
     for k in keys:
         if not isinstance(d, dict):
@@ -152,16 +154,16 @@ def dig(d, *keys):
     return d
 
 
-def runtimes_of(cfg: dict, layout: int) -> dict:
+def runtimes_of(cfg: dict[str, Any], layout: int) -> dict[str, Any]:
     r = dig(cfg, "plugins", cri_plugin(layout), "containerd", "runtimes")
     return r if isinstance(r, dict) else {}
 
 
-def default_runtime_name(cfg: dict, layout: int) -> str:
+def default_runtime_name(cfg: dict[str, Any], layout: int) -> str:
     name = dig(cfg, "plugins", cri_plugin(layout), "containerd", "default_runtime_name")
     return name if isinstance(name, str) and name else "runc"
 
 
-def cri_disabled(cfg: dict) -> bool:
+def cri_disabled(cfg: dict[str, Any]) -> bool:
     disabled = cfg.get("disabled_plugins") or []
     return any(d in ("cri", CRI_V2, CRI_V3) for d in disabled)
