@@ -14,12 +14,16 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
 from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import ContainerState
+
+if TYPE_CHECKING:
+    from thaw.shim.node.store import Store
 
 
 def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
@@ -98,7 +102,7 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
                                 f"in {time.perf_counter() - t:.2f}s{pushed}")
 
 
-def _push(cfg: Config, store, ref: SnapshotRef, namespace: str) -> str:
+def _push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str) -> str:
     """thaw.dev/push: "true" — what was captured goes to the registry reference it is named by,
     if the node policy lets this namespace push there. Returns a note for the event."""
     from . import distribution

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci import annotations as ann
@@ -34,7 +35,7 @@ class CaptureError(ThawError):
     pass
 
 
-def _created_epoch(state: dict) -> float | None:
+def _created_epoch(state: dict[str, Any]) -> float | None:
     raw = state.get("created")
     if not raw:
         return None
@@ -181,7 +182,7 @@ def _record_seccomp(cfg: Config, container_id: str, images: str, bundle: Bundle,
         log(f"seccomp filter not recorded: {exc}")
 
 
-def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict, bundle: Bundle) -> None:
+def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict[str, Any], bundle: Bundle) -> None:
     """runc hands CRIU the configuration file a container's spec names (org.criu.config) when it
     checkpoints it, and CRIU runs as root: a spec that names one could run its own action
     scripts on the host. Only the file thaw itself named for a restore (gone by now) is fine."""

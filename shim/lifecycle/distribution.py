@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from thaw.oci import ThawError, cosign
 from thaw.oci import snapshot as fmt
@@ -49,6 +49,13 @@ from thaw.shim import faults
 from thaw.shim.node import provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store, StoreError
+
+if TYPE_CHECKING:  # the registry client is imported where a transfer starts
+    from thaw.shim.registry.client import RegistryClient
+    from thaw.shim.registry.transport import Settings
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 SPACE_MARGIN = 256 << 20       # a pull leaves at least this much free on the store's disk
 
@@ -63,7 +70,7 @@ class PullRefused(DistributionError):
     """Node policy does not let this namespace pull this reference (or read what it names)."""
 
 
-def settings(cfg: Config):
+def settings(cfg: Config) -> Settings:
     from thaw.shim.registry.transport import Settings
     reg = cfg.registry
     return Settings(auth_config=reg.auth_file or None, ca_bundle=reg.ca_file or None,
@@ -97,7 +104,7 @@ def target_of(ref: SnapshotRef, to: str | None) -> Reference:
 # --- push --------------------------------------------------------------------------------------------
 
 def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Reference,
-         listener: Listener | None = None, sign: bool = False) -> dict:
+         listener: Listener | None = None, sign: bool = False) -> dict[str, Any]:
     """Upload snapshot `ref` of `namespace` to `target` (blobs the registry has are skipped),
     then its manifest under target's tag; the store notes where it was pushed. sign: also store
     a cosign signature of the manifest for target's repository (trust.signing_key)."""
@@ -127,7 +134,7 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
             "seconds": round(progress.elapsed(), 3), "signed": signature is not None}
 
 
-def _sign(cfg: Config, client, target: Reference, digest: str) -> cosign.Signature:
+def _sign(cfg: Config, client: RegistryClient, target: Reference, digest: str) -> cosign.Signature:
     """Sign manifest `digest` for target's repository and store the signature where cosign looks
     (appended to the signatures already there)."""
     from thaw.shim.registry.errors import NotFoundError
@@ -144,7 +151,7 @@ def _sign(cfg: Config, client, target: Reference, digest: str) -> cosign.Signatu
     return signature
 
 
-def _fetch_signatures(client, repository: str, sig_manifest: bytes) -> list[cosign.Signature]:
+def _fetch_signatures(client: RegistryClient, repository: str, sig_manifest: bytes) -> list[cosign.Signature]:
     """The signatures of a .sig manifest, each payload fetched and checked against its digest."""
     out = []
     for layer in cosign.signature_layers(sig_manifest):
@@ -153,7 +160,7 @@ def _fetch_signatures(client, repository: str, sig_manifest: bytes) -> list[cosi
     return out
 
 
-def signatures_of(client, repository: str, digest: str) -> list[cosign.Signature]:
+def signatures_of(client: RegistryClient, repository: str, digest: str) -> list[cosign.Signature]:
     """The cosign signatures a repository holds for manifest `digest` (none: an empty list)."""
     from thaw.shim.registry.errors import NotFoundError, RegistryError
     try:
@@ -185,7 +192,7 @@ def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple
     return tuple(dict.fromkeys(out))
 
 
-def _registry_call(fn, *args, **kwargs):
+def _registry_call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     from thaw.shim.registry import errors
     try:
         return fn(*args, **kwargs)
@@ -277,7 +284,7 @@ class _PullGuard:
         return self.stop.is_set()
 
     @contextlib.contextmanager
-    def watching(self, client) -> Iterator[None]:
+    def watching(self, client: RegistryClient) -> Iterator[None]:
         thread = threading.Thread(target=self._watch, args=(client,), name="pull-deadline", daemon=True)
         thread.start()
         try:
@@ -286,7 +293,7 @@ class _PullGuard:
             self._done.set()
             thread.join()
 
-    def _watch(self, client) -> None:
+    def _watch(self, client: RegistryClient) -> None:
         end = time.monotonic() + self.deadline_s
         while not self._done.wait(0.05):
             if self.cancel is not None and self.cancel.is_set():
@@ -327,7 +334,7 @@ def _pull_guarded(cfg: Config, store: Store, source: Reference, local: SnapshotR
         raise DistributionError(f"pulling {source} into {store.root}: {_describe(exc, store)}") from exc
 
 
-def _pull(cfg: Config, store: Store, client, source: Reference, local: SnapshotRef, owner: str,
+def _pull(cfg: Config, store: Store, client: RegistryClient, source: Reference, local: SnapshotRef, owner: str,
           listener: Listener | None, guard: _PullGuard) -> fmt.Snapshot:
     limits = cfg.registry
     got = _registry_call(client.get_manifest, source.repository, source.reference, (fmt.MANIFEST_MEDIA_TYPE,),
@@ -399,7 +406,7 @@ def _check_space(store: Store, snap: fmt.Snapshot) -> None:
                                 f"(thaw gc; thaw rm NAME -n NAMESPACE) or give the store more room")
 
 
-def _fetch(client, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
+def _fetch(client: RegistryClient, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
            listener: Listener | None, guard: _PullGuard) -> None:
     from thaw.shim.registry import transfer
     from thaw.shim.registry.client import BlobRange

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from thaw.oci import annotations as ann
@@ -269,7 +270,7 @@ def compare_identity(captured: dict[str, Any], here: dict[str, Any], env_may_dif
 # Privileges the new spec may grant beyond the capturing one's: the restored processes keep less
 # (what CRIU restores is proven within the new spec from the images and the kernel, shim/lifecycle/confinement.py).
 # Each says whether the captured value (a) is more than the new spec's (b) — an early refusal.
-_MAY_GRANT_MORE = {
+_MAY_GRANT_MORE: dict[str, Callable[[Any, Any], bool]] = {
     "capabilities": lambda a, b: any(set((a or {}).get(k) or []) - set((b or {}).get(k) or [])
                                      for k in set(a or {}) | set(b or {})),
     "noNewPrivileges": lambda a, b: bool(b) and not a,

@@ -21,7 +21,7 @@ from dataclasses import replace
 from thaw.oci import cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
-from thaw.oci.layout import CHUNK, REF_NAME, Descriptor, HashingWriter, LayoutError
+from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, HashingWriter, LayoutError
 from thaw.shim.node import provenance
 from thaw.shim.node.config import UNSIGNED_IMPORT, Config
 from thaw.shim.node.store import CorruptSnapshot, Staging, Store
@@ -154,7 +154,7 @@ def _import_one(store: Store, staging: Staging, path: str, idx: fmt.ArchiveIndex
     return store.publish(snap, images, "imported", hashes, provenance=prov, signatures=sigs)
 
 
-def write_part(images: str, part: fmt.FilePart, src) -> None:
+def write_part(images: str, part: fmt.FilePart, src: ByteSource) -> None:
     """Write one file part's bytes into its CRIU file at its offset, verifying its digest."""
     fd = os.open(os.path.join(images, part.file), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

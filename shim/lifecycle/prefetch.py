@@ -22,7 +22,9 @@ import fcntl
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
+from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.reference import Reference
@@ -125,7 +127,7 @@ def idle_io() -> None:
 
 def warm(cfg: Config, ref: SnapshotRef, namespace: str,
          progress: Callable[[int, int], None] | None = None, pull: bool = False, idle: bool = False,
-         cancel=None) -> dict:
+         cancel: Cancel | None = None) -> dict[str, Any]:
     """Read snapshot `ref` of `namespace` (or of a namespace the policy lets publish to it) into
     the page cache. pull: first pull a registry reference the store lacks, for that namespace.
     idle: read at idle I/O priority (the pull, if any, runs at normal priority). cancel: an
@@ -145,9 +147,10 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         except StoreError as exc:
             if not (pull and ref.remote is not None):
                 return _report(cfg, ref, namespace, "absent", str(exc))
-            snap = _pull(cfg, store, ref, ref.remote, namespace, cancel)
-            if snap is None:
+            pulled = _pull(cfg, store, ref, ref.remote, namespace, cancel)
+            if pulled is None:
                 return {"outcome": "pull_failed", "bytes": 0, "seconds": 0.0}
+            snap = pulled
         faults.point("prefetch")
         if idle:
             idle_io()
@@ -190,7 +193,8 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         os.close(lock)
 
 
-def _pull(cfg: Config, store: Store, ref: SnapshotRef, remote: Reference, namespace: str, cancel=None):
+def _pull(cfg: Config, store: Store, ref: SnapshotRef, remote: Reference, namespace: str,
+          cancel: Cancel | None = None) -> fmt.Snapshot | None:
     """The pull on demand; its outcome is a `pull` event (distribution.pull writes them). Never
     raises: this runs in the background, where a traceback would reach no one."""
     from . import distribution
@@ -205,7 +209,7 @@ def _pull(cfg: Config, store: Store, ref: SnapshotRef, remote: Reference, namesp
 
 
 def _report(cfg: Config, ref: SnapshotRef, namespace: str, outcome: str, msg: str,
-            done: int = 0, seconds: float = 0.0) -> dict:
+            done: int = 0, seconds: float = 0.0) -> dict[str, Any]:
     events.emit(cfg, "prefetch", f"prefetch of {ref} ({namespace}): {outcome}: {msg}", None,
                 "info" if outcome in ("warm", "busy") else "warning", snapshot=str(ref),
                 namespace=namespace, outcome=outcome, bytes=done, seconds=round(seconds, 3))

@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 
 from thaw.oci import ThawError
 from thaw.shim.drivers.mounts import MountTable
@@ -214,7 +215,7 @@ def _undo_rootfs(record: Record) -> None:
         shutil.rmtree(record.undo, ignore_errors=True)     # the rootfs is gone: nothing to undo
 
 
-def finish(cfg, container_id: str, how: str) -> Record | None:
+def finish(cfg: Config, container_id: str, how: str) -> Record | None:
     """The end of a thaw container (from `thaw-runtime delete` or the poststop hook, whichever
     comes first): stop its capture watcher, record a `finished` event with its timings, remove
     its state. Returns the record it found, or None if another caller got there first."""
@@ -258,7 +259,7 @@ def settle_rootfs(record: Record) -> None:
 
 
 @contextlib.contextmanager
-def _locked(state: ContainerState):
+def _locked(state: ContainerState) -> Iterator[Record | None]:
     """One recovery of a container at a time (a delete and `doctor --fix` may meet): an exclusive
     lock beside its record (records are replaced by rename, so not on the record itself), then
     the record as it is now (None once another caller removed it)."""

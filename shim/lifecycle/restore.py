@@ -36,6 +36,7 @@ from .container import Container
 
 if TYPE_CHECKING:
     from thaw.shim.drivers import criu_images
+    from thaw.shim.drivers.cuda import Gpu
 
     from . import confinement
 
@@ -52,7 +53,7 @@ class Plan:
     """A restore that check() allowed."""
     request: ann.ThawRequest
     snapshot: fmt.Snapshot
-    gpus: list | None              # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
+    gpus: list[Gpu] | None         # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
     phases: Phases
     cuda_init: threading.Thread | None = None   # importing cuda-python and cuInit, meanwhile
     weights: object | None = None   # weights.Prefetch: the weight files, being verified and read meanwhile

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
@@ -101,7 +102,7 @@ def digest_of(fd: int, st: os.stat_result, cache: DigestCache) -> str:
 
 # --- where a path inside the container lives --------------------------------------------------------
 
-def _mount_for(spec: dict, path: str) -> dict | None:
+def _mount_for(spec: dict[str, Any], path: str) -> dict[str, Any] | None:
     """The spec's mount whose destination holds `path` (the deepest; the later of equals)."""
     best, depth = None, -1
     for m in spec.get("mounts") or []:
@@ -111,7 +112,7 @@ def _mount_for(spec: dict, path: str) -> dict | None:
     return best
 
 
-def _is_bind(m: dict) -> bool:
+def _is_bind(m: dict[str, Any]) -> bool:
     return m.get("type") in BIND_TYPES or any(o in BIND_TYPES for o in m.get("options") or [])
 
 
@@ -292,7 +293,7 @@ class Prefetch:
                 break
             off += n
 
-    def wait(self) -> dict:
+    def wait(self) -> dict[str, Any]:
         """Join the readers; WeightsError if a file did not match. Returns what was done."""
         try:
             for f in self._futures:

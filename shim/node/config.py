@@ -18,7 +18,11 @@ from thaw.oci import ThawError
 
 TYPE_CHECKING = False  # typing stays unimported on the passthrough path (tests/test_shape.py)
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from collections.abc import Callable
+    from typing import Any, ClassVar
+
+    # A section's schema: key -> (the type its value converts to, a check naming what is wrong).
+    Schema = dict[str, tuple[type, Callable[[Any], str | None] | None]]
 
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
@@ -35,26 +39,26 @@ class _Record:
     this module is on the hot path)."""
     _fields: ClassVar[dict[str, object]] = {}
 
-    def __init__(self, **values):
+    def __init__(self, **values: object) -> None:
         unknown = set(values) - set(self._fields)
         if unknown:
             raise TypeError(f"unknown fields {unknown}")
         for k, default in self._fields.items():
             object.__setattr__(self, k, values.get(k, default))
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("read-only")
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self._fields)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self._fields)})"
 
 
 class Policy(_Record):
-    share: dict
-    env_may_differ: tuple
+    share: dict[str, list[str]]
+    env_may_differ: tuple[str, ...]
     verify: str
     required: bool
     _fields: ClassVar[dict[str, object]] = {"share": {}, "env_may_differ": ("HOSTNAME",), "verify": "stat", "required": False}
@@ -89,9 +93,9 @@ class Registry(_Record):
     accepts (blobs listed, bytes)."""
     auth_file: str
     ca_file: str
-    insecure: tuple
-    pull: dict
-    push: dict
+    insecure: tuple[str, ...]
+    pull: dict[str, tuple[str, ...]]
+    push: dict[str, tuple[str, ...]]
     pull_timeout: float
     pull_deadline: float
     max_blobs: int
@@ -128,8 +132,8 @@ class Trust(_Record):
     removing one: revocation, also of what it signed earlier). unsigned: sources whose unsigned
     snapshots are accepted anyway (repository prefixes, "import", "thaw-0.1"; default none).
     signing_key: the private key (PEM, ECDSA P-256) `thaw push --sign` signs with."""
-    keys: dict
-    unsigned: tuple
+    keys: dict[str, tuple[str, ...]]
+    unsigned: tuple[str, ...]
     signing_key: str
     _fields: ClassVar[dict[str, object]] = {"keys": {}, "unsigned": (), "signing_key": ""}
 
@@ -154,7 +158,7 @@ class StoreLimits(_Record):
     the store's file system when max_bytes is 0)."""
     max_bytes: int
     evict_unpushed: bool
-    quota: dict
+    quota: dict[str, int]
     quota_share: float
     _fields: ClassVar[dict[str, object]] = {"max_bytes": 0, "evict_unpushed": False, "quota": {}, "quota_share": 0.5}
 
@@ -181,7 +185,7 @@ class Config(_Record):
                "policy": None, "restore": None, "registry": None, "store": None, "trust": None,
                "source": None}
 
-    def __init__(self, **values):
+    def __init__(self, **values: object) -> None:
         values.setdefault("policy", Policy())
         values.setdefault("restore", Restore())
         values.setdefault("registry", Registry())
@@ -226,7 +230,7 @@ def _optional_abs_path(v: str) -> str | None:
     return None if not v or os.path.isabs(v) else "must be empty or an absolute path"
 
 
-def _one_of(choices: tuple[str, ...]):
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
 
 
@@ -242,7 +246,7 @@ def _not_thaw(v: str) -> str | None:
     return "must not be thaw-runtime itself" if os.path.basename(v) == "thaw-runtime" else None
 
 
-_TOP = {
+_TOP: Schema = {
     "store_dir": (str, _abs_path),
     "state_dir": (str, _abs_path),
     "next_runtime": (str, _not_thaw),
@@ -253,25 +257,25 @@ _TOP = {
     "metrics_dir": (str, _optional_abs_path),
     "events_max_bytes": (int, _positive),
 }
-def _share(v) -> str | None:
+def _share(v: Any) -> str | None:
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
                                            all(isinstance(x, str) for x in r) for k, r in v.items()):
         return "must map a publishing namespace to a list of reader namespaces"
     return None
 
 
-def _names(v) -> str | None:
+def _names(v: Any) -> str | None:
     return None if all(isinstance(x, str) for x in v) else "must be a list of names"
 
 
-def _repo_map(v) -> str | None:
+def _repo_map(v: Any) -> str | None:
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
                                            all(isinstance(x, str) and "/" in x for x in r) for k, r in v.items()):
         return "must map a namespace to a list of repository prefixes (REGISTRY/REPO...)"
     return None
 
 
-_REGISTRY = {
+_REGISTRY: Schema = {
     "auth_file": (str, _optional_abs_path),
     "ca_file": (str, _optional_abs_path),
     "insecure": (list, _names),
@@ -283,7 +287,7 @@ _REGISTRY = {
     "max_manifest_bytes": (int, _positive),
 }
 
-_POLICY = {
+_POLICY: Schema = {
     "share": (dict, _share),
     "env_may_differ": (list, _names),
     "verify": (str, _one_of(VERIFY_MODES)),
@@ -291,7 +295,7 @@ _POLICY = {
 }
 
 
-def _quota_map(v) -> str | None:
+def _quota_map(v: Any) -> str | None:
     if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool)
                                            and n >= 0 for k, n in v.items()):
         return "must map a namespace to a number of bytes (0: unbounded)"
@@ -302,7 +306,7 @@ def _share_of_store(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be more than 0 and at most 1"
 
 
-def _key_map(v) -> str | None:
+def _key_map(v: Any) -> str | None:
     if not isinstance(v, dict) or not all(isinstance(k, str) and "/" in k and isinstance(r, list) and
                                            all(isinstance(x, str) and os.path.isabs(x) for x in r)
                                            for k, r in v.items()):
@@ -310,20 +314,20 @@ def _key_map(v) -> str | None:
     return None
 
 
-def _unsigned_sources(v) -> str | None:
+def _unsigned_sources(v: Any) -> str | None:
     if all(isinstance(x, str) and ("/" in x or x in (UNSIGNED_IMPORT, UNSIGNED_THAW_0_1)) for x in v):
         return None
     return f"must list repository prefixes (REGISTRY/REPO...), {UNSIGNED_IMPORT!r} or {UNSIGNED_THAW_0_1!r}"
 
 
-_TRUST = {
+_TRUST: Schema = {
     "keys": (dict, _key_map),
     "unsigned": (list, _unsigned_sources),
     "signing_key": (str, _optional_abs_path),
 }
 
 
-_STORE = {
+_STORE: Schema = {
     "max_bytes": (int, _not_negative),
     "evict_unpushed": (bool, None),
     "quota": (dict, _quota_map),
@@ -331,7 +335,7 @@ _STORE = {
 }
 
 
-def _section(raw: object, schema: dict, defaults: dict, where: str) -> dict:
+def _section(raw: object, schema: Schema, defaults: dict[str, object], where: str) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -414,7 +418,7 @@ def _from_mapping(raw: object, source: str | None) -> Config:
     return Config(**values, source=source)
 
 
-def _to_mapping(cfg: Config) -> dict:
+def _to_mapping(cfg: Config) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in _TOP}
     out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
                      for k, v in ((k, getattr(cfg.policy, k)) for k in _POLICY)}

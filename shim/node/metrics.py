@@ -15,11 +15,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from thaw.oci.files import atomic_write, make_private_dir
 
 from .config import Config
+
+Change = Callable[[dict[str, Any]], None]  # edits the counters in place, under the lock
 
 # Restore phases take from milliseconds (fingerprint) to tens of seconds (a large page fill).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
@@ -48,14 +51,14 @@ class _Counters:
         self.cfg = cfg
         self.path = os.path.join(cfg.state_dir, "metrics.json")
 
-    def update(self, change) -> dict[str, Any]:
+    def update(self, change: Change) -> dict[str, Any]:
         make_private_dir(self.cfg.state_dir)
         fd = os.open(os.path.join(self.cfg.state_dir, "metrics.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 with open(self.path) as f:
-                    data = json.load(f)
+                    data: dict[str, Any] = json.load(f)
             except (OSError, ValueError):
                 data = {}
             data.setdefault("counters", {})
@@ -69,12 +72,12 @@ class _Counters:
             os.close(fd)
 
 
-def _count(data: dict, name: str, labels: dict[str, str], by: float = 1) -> None:
+def _count(data: dict[str, Any], name: str, labels: dict[str, str], by: float = 1) -> None:
     key = name + _labels(labels)
     data["counters"][key] = data["counters"].get(key, 0) + by
 
 
-def _observe(data: dict, name: str, labels: dict[str, str], value: float) -> None:
+def _observe(data: dict[str, Any], name: str, labels: dict[str, str], value: float) -> None:
     key = name + _labels(labels)
     h = data["histograms"].setdefault(key, {"buckets": [0] * len(BUCKETS), "sum": 0.0, "count": 0})
     for i, le in enumerate(BUCKETS):
@@ -89,7 +92,7 @@ def _family(key: str) -> tuple[str, str]:
     return name, ("{" + labels) if labels else ""
 
 
-def _render(data: dict) -> str:
+def _render(data: dict[str, Any]) -> str:
     lines: list[str] = []
     by_family: dict[str, list[str]] = {}
     for key, value in sorted(data["counters"].items()):
@@ -118,7 +121,7 @@ def _write_prom(metrics_dir: str, name: str, text: str) -> None:
 
 def record_create(cfg: Config, outcome: str, reason: str | None, phases: dict[str, float] | None) -> None:
     """After a thaw create: count its outcome; observe a restore's phases. Never raises."""
-    def change(data: dict) -> None:
+    def change(data: dict[str, Any]) -> None:
         _count(data, "thaw_creates_total", {"outcome": outcome, "reason": reason or ""})
         for phase, seconds in (phases or {}).items():
             _observe(data, "thaw_restore_phase_seconds", {"phase": phase}, seconds)
@@ -130,7 +133,7 @@ def record_capture(cfg: Config, ok: bool, trigger: str) -> None:
                                      {"result": "ok" if ok else "failed", "trigger": trigger}))
 
 
-def _safely(cfg: Config, change) -> None:
+def _safely(cfg: Config, change: Change) -> None:
     try:
         _Counters(cfg).update(change)
     except OSError:

@@ -31,11 +31,15 @@ import json
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from thaw.oci import ThawError, cosign
 from thaw.shim.safetext import printable
 
 from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
+
+if TYPE_CHECKING:  # cryptography is imported where a key is used, not with this module
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CAPTURED, SIGNED, UNSIGNED = "captured", "signed", "unsigned"
 
@@ -132,7 +136,7 @@ def trusted_key_ids(cfg: Config, repository: str) -> dict[str, str]:
     return out
 
 
-def _public_key(path: str):
+def _public_key(path: str) -> ec.EllipticCurvePublicKey:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
     try:
@@ -152,7 +156,7 @@ def check_public_key(path: str) -> str:
         return key_id(f.read())
 
 
-def _private_key(path: str):
+def _private_key(path: str) -> ec.EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     try:
@@ -195,7 +199,7 @@ def sign(cfg: Config, repository: str, digest: str) -> cosign.Signature:
     return cosign.Signature(data, signing_key(cfg).sign(data, ec.ECDSA(hashes.SHA256())))
 
 
-def signing_key(cfg: Config):
+def signing_key(cfg: Config) -> ec.EllipticCurvePrivateKey:
     """trust.signing_key, loaded (ProvenanceError if unset or unusable)."""
     if not cfg.trust.signing_key:
         raise ProvenanceError("no signing key: set trust.signing_key in the node config (`thaw key generate`)")

@@ -28,7 +28,7 @@ from .state_path import record_path
 
 TYPE_CHECKING = False  # no typing import on every start and delete
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import Any, ClassVar
 
 # json, shutil, time and signal are imported where used. (The runtime's start and delete of every
 # container import only state_path, to look for a record; this module once there is one.)
@@ -73,17 +73,17 @@ class Record:
     bundle: str | None
     pid: int | None
     manifest: str | None
-    phases: dict | None
+    phases: dict[str, float] | None
     cold_reason: str | None
-    capture: dict | None
-    watcher: dict | None
+    capture: dict[str, Any] | None
+    watcher: dict[str, Any] | None
     captured: str | None
     capture_s: float | None
-    owner: dict | None
+    owner: dict[str, Any] | None
     undo: str | None
     systemd_cgroup: bool | None
     fill: str | None
-    cgroups: list | None
+    cgroups: list[str] | None
     rootfs: str | None
     pid_file: str | None
 
@@ -115,7 +115,7 @@ class Record:
     }
     __slots__ = (*tuple(_FIELDS), "id")
 
-    def __init__(self, container_id: str, **values) -> None:
+    def __init__(self, container_id: str, **values: object) -> None:
         unknown = set(values) - set(self._FIELDS)
         if unknown:
             raise TypeError(f"unknown record fields {sorted(unknown)}")
@@ -124,11 +124,11 @@ class Record:
             setattr(self, k, values.get(k, default))
         self.phase = Phase(self.phase)          # ValueError for a phase thaw never writes
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"id": self.id, **{k: getattr(self, k) for k in self._FIELDS}}
 
     @classmethod
-    def from_json(cls, obj: dict) -> Record:
+    def from_json(cls, obj: dict[str, Any]) -> Record:
         return cls(str(obj["id"]), **{k: v for k, v in obj.items() if k in cls._FIELDS})
 
 
@@ -160,7 +160,7 @@ class ContainerState:
         make_private_dir(self.dir)
         atomic_write(self.path, json.dumps(record.to_json()).encode(), durable=False)
 
-    def update(self, **fields) -> Record | None:
+    def update(self, **fields: object) -> Record | None:
         """Change some fields of an existing record; None if there is none (the container ended)."""
         record = self.read()
         if record is None:
@@ -195,7 +195,7 @@ class ContainerState:
         self.write(record)
         return record
 
-    def restored(self, record: Record, **fields) -> Record:
+    def restored(self, record: Record, **fields: object) -> Record:
         """The restore is done; its rootfs diff stays undoable (record.undo) until `started()`."""
         if {"phase", "owner"} & set(fields):
             raise TypeError("restored() sets the phase and the owner itself")
@@ -219,7 +219,7 @@ class ContainerState:
         return True
 
     def cold(self, created: float, root: str | None, reason: str, snapshot: str | None,
-             capture: dict | None, pid_file: str | None = None) -> Record:
+             capture: dict[str, Any] | None, pid_file: str | None = None) -> Record:
         """A cold start: the record names the create (this process, runc after the exec) and its
         --pid-file, so the next call can tell that this create's runc died and what it left."""
         from thaw.shim.drivers.procs import ProcessHandle

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
-from thaw.oci import ThawError
+from thaw.oci import ThawError, cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
@@ -54,6 +54,7 @@ from thaw.oci.layout import REF_NAME, Descriptor, HashingWriter, ImageLayout, La
 from thaw.shim import faults
 from thaw.shim.drivers.procs import ProcessHandle
 
+from .config import Config, StoreLimits
 from .provenance import Provenance, from_origin, signatures_from_json, signatures_json
 
 CLAIM = ".claim"                    # in a pull area: {"namespace", "bytes"} the pull is charged
@@ -184,8 +185,12 @@ def _workers() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
+# A snapshot of the index, read: its descriptor, the snapshot, what it holds on disk (path -> bytes).
+Entry = tuple[Descriptor, fmt.Snapshot, dict[str, int]]
+
+
 class Store:
-    def __init__(self, root: str, cfg=None):
+    def __init__(self, root: str, cfg: Config | None = None):
         self.root = root
         self.layout = ImageLayout(os.path.join(root, "layout"))
         self.images_dir = os.path.join(root, "images")
@@ -193,7 +198,7 @@ class Store:
         self._cfg = cfg                  # the node config: store gauges go to its metrics_dir
 
     @classmethod
-    def for_config(cls, cfg) -> Store:
+    def for_config(cls, cfg: Config) -> Store:
         """The node's store, reporting its size to the node's metrics and bounded by the node's
         store.max_bytes (each publish evicts down to it)."""
         return cls(cfg.store_dir, cfg)
@@ -214,11 +219,11 @@ class Store:
         os.chmod(self.root, 0o700)
         self.layout.init()
 
-    def locked(self):
+    def locked(self) -> contextlib.AbstractContextManager[int]:
         """Serialises index changes and garbage collection."""
         return _flock(os.path.join(self.root, ".lock"))
 
-    def name_lock(self, ref: SnapshotRef, namespace: str):
+    def name_lock(self, ref: SnapshotRef, namespace: str) -> contextlib.AbstractContextManager[int]:
         """Serialises captures of one snapshot name of one namespace (auto-capture)."""
         locks = make_private_dir(os.path.join(self.root, "locks"))
         return _flock(os.path.join(locks, f"{namespace}_{ref.key()}.lock"))
@@ -343,7 +348,7 @@ class Store:
                 return Provenance.from_json(None)
         return from_origin(ann.get(ORIGIN, ""))
 
-    def signatures(self, snap: fmt.Snapshot) -> list:
+    def signatures(self, snap: fmt.Snapshot) -> list[cosign.Signature]:
         """The cosign signatures known for the snapshot's manifest (verified at pull or import, or
         made by `thaw push --sign`): export carries them."""
         return signatures_from_json(self._annotations(snap).get(SIGNATURES, ""))
@@ -428,7 +433,7 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_SH)
             yield path
 
-    def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict]:
+    def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict[str, Any]]:
         try:
             with open(self._seal_path(snap)) as f:
                 return dict(json.load(f)["files"])
@@ -456,7 +461,7 @@ class Store:
             if bad:
                 raise CorruptSnapshot(f"snapshot {snap.ref}: {', '.join(bad[:3])} do not match their digests")
 
-    def _damaged(self, snap: fmt.Snapshot, path: str, files: dict[str, dict]) -> list[str]:
+    def _damaged(self, snap: fmt.Snapshot, path: str, files: dict[str, dict[str, Any]]) -> list[str]:
         """The image files whose content does not match the manifest (parts) or the seal's digest
         of the verified tar they came from (whole files); hashed in parallel."""
         parts = {p.file for p in snap.parts}
@@ -607,13 +612,13 @@ class Store:
         the blobs the evicted snapshots alone held) and _changed. `keep`: a manifest digest never
         to evict (the snapshot just published)."""
         index = self._index()
-        snaps: list[tuple[Descriptor, fmt.Snapshot, dict[str, int]]] = []
+        snaps: list[Entry] = []
         for desc in index:
             with contextlib.suppress(StoreError):
                 snap = self.read(desc)
                 snaps.append((desc, snap, self._held(snap)))
 
-        def total(entries) -> int:
+        def total(entries: list[Entry]) -> int:
             return sum({k: v for _d, _s, held in entries for k, v in held.items()}.values())
         live = list(snaps)
         now_total = total(live)
@@ -673,7 +678,7 @@ class Store:
         that captured it, or the one the node's policy pulled or imported it for)."""
         return snap.namespace
 
-    def _limits(self):
+    def _limits(self) -> StoreLimits | None:
         return getattr(self._cfg, "store", None)
 
     def capacity(self) -> int:
@@ -694,7 +699,7 @@ class Store:
             return int(limits.quota[namespace])
         return int(self.capacity() * limits.quota_share)
 
-    def _entries(self) -> list[tuple[Descriptor, fmt.Snapshot, dict[str, int]]]:
+    def _entries(self) -> list[Entry]:
         out = []
         for desc in self._index():
             with contextlib.suppress(StoreError):
@@ -702,7 +707,7 @@ class Store:
                 out.append((desc, snap, self._held(snap)))
         return out
 
-    def _charged(self, entries, namespace: str, extra: dict[str, int] | None = None) -> int:
+    def _charged(self, entries: list[Entry], namespace: str, extra: dict[str, int] | None = None) -> int:
         held: dict[str, int] = dict(extra or {})
         for _d, snap, h in entries:
             if self.charged_to(snap) == namespace:
@@ -830,7 +835,7 @@ class Store:
     # --- publishing and removing ------------------------------------------------------------------
     def publish(self, snap: fmt.Snapshot, staged_images: str, origin: str,
                 hashes: dict[str, str] | None = None, pull_area: str | None = None,
-                provenance: Provenance | None = None, signatures: list | tuple = ()) -> fmt.Snapshot:
+                provenance: Provenance | None = None, signatures: list[cosign.Signature] | tuple[cosign.Signature, ...] = ()) -> fmt.Snapshot:
         """Make `snap` visible under (snap.namespace — the owner the caller decided, ref),
         replacing that name's older snapshot: its staged CRIU image directory moves into place
         and is sealed, then the index changes. First it must fit its namespace's quota and
@@ -888,7 +893,7 @@ class Store:
             self.layout.write_index([replace(d, annotations={**(d.annotations or {}), PUSHED: ref})
                                      if d.digest == snap.manifest.digest else d for d in index])
 
-    def add_signature(self, snap: fmt.Snapshot, signature) -> None:
+    def add_signature(self, snap: fmt.Snapshot, signature: cosign.Signature) -> None:
         """Keep a signature made for `snap`'s manifest (`thaw push --sign`) with every entry of it."""
         with self.locked():
             index = self._index()
