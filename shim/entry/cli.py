@@ -7,6 +7,8 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
@@ -15,9 +17,18 @@ from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
 from thaw.shim.node.config import Config, load
 from thaw.shim.registry.progress import human_bytes as _human
 
+if TYPE_CHECKING:
+    from thaw.shim.node.store import Store
+    from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 
 def _cfg(ctx: click.Context) -> Config:
-    return ctx.obj["config"]
+    config: Config = ctx.obj["config"]
+    return config
 
 
 def _ref(text: str) -> SnapshotRef:
@@ -27,10 +38,10 @@ def _ref(text: str) -> SnapshotRef:
         raise click.BadParameter(str(exc)) from exc
 
 
-def _one_line_errors(fn):
+def _one_line_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
     """Every error thaw knows how to describe is one line for the operator, not a traceback."""
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return fn(*args, **kwargs)
         except (ThawError, OSError) as exc:
@@ -39,7 +50,7 @@ def _one_line_errors(fn):
     return wrapper
 
 
-def _store(ctx: click.Context):
+def _store(ctx: click.Context) -> Store:
     """The node's store; a format 1 store (thaw 0.1) is converted by the first command that opens it."""
     from thaw.shim.node.store import Store
     store = Store.for_config(_cfg(ctx))
@@ -49,14 +60,14 @@ def _store(ctx: click.Context):
     return open_store(store)
 
 
-def _namespace_option(fn):
+def _namespace_option(fn: _F) -> _F:
     return click.option("--namespace", "-n", "namespace", default=LOCAL_NAMESPACE, show_default=True,
                         callback=_check_namespace,
                         help="The namespace the snapshot belongs to (a Kubernetes namespace, or "
                              f"{LOCAL_NAMESPACE} for containers outside Kubernetes).")(fn)
 
 
-def _check_namespace(ctx, param, value):
+def _check_namespace(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and not valid_namespace(value):
         raise click.BadParameter(f"{value!r} is not a namespace name")
     return value
@@ -84,7 +95,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @click.option("--no-gpu", is_flag=True, help="Do not checkpoint GPU state even if present.")
 @click.pass_context
 @_one_line_errors
-def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
+def capture(ctx: click.Context, container_id: str, name: str, root: str | None, exit_: bool, quiesce: str | None,
+            resume: str | None, no_gpu: bool) -> None:
     """Checkpoint a running container into snapshot NAME of the container's namespace (its pod's
     Kubernetes namespace, or _local)."""
     from thaw.shim.lifecycle.capture import capture as do_capture
@@ -108,12 +120,13 @@ def capture(ctx, container_id, name, root, exit_, quiesce, resume, no_gpu):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @_one_line_errors
-def ls(ctx, namespace, as_json):
+def ls(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
     """List snapshots in the store: size on disk (a blob shared by several counts for each), last
     use (restore, else publish), where each came from."""
     from thaw.shim.node.provenance import check_restorable
     store = _store(ctx)
-    rows, snaps = [], store.snapshots(namespace)
+    rows: list[dict[str, Any]] = []
+    snaps = store.snapshots(namespace)
     for s in snaps:
         prov = store.provenance(s)
         try:
@@ -136,11 +149,11 @@ def ls(ctx, namespace, as_json):
                    f"{_origin(r['origin'], r['pushed'])}")
 
 
-def _provenance(row: dict) -> str:
+def _provenance(row: dict[str, Any]) -> str:
     """captured / signed KEYID / unsigned, and "refused" where this node's trust config would not
     restore it (`thaw inspect` says why)."""
     prov = row["provenance"]
-    text = prov["kind"] + (f" {prov['key'][7:19]}" if prov.get("key") else "")
+    text: str = prov["kind"] + (f" {prov['key'][7:19]}" if prov.get("key") else "")
     return text + ("" if row["restorable"] else " (refused)")
 
 
@@ -166,15 +179,16 @@ def _origin(origin: str, pushed: str) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @_one_line_errors
-def gc(ctx, max_bytes, as_json):
+def gc(ctx: click.Context, max_bytes: int | None, as_json: bool) -> None:
     """Delete store files no snapshot uses, then evict least recently used snapshots (never one in
     use; captured-here and never pushed ones only with store.evict_unpushed) down to max_bytes."""
     store, limits = _store(ctx).init(), _cfg(ctx).store
     limit = limits.max_bytes if max_bytes is None else max_bytes
     unreferenced = store.gc()
     evicted = store.evict(limit, limits.evict_unpushed)
-    out = {"unreferenced_bytes": unreferenced, "evicted": [vars(e) for e in evicted], "max_bytes": limit,
-           "freed_bytes": unreferenced + sum(e.bytes_freed for e in evicted), "store_bytes": store.total_bytes()}
+    out: dict[str, Any] = {"unreferenced_bytes": unreferenced, "evicted": [vars(e) for e in evicted],
+                           "max_bytes": limit, "freed_bytes": unreferenced + sum(e.bytes_freed for e in evicted),
+                           "store_bytes": store.total_bytes()}
     if as_json:
         click.echo(json.dumps(out, indent=1))
         return
@@ -190,7 +204,7 @@ def gc(ctx, max_bytes, as_json):
 @_namespace_option
 @click.pass_context
 @_one_line_errors
-def inspect(ctx, name, namespace):
+def inspect(ctx: click.Context, name: str, namespace: str) -> None:
     """Show a snapshot's manifest digest, provenance (and whether this node's trust config lets
     it be restored), signatures and config as JSON."""
     from thaw.shim.node.provenance import check_restorable
@@ -215,7 +229,7 @@ def inspect(ctx, name, namespace):
 @_namespace_option
 @click.pass_context
 @_one_line_errors
-def rm(ctx, name, namespace):
+def rm(ctx: click.Context, name: str, namespace: str) -> None:
     """Remove a snapshot (and blobs no other snapshot uses)."""
     _store(ctx).remove(_ref(name), namespace)
     click.echo(f"removed {_ref(name)} from {namespace}")
@@ -227,7 +241,7 @@ def rm(ctx, name, namespace):
 @_namespace_option
 @click.pass_context
 @_one_line_errors
-def export(ctx, name, file, namespace):
+def export(ctx: click.Context, name: str, file: str, namespace: str) -> None:
     """Write a snapshot as an OCI archive FILE (every blob verified by digest as it is written)."""
     snap = _store(ctx).export(_ref(name), namespace, file)
     click.echo(f"exported {snap.ref} to {file} ({_human(snap.size)})")
@@ -240,7 +254,7 @@ def export(ctx, name, file, namespace):
                    "archive does not choose.")
 @click.pass_context
 @_one_line_errors
-def import_(ctx, file, namespace):
+def import_(ctx: click.Context, file: str, namespace: str) -> None:
     """Import snapshots from an OCI archive FILE into namespace -n (the archive does not choose):
     each must carry a signature by a key trust.keys trusts (or trust.unsigned name "import");
     digests verified before anything becomes visible."""
@@ -252,7 +266,7 @@ def import_(ctx, file, namespace):
                    f"{s.manifest.digest}")
 
 
-def _progress(as_json: bool):
+def _progress(as_json: bool) -> JsonLinesProgress | TerminalProgress | None:
     """Progress on a terminal; JSON lines (one per blob, and a summary) with --json; else nothing."""
     from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
     if as_json:
@@ -268,7 +282,7 @@ def _progress(as_json: bool):
 @click.option("--sign", is_flag=True, help="Also store a cosign signature made with trust.signing_key.")
 @click.pass_context
 @_one_line_errors
-def push(ctx, name, reference, namespace, as_json, sign):
+def push(ctx: click.Context, name: str, reference: str | None, namespace: str, as_json: bool, sign: bool) -> None:
     """Push snapshot NAME to the registry REFERENCE (REGISTRY/REPO:TAG; default: NAME itself, when
     it is one). Blobs the registry already has are skipped. --sign: sign it for that repository
     (cosign's key-based form, verifiable with `cosign verify --key`)."""
@@ -290,7 +304,7 @@ def push(ctx, name, reference, namespace, as_json, sign):
 @click.option("--json", "as_json", is_flag=True, help="JSON lines: one per blob, then the result.")
 @click.pass_context
 @_one_line_errors
-def pull(ctx, reference, name, namespace, as_json):
+def pull(ctx: click.Context, reference: str, name: str | None, namespace: str | None, as_json: bool) -> None:
     """Pull the snapshot REFERENCE (REGISTRY/REPO:TAG or @sha256:...) into the store, owned by
     namespace -n (default: the one namespace registry.pull lets pull from there; never what the
     snapshot says). Its signature is verified against trust.keys before anything is fetched,
@@ -313,7 +327,7 @@ def pull(ctx, reference, name, namespace, as_json):
 @_namespace_option
 @click.pass_context
 @_one_line_errors
-def warm(ctx, name, namespace):
+def warm(ctx: click.Context, name: str, namespace: str) -> None:
     """Read snapshot NAME into the page cache ahead of the pods that will restore it (what a pod's
     sandbox create starts by itself)."""
     from thaw.shim.lifecycle import prefetch
@@ -343,7 +357,7 @@ def key() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, exists=True))
 @click.option("--name", default="thaw", show_default=True, help="Files NAME.key (private) and NAME.pub.")
 @_one_line_errors
-def key_generate(directory, name):
+def key_generate(directory: str, name: str) -> None:
     """Write a new ECDSA P-256 key pair: DIRECTORY/NAME.key (PKCS#8 PEM, 0600: for
     trust.signing_key, where signing happens) and DIRECTORY/NAME.pub (for trust.keys, and for
     `cosign verify --key`)."""
@@ -358,14 +372,14 @@ def key_generate(directory, name):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
 @_one_line_errors
-def events(ctx, follow, container, as_json):
+def events(ctx: click.Context, follow: bool, container: str | None, as_json: bool) -> None:
     """Show what thaw did on this node: restores, cold starts (with the reason), refusals,
     captures, hook errors, container ends."""
     from thaw.shim.node import events as ev
     from thaw.shim.safetext import printable
     state_dir = _cfg(ctx).state_dir
 
-    def show(e: dict) -> None:
+    def show(e: dict[str, Any]) -> None:
         if as_json:
             click.echo(json.dumps(e))           # JSON escapes every control character
         else:
@@ -390,7 +404,7 @@ def events(ctx, follow, container, as_json):
 @click.option("--fix", is_flag=True, help="First clean up what dead thaw processes left (restores, "
                                          "records, staging areas, unused store files).")
 @click.pass_context
-def doctor(ctx, quiet, skip_containerd, fix):
+def doctor(ctx: click.Context, quiet: bool, skip_containerd: bool, fix: bool) -> None:
     """Check this node: CRIU, runc, kernel, store and state permissions, containerd's thaw
     handler. Non-zero on problems."""
     from .doctor import fix as fix_node

@@ -16,10 +16,12 @@ from thaw.shim.node import config
 
 TYPE_CHECKING = False   # not typing's: the passthrough path imports nothing it does not use
 if TYPE_CHECKING:
+    from typing import NoReturn
+
     from thaw.shim.lifecycle.container import Container
 
 
-def passthrough(binary: str, argv: list[str]):
+def passthrough(binary: str, argv: list[str]) -> NoReturn:
     """Replace this process by the next runtime with the same argv: same pid, same fds."""
     os.execv(binary, [binary, *argv[1:]])
 
