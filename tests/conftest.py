@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -176,7 +177,7 @@ class ThawEnv:
 
 
 @pytest.fixture
-def thaw_env(tmp_path, monkeypatch) -> ThawEnv:
+def thaw_env(tmp_path, monkeypatch) -> Iterator[ThawEnv]:
     env = ThawEnv.in_dir(tmp_path)
     monkeypatch.setenv("THAW_CONFIG", env.config)
     yield env

@@ -105,6 +105,7 @@ class Memzoo:
         self.threads = threads
         self.roles = ["parent"] + [f"child{i}" for i in range(children)]
         self.pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         os.makedirs(work_dir, exist_ok=True)
 
     def start(self, timeout: float = 120) -> int:
@@ -126,6 +127,7 @@ class Memzoo:
         """Ask every process (SIGUSR1 to the process group) for smaps and region checksums."""
         self._clear("report-*.json")
         self._clear("smaps-*.txt")
+        assert self.pid is not None, "memzoo is not running"
         os.killpg(self.pid, signal.SIGUSR1)
         wait_for(lambda: all(os.path.exists(os.path.join(self.dir, f"report-{r}.json")) for r in self.roles),
                  timeout, "memzoo reports")
@@ -145,10 +147,12 @@ class Memzoo:
         t0 = time.perf_counter()
         run_criu(["dump", "-t", str(self.pid), "-D", images, "-o", "dump.log", "-v4", *extra], images, timeout)
         took = time.perf_counter() - t0
-        if getattr(self, "_proc", None) is not None:
+        if self._proc is not None:
             self._proc.wait(timeout=30)
             self._proc = None
-        wait_for(lambda: not _group_alive(self.pid), 60, "the dumped tree to be reaped")
+        pid = self.pid
+        assert pid is not None
+        wait_for(lambda: not _group_alive(pid), 60, "the dumped tree to be reaped")
         return took
 
     def restore(self, images: str, *options: str, log: str = "restore.log", timeout: float = 600) -> float:
@@ -191,6 +195,7 @@ class Memzoo:
 
     def tree(self) -> dict[int, int]:
         """Every process in the tree's process group (zombies too), with its number of threads."""
+        assert self.pid is not None, "memzoo is not running"
         return dict(_group(self.pid))
 
     def _clear(self, pattern: str) -> None:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,6 +26,9 @@ from thaw.shim.drivers.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGI
 from thaw.shim.drivers.runc import cgroup_dirs
 from thaw.shim.lifecycle import confinement
 from thaw.shim.node.store import Store
+
+if TYPE_CHECKING:
+    from conftest import ThawEnv
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.criu]
 
@@ -95,7 +99,7 @@ def ticks(text: str) -> list[int]:
 
 @dataclasses.dataclass
 class World:
-    env: object
+    env: ThawEnv
     dir: str
     forged: int = 0
 
@@ -161,7 +165,8 @@ def forge(world: World, source: str, images=None, config=None) -> str:
     world.forged += 1
     ref = f"forged{world.forged}:1"
     store = Store(env.store)
-    snap = store.resolve(SnapshotRef(*source.split(":")), "_local")
+    name, tag = source.split(":")
+    snap = store.resolve(SnapshotRef(name, tag), "_local")
     work = Store(os.path.join(world.dir, unique("forge"))).init()
     with work.staging("capture") as staging:
         out = staging.new_dir("images")
@@ -178,7 +183,8 @@ def forge(world: World, source: str, images=None, config=None) -> str:
         new = staging.write_snapshot(config(cfg) if config else cfg, whole, parts, rootfs, deleted)
         work.publish(new, out, "captured", hashes)
     archive = os.path.join(world.dir, ref.replace(":", "_") + ".tar")
-    work.export(SnapshotRef(*ref.split(":")), "_local", archive)
+    name, tag = ref.split(":")
+    work.export(SnapshotRef(name, tag), "_local", archive)
     env.thaw("import", archive, "-n", "_local")
     return ref
 

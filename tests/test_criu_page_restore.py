@@ -32,9 +32,10 @@ SLACK_KB = 16        # per mapping: a few pages of stack or vdso that a report i
 def thp_mode() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return re.search(r"\[(\w+)\]", f.read())[1]
-    except (OSError, TypeError):
+            m = re.search(r"\[(\w+)\]", f.read())
+    except OSError:
         return "never"
+    return m[1] if m else "never"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,8 +106,9 @@ def small_zoo(memzoo_bin, tmp_path_factory):
 
 def fill_workers(d: Dumped, tag: str) -> list[int]:
     """Worker counts the restorers logged ("page fill: N KiB, W workers, ...")."""
-    return [int(m[1]) for line in d.log(tag, "page fill: .* workers")
-            for m in [re.search(r"(\d+) workers", line)]]
+    found = [re.search(r"(\d+) workers", line) for line in d.log(tag, "page fill: .* workers")]
+    assert all(found), found
+    return [int(m[1]) for m in found if m]
 
 
 def assert_same_memory(d: Dumped, got: mz.Report) -> None:

@@ -73,7 +73,9 @@ def attempt(env, tmp_path, annotations, required=False, bundle_kw=None):
 
 
 def first_tick(c) -> int:
-    return int(re.search(r"tick (\d+)", c.wait_output(lambda t: "tick" in t)).group(1))
+    m = re.search(r"tick (\d+)", c.wait_output(lambda t: "tick" in t))
+    assert m is not None
+    return int(m.group(1))
 
 
 def assert_cold_start(env, c, rc, before, reason_words):

@@ -19,6 +19,7 @@ import types
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -329,7 +330,7 @@ def _fake_driver(base: int, calls: list, fail: set):
         return call
 
     ns = types.SimpleNamespace
-    d = types.ModuleType("cuda.bindings.driver")
+    d: Any = types.ModuleType("cuda.bindings.driver")  # a stand-in, built attribute by attribute
     d.CUresult, d.CUdeviceptr = CUresult, int
     d.CUmemAllocationProp = d.CUmemAccessDesc = lambda: ns(location=ns())
     d.CUmemAllocationType = ns(CU_MEM_ALLOCATION_TYPE_PINNED="PINNED")
@@ -338,10 +339,11 @@ def _fake_driver(base: int, calls: list, fail: set):
     d.CUmemAccess_flags = ns(CU_MEM_ACCESS_FLAGS_PROT_READWRITE="RW")
     d.cuGetErrorName = lambda e: (CUresult.CUDA_SUCCESS, e.name.encode())
     d.cuGetErrorString = lambda e: (CUresult.CUDA_SUCCESS, b"out of memory")
-    for name, *values in [("cuInit",), ("cuDeviceGet", 0), ("cuDevicePrimaryCtxRetain", 0xC0), ("cuCtxGetCurrent", 0),
+    answers: list[tuple[str, *tuple[int, ...]]] = [("cuInit",), ("cuDeviceGet", 0), ("cuDevicePrimaryCtxRetain", 0xC0), ("cuCtxGetCurrent", 0),
                           ("cuCtxSetCurrent",), ("cuMemGetAllocationGranularity", 4096), ("cuMemAddressReserve", base),
                           ("cuMemCreate", 77), ("cuMemMap",), ("cuMemSetAccess",), ("cuCtxSynchronize",),
-                          ("cuMemUnmap",), ("cuMemRelease",), ("cuMemAddressFree",)]:
+                          ("cuMemUnmap",), ("cuMemRelease",), ("cuMemAddressFree",)]
+    for name, *values in answers:
         setattr(d, name, fn(name, *values))
     return d
 

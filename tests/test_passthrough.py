@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -35,15 +36,18 @@ def recorder(thaw_env, tmp_path):
 
 
 def calls(log) -> list[dict]:
-    out, cur = [], None
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
     for line in log.read_text().splitlines():
         k, _, v = line.partition("=")
         if k == "pid":
             cur = {"pid": int(v), "args": []}
             out.append(cur)
         elif k == "arg":
+            assert cur is not None, line
             cur["args"].append(v)
         else:
+            assert cur is not None, line
             cur[k] = v
     return out
 

@@ -102,7 +102,7 @@ class Events:
         self.events.append((event, blob.digest if blob else None, blob.outcome if blob else None))
 
     def finished(self) -> list[str]:
-        return [d for e, d, _ in self.events if e == "blob"]
+        return [d for e, d, _ in self.events if e == "blob" and d is not None]
 
 
 # --- format: what docker-registry 2.8 stores ---------------------------------------------------

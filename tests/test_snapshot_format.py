@@ -16,7 +16,7 @@ import pytest
 from helpers import dead_capture, fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.oci.layout import ImageLayout, LayoutError
+from thaw.oci.layout import Descriptor, ImageLayout, LayoutError
 from thaw.shim.lifecycle.importer import import_archive, open_store
 from thaw.shim.node.config import Config, Trust
 from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
@@ -271,8 +271,12 @@ def test_import_rejects_damaged_and_hostile_archives(tmp_path, store, damage):
 
 
 def _rewrite_index(archive: str, ref: str) -> None:
+    members = []
     with tarfile.open(archive) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        for m in tar.getmembers():
+            f = tar.extractfile(m)
+            assert f is not None, m.name  # the archive holds regular files only
+            members.append((m, f.read()))
     out = []
     for m, data in members:
         if m.name == "index.json":
@@ -462,7 +466,7 @@ def _v1_layout(root: str, ref: str = "old:1", namespace: str | None = "team-a") 
     manifest = {"schemaVersion": 2, "mediaType": fmt.MANIFEST_MEDIA_TYPE, "artifactType": fmt.ARTIFACT_TYPE,
                 "config": cdesc.to_json(), "layers": [criu.to_json(), rootfs.to_json(), deleted.to_json()]}
     mdesc = layout.put_bytes(json.dumps(manifest).encode(), fmt.MANIFEST_MEDIA_TYPE)
-    layout.write_index([fmt.Descriptor(fmt.MANIFEST_MEDIA_TYPE, mdesc.digest, mdesc.size,
+    layout.write_index([Descriptor(fmt.MANIFEST_MEDIA_TYPE, mdesc.digest, mdesc.size,
                                        {"org.opencontainers.image.ref.name": ref})])
     os.makedirs(os.path.join(root, "layers", criu.digest.split(":")[1]))
     return mdesc.digest

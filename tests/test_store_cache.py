@@ -11,11 +11,11 @@ import pytest
 
 from helpers import dead_capture, fake_snapshot
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim.entry.cli import _human
 from thaw.shim.lifecycle.importer import import_archive
 from thaw.shim.node import events
 from thaw.shim.node.config import Config, StoreLimits, Trust
 from thaw.shim.node.store import PUSHED, QuotaExceeded, Store
+from thaw.shim.registry.progress import human_bytes as _human
 
 PULLED = "pulled:registry.example/team/app:1"
 

@@ -50,6 +50,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import tomlkit
 
@@ -58,6 +59,9 @@ from thaw.shim.containerd.install import install as register_thaw
 from thaw.shim.containerd.merge import CRI_V2, CRI_V3
 
 from . import images as _images
+
+if TYPE_CHECKING:  # the client compiles the CRI stubs on import
+    from .client import CriClient
 from .builds import Build
 
 REGISTRY_DIR = Path("/run/thaw-cri-tests")
@@ -239,7 +243,7 @@ def purge(info: dict) -> list[str]:
     config = info.get("config", "")
 
     # 0. ids of every sandbox/container this instance knew (for host-wide leftovers below)
-    ids = set()
+    ids: set[str] = set()
     for sub in ("root", "state"):
         for kind in ("sandboxes", "containers"):
             d = Path(workdir, sub, "io.containerd.grpc.v1.cri", kind)
@@ -358,7 +362,7 @@ def _other_slots_alive(mine: int) -> bool:
 
 
 def slot_subnet(n: int) -> ipaddress.IPv4Network:
-    return ipaddress.ip_network(f"10.233.{n}.0/24")
+    return ipaddress.IPv4Network(f"10.233.{n}.0/24")
 
 
 def _routed_elsewhere(subnet: ipaddress.IPv4Network, bridge: str) -> bool:
@@ -439,7 +443,7 @@ class Containerd:
         self.first_slot = first_slot
         self.proc: subprocess.Popen | None = None
         self.slot: _Slot | None = None
-        self._clients = []
+        self._clients: list[CriClient] = []
         self._forward_before: str | None = None
         self.images: list[str] = []
         self._created_host_dirs: list[Path] = []
@@ -448,6 +452,7 @@ class Containerd:
     # -------------------------------------------------------------- layout
 
     def _layout(self) -> None:
+        assert self.slot is not None, "_layout runs after a slot is taken"
         n = self.slot.n
         self.workdir = Path(tempfile.mkdtemp(prefix=f"thaw-cri-{n}-", dir=self.workdir_base))
         os.chmod(self.workdir, 0o755)
@@ -506,6 +511,7 @@ class Containerd:
         images = {"snapshotter": "overlayfs", "disable_snapshot_annotations": True, "discard_unpacked_layers": False}
         streaming = {"stream_server_address": "127.0.0.1", "stream_server_port": "0"}
         cni = {"conf_dir": str(self.cni_conf_dir), "max_conf_num": 1}
+        plugins: dict[str, Any]
         if self.layout == 2:
             plugins = {CRI_V2: {**runtime, **streaming, "sandbox_image": _images.PAUSE_IMAGE,
                                 "containerd": {**images, **handlers}, "cni": {**cni, "bin_dir": self.cni_bin_dir}}}
@@ -587,6 +593,7 @@ class Containerd:
         from .client import CriClient
         deadline = time.monotonic() + timeout
         last = None
+        assert self.proc is not None, "_wait_ready runs after containerd is started"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"containerd exited with {self.proc.returncode}\n{self.log_tail()}")

@@ -45,6 +45,7 @@ class RegistryProxy(LoopbackServer):
 
     def _connect(self) -> http.client.HTTPConnection:
         host, port = self.upstream.hostname, self.upstream.port
+        assert host is not None, self.upstream  # an upstream URL names its host
         if self.ctx:
             return http.client.HTTPSConnection(host, port, context=self.ctx, timeout=30)
         return http.client.HTTPConnection(host, port, timeout=30)
