@@ -21,7 +21,7 @@ def test_request_fields():
                              ann.READY: "http://127.0.0.1:8000/health",
                              ann.QUIESCE: "http://127.0.0.1:8000/quiesce"})
     assert req.required and req.capture_on_ready and req.snapshot == SnapshotRef("s", "1")
-    assert req.quiesce.endswith("/quiesce") and req.resume is None
+    assert req.quiesce is not None and req.quiesce.endswith("/quiesce") and req.resume is None
 
 
 @pytest.mark.parametrize("annotations", [

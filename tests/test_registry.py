@@ -421,7 +421,7 @@ def test_tls_needs_the_ca_and_plain_http_needs_listing_except_on_loopback(tls_re
         remote = Transport("registry.example:5000")
         assert remote.scheme == "https"
         with pytest.raises(ConfigError):
-            remote._check_url("http://registry.example:5000/v2/", ())
+            remote._check_url("http://registry.example:5000/v2/", ("", ""))
         assert Transport("registry.example:5000", tls_registry.settings(None, insecure_hosts=("registry.example:5000",))
                          ).scheme == "http"
     finally:

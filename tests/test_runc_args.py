@@ -64,5 +64,6 @@ def test_flags_stop_at_first_positional():
 
 def test_render_round_trip():
     call = parse(SHIM_CREATE)
+    assert call.command is not None
     again = parse(["r", *runc_args.render(call.global_flags, call.command, call.flags, call.args)])
     assert (again.global_flags, again.flags, again.args) == (call.global_flags, call.flags, call.args)

@@ -89,7 +89,7 @@ def test_large_files_are_parts_of_the_one_copy(store, small_parts):
 
 
 def test_parts_must_be_contiguous():
-    d = fmt.Descriptor(fmt.CRIU_PART_LAYER, "sha256:" + "0" * 64, 10)
+    d = Descriptor(fmt.CRIU_PART_LAYER, "sha256:" + "0" * 64, 10)
     with pytest.raises(fmt.SnapshotFormatError, match="contiguous"):
         fmt._check_parts([fmt.FilePart("pages-1.img", 0, d), fmt.FilePart("pages-1.img", 11, d)])
 
