@@ -154,17 +154,18 @@ def test_a_changed_credentials_file_is_read_again(tls_registry, tmp_path):
     a.thaw("push", "app:1", source)
     creds = tmp_path / "auth.json"
     b = Node(tmp_path, "b", tls_registry, auth=str(creds))
-    cfg, ref = load(b.config), SnapshotRef.registry(source)
+    cfg, remote = load(b.config), SnapshotRef.registry(source).remote
+    assert remote is not None
 
     def pull():
-        return distribution.pull(cfg, Store.for_config(cfg), ref.remote, owner=NS)
+        return distribution.pull(cfg, Store.for_config(cfg), remote, owner=NS)
     auth_file(creds, tls_registry.host, password="wrong")
-    with pytest.raises(distribution.DistributionError, match="refused|401"):
+    with pytest.raises(distribution.DistributionError, match=r"refused|401"):
         pull()
     auth_file(creds, tls_registry.host)
     assert pull().manifest.digest
     auth_file(creds, tls_registry.host, password="revoked")
-    with pytest.raises(distribution.DistributionError, match="refused|401"):
+    with pytest.raises(distribution.DistributionError, match=r"refused|401"):
         pull()
 
 
