@@ -289,8 +289,14 @@ write_launcher() {  # $1 = command, $2 = module with main()
   chmod 0755 "$tmp"
   mv -f "$tmp" "$BIN_DIR/$1"
 }
-write_launcher thaw-runtime thaw.shim.entry.runtime
 write_launcher thaw-hook thaw.hooks.main
+# thaw-runtime is a small C front (install/runtime-front.c): it execs the next runtime itself when
+# a call is certainly passthrough, and this Python launcher otherwise.
+install -d -m 0755 "$PREFIX/libexec"
+write_launcher thaw-runtime thaw.shim.entry.runtime
+mv -f "$BIN_DIR/thaw-runtime" "$PREFIX/libexec/thaw-runtime-python"
+bash "$SRC/install/runtime-front.sh" "$BIN_DIR/thaw-runtime" "$PREFIX/libexec/thaw-runtime-python" \
+  || die "thaw: building thaw-runtime's front (install/runtime-front.c) failed"
 say "thaw: commands linked in $BIN_DIR: thaw thaw-runtime thaw-hook"
 
 # --- config, store, state -----------------------------------------------------------------------

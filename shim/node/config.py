@@ -28,6 +28,7 @@ DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 VERIFY_MODES = ("stat", "digest")
+FRONT_MAGIC = "thaw-runtime-front 1\n"    # install/runtime-front.c reads the file _sync_front writes
 
 
 class ConfigError(ThawError):
@@ -448,12 +449,15 @@ def load(path: str | None = None) -> Config:
             raise ConfigError(f"config file {path} does not exist") from None
         return Config()
     key = f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
-    cache = os.path.join(CACHE_DIR, os.path.abspath(path).replace("%", "%25").replace("/", "%2F"))
+    name = os.path.abspath(path).replace("%", "%25").replace("/", "%2F")
+    cache = os.path.join(CACHE_DIR, name)
     try:
         with open(cache, "rb") as f:
             cached = marshal.load(f)
         if cached.get("key") == key:
-            return _from_mapping(cached["config"], path)
+            cfg = _from_mapping(cached["config"], path)
+            _sync_front(name, key, cfg)
+            return cfg
     except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError, ConfigError):
         pass
     import yaml  # only when the cache is cold
@@ -469,4 +473,31 @@ def load(path: str | None = None) -> Config:
         atomic_write(cache, marshal.dumps({"key": key, "config": _to_mapping(cfg)}), durable=False)
     except OSError:
         pass
+    _sync_front(name, key, cfg)
     return cfg
+
+
+def _sync_front(name: str, key: str, cfg: Config) -> None:
+    """Keep CACHE_DIR/front.NAME current: the two settings thaw-runtime's C front
+    (install/runtime-front.c) needs to pass a call through without Python, for the config file
+    with this key. One small read per load; written only when it differs. The front trusts it
+    only while the key matches, so an edited config goes to Python until this runs again."""
+    if any(c in v for v in (cfg.next_runtime, cfg.state_dir) for c in "\n\0"):
+        return                                    # not expressible in the front's line format
+    try:
+        want = f"{FRONT_MAGIC}key={key}\nnext_runtime={cfg.next_runtime}\nstate_dir={cfg.state_dir}\n".encode()
+    except UnicodeEncodeError:
+        return
+    front = os.path.join(CACHE_DIR, "front." + name)
+    try:
+        with open(front, "rb") as f:
+            if f.read(len(want) + 1) == want:
+                return
+    except OSError:
+        pass
+    from thaw.oci.files import atomic_write, make_private_dir
+    try:
+        make_private_dir(CACHE_DIR)
+        atomic_write(front, want, mode=0o600, durable=False)
+    except OSError:
+        pass
