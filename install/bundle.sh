@@ -11,7 +11,8 @@
 #                 python/lib/python3/dist-packages, thaw[gpu] + cryptography and their deps
 #   sbin/         runc, the patched CRIU (THAW_CRIU_DIR, as install/node.sh built it),
 #                 xtables-{nft,legacy}-multi and an iptables-restore that picks the host's backend
-#   bin/          thaw, thaw-runtime, thaw-hook launchers;  share/  config.yaml, the installer
+#   bin/          thaw, thaw-hook launchers, thaw-runtime's static C front (its Python fallback
+#                 in libexec/);  share/  config.yaml, the installer
 # Every ELF executable gets patchelf'd: its interpreter is the bundle's ld-linux and its RPATH the
 # bundle's lib/, so the host's C library never matters (Debian 11's glibc 2.31 runs it, as does any
 # newer one). Bytecode is compiled ahead (unchecked-hash .pyc: no source stat at start, and the
@@ -134,7 +135,13 @@ EOF
 
   # --- launchers, config, installer --------------------------------------------------------------
   write_launcher "$stage" "$p" thaw thaw.shim.entry.cli
+  # thaw-runtime is the static C front (install/runtime-front.c, built here: nodes need no
+  # compiler); its Python fallback lives in libexec/, and it appends sbin to PATH as the launchers do.
   write_launcher "$stage" "$p" thaw-runtime thaw.shim.entry.runtime
+  mkdir -p "$stage/libexec"
+  mv "$stage/bin/thaw-runtime" "$stage/libexec/thaw-runtime-python"
+  bash "$SRC/install/runtime-front.sh" "$stage/bin/thaw-runtime" "$p/libexec/thaw-runtime-python" "$p/sbin" \
+    || die "building thaw-runtime's front failed (apt-get install build-essential)"
   write_launcher "$stage" "$p" thaw-hook thaw.hooks.main
   install -m 0644 "$SRC/install/config.yaml" "$stage/share/config.yaml"
   install -m 0755 "$SRC/install/thaw-node.sh" "$stage/share/thaw-node.sh"

@@ -23,10 +23,39 @@ def test_values_and_cache(tmp_path, monkeypatch):
     p.write_text("store_dir: /s\nstate_dir: /t\nnext_runtime: /usr/bin/crun\npolicy:\n  verify: digest\n")
     cfg = config.load(str(p))
     assert (cfg.store_dir, cfg.state_dir, cfg.next_runtime, cfg.policy.verify) == ("/s", "/t", "/usr/bin/crun", "digest")
-    assert len(os.listdir(tmp_path / "cache")) == 1
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([_cache_name(p), "front." + _cache_name(p)])
     assert config.load(str(p)) == cfg           # served from the cache
     p.write_text("store_dir: /other\n")         # a changed file invalidates it
     assert config.load(str(p)).store_dir == "/other"
+
+
+def _cache_name(p) -> str:
+    return str(p).replace("%", "%25").replace("/", "%2F")
+
+
+def test_front_settings_follow_the_config(tmp_path, monkeypatch):
+    """The file thaw-runtime's C front reads (install/runtime-front.c): the config's key and its
+    next_runtime and state_dir, rewritten whenever they differ, root-only."""
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.yaml"
+    p.write_text("state_dir: /t\nnext_runtime: crun\n")
+    front = tmp_path / "cache" / ("front." + _cache_name(p))
+
+    def expected() -> str:
+        st = os.stat(p)
+        return f"thaw-runtime-front 1\nkey={st.st_mtime_ns}:{st.st_size}:{st.st_ino}\nnext_runtime=crun\nstate_dir=/t\n"
+    config.load(str(p))
+    assert front.read_text() == expected() and front.stat().st_mode & 0o777 == 0o600
+    front.write_text("stale\n")
+    config.load(str(p))                          # from the marshal cache: the front file is checked too
+    assert front.read_text() == expected()
+    p.write_text("state_dir: /t\nnext_runtime: crun\nlog_level: debug\n")
+    config.load(str(p))
+    assert front.read_text() == expected()
+    p.write_text("next_runtime: \"cr\\nun\"\n")     # not expressible in its line format: none written
+    front.unlink()
+    config.load(str(p))
+    assert not front.exists()
 
 
 def test_the_config_cache_is_what_is_read(tmp_path, monkeypatch):
@@ -36,7 +65,7 @@ def test_the_config_cache_is_what_is_read(tmp_path, monkeypatch):
     p = tmp_path / "c.yaml"
     p.write_text("store_dir: /s\n")
     assert config.load(str(p)).store_dir == "/s"
-    [cache] = list((tmp_path / "cache").iterdir())
+    [cache] = [f for f in (tmp_path / "cache").iterdir() if not f.name.startswith("front.")]
     cached = marshal.loads(cache.read_bytes())
     cached["config"]["store_dir"] = "/from-the-cache"
     cache.write_bytes(marshal.dumps(cached))
@@ -90,7 +119,7 @@ def test_store_limits_defaults_values_and_the_cache(tmp_path, monkeypatch):
     parsed = config.load(str(p))
     assert (parsed.store.max_bytes, parsed.store.evict_unpushed, parsed.store_dir) == (50_000_000_000, True, "/var/lib/thaw")
     assert config.load(str(p)) == parsed                 # the same through the marshal cache
-    [cache] = list((tmp_path / "cache").iterdir())
+    [cache] = [f for f in (tmp_path / "cache").iterdir() if not f.name.startswith("front.")]
     cached = marshal.loads(cache.read_bytes())
     assert cached["config"]["store"] == {"max_bytes": 50_000_000_000, "evict_unpushed": True, "quota": {},
                                          "quota_share": 0.5}
