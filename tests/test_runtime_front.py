@@ -23,7 +23,7 @@ from helpers import make_bundle, unique
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_DIR = "/run/thaw/config-cache"
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.runc]
 
 
 def _build(out: str, entry: str, extra_path: str = "") -> None:
