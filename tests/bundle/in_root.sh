@@ -19,7 +19,7 @@ trap cleanup EXIT
 tar -xf "$root_tar" -C "$work/root"
 args=()
 for b in "$@"; do cp "$b" "$work/root/tmp/" && args+=("/tmp/$(basename "$b")"); done
-cp "$here/smoke.sh" "$work/root/tmp/smoke.sh"
+cp "$here/${SMOKE_SCRIPT:-smoke.sh}" "$work/root/tmp/smoke.sh"   # containerd_smoke.sh: through the root's containerd
 # A pid namespace too: when the smoke ends, however it ends, the kernel kills what it left running.
 SMOKE_X=${SMOKE_X:-} unshare --net --mount --propagation private --pid --fork --kill-child -- bash -s "$work/root" "${args[@]}" <<'EOF'
 set -euo pipefail
