@@ -2,7 +2,8 @@
 on a Debian 11 root (glibc 2.31, the oldest supported) with networking unshared. There
 tests/bundle/smoke.sh checks `thaw doctor`, `criu check`, a capture -> restore through
 thaw-runtime, an upgrade N -> N+1 over a running container and a snapshot, rollback, and
-uninstall (with a version still in use, then --purge). The root (mmdebstrap, ~30 s) is cached in
+uninstall (with a version still in use, then --purge); tests/bundle/containerd_smoke.sh restores
+through the root's own containerd. The root (mmdebstrap, ~30 s) is cached in
 $THAW_BUILD_CACHE/roots; each bundle build takes ~1 min. Also: the bundle is reproducible."""
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def _mirror() -> str:
 def bullseye_root() -> str:
     if not shutil.which("mmdebstrap"):
         prerequisite_missing("mmdebstrap missing (install/node.sh --dev installs it)")
-    path = os.path.join(CACHE, "roots", "bullseye.tar")
+    # With Debian 11's own containerd (1.4): the restore through it (containerd_smoke.sh).
+    path = os.path.join(CACHE, "roots", "bullseye-containerd.tar")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=busybox-static", "bullseye",
+        subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=busybox-static,containerd", "bullseye",
                         path + ".tmp.tar", _mirror()], check=True, timeout=900)   # format from the name
         os.rename(path + ".tmp.tar", path)
     return path
@@ -72,6 +74,18 @@ def test_bundle_on_debian_11_without_network(bullseye_root, bundles, tmp_path):
     for step in ("capture -> restore: ok", "the running container kept running", "restored the snapshot",
                  "rollback to 0.0.0-n: ok", "uninstall: commands gone"):
         assert step in out, (step, out[-3000:])
+
+
+def test_restore_through_debian_11s_containerd(bullseye_root, bundles, tmp_path):
+    """Debian 11's containerd 1.4 and its runc shim, with thaw-runtime (the C front) as the runtime
+    binary: a container it started is captured and restored into one it creates."""
+    _, n1 = bundles
+    proc = subprocess.run(["bash", os.path.join(REPO, "tests", "bundle", "in_root.sh"), bullseye_root,
+                           str(tmp_path / "w"), n1], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SMOKE_SCRIPT": "containerd_smoke.sh"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "[containerd-smoke] PASS: capture -> restore through containerd 1.4" in out, \
+        out[-5000:]
 
 
 def test_bundle_is_reproducible(bundles, tmp_path):
