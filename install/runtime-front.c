@@ -10,7 +10,7 @@
  * So this program can make thaw do less than the Python runtime would only by a bug in the few
  * checks below; it never restores, never writes thaw's state, never parses JSON or YAML.
  *
- * It decides exactly as shim/runtime.py's main() does (keep the two in step):
+ * It decides exactly as shim/entry/runtime.py's main() does (keep the two in step):
  *   - argv is parsed as oci/runc_args.py parses it (Go flag rules, the same flag tables);
  *     anything it does not understand goes to Python;
  *   - `create ID`: the bundle's config.json (--bundle, else the working directory) read with
@@ -22,7 +22,7 @@
  *     not either (a prefetch to cancel);
  *   - every other call (no id, other subcommands, --version) is passthrough.
  * The config's next_runtime and state_dir come from a file the Python runtime derives from the
- * YAML when it loads it (shim/config.py, _sync_front): CACHE_DIR/front.<escaped config path>,
+ * YAML when it loads it (shim/node/config.py, _sync_front): CACHE_DIR/front.<escaped config path>,
  * valid only while it names the config file's current (mtime_ns, size, inode), root-owned and
  * not writable by others. No such file (a new or edited config, no config file at all): Python.
  *
@@ -48,9 +48,9 @@
 #define THAW_EXTRA_PATH ""
 #endif
 
-#define CONFIG_DEFAULT "/etc/thaw/config.yaml"           /* shim/config.py DEFAULT_PATH */
-#define CACHE_DIR "/run/thaw/config-cache"                /* shim/config.py CACHE_DIR */
-#define FRONT_MAGIC "thaw-runtime-front 1\n"              /* shim/config.py FRONT_MAGIC */
+#define CONFIG_DEFAULT "/etc/thaw/config.yaml"           /* shim/node/config.py DEFAULT_PATH */
+#define CACHE_DIR "/run/thaw/config-cache"                /* shim/node/config.py CACHE_DIR */
+#define FRONT_MAGIC "thaw-runtime-front 1\n"              /* shim/node/config.py FRONT_MAGIC */
 #define FRONT_MAX 8192
 #define SPEC_MAX (4 << 20)
 #define SNAPSHOT_KEY "thaw.dev/snapshot"
@@ -240,7 +240,7 @@ static int spec_is_plain(const char *bundle)
 	return plain;
 }
 
-/* state.valid_id: runc's id alphabet, 1..1024 bytes, no leading dot. */
+/* state_path.valid_id: runc's id alphabet, 1..1024 bytes, no leading dot. */
 static int valid_id(const char *id)
 {
 	size_t n = strlen(id);

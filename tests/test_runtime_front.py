@@ -40,7 +40,7 @@ def fronts(tmp_path_factory):
     entry = d / "python-entry"
     # The real Python runtime, after one line saying it was asked.
     entry.write_text(f"#!/bin/sh\necho \"python $*\" >> {log}\n"
-                     f"exec {sys.executable} -I -c 'from thaw.shim.runtime import main; main()' \"$@\"\n")
+                     f"exec {sys.executable} -I -c 'from thaw.shim.entry.runtime import main; main()' \"$@\"\n")
     entry.chmod(0o755)
     _build(str(d / "thaw-runtime"), str(entry))
     _build(str(d / "thaw-runtime-nopython"), str(d / "missing-entry"))
