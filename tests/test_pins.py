@@ -128,7 +128,7 @@ def test_a_seal_without_digests_is_not_trusted_and_a_repair_writes_them(store, t
     """A seal whose whole files carry no digests cannot vouch for them: when it fails, those files
     are rebuilt from their verified tar (not "content intact"), and the new seal has digests."""
     snap = fake_snapshot(store, "app:1")
-    seal = store._seal_path(snap)
+    seal = store.images.seal_path(snap)
     with open(seal) as f:
         sealed = json.load(f)
     whole = set(sealed["files"]) - {p.file for p in snap.parts}
