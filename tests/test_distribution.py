@@ -265,6 +265,7 @@ def test_pulls_for_pods_follow_node_policy_and_the_owner_namespace(nodes, tls_re
     target = f"{tls_registry.host}/{repo}:v1"
     a.thaw("push", "p:1", target, "-n", "team-a")
     source = SnapshotRef.parse(target).remote
+    assert source is not None
 
     default = Node(tmp_path, "default", tls_registry)
     with pytest.raises(distribution.PullRefused, match="may not pull"):

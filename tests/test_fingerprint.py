@@ -1,10 +1,11 @@
 import copy
+from typing import Any
 
 from thaw.oci.snapshot import Fingerprint
 from thaw.oci.spec import Bundle
 from thaw.shim.lifecycle import fingerprint
 
-BASE = {
+BASE: dict[str, Any] = {
     "node": {"kernel": "6.18.44", "arch": "x86_64", "cpu_flags": ["avx", "avx2", "sse4_2"],
              "criu": "4.1.1", "runc": "1.1.5", "gpu": {}},
     "container": {"image": "img:1", "mounts": ["/dev", "/proc"]},

@@ -145,8 +145,9 @@ def test_cosign_signs_and_thaw_verifies(tmp_path, tls_registry):
 
     b = pulling_node(tmp_path, tls_registry, "b",
                      keys={f"{tls_registry.host}/thaw/team-a": [str(keydir / "cosign.pub")]})
-    snap = distribution.pull(b.cfg, b.store, SnapshotRef.parse(f"{tls_registry.host}/{repo}:v1").remote,
-                             owner="team-a")
+    remote = SnapshotRef.parse(f"{tls_registry.host}/{repo}:v1").remote
+    assert remote is not None
+    snap = distribution.pull(b.cfg, b.store, remote, owner="team-a")
     prov = b.store.provenance(snap)
     assert prov.kind == "signed" and prov.key == provenance.key_id(open(keydir / "cosign.pub", "rb").read())
 
@@ -226,6 +227,7 @@ def test_a_snapshot_claiming_another_owner_belongs_to_the_namespace_the_node_pul
     trust = {"keys": {f"{tls_registry.host}/thaw/team-a": [keys.public]}}
     b = Node(tmp_path, "b", tls_registry, trust=trust, pull={"team-a": [f"{tls_registry.host}/thaw/team-a"]})
     ref = SnapshotRef.parse(target)
+    assert ref.remote is not None
 
     # pull on demand, for a team-a pod: owned by team-a; team-b cannot find it
     assert prefetch.warm(b.cfg, ref, "team-a", pull=True)["outcome"] in ("warm", "stopped")

@@ -151,8 +151,12 @@ def test_push_pull_round_trip_of_byte_ranges(tls_registry, tmp_path):
     blobs = big + small
     out = io.StringIO()
     events = Events()
+
+    def both(*a) -> None:
+        events(*a)
+        JsonLinesProgress(out)(*a)
     with tls_registry.client() as c:
-        prog = push_blobs(c, repo, blobs, parallel=3, listener=lambda *a: (events(*a), JsonLinesProgress(out)(*a)))
+        prog = push_blobs(c, repo, blobs, parallel=3, listener=both)
         assert {b.outcome for b in prog.blobs.values()} == {"uploaded"}
         assert sorted(events.finished()) == sorted(b.digest for b in blobs)
         lines = [json.loads(x) for x in out.getvalue().splitlines()]
@@ -262,6 +266,7 @@ def test_pull_killed_with_sigkill_resumes_from_its_journal(tls_registry, tmp_pat
             "journal": journal, "settings": settings}
     child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stderr is not None
     try:
         ready, _, _ = select.select([child.stdout], [], [], 60)
         line = child.stdout.readline() if ready else ""

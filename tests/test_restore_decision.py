@@ -112,7 +112,8 @@ def test_a_captured_process_may_not_hold_more_than_the_new_spec_grants(tmp_path,
     root = fmt.ProcessCreds(pid=7, uids=(0, 0, 0, 0), gids=(0, 0, 0, 0), cap_prm=(1 << 41) - 1,
                             cap_eff=(1 << 41) - 1, cap_bnd=(1 << 41) - 1)
     user = {"user": {"uid": 1000, "gid": 1000}}
-    captured = dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(spec_for(**user)), processes=(root,))
+    captured = dataclasses.replace(SNAP_CONFIG, identity=fingerprint.identity(spec_for(user=user["user"])),
+                                   processes=(root,))
     fake_snapshot(store, "suid:1", config=captured, namespace="team-a")
     with pytest.raises(restore.Incompatible) as err:
         check(tmp_path, node, {"thaw.dev/snapshot": "suid:1"}, process=user)
