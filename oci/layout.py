@@ -76,7 +76,7 @@ def sha256_file(path: str) -> tuple[str, int]:
 
 
 class ByteSource(Protocol):
-    """What put_stream reads: a binary file, or a window of one (oci/snapshot.py's RangeReader)."""
+    """What put_stream reads: a binary file, or a window of one (oci/snapshot/files.py's RangeReader)."""
 
     def read(self, n: int = -1, /) -> bytes: ...
 

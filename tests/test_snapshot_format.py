@@ -17,6 +17,8 @@ from helpers import dead_capture, fake_snapshot
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.layout import Descriptor, ImageLayout, LayoutError
+from thaw.oci.snapshot import files as snapshot_files
+from thaw.oci.snapshot import manifest as snapshot_manifest
 from thaw.shim.lifecycle.importer import import_archive, open_store
 from thaw.shim.node.config import Config, Trust
 from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
@@ -36,8 +38,8 @@ def store(tmp_path):
 @pytest.fixture
 def small_parts(monkeypatch):
     """Files from 4 KiB up are stored as parts of 3 KiB: a few KiB exercise the part logic."""
-    monkeypatch.setattr(fmt, "PART_THRESHOLD", 4096)
-    monkeypatch.setattr(fmt, "PART_SIZE", 3072)
+    monkeypatch.setattr(snapshot_files, "PART_THRESHOLD", 4096)
+    monkeypatch.setattr(snapshot_files, "PART_SIZE", 3072)
 
 
 def test_publish_resolve_list(store):
@@ -91,7 +93,7 @@ def test_large_files_are_parts_of_the_one_copy(store, small_parts):
 def test_parts_must_be_contiguous():
     d = Descriptor(fmt.CRIU_PART_LAYER, "sha256:" + "0" * 64, 10)
     with pytest.raises(fmt.SnapshotFormatError, match="contiguous"):
-        fmt._check_parts([fmt.FilePart("pages-1.img", 0, d), fmt.FilePart("pages-1.img", 11, d)])
+        snapshot_manifest._check_parts([fmt.FilePart("pages-1.img", 0, d), fmt.FilePart("pages-1.img", 11, d)])
 
 
 def test_store_is_root_only(store):

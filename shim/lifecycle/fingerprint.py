@@ -1,7 +1,7 @@
 """Compatibility fingerprint: what must match between the node and container a snapshot was
 captured from and the node and container it is restored into.
 
-A fingerprint (oci/snapshot.py's `Fingerprint`) has two parts: `node` (kernel, arch, CPU
+A fingerprint (oci/snapshot/config.py's `Fingerprint`) has two parts: `node` (kernel, arch, CPU
 features, CRIU, runc, GPUs) and `container` (image, mount destinations, Kubernetes namespace).
 This module measures them and `compare` returns the list of reasons a restore must not be
 attempted; an empty list means compatible.
