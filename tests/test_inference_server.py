@@ -418,3 +418,32 @@ def test_untied_head_is_the_one_used(server_mod, tmp_path, monkeypatch):
     assert engine.generate(PROMPT, 8)["tokens"] == first
     engine.lm_head.zero_()   # every token now scores 0: greedy picks token 0, unless the embedding decides
     assert engine.generate(PROMPT, 8)["tokens"] == [0] * 8 != first
+
+
+def test_fastsafetensors_reload_matches_own_loader(server_mod, tmp_path):
+    """--loader fastsafetensors (IBM's loader, on the CPU without GDS) fills the weight arena with the
+    same bytes as our own parallel-pread loader: the file's data section, byte for byte."""
+    import torch
+    from safetensors.torch import save_file
+    try:
+        import fastsafetensors  # noqa: F401
+    except ImportError as e:  # installed by install/node.sh --dev (pyproject's test extra): fail, never skip
+        pytest.fail(f"fastsafetensors is required to test --loader fastsafetensors: {e}", pytrace=False)
+    gen = torch.Generator().manual_seed(7)
+    tensors = {f"layer{i}.w": torch.randn(shape, generator=gen).to(torch.bfloat16)
+               for i, shape in enumerate([(3, 5), (64, 129), (1,), (257, 33), (2, 2, 2)])}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    server_mod.torch = torch  # the module imports torch in Engine.load(); the arena reads the global
+    arena = server_mod.WeightArena(str(path), torch.device("cpu"), torch.bfloat16, vmm=False)
+    raw = path.read_bytes()[arena.data_start:arena.data_start + arena.nbytes]
+    out = arena.load(streams=2, chunk=1000, loader="own")    # several ranges
+    own = bytes(arena.buf.numpy())
+    assert own == raw and out["loader"] == "own"
+    arena.buf.fill_(0xA5)
+    assert bytes(arena.buf.numpy()) != raw
+    out = arena.load(streams=2, loader="fastsafetensors")
+    assert out["loader"] == "fastsafetensors" and out["bytes"] == len(raw)
+    assert bytes(arena.buf.numpy()) == own
+    views = arena.views()
+    assert all(torch.equal(views[k], v) for k, v in tensors.items())

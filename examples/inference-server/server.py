@@ -362,14 +362,19 @@ class WeightArena:
         copy.copy_(self.buf)
         return copy
 
-    def load(self, streams=4, chunk=64 << 20):
+    def load(self, streams=4, chunk=64 << 20, loader="own"):
         """Fill the mapped block from the file: parallel preads straight into host memory (CPU), or
         through pinned buffers and several CUDA streams (a multi-stream loader: each reader thread
-        owns two pinned buffers and a stream, so reads and copies overlap). Returns bytes/seconds."""
+        owns two pinned buffers and a stream, so reads and copies overlap). loader="fastsafetensors"
+        reads with IBM's loader instead (see _load_fastsafetensors). Returns bytes/seconds."""
         import concurrent.futures
         if self.buf is None:
             raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
         t = time.perf_counter()
+        if loader == "fastsafetensors":
+            self._load_fastsafetensors(streams)
+            return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams,
+                    "loader": loader}
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             ranges = [(off, min(chunk, self.nbytes - off)) for off in range(0, self.nbytes, chunk)]
@@ -392,7 +397,34 @@ class WeightArena:
                     list(pool.map(read, ranges))
         finally:
             os.close(fd)
-        return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams}
+        return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams,
+                "loader": loader}
+
+    def _load_fastsafetensors(self, threads):
+        """fastsafetensors (IBM; imported here only, so the worker runs without it) reads the file
+        into a buffer of its own on the device (no GDS: parallel preads through its bounce buffers,
+        pinned on CUDA), then each tensor is copied into the arena at its file offset. It cannot
+        fill a caller's block, so the arena (whose address CUDA graphs hold) costs one more copy
+        at memory speed and the weights' size again, transiently."""
+        try:
+            from fastsafetensors import SafeTensorsFileLoader
+        except ImportError as e:
+            raise RuntimeError(f"--loader fastsafetensors: {e}; pip install fastsafetensors") from e
+        fst = SafeTensorsFileLoader(None, str(self.device), nogds=True, max_threads=threads, set_numa=False)
+        try:
+            fst.add_filenames({0: [self.path]})
+            files = fst.copy_files_to_device()
+            try:
+                for name, (_, _shape, a, b) in self.tensors.items():
+                    self.buf[a:b].copy_(files.get_tensor(name).reshape(-1).view(torch.uint8))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                files.close()
+        finally:
+            fst.close()
+        if self.device.type == "cuda":
+            empty_host_cache()
 
     def _load_cuda(self, fd, ranges, streams, chunk):
         import concurrent.futures
@@ -467,7 +499,7 @@ class Engine:
         if a.enable_sleep_mode:
             # Weights in one tagged block that sleep can release and a wake refill from the file.
             self.arena = WeightArena(a.weights, self.dev, self.dtype, vmm=self.cuda)
-            tm["weights_loader"] = self.arena.load(a.load_streams)["load_s"]
+            tm["weights_loader"] = self.arena.load(a.load_streams, loader=a.loader)["load_s"]
             w = self.arena.views()
         else:
             w = load_weights(a.weights, self.dev, self.dtype)
@@ -855,7 +887,7 @@ class Engine:
                 self._not_ready()
             if self.weights in ("host", "released"):
                 raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
-            out = self.arena.load(self.args.load_streams)
+            out = self.arena.load(self.args.load_streams, loader=self.args.loader)
             self.weights = "loaded"
             self._maybe_ready()
             return {"status": self.state, **out}
@@ -1057,6 +1089,9 @@ def parse_args(argv=None):
                    help="weights in one tagged block (CUDA VMM on cuda) that /sleep?level=2 releases and "
                         "/wake_up + /collective_rpc reload_weights bring back from the file (vLLM's API)")
     p.add_argument("--load-streams", type=int, default=4, help="parallel readers (and CUDA streams) of the loader")
+    p.add_argument("--loader", choices=["own", "fastsafetensors"], default="own",
+                   help="the sleep-mode weights loader: own (parallel preads; multi-stream pinned on cuda) or "
+                        "fastsafetensors (IBM's, if installed; --load-streams = its threads)")
     p.add_argument("--init-weights-only", action="store_true", help="create the weights file and exit")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: from --config")
