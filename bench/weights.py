@@ -12,11 +12,21 @@ time and its phases, time to the first output, and that the output is the cold s
 
 A private store and state under a temporary directory (the node's are not touched). Writes
 bench/results/weights-*.json.
+
+    python3 bench/weights.py --loaders [--sizes 64,256,1024] [--runs 5] [--device cpu|cuda]
+
+compares the worker's two reload paths on the same file instead (no container, no root):
+`--loader own` (parallel preads; multi-stream pinned on CUDA) and `--loader fastsafetensors`
+(IBM's; no GDS), each a wake as the worker does it (the arena released, mapped again, filled from
+the file), in alternating order, page cache hot (the file read once before) and cold (its pages
+dropped with POSIX_FADV_DONTNEED before each load: this file only, no global drop_caches on a
+shared machine); checks both load the same bytes. Writes bench/results/weights-loaders-*.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -48,11 +58,85 @@ def generate(pid: int) -> dict:
     return json.loads(body)
 
 
+def loaders(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    import torch
+    from safetensors.torch import save_file
+    spec = importlib.util.spec_from_file_location("thaw_example_server", SERVER)
+    assert spec is not None and spec.loader is not None
+    srv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(srv)
+    srv.torch = torch  # the worker imports torch in Engine.load(); the arena reads the global
+    import fastsafetensors
+    device = torch.device(args.device)
+    out: dict = {"machine": machine(), "device": str(device), "runs": args.runs, "streams": args.streams,
+                 "fastsafetensors": fastsafetensors.__version__, "torch": torch.__version__, "sizes": []}
+    tmp = tempfile.mkdtemp(prefix="thaw-loaders-bench-", dir=args.dir)
+    try:
+        for mib in args.sizes:
+            path = os.path.join(tmp, f"w{mib}.safetensors")
+            n = 64  # tensors of equal size, like a model's layers
+            save_file({f"layer{i}.w": torch.randn(mib << 20 >> 1 >> 6).to(torch.bfloat16) for i in range(n)}, path)
+            arena = srv.WeightArena(path, device, torch.bfloat16, vmm=False)
+            digests = {}
+            for name in ("own", "fastsafetensors"):
+                arena.buf.zero_()
+                arena.load(args.streams, loader=name)
+                digests[name] = hashlib.sha256(arena.buf.cpu().numpy().tobytes()).hexdigest()
+            row: dict = {"mib": mib, "bytes": arena.nbytes, "identical": len(set(digests.values())) == 1}
+            for cache in ("hot", "cold"):
+                times: dict = {"own": [], "fastsafetensors": []}
+                split: dict = {"fst_read_s": [], "arena_copy_s": []}  # fastsafetensors' load, in its two parts
+                for r in range(args.runs):
+                    order = ("own", "fastsafetensors") if r % 2 == 0 else ("fastsafetensors", "own")
+                    for name in order:
+                        arena.release()
+                        if cache == "cold":
+                            fd = os.open(path, os.O_RDONLY)
+                            os.fsync(fd)
+                            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                            os.close(fd)
+                        t = time.perf_counter()
+                        arena.map()
+                        got = arena.load(args.streams, loader=name)
+                        times[name].append(time.perf_counter() - t)
+                        for k in split if name == "fastsafetensors" else ():
+                            split[k].append(got[k])
+                for name, ts in times.items():
+                    med = statistics.median(ts)
+                    row[f"{cache}_{name}_s"] = [round(x, 4) for x in ts]
+                    row[f"{cache}_{name}_s_median"] = round(med, 4)
+                    row[f"{cache}_{name}_gib_s"] = round(arena.nbytes / med / (1 << 30), 3)
+                for k, v in split.items():
+                    row[f"{cache}_{k}_median"] = round(statistics.median(v), 4)
+                print(f"{mib} MiB {cache}: own {row[f'{cache}_own_s_median']:.3f}s "
+                      f"({row[f'{cache}_own_gib_s']} GiB/s), fastsafetensors "
+                      f"{row[f'{cache}_fastsafetensors_s_median']:.3f}s "
+                      f"({row[f'{cache}_fastsafetensors_gib_s']} GiB/s: its read "
+                      f"{row[f'{cache}_fst_read_s_median']:.3f}s + copy into the arena "
+                      f"{row[f'{cache}_arena_copy_s_median']:.3f}s)", flush=True)
+            out["sizes"].append(row)
+            arena.release()
+            os.unlink(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(save("weights-loaders", out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="small")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--loaders", action="store_true", help="compare the worker's two reload paths (see above)")
+    ap.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[64, 256, 1024],
+                    help="--loaders: file sizes in MiB")
+    ap.add_argument("--streams", type=int, default=4, help="--loaders: readers/threads of each loader")
+    ap.add_argument("--device", default="cpu", help="--loaders: cpu or cuda")
+    ap.add_argument("--dir", default="/var/tmp", help="--loaders: where the files are written")
     args = ap.parse_args()
+    if args.loaders:
+        return loaders(args)
     tmp = tempfile.mkdtemp(prefix="thaw-weights-bench-")
     cfg_path = os.path.join(tmp, "config.yaml")
     hook = shutil.which("thaw-hook")

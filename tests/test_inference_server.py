@@ -230,7 +230,8 @@ def _rss(pid: int) -> int:
 def test_sleep_mode_vllm_endpoints(env):
     """--enable-sleep-mode: vLLM's /sleep, /wake_up, /collective_rpc reload_weights, /is_sleeping;
     the weights leave at level 2 (the process's memory falls by their size) and come back from the
-    file with identical outputs. Without the flag /sleep is refused."""
+    file with identical outputs, with our loader and with --loader fastsafetensors. Without the flag
+    /sleep is refused."""
     srv, tmp, _, _ = env
     assert _http(srv.port, "POST", "/sleep?level=2")[0] == 400           # not in sleep mode
     s = Server(tmp, tmp / "small.safetensors", "sleep", extra=["--enable-sleep-mode"], config="small")
@@ -263,6 +264,20 @@ def test_sleep_mode_vllm_endpoints(env):
         assert _http(s.port, "POST", "/sleep?level=3")[0] == 400
     finally:
         assert s.terminate() == 0, s.log()
+    # The same worker with fastsafetensors as its loader (start and reload): the same outputs.
+    f = Server(tmp, tmp / "small.safetensors", "sleep-fst", config="small",
+               extra=["--enable-sleep-mode", "--loader", "fastsafetensors"])
+    try:
+        f.wait_ready()
+        assert f.generate()[1]["tokens"] == before["tokens"]
+        assert _http(f.port, "POST", "/sleep?level=2")[1]["weights"] == "released"
+        assert _http(f.port, "POST", "/wake_up?tags=weights")[1]["weights"] == "empty"
+        code, r = _http(f.port, "POST", "/collective_rpc", {"method": "reload_weights"})
+        assert code == 200 and r["loader"] == "fastsafetensors" and r["bytes"] == ready["weight_bytes"], r
+        assert _http(f.port, "POST", "/wake_up?tags=kv_cache")[1]["status"] == "ready"
+        assert f.generate()[1]["tokens"] == before["tokens"]
+    finally:
+        assert f.terminate() == 0, f.log()
 
 
 def test_restart_reuses_weights_and_sigterm(env):

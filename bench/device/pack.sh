@@ -2,7 +2,8 @@
 # Gather what the GPU machine lacks into .carry/ (git-ignored), for the device tool's `carry`:
 # CRIU (as install/node.sh built it) and runc with their shared libraries, iptables-restore
 # (xtables-nft-multi, its libraries and extensions: CRIU's network lock needs it), and wheels of
-# thaw and of the Python packages the device image does not have.
+# thaw and of the Python packages the device image does not have (fastsafetensors: the example
+# worker's --loader fastsafetensors; its typer dependency is its CLI's only, so --no-deps suffices).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 C=.carry
@@ -24,6 +25,7 @@ bash install/criu-protos.sh "$T" "${THAW_BUILD_CACHE:-/var/cache/thaw}/criu_$(se
 /opt/thaw/venv/bin/pip wheel -q --no-deps -w "$C/wheels" "$T" 2>&1 | grep -v "is ignored" || true
 rm -rf "$T"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$C/wheels" pyroute2 tomlkit \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+  -d "$C/wheels" pyroute2 tomlkit fastsafetensors \
   "protobuf==$(/opt/thaw/venv/bin/python -c 'import google.protobuf as p; print(p.__version__)')" 2>&1 | grep -v "is ignored" || true
 du -sh "$C"; ls "$C/bin" "$C/wheels"

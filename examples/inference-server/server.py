@@ -372,9 +372,9 @@ class WeightArena:
             raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
         t = time.perf_counter()
         if loader == "fastsafetensors":
-            self._load_fastsafetensors(streams)
+            split = self._load_fastsafetensors(streams)
             return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams,
-                    "loader": loader}
+                    "loader": loader, **split}
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             ranges = [(off, min(chunk, self.nbytes - off)) for off in range(0, self.nbytes, chunk)]
@@ -412,8 +412,10 @@ class WeightArena:
             raise RuntimeError(f"--loader fastsafetensors: {e}; pip install fastsafetensors") from e
         fst = SafeTensorsFileLoader(None, str(self.device), nogds=True, max_threads=threads, set_numa=False)
         try:
+            t = time.perf_counter()
             fst.add_filenames({0: [self.path]})
             files = fst.copy_files_to_device()
+            read_s, t = time.perf_counter() - t, time.perf_counter()
             try:
                 for name, (_, _shape, a, b) in self.tensors.items():
                     self.buf[a:b].copy_(files.get_tensor(name).reshape(-1).view(torch.uint8))
@@ -425,6 +427,7 @@ class WeightArena:
             fst.close()
         if self.device.type == "cuda":
             empty_host_cache()
+        return {"fst_read_s": round(read_s, 6), "arena_copy_s": round(time.perf_counter() - t, 6)}
 
     def _load_cuda(self, fd, ranges, streams, chunk):
         import concurrent.futures
