@@ -410,7 +410,10 @@ class WeightArena:
             from fastsafetensors import SafeTensorsFileLoader
         except ImportError as e:
             raise RuntimeError(f"--loader fastsafetensors: {e}; pip install fastsafetensors") from e
-        fst = SafeTensorsFileLoader(None, str(self.device), nogds=True, max_threads=threads, set_numa=False)
+        device = self.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # it needs the index
+        fst = SafeTensorsFileLoader(None, str(device), nogds=True, max_threads=threads, set_numa=False)
         try:
             t = time.perf_counter()
             fst.add_filenames({0: [self.path]})
