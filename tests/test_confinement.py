@@ -544,3 +544,41 @@ def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
         assert set(restored.tasks) == set(pids) and restored.tasks[pid] == 1    # host pid -> container pid
     finally:
         src.destroy()
+
+
+def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_path):
+    """The filter count alone would let a restore whose tasks hold another filter pass: each
+    stopped thread's oldest filter is read from the kernel (PTRACE_SECCOMP_GET_FILTER) and must
+    be the profile's. A live tree of another profile (as many filters, so the count agrees) is
+    refused thread by thread; a tree of the profile itself passes, and is left stopped."""
+    env = world.env
+    reference = confinement.probe_reference(str(tmp_path), SECCOMP, "runc")
+    assert reference is not None
+    other = {**SECCOMP, "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_ERRNO"}]}
+    with Store(env.store).image_dir(Store(env.store).resolve(SnapshotRef("base", "1"), "_local")) as d:
+        images = criu_images.read(d, frozenset({"pid", "ipc", "uts", "mount", "network"}))
+    found = {}
+    for name, profile in (("other", other), ("same", SECCOMP)):
+        src = env.container(bundle(os.path.join(world.dir, unique(name)),
+                                   lambda spec: (restricted(spec), spec["linux"].update(seccomp=profile))))
+        assert src.create() == 0
+        src.start()
+        try:
+            src.wait_output(lambda t: len(ticks(t)) > 3)
+            pids = confinement.tree(src.pid())
+            for p in pids:
+                os.kill(p, signal.SIGSTOP)
+            wait_for(lambda: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids),
+                     10, "stop")
+            with open(os.path.join(src.bundle, "config.json")) as f:
+                spec = json.load(f)
+            spec["linux"]["seccomp"] = SECCOMP                   # the new spec: the base profile
+            excess, _ = confinement.kernel_excess(src.pid(), images, confinement.Grant.of(spec, reference))
+            found[name] = [e for e in excess if e.field == "seccomp (kernel)"]
+            # read and detached: every task is still stopped (none ran code)
+            assert all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids)
+        finally:
+            src.destroy()
+    assert len(found["other"]) == 3 + 1, found                   # every thread of python, and the child
+    assert "oldest filter sha256:" in found["other"][0].snapshot, found
+    assert found["same"] == [], found

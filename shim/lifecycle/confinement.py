@@ -251,10 +251,15 @@ def _seccomp_excess(th: criu_images.Thread, grant: Grant) -> tuple[str, str] | N
         return (f"{len(th.seccomp_chain)} filter(s), not provable",
                 "linux.seccomp's filter, of which this node holds no record (recorded when a container "
                 "of this profile is captured here)")
-    oldest_program, oldest_flags = th.seccomp_chain[0]
-    if (oldest_program, oldest_flags & ~SECCOMP_FILTER_FLAG_TSYNC) != ref:
-        return (f"oldest filter sha256:{hashlib.sha256(oldest_program).hexdigest()[:16]} "
-                f"({len(oldest_program) // 8} instructions, flags {oldest_flags:#x})",
+    return _filter_mismatch(*th.seccomp_chain[0], ref)
+
+
+def _filter_mismatch(program: bytes, flags: int, ref: tuple[bytes, int]) -> tuple[str, str] | None:
+    """(found, spec) if an oldest filter is not the profile's (TSYNC aside: CRIU's way of
+    restoring a chain all threads share, not a property of the filter)."""
+    if (program, flags & ~SECCOMP_FILTER_FLAG_TSYNC) != ref:
+        return (f"oldest filter sha256:{hashlib.sha256(program).hexdigest()[:16]} "
+                f"({len(program) // 8} instructions, flags {flags:#x})",
                 f"the profile's filter sha256:{hashlib.sha256(ref[0]).hexdigest()[:16]} "
                 f"({len(ref[0]) // 8} instructions, flags {ref[1]:#x})")
     return None
@@ -372,11 +377,14 @@ _PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 17
 _PTRACE_SECCOMP_GET_FILTER, _PTRACE_SECCOMP_GET_METADATA = 0x420C, 0x420D
 
 
-def _oldest_filter(pid: int) -> tuple[bytes, int] | None:
-    """The oldest seccomp filter of a process and its flags, read with ptrace while it is held in
-    a ptrace stop (the chain cannot change meanwhile)."""
+def _oldest_filter(pid: int, count: int | None = None) -> tuple[bytes, int] | None:
+    """The oldest seccomp filter of a thread (`pid`: any thread id) and its flags, read with
+    ptrace while it is held in a ptrace stop (the chain cannot change meanwhile). `count`: the
+    thread's Seccomp_filters, if the caller read its status already. A thread in a group stop (as
+    CRIU leaves a restore) returns to it on detach."""
     import ctypes
-    count = int(_fields(_read(f"/proc/{pid}/status")).get("Seccomp_filters", "0"))
+    if count is None:
+        count = int(_fields(_read(f"/proc/{pid}/status")).get("Seccomp_filters", "0"))
     if count < 1:
         return None
     libc = ctypes.CDLL(None, use_errno=True)
@@ -527,11 +535,27 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Exc
             elif mode != th.seccomp_mode or (mode == SECCOMP_FILTER and filters != len(th.seccomp_chain)):
                 out.append(Excess(vpid, vtid, "seccomp", f"mode {mode} with {filters} filter(s)",
                                   f"the images' mode {th.seccomp_mode} with {len(th.seccomp_chain)}"))
+            if grant.seccomp is not None and mode == SECCOMP_FILTER:
+                wrong = _kernel_filter_excess(int(tid_text), filters, grant)
+                if wrong:
+                    out.append(Excess(vpid, vtid, "seccomp (kernel)", *wrong))
     missing = sorted(set(want) - seen)
     if missing:
         out.append(Excess(root_pid, root_pid, "threads", f"{_ids(missing)} missing from the restored tree",
                           "every thread of the images"))
     return out, Restored(tasks)
+
+
+def _kernel_filter_excess(tid: int, count: int, grant: Grant) -> tuple[str, str] | None:
+    """(kernel, spec) unless the stopped thread's oldest filter, read from the kernel, is the
+    profile's: the images' bytes are what CRIU was asked to install, this is what it installed."""
+    ref = grant.seccomp_reference
+    if ref is None:
+        return f"{count} filter(s), not provable", "linux.seccomp's filter, of which this node holds no record"
+    found = _oldest_filter(tid, count)
+    if found is None:
+        return f"{count} filter(s), unreadable with ptrace", "linux.seccomp's filter"
+    return _filter_mismatch(*found, ref)
 
 
 def _ints(status: dict[str, str], key: str) -> tuple[int, ...]:
