@@ -560,7 +560,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
     found = {}
     for name, profile in (("other", other), ("same", SECCOMP)):
         src = env.container(bundle(os.path.join(world.dir, unique(name)),
-                                   lambda spec: (restricted(spec), spec["linux"].update(seccomp=profile))))
+                                   lambda spec, profile=profile: (restricted(spec), spec["linux"].update(seccomp=profile))))
         assert src.create() == 0
         src.start()
         try:
@@ -568,8 +568,8 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             pids = confinement.tree(src.pid())
             for p in pids:
                 os.kill(p, signal.SIGSTOP)
-            wait_for(lambda: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids),
-                     10, "stop")
+            wait_for(lambda pids=pids: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T"
+                                           for p in pids), 10, "stop")
             with open(os.path.join(src.bundle, "config.json")) as f:
                 spec = json.load(f)
             spec["linux"]["seccomp"] = SECCOMP                   # the new spec: the base profile
@@ -582,3 +582,60 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
     assert len(found["other"]) == 3 + 1, found                   # every thread of python, and the child
     assert "oldest filter sha256:" in found["other"][0].snapshot, found
     assert found["same"] == [], found
+
+
+# --- mounts and the UTS namespace: what CRIU makes beside the tasks ----------------------------------------
+
+def edit_mounts(images: str, change) -> None:
+    """Edit the container's mount tree (mountpoints-<id>.img) with `change(list of mnt_entry)`."""
+    [name] = [n for n in os.listdir(images) if n.startswith("mountpoints-")]
+    entries = criu_images.read_file(os.path.join(images, name), criu_images.MOUNTPOINTS_MAGIC,
+                                    criu_images.schemas().mount, False)
+    change(entries)
+    write(images, name, criu_images.MOUNTPOINTS_MAGIC, entries)
+
+
+def test_a_masked_path_unmasked(world):
+    """The spec masks /proc/keys; the images drop the mask (runc's mapping of the mask is only used
+    for an entry the images have): refused, naming the path."""
+    def unmask(entries):
+        entries[:] = [e for e in entries if e.mountpoint != "/proc/keys"]
+    ref = forge(world, "base:1", lambda images: edit_mounts(images, unmask))
+    cold_started(world, ref, "mount /proc/keys (maskedPaths)", "absent from the images")
+
+
+def test_a_read_only_path_made_writable(world):
+    def writable(entries):
+        [e] = [e for e in entries if e.mountpoint == "/proc/sys"]
+        e.flags &= ~criu_images.MS_RDONLY
+    ref = forge(world, "base:1", lambda images: edit_mounts(images, writable))
+    cold_started(world, ref, "mount /proc/sys (readonlyPaths) writable")
+
+
+def test_a_mount_the_spec_does_not_have(world):
+    """The host's disk, once bound at a path the spec never names and once mounted afresh in place
+    of the spec's /dev/shm tmpfs (fstype auto: CRIU would mount the device)."""
+    def host_bind(entries):
+        [usr] = [e for e in entries if e.mountpoint == "/usr"]
+        extra = type(usr)()
+        extra.CopyFrom(usr)
+        extra.mnt_id, extra.mountpoint, extra.root = 4000, "/srv", "/"
+        extra.ClearField("ext_key")
+        entries.append(extra)
+    ref = forge(world, "base:1", lambda images: edit_mounts(images, host_bind))
+    cold_started(world, ref, "mount /srv", "no such mount in the spec")
+
+    def disk_at_shm(entries):
+        [shm] = [e for e in entries if e.mountpoint == "/dev/shm"]
+        shm.fstype, shm.fsname, shm.source = criu_images.FSTYPE_AUTO, "ext4", "/dev/vda"
+    ref = forge(world, "base:1", lambda images: edit_mounts(images, disk_at_shm))
+    cold_started(world, ref, "mount /dev/shm", "ext4 source '/dev/vda'")
+
+
+def test_a_hostname_the_spec_does_not_set(world):
+    def rename(images):
+        [name] = [n for n in os.listdir(images) if n.startswith("utsns-")]
+        [uts] = read_one(images, name, criu_images.UTSNS_MAGIC, criu_images.schemas().uts)
+        uts.nodename = "not-the-pod"
+        write(images, name, criu_images.UTSNS_MAGIC, [uts])
+    cold_started(world, forge(world, "base:1", rename), "hostname 'not-the-pod'", "'thaw-test'")

@@ -129,12 +129,12 @@ def schemas() -> Any:
         import importlib
         try:
             mod = {name: importlib.import_module(f"{__package__}.criu_proto.{name}_pb2")
-                   for name in ("core", "pstree", "seccomp", "inventory")}
+                   for name in ("core", "pstree", "seccomp", "inventory", "mnt", "utsns")}
         except ImportError as exc:
             raise ImageError(f"CRIU's image schemas are not installed (install/node.sh generates them): "
                              f"{exc}") from exc
         _pb = _Schemas(mod["core"].core_entry, mod["pstree"].pstree_entry, mod["seccomp"].seccomp_entry,
-                       mod["inventory"].inventory_entry)
+                       mod["inventory"].inventory_entry, mod["mnt"].mnt_entry, mod["utsns"].utsns_entry)
     return _pb
 
 
@@ -144,6 +144,8 @@ class _Schemas:
     pstree: Any
     seccomp: Any
     inventory: Any
+    mount: Any
+    uts: Any
 
 
 _pb: _Schemas | None = None
@@ -269,10 +271,32 @@ class Task:
 
 
 @dataclass(frozen=True)
+class Mount:
+    """One entry of a mountpoints-<id>.img: a mount CRIU would make in the container."""
+    image: str
+    mountpoint: str         # in the container
+    fstype: int             # mnt.proto's fstype: MOUNT_FSTYPES
+    fsname: str
+    source: str
+    root: str
+    flags: int              # per-mount flags (MS_RDONLY, ...)
+    ext_key: str | None     # an external mount: runc's key, mapped at restore to what the spec names
+
+
+MS_RDONLY = 1
+# mnt.proto's fstype numbers, by the OCI mount type that makes each.
+MOUNT_FSTYPES = {"proc": 1, "sysfs": 2, "devtmpfs": 3, "tmpfs": 5, "devpts": 6, "cgroup": 12, "mqueue": 14,
+                 "cgroup2": 23}
+FSTYPE_AUTO = 16
+
+
+@dataclass(frozen=True)
 class Images:
     tasks: tuple[Task, ...]
     files: tuple[str, ...]
     arch: str
+    mounts: tuple[Mount, ...] = ()
+    uts: tuple[str, str] | None = None      # (nodename, domainname) CRIU sets in a UTS namespace it creates
 
 
 def _caps(words: Any) -> int:
@@ -400,7 +424,20 @@ def read(image_dir: str, namespaces: frozenset[str]) -> Images:
                           oom_score_adj=leader_tc.oom_score_adj if leader_tc.HasField("oom_score_adj") else None,
                           loginuid=leader_tc.loginuid if leader_tc.HasField("loginuid") else None,
                           threads=tuple(threads)))
-    return Images(tuple(tasks), tuple(names), arch)
+    mounts = []
+    uts = None
+    for name in names:
+        if name.startswith("mountpoints-"):
+            for m in read_file(path(image_dir, name), MOUNTPOINTS_MAGIC, pb.mount, False):
+                mounts.append(Mount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags,
+                                    m.ext_key if m.HasField("ext_key") else None))
+        elif name.startswith("utsns-") and "uts" in namespaces:
+            [u] = read_file(path(image_dir, name), UTSNS_MAGIC, pb.uts, True)
+            uts = (u.nodename, u.domainname)
+    return Images(tuple(tasks), tuple(names), arch, tuple(mounts), uts)
+
+
+MOUNTPOINTS_MAGIC, UTSNS_MAGIC = 0x55563928, 0x54473203
 
 
 SECCOMP_FILTER_FLAG_TSYNC = 1

@@ -251,7 +251,8 @@ def _seccomp_excess(th: criu_images.Thread, grant: Grant) -> tuple[str, str] | N
         return (f"{len(th.seccomp_chain)} filter(s), not provable",
                 "linux.seccomp's filter, of which this node holds no record (recorded when a container "
                 "of this profile is captured here)")
-    return _filter_mismatch(*th.seccomp_chain[0], ref)
+    program, flags = th.seccomp_chain[0]
+    return _filter_mismatch(program, flags, ref)
 
 
 def _filter_mismatch(program: bytes, flags: int, ref: tuple[bytes, int]) -> tuple[str, str] | None:
@@ -425,10 +426,90 @@ def check_images(image_dir: str, spec: dict[str, Any], grant: Grant) -> Images:
     """The images' tasks, if nothing in them exceeds the grant; else ConfinementError naming each
     excess (criu_images.ImageError for an image thaw does not restore)."""
     images = criu_images.read(image_dir, spec_namespaces(spec))
-    excess = images_excess(images, grant)
+    excess = images_excess(images, grant) + mount_excess(images, spec) + uts_excess(images, spec)
     if excess:
         raise ConfinementError(_describe("the snapshot's images", excess))
     return images
+
+
+def _clean(path: str) -> str:
+    return os.path.normpath("/" + path.lstrip("/"))
+
+
+def _is_bind(m: dict[str, Any]) -> bool:
+    return m.get("type") == "bind" or bool({"bind", "rbind"} & set(m.get("options") or []))
+
+
+def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
+    """The images' mount tree against the spec's: CRIU makes every mount its images list (runc
+    maps the spec's bind mounts and masks in as external ones, keyed by destination), so a forged
+    entry could unmask a masked path, make a read-only one writable, or mount what the spec never
+    asked for (a host disk: fstype auto). Every entry must be one the spec makes — the root, a
+    spec mount of its type (a bind: external under its destination's key), a mask (/dev/null or a
+    read-only tmpfs), a read-only path — with MS_RDONLY where the spec makes it read-only; every
+    masked or read-only path that exists on this node (the same kernel: fingerprint.py) must be
+    there. A mount the container made itself, or a submount under an rbind, is refused too
+    (cold start: not provable from the spec)."""
+    linux = spec.get("linux") or {}
+    masked = {_clean(p) for p in linux.get("maskedPaths") or []}
+    readonly = {_clean(p) for p in linux.get("readonlyPaths") or []}
+    mounts = {_clean(m["destination"]): m for m in spec.get("mounts") or [] if m.get("destination")}
+    root_ro = bool((spec.get("root") or {}).get("readonly"))
+    pid = images.tasks[0].pid if images.tasks else 0
+    out: list[Excess] = []
+
+    def add(mp: str, what: str, snap: str, want: str) -> None:
+        out.append(Excess(pid, pid, f"mount {mp}{what}", snap, want))
+    seen: set[str] = set()
+    for e in images.mounts:
+        mp = _clean(e.mountpoint)
+        seen.add(mp)
+        ro = bool(e.flags & criu_images.MS_RDONLY)
+        if mp == "/":
+            if root_ro and not ro:
+                add(mp, "", "writable", "read-only (root.readonly)")
+        elif mp in masked:
+            if not (e.ext_key == "/dev/null" or (e.fstype == criu_images.MOUNT_FSTYPES["tmpfs"] and ro)):
+                add(mp, " (maskedPaths)", f"a mount of {e.fsname or e.fstype} {e.ext_key or e.source}",
+                    "masked: /dev/null or a read-only tmpfs")
+        elif mp in readonly:
+            if not ro:
+                add(mp, " (readonlyPaths)", "writable", "read-only")
+        elif mp in mounts:
+            m = mounts[mp]
+            if _is_bind(m):
+                if e.ext_key != mp:
+                    add(mp, "", f"{'external ' + repr(e.ext_key) if e.ext_key else 'not external'}",
+                        f"the spec's bind mount of {m.get('source')!r} (external {mp!r})")
+            elif e.ext_key is not None or e.fstype != criu_images.MOUNT_FSTYPES.get(m.get("type", ""), -1) and not (
+                    e.fstype == criu_images.FSTYPE_AUTO and e.fsname == m.get("type") and e.source == m.get("source")):
+                add(mp, "", f"fstype {e.fsname or e.fstype} source {e.ext_key or e.source!r}",
+                    f"{m.get('type')} from {m.get('source')!r}")
+            if "ro" in (m.get("options") or []) and not ro:
+                add(mp, "", "writable", "read-only (options: ro)")
+        else:
+            add(mp, "", f"a mount of {e.fsname or e.fstype} {e.ext_key or e.source!r}",
+                "no such mount in the spec")
+    for mp in sorted((masked | readonly) - seen):
+        if mp.startswith(("/proc/", "/sys/")) and os.path.lexists(mp):
+            add(mp, " (maskedPaths)" if mp in masked else " (readonlyPaths)", "absent from the images",
+                "masked" if mp in masked else "read-only")
+    return out
+
+
+def uts_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
+    """The hostname and domain name CRIU would set in the container's own UTS namespace: those
+    the spec sets. (A UTS namespace joined by path is a pod's: not compared.)"""
+    if images.uts is None:
+        return []
+    own = any(n.get("type") == "uts" and not n.get("path") for n in (spec.get("linux") or {}).get("namespaces") or [])
+    pid = images.tasks[0].pid if images.tasks else 0
+    out = []
+    for field, got, want in (("hostname", images.uts[0], spec.get("hostname")),
+                             ("domainname", images.uts[1], spec.get("domainname"))):
+        if own and want is not None and got != want:
+            out.append(Excess(pid, pid, field, repr(got), repr(want)))
+    return out
 
 
 def _describe(where: str, excess: list[Excess]) -> str:
@@ -555,7 +636,8 @@ def _kernel_filter_excess(tid: int, count: int, grant: Grant) -> tuple[str, str]
     found = _oldest_filter(tid, count)
     if found is None:
         return f"{count} filter(s), unreadable with ptrace", "linux.seccomp's filter"
-    return _filter_mismatch(*found, ref)
+    program, flags = found
+    return _filter_mismatch(program, flags, ref)
 
 
 def _ints(status: dict[str, str], key: str) -> tuple[int, ...]:
