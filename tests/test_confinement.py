@@ -191,11 +191,17 @@ def forge(world: World, source: str, images=None, config=None) -> str:
 
 # --- what a user sees ------------------------------------------------------------------------------
 
-def cold_started(world: World, ref: str, *cause: str, uid: int = 0) -> str:
-    """Restore `ref` into the restricted spec: it must cold-start, say why (every word of `cause`
-    in the runtime log and the events log), and leave nothing of the restore behind."""
+def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None) -> str:
+    """Restore `ref` into the restricted spec (changed by `also`): it must cold-start, say why
+    (every word of `cause` in the runtime log and the events log), and leave nothing of the
+    restore behind."""
     env = world.env
-    dst = env.container(bundle(os.path.join(world.dir, unique("dst")), lambda spec: restricted(spec, uid), ref))
+
+    def change(spec):
+        restricted(spec, uid)
+        if also:
+            also(spec)
+    dst = env.container(bundle(os.path.join(world.dir, unique("dst")), change, ref))
     assert dst.create() == 0, dst.log_text()
     try:
         warnings = [e["msg"] for e in dst.log_entries() if e.get("level") == "warning"]
@@ -615,6 +621,12 @@ def test_a_read_only_path_made_writable(world):
 def test_a_mount_the_spec_does_not_have(world):
     """The host's disk, once bound at a path the spec never names and once mounted afresh in place
     of the spec's /dev/shm tmpfs (fstype auto: CRIU would mount the device)."""
+    def disk_at_shm(entries):
+        [shm] = [e for e in entries if e.mountpoint == "/dev/shm"]
+        shm.fstype, shm.fsname, shm.source = criu_images.FSTYPE_AUTO, "ext4", "/dev/vda"
+    ref = forge(world, "base:1", lambda images: edit_mounts(images, disk_at_shm))
+    cold_started(world, ref, "mount /dev/shm", "ext4 source '/dev/vda'")
+
     def host_bind(entries):
         [usr] = [e for e in entries if e.mountpoint == "/usr"]
         extra = type(usr)()
@@ -625,12 +637,6 @@ def test_a_mount_the_spec_does_not_have(world):
     ref = forge(world, "base:1", lambda images: edit_mounts(images, host_bind))
     cold_started(world, ref, "mount /srv", "no such mount in the spec")
 
-    def disk_at_shm(entries):
-        [shm] = [e for e in entries if e.mountpoint == "/dev/shm"]
-        shm.fstype, shm.fsname, shm.source = criu_images.FSTYPE_AUTO, "ext4", "/dev/vda"
-    ref = forge(world, "base:1", lambda images: edit_mounts(images, disk_at_shm))
-    cold_started(world, ref, "mount /dev/shm", "ext4 source '/dev/vda'")
-
 
 def test_a_hostname_the_spec_does_not_set(world):
     def rename(images):
@@ -639,3 +645,27 @@ def test_a_hostname_the_spec_does_not_set(world):
         uts.nodename = "not-the-pod"
         write(images, name, criu_images.UTSNS_MAGIC, [uts])
     cold_started(world, forge(world, "base:1", rename), "hostname 'not-the-pod'", "'thaw-test'")
+
+
+def read_only_root(spec: dict) -> None:
+    restricted(spec)
+    spec["root"]["readonly"] = True
+
+
+def test_a_read_only_rootfs_made_writable(world):
+    """Captured with a read-only rootfs (it restores into that spec); the images' root mount made
+    writable: refused."""
+    env = world.env
+    src = env.container(bundle(os.path.join(world.dir, unique("ro")), read_only_root))
+    assert src.create() == 0, src.log_text()
+    src.start()
+    src.wait_output(lambda t: len(ticks(t)) > 10)
+    env.thaw("capture", src.id, "--name", "ro:1", "--root", env.root)
+    src.destroy()
+    restored(world, "ro:1", read_only_root)
+
+    def writable_root(entries):
+        [root] = [e for e in entries if e.mountpoint == "/"]
+        root.flags &= ~criu_images.MS_RDONLY
+    ref = forge(world, "ro:1", lambda images: edit_mounts(images, writable_root))
+    cold_started(world, ref, "mount / writable", "root.readonly", also=lambda spec: spec["root"].update(readonly=True))
