@@ -581,8 +581,10 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             spec["linux"]["seccomp"] = SECCOMP                   # the new spec: the base profile
             excess, _ = confinement.kernel_excess(src.pid(), images, confinement.Grant.of(spec, reference))
             found[name] = [e for e in excess if e.field == "seccomp (kernel)"]
-            # read and detached: every task is still stopped (none ran code)
-            assert all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids)
+            # read and detached: every task goes back to its group stop (the kernel re-enters it
+            # before any return to user code)
+            wait_for(lambda pids=pids: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T"
+                                           for p in pids), 5, "back in the group stop")
         finally:
             src.destroy()
     assert len(found["other"]) == 3 + 1, found                   # every thread of python, and the child

@@ -375,37 +375,51 @@ def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tu
 
 
 _PTRACE_SEIZE, _PTRACE_INTERRUPT, _PTRACE_DETACH = 0x4206, 0x4207, 17
+_BPF_MAXINSNS = 4096
+_LIBC: Any = None
+
+
+def _libc() -> Any:
+    """libc with ptrace's prototype and a buffer for the longest filter, made once (the kernel
+    check reads every thread's filter)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ptrace.restype = ctypes.c_long
+        libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+        _LIBC = libc, ctypes.create_string_buffer(_BPF_MAXINSNS * 8)
+    return _LIBC
 _PTRACE_SECCOMP_GET_FILTER, _PTRACE_SECCOMP_GET_METADATA = 0x420C, 0x420D
 
 
-def _oldest_filter(pid: int, count: int | None = None) -> tuple[bytes, int] | None:
+def _oldest_filter(pid: int, count: int | None = None, stopped: bool = False) -> tuple[bytes, int] | None:
     """The oldest seccomp filter of a thread (`pid`: any thread id) and its flags, read with
     ptrace while it is held in a ptrace stop (the chain cannot change meanwhile). `count`: the
-    thread's Seccomp_filters, if the caller read its status already. A thread in a group stop (as
-    CRIU leaves a restore) returns to it on detach."""
+    thread's Seccomp_filters, if the caller read its status already. `stopped`: the thread is in
+    a group stop (as CRIU leaves a restore): seizing it already moves it into a ptrace stop (the
+    kernel waits for that in PTRACE_SEIZE), so no interrupt and wait; it returns to the group
+    stop on detach."""
     import ctypes
     if count is None:
         count = int(_fields(_read(f"/proc/{pid}/status")).get("Seccomp_filters", "0"))
     if count < 1:
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.ptrace.restype = ctypes.c_long
-    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    libc, buf = _libc()
     if libc.ptrace(_PTRACE_SEIZE, pid, None, None) != 0:
         return None
     try:
-        libc.ptrace(_PTRACE_INTERRUPT, pid, None, None)
-        os.waitpid(pid, 0x40000000)                      # __WALL: the ptrace stop
         index = count - 1                                # 0 is the newest
-        n = libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, None)
+        n = libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, buf) if stopped else -1
+        if n < 0:                                        # running (the probe), or no longer stopped
+            libc.ptrace(_PTRACE_INTERRUPT, pid, None, None)
+            os.waitpid(pid, 0x40000000)                  # __WALL: the ptrace stop
+            n = libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, buf)
         if n <= 0:
-            return None
-        buf = ctypes.create_string_buffer(n * 8)
-        if libc.ptrace(_PTRACE_SECCOMP_GET_FILTER, pid, index, buf) != n:
             return None
         meta = (ctypes.c_uint64 * 2)(index, 0)
         flags = int(meta[1]) if libc.ptrace(_PTRACE_SECCOMP_GET_METADATA, pid, 16, meta) == 16 else 0
-        return buf.raw, flags
+        return ctypes.string_at(buf, n * 8), flags
     finally:
         libc.ptrace(_PTRACE_DETACH, pid, None, None)
 
@@ -617,7 +631,7 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Exc
                 out.append(Excess(vpid, vtid, "seccomp", f"mode {mode} with {filters} filter(s)",
                                   f"the images' mode {th.seccomp_mode} with {len(th.seccomp_chain)}"))
             if grant.seccomp is not None and mode == SECCOMP_FILTER:
-                wrong = _kernel_filter_excess(int(tid_text), filters, grant)
+                wrong = _kernel_filter_excess(int(tid_text), filters, grant, st.get("State", "").startswith("T"))
                 if wrong:
                     out.append(Excess(vpid, vtid, "seccomp (kernel)", *wrong))
     missing = sorted(set(want) - seen)
@@ -627,13 +641,13 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Exc
     return out, Restored(tasks)
 
 
-def _kernel_filter_excess(tid: int, count: int, grant: Grant) -> tuple[str, str] | None:
+def _kernel_filter_excess(tid: int, count: int, grant: Grant, stopped: bool) -> tuple[str, str] | None:
     """(kernel, spec) unless the stopped thread's oldest filter, read from the kernel, is the
     profile's: the images' bytes are what CRIU was asked to install, this is what it installed."""
     ref = grant.seccomp_reference
     if ref is None:
         return f"{count} filter(s), not provable", "linux.seccomp's filter, of which this node holds no record"
-    found = _oldest_filter(tid, count)
+    found = _oldest_filter(tid, count, stopped)
     if found is None:
         return f"{count} filter(s), unreadable with ptrace", "linux.seccomp's filter"
     program, flags = found
