@@ -1,7 +1,8 @@
 """What proving a restore's credentials costs (shim/lifecycle/confinement.py): the image check (every
 task and thread of the CRIU images decoded and compared with the spec) and the kernel check
-(every restored thread's /proc status read while CRIU leaves them stopped, then SIGCONT), on a
-snapshot of a process with 200 threads, restored for real through thaw-runtime.
+(every restored thread's /proc status and, the spec having a seccomp profile, its oldest filter
+read with ptrace while CRIU leaves them stopped, then SIGCONT), on a snapshot of a process with
+200 threads, restored for real through thaw-runtime.
 
     python bench/confinement.py [--threads 200] [--restores 10]
 

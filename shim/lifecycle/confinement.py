@@ -4,8 +4,11 @@ hint, checked earlier by fingerprint.py, and may only refuse):
 
   images_excess()   before CRIU runs: every task and thread of the snapshot's CRIU images
                     (shim/drivers/criu_images.py) against what the spec grants
+  mount_excess(), uts_excess()
+                    before CRIU runs: the images' mount tree and hostname against the spec's
   kernel_excess()   after CRIU restored the tasks and left them stopped, before any of them runs
-                    user code: every thread's /proc status against the same grant
+                    user code: every thread's /proc status and oldest seccomp filter (ptrace)
+                    against the same grant
   resume()          then let them run (SIGCONT)
 
 A thread may hold less than the spec grants, never more. Seccomp: the filter the spec's profile
