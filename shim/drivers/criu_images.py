@@ -284,10 +284,11 @@ class Mount:
 
 
 MS_RDONLY = 1
-# mnt.proto's fstype numbers, by the OCI mount type that makes each.
-MOUNT_FSTYPES = {"proc": 1, "sysfs": 2, "devtmpfs": 3, "tmpfs": 5, "devpts": 6, "cgroup": 12, "mqueue": 14,
-                 "cgroup2": 23}
-FSTYPE_AUTO = 16
+# mnt.proto's fstype numbers, by the OCI mount type that makes each (runc mounts cgroup2 for a
+# "cgroup" mount on a cgroup v2 node).
+MOUNT_FSTYPES = {"proc": {1}, "sysfs": {2}, "devtmpfs": {3}, "tmpfs": {5}, "devpts": {6}, "cgroup": {12, 23},
+                 "mqueue": {14}, "cgroup2": {23}}
+FSTYPE_TMPFS, FSTYPE_DEVPTS, FSTYPE_AUTO = 5, 6, 16
 
 
 @dataclass(frozen=True)

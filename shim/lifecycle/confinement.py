@@ -472,6 +472,7 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
     readonly = {_clean(p) for p in linux.get("readonlyPaths") or []}
     mounts = {_clean(m["destination"]): m for m in spec.get("mounts") or [] if m.get("destination")}
     root_ro = bool((spec.get("root") or {}).get("readonly"))
+    terminal = bool((spec.get("process") or {}).get("terminal"))
     pid = images.tasks[0].pid if images.tasks else 0
     out: list[Excess] = []
 
@@ -486,7 +487,7 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
             if root_ro and not ro:
                 add(mp, "", "writable", "read-only (root.readonly)")
         elif mp in masked:
-            if not (e.ext_key == "/dev/null" or (e.fstype == criu_images.MOUNT_FSTYPES["tmpfs"] and ro)):
+            if not (e.ext_key == "/dev/null" or (e.fstype == criu_images.FSTYPE_TMPFS and ro)):
                 add(mp, " (maskedPaths)", f"a mount of {e.fsname or e.fstype} {e.ext_key or e.source}",
                     "masked: /dev/null or a read-only tmpfs")
         elif mp in readonly:
@@ -498,12 +499,14 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
                 if e.ext_key != mp:
                     add(mp, "", f"{'external ' + repr(e.ext_key) if e.ext_key else 'not external'}",
                         f"the spec's bind mount of {m.get('source')!r} (external {mp!r})")
-            elif e.ext_key is not None or e.fstype != criu_images.MOUNT_FSTYPES.get(m.get("type", ""), -1) and not (
+            elif e.ext_key is not None or e.fstype not in criu_images.MOUNT_FSTYPES.get(m.get("type", ""), ()) and not (
                     e.fstype == criu_images.FSTYPE_AUTO and e.fsname == m.get("type") and e.source == m.get("source")):
                 add(mp, "", f"fstype {e.fsname or e.fstype} source {e.ext_key or e.source!r}",
                     f"{m.get('type')} from {m.get('source')!r}")
             if "ro" in (m.get("options") or []) and not ro:
                 add(mp, "", "writable", "read-only (options: ro)")
+        elif mp == "/dev/console" and terminal and e.fstype == criu_images.FSTYPE_DEVPTS and e.ext_key is None:
+            pass                                         # runc binds the container's pty there
         else:
             add(mp, "", f"a mount of {e.fsname or e.fstype} {e.ext_key or e.source!r}",
                 "no such mount in the spec")
