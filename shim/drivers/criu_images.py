@@ -280,6 +280,7 @@ class Mount:
     source: str
     root: str
     flags: int              # per-mount flags (MS_RDONLY, ...)
+    sb_flags: int           # the superblock's (a remount without MS_BIND sets MS_RDONLY here)
     ext_key: str | None     # an external mount: runc's key, mapped at restore to what the spec names
 
 
@@ -288,7 +289,7 @@ MS_RDONLY = 1
 # "cgroup" mount on a cgroup v2 node).
 MOUNT_FSTYPES = {"proc": {1}, "sysfs": {2}, "devtmpfs": {3}, "tmpfs": {5}, "devpts": {6}, "cgroup": {12, 23},
                  "mqueue": {14}, "cgroup2": {23}}
-FSTYPE_TMPFS, FSTYPE_DEVPTS, FSTYPE_AUTO = 5, 6, 16
+FSTYPE_TMPFS, FSTYPE_DEVPTS, FSTYPE_CGROUP, FSTYPE_AUTO = 5, 6, 12, 16
 
 
 @dataclass(frozen=True)
@@ -430,7 +431,7 @@ def read(image_dir: str, namespaces: frozenset[str]) -> Images:
     for name in names:
         if name.startswith("mountpoints-"):
             for m in read_file(path(image_dir, name), MOUNTPOINTS_MAGIC, pb.mount, False):
-                mounts.append(Mount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags,
+                mounts.append(Mount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags, m.sb_flags,
                                     m.ext_key if m.HasField("ext_key") else None))
         elif name.startswith("utsns-") and "uts" in namespaces:
             [u] = read_file(path(image_dir, name), UTSNS_MAGIC, pb.uts, True)

@@ -482,7 +482,7 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
     for e in images.mounts:
         mp = _clean(e.mountpoint)
         seen.add(mp)
-        ro = bool(e.flags & criu_images.MS_RDONLY)
+        ro = bool((e.flags | e.sb_flags) & criu_images.MS_RDONLY)
         if mp == "/":
             if root_ro and not ro:
                 add(mp, "", "writable", "read-only (root.readonly)")
@@ -499,12 +499,23 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
                 if e.ext_key != mp:
                     add(mp, "", f"{'external ' + repr(e.ext_key) if e.ext_key else 'not external'}",
                         f"the spec's bind mount of {m.get('source')!r} (external {mp!r})")
+            elif m.get("type") == "cgroup" and e.fstype == criu_images.FSTYPE_TMPFS and e.ext_key is None:
+                # cgroup v1: runc's tmpfs holding a bind per hierarchy (each checked below); the
+                # images of a real capture record it writable even under "ro": nothing but
+                # runc's empty directories in it
+                continue
             elif e.ext_key is not None or e.fstype not in criu_images.MOUNT_FSTYPES.get(m.get("type", ""), ()) and not (
                     e.fstype == criu_images.FSTYPE_AUTO and e.fsname == m.get("type") and e.source == m.get("source")):
                 add(mp, "", f"fstype {e.fsname or e.fstype} source {e.ext_key or e.source!r}",
                     f"{m.get('type')} from {m.get('source')!r}")
             if "ro" in (m.get("options") or []) and not ro:
                 add(mp, "", "writable", "read-only (options: ro)")
+        elif (e.fstype == criu_images.FSTYPE_CGROUP and e.ext_key in (None, mp) and os.path.dirname(mp) in mounts
+              and mounts[os.path.dirname(mp)].get("type") == "cgroup"):
+            # cgroup v1: runc binds each hierarchy below the spec's cgroup mount (external under its
+            # destination), read-only where that mount is
+            if "ro" in (mounts[os.path.dirname(mp)].get("options") or []) and not ro:
+                add(mp, "", "writable", "read-only (the cgroup mount's options: ro)")
         elif mp == "/dev/console" and terminal and e.fstype == criu_images.FSTYPE_DEVPTS and e.ext_key is None:
             pass                                         # runc binds the container's pty there
         else:
