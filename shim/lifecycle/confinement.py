@@ -457,6 +457,14 @@ def _is_bind(m: dict[str, Any]) -> bool:
     return m.get("type") == "bind" or bool({"bind", "rbind"} & set(m.get("options") or []))
 
 
+def _same_type(e: criu_images.Mount, m: dict[str, Any]) -> bool:
+    """Whether CRIU would make the spec mount `m`'s kind of filesystem (auto: by name, from the
+    spec's own source only)."""
+    if e.fstype in criu_images.MOUNT_FSTYPES.get(m.get("type", ""), ()):
+        return True
+    return e.fstype == criu_images.FSTYPE_AUTO and e.fsname == m.get("type") and e.source == m.get("source")
+
+
 def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
     """The images' mount tree against the spec's: CRIU makes every mount its images list (runc
     maps the spec's bind mounts and masks in as external ones, keyed by destination), so a forged
@@ -504,8 +512,7 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
                 # images of a real capture record it writable even under "ro": nothing but
                 # runc's empty directories in it
                 continue
-            elif e.ext_key is not None or e.fstype not in criu_images.MOUNT_FSTYPES.get(m.get("type", ""), ()) and not (
-                    e.fstype == criu_images.FSTYPE_AUTO and e.fsname == m.get("type") and e.source == m.get("source")):
+            elif e.ext_key is not None or not _same_type(e, m):
                 add(mp, "", f"fstype {e.fsname or e.fstype} source {e.ext_key or e.source!r}",
                     f"{m.get('type')} from {m.get('source')!r}")
             if "ro" in (m.get("options") or []) and not ro:
