@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(USAGE)
         sys.exit(2)
     from thaw.oci import ThawError
-    from thaw.oci.state import OciState
+    from thaw.oci.runtime_state import OciState
     from thaw.shim.node.config import load
     try:
         cfg = load()

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from thaw.oci.state import OciState
+from thaw.oci.runtime_state import OciState
 from thaw.shim.node.config import Config
 
 

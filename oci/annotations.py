@@ -95,10 +95,10 @@ class SnapshotRef:
     @classmethod
     def registry(cls, text: str) -> SnapshotRef:
         """A registry reference as a snapshot name; a bare repository means its `latest` tag."""
-        from .reference import Reference, ReferenceError
+        from .reference import InvalidReference, Reference
         try:
             ref = Reference.parse(text)
-        except ReferenceError as exc:
+        except InvalidReference as exc:
             raise AnnotationError(str(exc)) from None
         if ref.tag is None and ref.digest is None:
             ref = Reference(ref.registry, ref.repository, DEFAULT_TAG)

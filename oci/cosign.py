@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import LayoutError, check_digest
+from .layout import LayoutError
+from .reference import check_digest
 
 PAYLOAD_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -36,7 +37,7 @@ class SignatureFormatError(LayoutError):
 
 def tag_for(digest: str) -> str:
     """The tag cosign stores the signatures of manifest `digest` under."""
-    return check_digest(digest).replace(":", "-", 1) + ".sig"
+    return check_digest(digest, error=LayoutError).replace(":", "-", 1) + ".sig"
 
 
 def digest_of_tag(tag: str) -> str | None:
@@ -48,7 +49,7 @@ def digest_of_tag(tag: str) -> str | None:
 def payload(repository: str, digest: str) -> bytes:
     """The simple-signing payload for manifest `digest` of REGISTRY/REPO `repository`."""
     return json.dumps({"critical": {"identity": {"docker-reference": repository},
-                                    "image": {"docker-manifest-digest": check_digest(digest)},
+                                    "image": {"docker-manifest-digest": check_digest(digest, error=LayoutError)},
                                     "type": PAYLOAD_TYPE},
                        "optional": None}).encode()
 
@@ -163,7 +164,7 @@ def signature_layers(data: bytes) -> list[SignatureLayer]:
         if not isinstance(sig, str) or not isinstance(size, int) or not 0 < size <= MAX_PAYLOAD:
             continue
         try:
-            out.append(SignatureLayer(check_digest(str(layer.get("digest"))), size,
+            out.append(SignatureLayer(check_digest(str(layer.get("digest")), error=LayoutError), size,
                                       base64.b64decode(sig, validate=True)))
         except (binascii.Error, LayoutError):
             continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ from typing import IO, Any, Protocol
 
 from . import ThawError
 from .files import atomic_write
+from .reference import check_digest
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 4 << 20
 
 
@@ -51,17 +50,11 @@ class Descriptor:
             media_type = str(obj["mediaType"])
         except (KeyError, TypeError, ValueError) as exc:
             raise LayoutError(f"malformed descriptor {obj!r}") from exc
-        check_digest(digest)
+        check_digest(digest, error=LayoutError)
         if size < 0:
             raise LayoutError(f"negative size in descriptor {digest}")
         ann = obj.get("annotations")
         return cls(media_type, digest, size, dict(ann) if isinstance(ann, dict) else None)
-
-
-def check_digest(digest: str) -> str:
-    if not _DIGEST.match(digest):
-        raise LayoutError(f"unsupported or malformed digest {digest!r}")
-    return digest
 
 
 def sha256_file(path: str) -> tuple[str, int]:
@@ -116,7 +109,7 @@ class ImageLayout:
 
     # --- paths ----------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> str:
-        algo, hexd = check_digest(digest).split(":", 1)
+        algo, hexd = check_digest(digest, error=LayoutError).split(":", 1)
         return os.path.join(self.root, "blobs", algo, hexd)
 
     @property

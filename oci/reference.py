@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from . import ThawError
+
 DEFAULT_TAG = "latest"
 # Distribution's reference grammar, anchored per part.
 _HOST_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -23,7 +25,7 @@ _ANY_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 MAX_NAME = 255
 
 
-class ReferenceError(ValueError):
+class InvalidReference(ThawError, ValueError):
     """A value is not a valid registry reference; the message says which part and why."""
 
 
@@ -45,9 +47,9 @@ class Reference:
     def parse(cls, value: str) -> Reference:
         text = value.strip()
         if not text:
-            raise ReferenceError("empty registry reference")
+            raise InvalidReference("empty registry reference")
         if not is_registry_reference(text):
-            raise ReferenceError(f"{value!r} is not a registry reference: want REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]")
+            raise InvalidReference(f"{value!r} is not a registry reference: want REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]")
         name, at, digest = text.partition("@")
         if at:
             check_digest(digest, value)
@@ -59,11 +61,11 @@ class Reference:
         if colon > slash:
             rest, tag = rest[:colon], rest[colon + 1:]
             if not _TAG.match(tag):
-                raise ReferenceError(f"invalid tag {tag!r} in {value!r}: want [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}")
+                raise InvalidReference(f"invalid tag {tag!r} in {value!r}: want [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}")
         check_registry(registry, value)
         check_repository(rest, value)
         if len(registry) + 1 + len(rest) > MAX_NAME:
-            raise ReferenceError(f"registry and repository of {value!r} are longer than {MAX_NAME} characters")
+            raise InvalidReference(f"registry and repository of {value!r} are longer than {MAX_NAME} characters")
         return cls(registry, rest, tag, digest or None)
 
     @property
@@ -97,35 +99,37 @@ class Reference:
 def check_registry(host: str, value: str = "") -> str:
     what = f" in {value!r}" if value else ""
     if not host:
-        raise ReferenceError(f"missing registry host{what}")
+        raise InvalidReference(f"missing registry host{what}")
     if not ("." in host or ":" in host or host == "localhost"):
-        raise ReferenceError(
+        raise InvalidReference(
             f"{host!r}{what} is not a registry host (it must contain '.' or ':', or be 'localhost'; "
             f"there is no default registry: write e.g. docker.io/{host}/...)")
     if not _HOST.match(host):
-        raise ReferenceError(f"invalid registry host {host!r}{what}: want HOST[:PORT]")
+        raise InvalidReference(f"invalid registry host {host!r}{what}: want HOST[:PORT]")
     port = host.rpartition(":")[2] if not host.endswith("]") and ":" in host else None
     if port is not None and not 0 < int(port) < 65536:
-        raise ReferenceError(f"invalid port in registry host {host!r}{what}")
+        raise InvalidReference(f"invalid port in registry host {host!r}{what}")
     return host
 
 
 def check_repository(repo: str, value: str = "") -> str:
     what = f" in {value!r}" if value else ""
     if not repo:
-        raise ReferenceError(f"missing repository{what}: want REGISTRY/REPOSITORY")
+        raise InvalidReference(f"missing repository{what}: want REGISTRY/REPOSITORY")
     for part in repo.split("/"):
         if not _PATH_COMPONENT.match(part):
             hint = " (repositories are lowercase)" if part.lower() != part else ""
-            raise ReferenceError(
+            raise InvalidReference(
                 f"invalid repository component {part!r}{what}{hint}: want [a-z0-9]+ joined by '.', '_', '__' or '-'")
     return repo
 
 
-def check_digest(digest: str, value: str = "") -> str:
+def check_digest(digest: str, value: str = "", error: type[Exception] = InvalidReference) -> str:
+    """`digest` if it is `sha256:` and 64 lowercase hex digits (the one digest check of oci/);
+    else `error` (the caller's format error) naming what is wrong, and where when `value` is given."""
     what = f" in {value!r}" if value and value != digest else ""
     if _DIGEST.match(digest):
         return digest
     if _ANY_DIGEST.match(digest) and not digest.startswith("sha256:"):
-        raise ReferenceError(f"unsupported digest algorithm {digest.partition(':')[0]!r}{what}: only sha256")
-    raise ReferenceError(f"invalid digest {digest!r}{what}: want sha256: and 64 lowercase hex digits")
+        raise error(f"unsupported digest algorithm {digest.partition(':')[0]!r}{what}: only sha256")
+    raise error(f"invalid digest {digest!r}{what}: want sha256: and 64 lowercase hex digits")

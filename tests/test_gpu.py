@@ -10,7 +10,7 @@ import pytest
 
 from conftest import gpu_skip
 from thaw.shim.drivers import cuda
-from thaw.shim.phases import Phases
+from thaw.shim.timing import PhaseTimer
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +56,7 @@ def test_checkpoint_and_restore_keep_gpu_data(worker):
     assert cuda.state(pid) == "CHECKPOINTED"
     assert not any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/nvidia")
                    for fd in os.listdir(f"/proc/{pid}/fd"))
-    phases = Phases()
+    phases = PhaseTimer()
     assert cuda.restore_tree(pid, None, phases) == [pid]
     assert cuda.state(pid) == "RUNNING" and phases.times["cuda_restore"] > 0
     worker.stdin.write("go\n")

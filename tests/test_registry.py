@@ -32,11 +32,11 @@ from thaw.shim.registry.client import EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE
 from thaw.shim.registry.errors import (  # noqa: E402
     AuthError,
     Cancelled,
-    ConfigError,
     DigestMismatchError,
     LocalFileError,
     NetworkError,
     NotFoundError,
+    RegistryConfigError,
 )
 from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress  # noqa: E402
 from thaw.shim.registry.transfer import Journal, pull_blobs, push_blobs  # noqa: E402
@@ -425,7 +425,7 @@ def test_tls_needs_the_ca_and_plain_http_needs_listing_except_on_loopback(tls_re
                                                  "[fe80::1]:5000", "127.0.0.1.nip.io"))
         remote = Transport("registry.example:5000")
         assert remote.scheme == "https"
-        with pytest.raises(ConfigError):
+        with pytest.raises(RegistryConfigError):
             remote._check_url("http://registry.example:5000/v2/", ("", ""))
         assert Transport("registry.example:5000", tls_registry.settings(None, insecure_hosts=("registry.example:5000",))
                          ).scheme == "http"
@@ -443,7 +443,7 @@ def test_redirect_to_blob_storage_drops_authorization(tls_registry, tmp_path):
         target = BlobRange(blob.digest, str(tmp_path / "dst"), 0, blob.size)
         # The storage side is another origin; plain HTTP to it must be allowed explicitly.
         with RegistryClient(proxy.host, tls_registry.settings(creds, insecure_hosts=(proxy.host,))) as c, \
-                pytest.raises(ConfigError) as err:
+                pytest.raises(RegistryConfigError) as err:
             c.download_blob(repo, target)
         assert proxy.storage_host in str(err.value)
         insecure = (proxy.host, proxy.storage_host)

@@ -12,7 +12,7 @@ import stat
 import pytest
 
 from thaw.shim.registry.auth import load_credentials, parse_challenge, repository_scope
-from thaw.shim.registry.errors import ConfigError
+from thaw.shim.registry.errors import RegistryConfigError
 from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress, human_bytes, human_duration
 from thaw.shim.registry.transfer import BlobProgress, Progress
 
@@ -55,7 +55,7 @@ def test_auths_entries_in_every_form(tmp_path):
 def test_malformed_config_is_a_config_error(tmp_path, content, fragment):
     path = tmp_path / "c.json"
     path.write_text(content)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(RegistryConfigError) as err:
         load_credentials(str(path), "r.example.com")
     assert fragment in str(err.value) and "r.example.com" in str(err.value)
 
@@ -88,10 +88,10 @@ def test_credential_helpers(tmp_path, monkeypatch):
     # credsStore has nothing for this host: the auths entry is used.
     f = load_credentials(cfg, "fallback.example.com")
     assert (f.username, f.password) == ("f", "g")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(RegistryConfigError) as err:
         load_credentials(cfg, "x.example.com")
     assert "boom" in str(err.value) and "exit 2" in str(err.value)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(RegistryConfigError) as err:
         load_credentials(cfg, "m.example.com")
     assert "docker-credential-missing is not on PATH" in str(err.value)
 

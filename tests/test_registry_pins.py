@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from thaw.shim.registry.client import BlobRange, RegistryClient
-from thaw.shim.registry.errors import ConfigError, DigestMismatchError
+from thaw.shim.registry.errors import DigestMismatchError, RegistryConfigError
 from thaw.shim.registry.transport import Settings
 
 BLOB = os.urandom(200_000)
@@ -117,7 +117,7 @@ def token_registry(servers, realm_host_of):
 def test_a_token_realm_over_plain_http_is_refused_unless_that_host_is_insecure(servers):
     reg, realm = token_registry(servers, lambda realm: realm.host)
     with RegistryClient(reg.host, Settings(insecure_hosts=(reg.host,))) as c:
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(RegistryConfigError) as err:
             c.list_tags("team/app")
         assert "refusing http://" + realm.host in str(err.value)
     assert realm.seen == []                                     # nothing was sent to it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from thaw.oci.reference import Reference, ReferenceError, is_registry_reference
+from thaw.oci.reference import InvalidReference, Reference, is_registry_reference
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -51,7 +51,7 @@ def test_parse_and_round_trip(text, registry, repo, tag, digest):
     ("", "empty"),
 ])
 def test_invalid_references_say_what_is_wrong(text, fragment):
-    with pytest.raises(ReferenceError) as err:
+    with pytest.raises(InvalidReference) as err:
         Reference.parse(text)
     assert fragment in str(err.value)
 
@@ -65,5 +65,5 @@ def test_a_value_is_a_registry_reference_exactly_when_it_has_a_slash():
 def test_with_digest_pins_a_tagged_reference():
     ref = Reference.parse("example.com/a/b:v1").with_digest(DIGEST)
     assert str(ref) == f"example.com/a/b:v1@{DIGEST}" and ref.reference == DIGEST
-    with pytest.raises(ReferenceError):
+    with pytest.raises(InvalidReference):
         Reference.parse("example.com/a/b:v1").with_digest("sha256:1")

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..layout import INDEX_MEDIA_TYPE, LAYOUT_VERSION, REF_NAME, Descriptor, LayoutError, check_digest
+from ..layout import INDEX_MEDIA_TYPE, LAYOUT_VERSION, REF_NAME, Descriptor, LayoutError
+from ..reference import check_digest
 from .manifest import Snapshot, index_entry
 from .media import MANIFEST_MEDIA_TYPE, MAX_META, SnapshotFormatError
 
@@ -98,7 +99,7 @@ def scan_archive(path: str, max_bytes: int) -> ArchiveIndex:
                     continue
                 if not name.startswith("blobs/sha256/"):
                     raise SnapshotFormatError(f"unexpected archive entry {member.name!r}")
-                digest = check_digest("sha256:" + name[len("blobs/sha256/"):])
+                digest = check_digest("sha256:" + name[len("blobs/sha256/"):], error=LayoutError)
                 if digest in members:
                     raise SnapshotFormatError(f"archive holds blob {digest} twice")
                 total += member.size

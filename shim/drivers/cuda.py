@@ -23,7 +23,7 @@ import psutil
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
-from thaw.shim.phases import Phases
+from thaw.shim.timing import PhaseTimer
 
 LOCK_TIMEOUT_MS = 10_000
 NVIDIA_MAJOR = 195
@@ -343,7 +343,7 @@ class CaptureSession:
             raise CudaError(self.root_pid, "resume of the source", "; ".join(errors))
 
 
-def restore_tree(root_pid: int, pairs: list[tuple[str, str]] | None, phases: Phases) -> list[int]:
+def restore_tree(root_pid: int, pairs: list[tuple[str, str]] | None, phases: PhaseTimer) -> list[int]:
     """After a CRIU restore: restore and unlock every checkpointed CUDA process of the tree."""
     pids = cuda_pids(root_pid, ("CHECKPOINTED",))
     for pid in pids:

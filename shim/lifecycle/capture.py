@@ -26,7 +26,7 @@ from thaw.shim.drivers import rootfs
 from thaw.shim.drivers.runc import Runc
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store
-from thaw.shim.phases import Phases
+from thaw.shim.timing import PhaseTimer
 
 from . import fingerprint
 
@@ -76,7 +76,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         steps = ann.EngineSteps((ann.Step("POST", quiesce, timeout=120.0),) if quiesce else (),
                                 (ann.Step("POST", resume, timeout=120.0),) if resume else ())
     store = Store.for_config(cfg).init()
-    phases = Phases()
+    phases = PhaseTimer()
 
     with store.staging("capture") as staging:
         images = staging.new_dir("images")

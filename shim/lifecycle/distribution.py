@@ -207,7 +207,7 @@ _REGISTRY_HINTS = (
     ("AuthError", " (check the credentials in registry.auth_file and what they may access)"),
     ("NotFoundError", " (check the reference: registry, repository and tag)"),
     ("DigestMismatchError", " (the registry served other bytes than the manifest names; none were kept)"),
-    ("ConfigError", " (see registry.insecure / registry.ca_file / registry.auth_file in the node config)"),
+    ("RegistryConfigError", " (see registry.insecure / registry.ca_file / registry.auth_file in the node config)"),
 )
 
 

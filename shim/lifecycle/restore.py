@@ -29,7 +29,7 @@ from thaw.shim.node import provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import Record
 from thaw.shim.node.store import Store
-from thaw.shim.phases import Phases
+from thaw.shim.timing import PhaseTimer
 
 from . import fingerprint
 from .container import Container
@@ -54,7 +54,7 @@ class Plan:
     request: ann.ThawRequest
     snapshot: fmt.Snapshot
     gpus: list[Gpu] | None         # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
-    phases: Phases
+    phases: PhaseTimer
     cuda_init: threading.Thread | None = None   # importing cuda-python and cuInit, meanwhile
     weights: object | None = None   # weights.Prefetch: the weight files, being verified and read meanwhile
 
@@ -67,7 +67,7 @@ RESUME_BUDGET = 100.0
 def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -> Plan:
     """Decide whether what `c` asks can be restored into it here. `node`: this node's facts
     (default: measured now)."""
-    phases = Phases()
+    phases = PhaseTimer()
     request, bundle, cfg, namespace = c.request, c.bundle, c.cfg, c.namespace
     snap = phases.run("resolve", store.resolve, request.snapshot, namespace,
                       cfg.policy.readable_from(namespace))

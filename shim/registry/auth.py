@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import RegistryConfigError
 
 HELPER_TIMEOUT_S = 30
 # A helper answers this (on stdout, exit 1) when it simply has nothing for the host.
@@ -59,9 +59,9 @@ def load_credentials(config_path: str | None, registry: str) -> Credentials | No
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read registry credentials file {config_path}: {exc}", registry) from exc
+        raise RegistryConfigError(f"cannot read registry credentials file {config_path}: {exc}", registry) from exc
     if not isinstance(cfg, dict):
-        raise ConfigError(f"registry credentials file {config_path} is not a JSON object", registry)
+        raise RegistryConfigError(f"registry credentials file {config_path} is not a JSON object", registry)
     host = registry.lower()
     helpers = {_host_key(k): v for k, v in (cfg.get("credHelpers") or {}).items()}
     if host in helpers:
@@ -84,9 +84,9 @@ def _from_auths_entry(entry: dict[str, Any], registry: str, path: str) -> Creden
         try:
             user, sep, password = base64.b64decode(str(entry["auth"]), validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"malformed 'auth' for {registry} in {path}: not base64 of user:password", registry) from exc
+            raise RegistryConfigError(f"malformed 'auth' for {registry} in {path}: not base64 of user:password", registry) from exc
         if not sep:
-            raise ConfigError(f"malformed 'auth' for {registry} in {path}: no ':' between user and password", registry)
+            raise RegistryConfigError(f"malformed 'auth' for {registry} in {path}: no ':' between user and password", registry)
         return Credentials(user, password, source=source)
     if entry.get("username") or entry.get("password"):
         return Credentials(str(entry.get("username", "")), str(entry.get("password", "")), source=source)
@@ -97,22 +97,22 @@ def _from_helper(name: str, registry: str, path: str) -> Credentials | None:
     prog = f"docker-credential-{name}"
     exe = shutil.which(prog)
     if not exe:
-        raise ConfigError(f"{path} names the credential helper {name!r} for {registry}, but {prog} is not on PATH",
+        raise RegistryConfigError(f"{path} names the credential helper {name!r} for {registry}, but {prog} is not on PATH",
                           registry)
     try:
         proc = subprocess.run([exe, "get"], input=registry, capture_output=True, text=True, timeout=HELPER_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ConfigError(f"credential helper {prog} failed: {exc}", registry) from exc
+        raise RegistryConfigError(f"credential helper {prog} failed: {exc}", registry) from exc
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr).strip()
         if _HELPER_NOT_FOUND in out.lower():
             return None
-        raise ConfigError(f"credential helper {prog} failed (exit {proc.returncode}): {out[:200]}", registry)
+        raise RegistryConfigError(f"credential helper {prog} failed (exit {proc.returncode}): {out[:200]}", registry)
     try:
         ans = json.loads(proc.stdout)
         user, secret = str(ans.get("Username", "")), str(ans["Secret"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"credential helper {prog} printed no JSON with a Secret", registry) from exc
+        raise RegistryConfigError(f"credential helper {prog} printed no JSON with a Secret", registry) from exc
     source = f"credential helper {prog}"
     if user == "<token>":  # docker's marker for an identity (refresh) token
         return Credentials(identity_token=secret, source=source)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import urllib3
 
-from thaw.oci.reference import ReferenceError, check_digest
+from thaw.oci.reference import InvalidReference, check_digest
 
 from .auth import repository_scope
 from .errors import (
@@ -75,7 +75,7 @@ class BlobRange:
     def __post_init__(self) -> None:
         try:
             check_digest(self.digest)
-        except ReferenceError as exc:
+        except InvalidReference as exc:
             raise ValueError(str(exc)) from None
         if self.offset < 0 or self.size < 0:
             raise ValueError(f"negative offset or size for blob {self.digest}")

@@ -3,12 +3,13 @@ to differently. Every message names the registry, and the repository and digest 
 
 from __future__ import annotations
 
+from thaw.oci import ThawError
 from thaw.shim.safetext import remote as _remote_text
 
 MESSAGE_MAX = 1000  # characters of one error message (a registry's body inside it is capped lower)
 
 
-class RegistryError(Exception):
+class RegistryError(ThawError):
     """Base of every error raised by thaw.shim.registry."""
 
     def __init__(self, message: str, registry: str = "", repository: str = "", digest: str = ""):
@@ -24,7 +25,7 @@ class RegistryError(Exception):
         super().__init__(f"{where}: {message}" if where else message)
 
 
-class ConfigError(RegistryError):
+class RegistryConfigError(RegistryError):
     """The caller's settings cannot work: plain HTTP to a host not listed as insecure, an
     unreadable credentials file or CA bundle, a credential helper that is missing or fails."""
 

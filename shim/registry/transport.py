@@ -34,11 +34,11 @@ from .auth import Challenge, Credentials, load_credentials, parse_challenge
 from .errors import (
     AuthError,
     Cancelled,
-    ConfigError,
     DigestMismatchError,
     NetworkError,
     NotFoundError,
     ProtocolError,
+    RegistryConfigError,
     RegistryError,
 )
 
@@ -99,7 +99,7 @@ class Transport:
             try:
                 ctx.load_verify_locations(cafile=self.settings.ca_bundle)
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load CA bundle {self.settings.ca_bundle}: {exc}", self.registry) from exc
+                raise RegistryConfigError(f"cannot load CA bundle {self.settings.ca_bundle}: {exc}", self.registry) from exc
         return ctx
 
     def close(self) -> None:
@@ -201,7 +201,7 @@ class Transport:
             return
         if parts.scheme == "http" and parts.netloc.lower() in self._insecure:
             return
-        raise ConfigError(f"refusing {parts.scheme}://{parts.netloc}: plain HTTP only for the hosts listed as "
+        raise RegistryConfigError(f"refusing {parts.scheme}://{parts.netloc}: plain HTTP only for the hosts listed as "
                           f"insecure ({', '.join(sorted(self._insecure)) or 'none'})", self.registry, *where)
 
     # --- authentication -------------------------------------------------------------------------

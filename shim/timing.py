@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-class Phases:
+class PhaseTimer:
     """Seconds per named phase, in the order first seen; a repeated name adds up."""
 
     def __init__(self) -> None:
