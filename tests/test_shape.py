@@ -192,3 +192,37 @@ def test_a_create_parses_names_and_reads_once(tmp_path, monkeypatch):
     outcome = create.create(c)
     assert isinstance(outcome, create.ColdStart) and outcome.code == "incompatible", outcome
     assert counts == {"parse_request": 0, "namespace_of": 0, "ContainerState": 0, "MountTable.read": 1}
+
+
+def _thaw_modules() -> list[str]:
+    import pkgutil
+
+    import thaw.hooks
+    import thaw.shim
+    names = []
+    for pkg in (thaw.oci, thaw.shim, thaw.hooks):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if not info.name.endswith("__main__"):
+                names.append(info.name)
+    return names
+
+
+def test_every_error_is_a_thaw_error_and_no_name_is_shared_or_builtin():
+    """One error base (ThawError), no class named like a builtin, no two classes of one name."""
+    import builtins
+    import importlib
+    import inspect
+    errors, seen = [], {}
+    for name in _thaw_modules():
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != name:
+                continue
+            if issubclass(cls, BaseException) and not issubclass(cls, thaw.oci.ThawError):
+                errors.append(f"{name}.{cls_name} does not derive from ThawError")
+            if hasattr(builtins, cls_name):
+                errors.append(f"{name}.{cls_name} shadows a builtin")
+            if cls_name in seen:
+                errors.append(f"{name}.{cls_name} shares its name with {seen[cls_name]}.{cls_name}")
+            seen[cls_name] = name
+    assert not errors, "\n".join(errors)

@@ -610,12 +610,12 @@ def _fields(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class Restored:
+class RestoredTree:
     """The restored tree as the kernel check found it: host pid -> pid in the container."""
     tasks: dict[int, int]
 
 
-def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Excess], Restored]:
+def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Excess], RestoredTree]:
     """Every thread of the restored tree, as the kernel has it, against the grant; and the tree
     itself against the images (the same tasks and threads, each seccomp chain as long)."""
     out: list[Excess] = []
@@ -662,7 +662,7 @@ def kernel_excess(root_pid: int, images: Images, grant: Grant) -> tuple[list[Exc
     if missing:
         out.append(Excess(root_pid, root_pid, "threads", f"{_ids(missing)} missing from the restored tree",
                           "every thread of the images"))
-    return out, Restored(tasks)
+    return out, RestoredTree(tasks)
 
 
 def _kernel_filter_excess(tid: int, count: int, grant: Grant, stopped: bool) -> tuple[str, str] | None:
@@ -687,14 +687,14 @@ def _last(nspid: str | None, default: int) -> int:
     return int(fields[-1]) if fields else default
 
 
-def check_kernel(root_pid: int, images: Images, grant: Grant) -> Restored:
+def check_kernel(root_pid: int, images: Images, grant: Grant) -> RestoredTree:
     excess, restored = kernel_excess(root_pid, images, grant)
     if excess:
         raise ConfinementError(_describe("the restored tasks (kernel)", excess))
     return restored
 
 
-def resume(restored: Restored, images: Images) -> None:
+def resume(restored: RestoredTree, images: Images) -> None:
     """Let the restored tasks run: SIGCONT to each task CRIU left stopped at thaw's request (a
     task that was stopped when captured stays stopped)."""
     stopped = {t.pid for t in images.tasks if t.state == criu_images.TASK_STOPPED}
