@@ -271,7 +271,7 @@ class Task:
 
 
 @dataclass(frozen=True)
-class Mount:
+class ImageMount:
     """One entry of a mountpoints-<id>.img: a mount CRIU would make in the container."""
     image: str
     mountpoint: str         # in the container
@@ -297,7 +297,7 @@ class Images:
     tasks: tuple[Task, ...]
     files: tuple[str, ...]
     arch: str
-    mounts: tuple[Mount, ...] = ()
+    mounts: tuple[ImageMount, ...] = ()
     uts: tuple[str, str] | None = None      # (nodename, domainname) CRIU sets in a UTS namespace it creates
 
 
@@ -431,7 +431,7 @@ def read(image_dir: str, namespaces: frozenset[str]) -> Images:
     for name in names:
         if name.startswith("mountpoints-"):
             for m in read_file(path(image_dir, name), MOUNTPOINTS_MAGIC, pb.mount, False):
-                mounts.append(Mount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags, m.sb_flags,
+                mounts.append(ImageMount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags, m.sb_flags,
                                     m.ext_key if m.HasField("ext_key") else None))
         elif name.startswith("utsns-") and "uts" in namespaces:
             [u] = read_file(path(image_dir, name), UTSNS_MAGIC, pb.uts, True)

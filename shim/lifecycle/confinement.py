@@ -457,7 +457,7 @@ def _is_bind(m: dict[str, Any]) -> bool:
     return m.get("type") == "bind" or bool({"bind", "rbind"} & set(m.get("options") or []))
 
 
-def _same_type(e: criu_images.Mount, m: dict[str, Any]) -> bool:
+def _same_type(e: criu_images.ImageMount, m: dict[str, Any]) -> bool:
     """Whether CRIU would make the spec mount `m`'s kind of filesystem (auto: by name, from the
     spec's own source only)."""
     if e.fstype in criu_images.MOUNT_FSTYPES.get(m.get("type", ""), ()):
