@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import sys
 
+from thaw.oci import ThawError
+from thaw.oci.runtime_state import OciState
+from thaw.shim.lifecycle import autocapture
+from thaw.shim.node.config import load
+
+from . import stages
+
 USAGE = ("usage: thaw-hook prestart|poststop < state.json | thaw-hook watch CONTAINER_ID PID | "
          "thaw-hook prepare NAMESPACE SNAPSHOT [CONTAINER_ID]\n")
 
@@ -25,13 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("prestart", "createRuntime", "poststop", "watch", "prepare"):
         sys.stderr.write(USAGE)
         sys.exit(2)
-    from thaw.oci import ThawError
-    from thaw.oci.runtime_state import OciState
-    from thaw.shim.node.config import load
     try:
         cfg = load()
         if argv[0] == "watch":
-            from thaw.shim.lifecycle import autocapture
             if len(argv) != 3 or not argv[2].isdigit():
                 sys.stderr.write(USAGE)
                 sys.exit(2)
@@ -41,13 +44,11 @@ def main(argv: list[str] | None = None) -> None:
             if len(argv) not in (3, 4):
                 sys.stderr.write(USAGE)
                 sys.exit(2)
-            from . import stages
             sys.exit(stages.prepare(cfg, argv[1], argv[2], argv[3] if len(argv) == 4 else None))
         oci_state = OciState.read(sys.stdin.buffer)
     except ThawError as exc:
         sys.stderr.write(f"thaw-hook: {exc}\n")
         sys.exit(1)
-    from . import stages
     stage = stages.poststop if argv[0] == "poststop" else stages.prestart
     sys.exit(stage(oci_state, cfg))
 

@@ -9,13 +9,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
 from thaw.oci.runtime_state import OciState
+from thaw.shim.lifecycle import autocapture, prefetch
+from thaw.shim.lifecycle.recovery import finish
+from thaw.shim.node import events
 from thaw.shim.node.config import Config
+from thaw.shim.node.state import ContainerState, Phase
 
 
 def prestart(oci_state: OciState, cfg: Config) -> int:
-    from thaw.shim.node import events
-    from thaw.shim.node.state import ContainerState, Phase
     try:
         st = ContainerState(cfg.state_dir, oci_state.id)
     except ValueError:
@@ -25,7 +31,6 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
         return 0                               # not a container thaw handles
     if record.phase == Phase.COLD and record.capture and not record.watcher and oci_state.pid:
         try:
-            from thaw.shim.lifecycle import autocapture
             st.update(watcher=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid).to_json())
         except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
             events.emit(cfg, "hook_error", f"auto-capture watcher not started: {exc}", oci_state.id, "error")
@@ -33,7 +38,6 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
 
 
 def poststop(oci_state: OciState, cfg: Config) -> int:
-    from thaw.shim.lifecycle.recovery import finish
     finish(cfg, oci_state.id, "poststop")
     return 0
 
@@ -43,11 +47,7 @@ def prepare(cfg: Config, namespace: str, snapshot: str, container_id: str | None
     registry reference the node lacks), in the background of its sandbox's create; at idle I/O
     priority, with no file but its own open. Stopped by SIGTERM, which thaw-runtime sends when
     `container_id` (the sandbox) is deleted: the pod that asked is gone, so is the reason."""
-    import os
-    import signal
 
-    from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
-    from thaw.shim.lifecycle import prefetch
     os.closerange(3, 65536)
     try:
         ref = SnapshotRef.parse(snapshot)

@@ -5,7 +5,12 @@ Imported on the runtime's hot path: plain classes, and `re` only when a referenc
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+
 from . import ThawError
+from .reference import InvalidReference, Reference, is_registry_reference
 
 TYPE_CHECKING = False  # typing and the reference parser stay unimported until needed
 if TYPE_CHECKING:
@@ -64,7 +69,6 @@ class SnapshotRef:
         """A file-name-safe key (lock files): a registry reference is hashed."""
         if self.remote is None:
             return f"{self.name}_{self.tag}"
-        import hashlib
         return "r-" + hashlib.sha256(str(self).encode()).hexdigest()[:32]
 
     def __repr__(self) -> str:
@@ -78,13 +82,11 @@ class SnapshotRef:
 
     @classmethod
     def parse(cls, text: str) -> SnapshotRef:
-        from .reference import is_registry_reference
         if is_registry_reference(text):
             return cls.registry(text)
         name, sep, tag = text.strip().partition(":")
         if not sep:
             tag = DEFAULT_TAG
-        import re
         # Names become file-system keys and OCI ref names: keep them to a safe alphabet.
         if not re.match(_NAME, name):
             raise AnnotationError(f"invalid snapshot name {name!r} in {text!r}: want [a-z0-9][a-z0-9._-]*")
@@ -95,7 +97,6 @@ class SnapshotRef:
     @classmethod
     def registry(cls, text: str) -> SnapshotRef:
         """A registry reference as a snapshot name; a bare repository means its `latest` tag."""
-        from .reference import InvalidReference, Reference
         try:
             ref = Reference.parse(text)
         except InvalidReference as exc:
@@ -128,7 +129,6 @@ class Step:
         want = self.until.get("json") or {}
         if not want:
             return True
-        import json
         try:
             got = json.loads(body)
         except ValueError:
@@ -260,7 +260,6 @@ def parse_engine_steps(annotations: dict[str, str], args: list[str] | tuple[str,
     base = (annotations.get(ENGINE_URL) or "").strip().rstrip("/")
     if base:
         _url(ENGINE_URL, base, ("http://",))
-        import re
         if not re.fullmatch(r"http://[A-Za-z0-9.\[\]:-]+", base):
             raise AnnotationError(f"{ENGINE_URL}: {base!r} must be http://HOST[:PORT], without a path")
     model = model_path(engine or "", args) if engine else None
@@ -268,7 +267,6 @@ def parse_engine_steps(annotations: dict[str, str], args: list[str] | tuple[str,
         spec = _PRESETS[engine]
         base = base or f"http://127.0.0.1:{_PRESET_PORTS[engine]}"
     else:
-        import json
         try:
             spec = json.loads(custom or "")
         except ValueError as exc:
@@ -318,7 +316,6 @@ def valid_namespace(ns: str) -> bool:
     """A Kubernetes namespace (a DNS label) or LOCAL_NAMESPACE."""
     if ns == LOCAL_NAMESPACE:
         return True
-    import re
     return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", ns))
 
 

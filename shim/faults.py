@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 from thaw.oci import ThawError
 
@@ -51,7 +52,6 @@ def point(name: str) -> None:
 
 def _act(name: str, action: str) -> None:
     if action.startswith("sleep:"):
-        import time
         time.sleep(float(action[len("sleep:"):]))
     elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

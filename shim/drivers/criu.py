@@ -9,10 +9,12 @@ binary's path, size and mtime: running `criu --version` costs 40-120 ms of every
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -182,8 +184,6 @@ def measure_thp_fill(cache_dir: str, scratch: str, mib: int = 256, threads: int 
     slower): measure it the way CRIU's page fill works — several threads preadv a page-cache-hot
     file into fresh anonymous memory, advised MADV_HUGEPAGE or MADV_NOHUGEPAGE, alternating — and
     keep the answer for `hugepages: auto`."""
-    import mmap
-    import threading
     size = mib << 20
     path = os.path.join(scratch, f".thaw-thp-probe-{os.getpid()}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -21,11 +21,14 @@ fields) is refused rather than guessed at.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from thaw.oci import ThawError
 
@@ -126,7 +129,6 @@ def schemas() -> Any:
     """The generated modules (imported on first use: ~10 ms, only on the restore path)."""
     global _pb
     if _pb is None:
-        import importlib
         try:
             mod = {name: importlib.import_module(f"{__package__}.criu_proto.{name}_pb2")
                    for name in ("core", "pstree", "seccomp", "inventory", "mnt", "utsns")}
@@ -187,7 +189,6 @@ def read_bytes(path: str, limit: int = 1 << 26) -> bytes:
 
 
 def decode(data: bytes, magic: int, message: Any, one: bool, name: str) -> list[Any]:
-    from google.protobuf.message import DecodeError
     head = header(name, magic)
     if not data.startswith(head):
         raise ImageError(f"{name}: not a {name.split('.')[0].rstrip('-0123456789')} image (wrong magic)")
@@ -363,7 +364,6 @@ NETNS_MAGIC = 0x55933752
 
 
 def _check_external_netns(image_dir: str, name: str) -> None:
-    import importlib
     entry_type = importlib.import_module(f"{__package__}.criu_proto.netdev_pb2").netns_entry
     for entry in read_file(os.path.join(image_dir, name), NETNS_MAGIC, entry_type, False):
         fields = [f.name for f, _ in entry.ListFields()]

@@ -13,8 +13,11 @@ no CUDA call and is what the fingerprint compares.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +50,6 @@ def available() -> bool:
     third of a second) nor calls CUDA: a restore starts that in the background (init_quietly)."""
     if not os.path.exists("/dev/nvidiactl"):
         return False
-    import importlib.util
     try:
         return importlib.util.find_spec("cuda.bindings.driver") is not None
     except ImportError:
@@ -59,7 +61,7 @@ def driver() -> Any:
     global _driver
     if _driver is None:
         try:
-            from cuda.bindings import driver as d
+            from cuda.bindings import driver as d  # noqa: PLC0415 - cuda-python: GPU nodes only, optional, and ~0.5 s with cuInit
         except ImportError as exc:
             raise CudaError(None, "init", "cuda-python (cuda-bindings) is not installed") from exc
         err, = d.cuInit(0)
@@ -258,8 +260,6 @@ def gpu_pairs(snapshot_uuids: list[str], container_uuids: list[str]) -> list[tup
 def device_memory(pids: list[int]) -> int:
     """Device memory (bytes) the given host pids hold on any GPU, as the driver reports it
     (nvidia-smi's compute-apps query: NVML's per-process used memory)."""
-    import shutil
-    import subprocess
     smi = shutil.which("nvidia-smi")
     if not smi:
         return 0

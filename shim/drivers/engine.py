@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,7 +121,6 @@ class ContainerView:
                 json_body: dict[str, Any] | None = None) -> tuple[int, str]:
         """An HTTP request made from inside the container's network namespace (a POST sends
         `json_body` as JSON, else nothing)."""
-        import urllib.request  # noqa: F401 - imported here, before the fork: only a call pays for it
 
         def call() -> dict[str, Any]:
             status, body = _request(url, method, timeout, json_body)
@@ -157,9 +162,6 @@ _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 
 def _loopback_up() -> dict[str, Any]:
-    import fcntl
-    import socket
-    import struct
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))
         flags = struct.unpack("16sH22x", ifreq)[1]
@@ -169,8 +171,6 @@ def _loopback_up() -> dict[str, Any]:
 
 
 def _request(url: str, method: str, timeout: float, json_body: dict[str, Any] | None = None) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
     data = json.dumps(json_body).encode() if json_body is not None else b"" if method == "POST" else None
     req = urllib.request.Request(url, method=method, data=data,
                                  headers={"Content-Type": "application/json"} if json_body is not None else {})
@@ -187,7 +187,6 @@ def run_steps(view: ContainerView, steps: Sequence[Step], what: str, budget: flo
     each within its own timeout and, all together, within `budget` seconds. A step that fails (a
     non-2xx answer, no answer, or a poll that never matches) stops the rest: EngineError naming it.
     Returns what each step took."""
-    import time
     start = time.monotonic()
     done: list[dict[str, Any]] = []
     for i, step in enumerate(steps):

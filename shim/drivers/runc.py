@@ -10,6 +10,7 @@ start. The error text is carried into the exception instead.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -180,7 +181,6 @@ class Runc:
         The config file is named by the `org.criu.config` annotation, which replaces any the
         container's spec carries (a spec must never choose CRIU's options), and is removed again
         from config.json afterwards."""
-        import fcntl
         flags: dict[str, str | bool] = {"detach": True, "bundle": bundle.path, "image-path": image_path,
                                         "work-path": work_path, "pid-file": pid_file}
         if console_socket:

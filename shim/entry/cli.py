@@ -14,8 +14,20 @@ import click
 
 from thaw.oci import ThawError
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
+from thaw.shim.lifecycle import distribution, prefetch
+from thaw.shim.lifecycle.capture import capture as do_capture
+from thaw.shim.lifecycle.capture import report
+from thaw.shim.lifecycle.importer import import_archive, open_store
+from thaw.shim.node import events as ev
 from thaw.shim.node.config import Config, load
+from thaw.shim.node.provenance import check_restorable, generate
+from thaw.shim.node.store import Store
+from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
 from thaw.shim.registry.progress import human_bytes as _human
+from thaw.shim.safetext import printable
+
+from .doctor import fix as fix_node
+from .doctor import run_checks
 
 if TYPE_CHECKING:
     from thaw.shim.node.store import Store
@@ -45,18 +57,15 @@ def _one_line_errors(fn: Callable[_P, _T]) -> Callable[_P, _T]:
         try:
             return fn(*args, **kwargs)
         except (ThawError, OSError) as exc:
-            from thaw.shim.safetext import printable  # messages may quote what a registry sent
             raise click.ClickException(printable(exc, None, lines=True)) from exc
     return wrapper
 
 
 def _store(ctx: click.Context) -> Store:
     """The node's store; a format 1 store (thaw 0.1) is converted by the first command that opens it."""
-    from thaw.shim.node.store import Store
     store = Store.for_config(_cfg(ctx))
     if not store.is_format_1():
         return store
-    from thaw.shim.lifecycle.importer import open_store
     return open_store(store)
 
 
@@ -99,8 +108,6 @@ def capture(ctx: click.Context, container_id: str, name: str, root: str | None, 
             resume: str | None, no_gpu: bool) -> None:
     """Checkpoint a running container into snapshot NAME of the container's namespace (its pod's
     Kubernetes namespace, or _local)."""
-    from thaw.shim.lifecycle.capture import capture as do_capture
-    from thaw.shim.lifecycle.capture import report
     cfg, ref = _cfg(ctx), _ref(name)
     try:
         snap = do_capture(cfg, container_id, ref, root=root, leave_running=not exit_,
@@ -123,7 +130,6 @@ def capture(ctx: click.Context, container_id: str, name: str, root: str | None, 
 def ls(ctx: click.Context, namespace: str | None, as_json: bool) -> None:
     """List snapshots in the store: size on disk (a blob shared by several counts for each), last
     use (restore, else publish), where each came from."""
-    from thaw.shim.node.provenance import check_restorable
     store = _store(ctx)
     rows: list[dict[str, Any]] = []
     snaps = store.snapshots(namespace)
@@ -207,7 +213,6 @@ def gc(ctx: click.Context, max_bytes: int | None, as_json: bool) -> None:
 def inspect(ctx: click.Context, name: str, namespace: str) -> None:
     """Show a snapshot's manifest digest, provenance (and whether this node's trust config lets
     it be restored), signatures and config as JSON."""
-    from thaw.shim.node.provenance import check_restorable
     store = _store(ctx)
     snap = store.resolve(_ref(name), namespace)
     prov = store.provenance(snap)
@@ -258,7 +263,6 @@ def import_(ctx: click.Context, file: str, namespace: str) -> None:
     """Import snapshots from an OCI archive FILE into namespace -n (the archive does not choose):
     each must carry a signature by a key trust.keys trusts (or trust.unsigned name "import");
     digests verified before anything becomes visible."""
-    from thaw.shim.lifecycle.importer import import_archive
     store = _store(ctx)
     for s in import_archive(store, file, _cfg(ctx), namespace):
         captured_in = f" (captured in {s.config.namespace})" if s.config.namespace != s.namespace else ""
@@ -268,7 +272,6 @@ def import_(ctx: click.Context, file: str, namespace: str) -> None:
 
 def _progress(as_json: bool) -> JsonLinesProgress | TerminalProgress | None:
     """Progress on a terminal; JSON lines (one per blob, and a summary) with --json; else nothing."""
-    from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
     if as_json:
         return JsonLinesProgress(sys.stdout)
     return TerminalProgress(sys.stderr) if sys.stderr.isatty() else None
@@ -286,7 +289,6 @@ def push(ctx: click.Context, name: str, reference: str | None, namespace: str, a
     """Push snapshot NAME to the registry REFERENCE (REGISTRY/REPO:TAG; default: NAME itself, when
     it is one). Blobs the registry already has are skipped. --sign: sign it for that repository
     (cosign's key-based form, verifiable with `cosign verify --key`)."""
-    from thaw.shim.lifecycle import distribution
     ref = _ref(name)
     result = distribution.push(_cfg(ctx), _store(ctx), ref, namespace, distribution.target_of(ref, reference),
                                _progress(as_json), sign=sign)
@@ -309,7 +311,6 @@ def pull(ctx: click.Context, reference: str, name: str | None, namespace: str | 
     namespace -n (default: the one namespace registry.pull lets pull from there; never what the
     snapshot says). Its signature is verified against trust.keys before anything is fetched,
     every blob before the snapshot becomes visible; an interrupted pull resumes where it stopped."""
-    from thaw.shim.lifecycle import distribution
     source = _ref(reference).remote
     if source is None:
         raise click.BadParameter(f"{reference!r} is not a registry reference (REGISTRY/REPO:TAG)")
@@ -330,7 +331,6 @@ def pull(ctx: click.Context, reference: str, name: str | None, namespace: str | 
 def warm(ctx: click.Context, name: str, namespace: str) -> None:
     """Read snapshot NAME into the page cache ahead of the pods that will restore it (what a pod's
     sandbox create starts by itself)."""
-    from thaw.shim.lifecycle import prefetch
     ref = _ref(name)
     show = sys.stderr.isatty()
 
@@ -361,7 +361,6 @@ def key_generate(directory: str, name: str) -> None:
     """Write a new ECDSA P-256 key pair: DIRECTORY/NAME.key (PKCS#8 PEM, 0600: for
     trust.signing_key, where signing happens) and DIRECTORY/NAME.pub (for trust.keys, and for
     `cosign verify --key`)."""
-    from thaw.shim.node.provenance import generate
     private, public, kid = generate(directory, name)
     click.echo(f"wrote {private} and {public}; key id {kid}")
 
@@ -375,8 +374,6 @@ def key_generate(directory: str, name: str) -> None:
 def events(ctx: click.Context, follow: bool, container: str | None, as_json: bool) -> None:
     """Show what thaw did on this node: restores, cold starts (with the reason), refusals,
     captures, hook errors, container ends."""
-    from thaw.shim.node import events as ev
-    from thaw.shim.safetext import printable
     state_dir = _cfg(ctx).state_dir
 
     def show(e: dict[str, Any]) -> None:
@@ -407,8 +404,6 @@ def events(ctx: click.Context, follow: bool, container: str | None, as_json: boo
 def doctor(ctx: click.Context, quiet: bool, skip_containerd: bool, fix: bool) -> None:
     """Check this node: CRIU, runc, kernel, store and state permissions, containerd's thaw
     handler. Non-zero on problems."""
-    from .doctor import fix as fix_node
-    from .doctor import run_checks
     _store(ctx)                          # converts a store thaw 0.1 left (node.sh runs doctor)
     if fix:
         for line in fix_node(_cfg(ctx)):

@@ -6,11 +6,19 @@ import contextlib
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 
-from thaw.shim.drivers import criu
+from thaw.oci.files import make_private_dir
+from thaw.shim.containerd.checks import doctor_checks
+from thaw.shim.drivers import criu, cuda
 from thaw.shim.drivers.runc import Runc
+from thaw.shim.lifecycle import recovery
+from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node.config import Config, ConfigError
+from thaw.shim.node.provenance import ProvenanceError, check_public_key, signing_key
+from thaw.shim.node.state import ContainerState, Phase
+from thaw.shim.node.store import Store
 
 Check = tuple[bool, str, str]
 
@@ -64,7 +72,6 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
         "CONFIG_CHECKPOINT_RESTORE present" if ns_last_pid else "/proc/sys/kernel/ns_last_pid missing"
     if cfg.hook:
         # runc runs hooks with an empty environment: the hook must start from nothing.
-        import subprocess
         try:
             proc = subprocess.run([cfg.hook], env={}, capture_output=True, timeout=30)
             ok = proc.returncode == 2 and b"usage" in proc.stderr
@@ -78,7 +85,6 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
     yield _owner_only(cfg.state_dir)
     yield from _trust(cfg)
 
-    from thaw.shim.drivers import cuda
     if os.path.exists("/dev/nvidiactl"):
         yield cuda.available(), "cuda-python", "importable" if cuda.available() else \
             "missing: pip install cuda-bindings into thaw's virtualenv (install/node.sh does this on GPU nodes)"
@@ -88,14 +94,12 @@ def run_checks(cfg: Config, containerd: bool = True) -> Iterator[Check]:
 
     # containerd: is the runtime handler "thaw" registered (only where containerd is installed)?
     if containerd:
-        from thaw.shim.containerd.checks import doctor_checks
         yield from doctor_checks()
 
 
 def _trust(cfg: Config) -> Iterator[Check]:
     """Every key trust.keys names must load (an unusable one is silently not trusted); the signing
     key, if any, must load and be root-only."""
-    from thaw.shim.node.provenance import ProvenanceError, check_public_key, signing_key
     keys = sorted({p for paths in cfg.trust.keys.values() for p in paths})
     for path in keys:
         try:
@@ -115,7 +119,6 @@ def _trust(cfg: Config) -> Iterator[Check]:
 
 
 def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
-    from thaw.oci.files import make_private_dir
     lock = "network-lock nftables" in criu.dump_options(binary, make_private_dir(cfg.state_dir))
     yield True, "network lock", ("nftables, in-process (captures made here restore without iptables-restore)"
                                  if lock else "iptables (CRIU's default: an iptables-restore run per restore)")
@@ -124,7 +127,6 @@ def _network_lock(cfg: Config, binary: str) -> Iterator[Check]:
 def _node_cache(cfg: Config) -> Check:
     """Over store.max_bytes is reported, not failed: what could not be evicted is in use or
     exists nowhere else."""
-    from thaw.shim.node.store import Store
     held, limit = Store(cfg.store_dir).total_bytes(), cfg.store.max_bytes
     state = ("warning: over it (thaw gc evicts what may go; thaw events says what may not)"
              if held > limit else "within it")
@@ -134,7 +136,6 @@ def _node_cache(cfg: Config) -> Check:
 def _fast_restore(cfg: Config, binary: str) -> Iterator[Check]:
     """Which page fill restores get here: thaw's CRIU options (patch 0002) or CRIU's stock one,
     and whether huge pages help on this machine (measured once, kept for `hugepages: auto`)."""
-    from thaw.oci.files import make_private_dir
     have = criu.features(binary, make_private_dir(cfg.state_dir))
     if criu.PAGE_WORKERS not in have:
         yield True, "fast restore", (f"{binary} is a CRIU without thaw's page-fill patch: restores fill memory "
@@ -157,10 +158,6 @@ def fix(cfg: Config) -> list[str]:
     died (recovery), records of containers runc no longer has (deleted without their hooks),
     staging areas of dead captures and imports, and blobs and image directories no snapshot uses
     (store gc). Returns what it did, one line each."""
-    from thaw.shim.lifecycle import recovery
-    from thaw.shim.lifecycle.recovery import finish
-    from thaw.shim.node.state import ContainerState, Phase
-    from thaw.shim.node.store import Store
     done = []
     records_dir = os.path.join(cfg.state_dir, "containers")
     names = sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []

@@ -12,15 +12,22 @@ once: the capture runs under a per-snapshot lock and is skipped if the snapshot 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
+from thaw.shim.drivers.engine import ContainerView, EngineError
 from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import ContainerState
+from thaw.shim.node.store import Store, StoreError
+
+from . import distribution
+from .capture import capture, report
 
 if TYPE_CHECKING:
     from thaw.shim.node.store import Store
@@ -43,8 +50,6 @@ def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
     """Wait for readiness, then capture once. Returns what happened (also in the events log).
     SIGTERM (the container is being deleted) unwinds a capture in progress, so that its staging
     area and the source's GPU state are cleaned up on the way out."""
-    import signal
-    import sys
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     outcome, level, msg = _watch(cfg, container_id, pid, poll)
     events.emit(cfg, "auto_capture", f"auto-capture: {msg}", container_id, level, outcome=outcome)
@@ -52,10 +57,7 @@ def watch(cfg: Config, container_id: str, pid: int, poll: float = 0.5) -> str:
 
 
 def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, str, str]:
-    from thaw.shim.drivers.engine import ContainerView, EngineError
-    from thaw.shim.node.store import Store, StoreError
 
-    from .capture import capture, report
 
     st = ContainerState(cfg.state_dir, container_id)
     record = st.read()
@@ -105,7 +107,6 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
 def _push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str) -> str:
     """thaw.dev/push: "true" — what was captured goes to the registry reference it is named by,
     if the node policy lets this namespace push there. Returns a note for the event."""
-    from . import distribution
     remote = ref.remote
     if remote is None or not cfg.registry.allows("push", namespace, remote.registry, remote.repository):
         return f"; not pushed: namespace {namespace} may not push to {ref} (node config registry.push)"

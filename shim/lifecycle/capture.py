@@ -20,15 +20,19 @@ from thaw.oci import ThawError
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
+from thaw.oci.files import make_private_dir
 from thaw.oci.spec import Bundle
 from thaw.shim import faults
-from thaw.shim.drivers import rootfs
-from thaw.shim.drivers.runc import Runc
+from thaw.shim.drivers import criu, criu_images, cuda, engine, netcheck, rootfs
+from thaw.shim.drivers.cuda import process_tree
+from thaw.shim.drivers.runc import CRIU_CONFIG, Runc
+from thaw.shim.node import events, metrics
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store
 from thaw.shim.timing import PhaseTimer
 
-from . import fingerprint
+from . import confinement, fingerprint
+from . import weights as wts
 
 
 class CaptureError(ThawError):
@@ -82,8 +86,6 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         images = staging.new_dir("images")
         work = staging.new_dir("work")
 
-        from thaw.oci.files import make_private_dir
-        from thaw.shim.drivers import criu, cuda, engine, netcheck
         _refuse_io_uring(pid)
         _refuse_linked_deleted_outside_tmpfs(pid, bundle)
         dump_options = criu.dump_options(cfg.resolve_criu(), make_private_dir(cfg.state_dir))
@@ -96,7 +98,6 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         weights = fmt.Weights()
         files: tuple[fmt.WeightFile, ...] = ()
         if weight_paths:
-            from . import weights as wts
             digests = wts.DigestCache(cfg.state_dir)
             with engine.ContainerView(pid) as view:
                 files = phases.run("weights_manifest", wts.manifest, view.root_fd, bundle, weight_paths,
@@ -141,7 +142,6 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
         faults.point("package")
         whole, parts, hashes, criu_bytes = phases.run("package_criu", staging.package_images, images)
 
-        from thaw.oci.files import make_private_dir
         cache = make_private_dir(cfg.state_dir)
         fp = fmt.Fingerprint(
             fingerprint.node(cfg.resolve_criu(), runc.version(), cache,
@@ -172,9 +172,7 @@ def _record_seccomp(cfg: Config, container_id: str, images: str, bundle: Bundle,
                     log: Callable[[str], None]) -> None:
     """Remember the filter this node's runtime installs for the container's seccomp profile: a
     restore proves its snapshot's filters start with it (shim/lifecycle/confinement.py)."""
-    from thaw.shim.drivers import criu_images
 
-    from . import confinement
     try:
         confinement.record_from_capture(cfg.state_dir, images, bundle.spec, cfg.resolve_next_runtime(),
                                         f"capture of {container_id}")
@@ -186,7 +184,6 @@ def _refuse_foreign_criu_config(cfg: Config, container_id: str, state: dict[str,
     """runc hands CRIU the configuration file a container's spec names (org.criu.config) when it
     checkpoints it, and CRIU runs as root: a spec that names one could run its own action
     scripts on the host. Only the file thaw itself named for a restore (gone by now) is fine."""
-    from thaw.shim.drivers.runc import CRIU_CONFIG
     for named in ((state.get("annotations") or {}).get(CRIU_CONFIG), bundle.annotations.get(CRIU_CONFIG)):
         ours = os.path.join(cfg.state_dir, "containers", container_id + ".d", "criu.conf")
         if named and named != ours:
@@ -201,7 +198,6 @@ IO_URING = "anon_inode:[io_uring]"
 def io_uring_holders(pid: int) -> list[tuple[int, str]]:
     """The processes of the tree under `pid` that hold an io_uring instance (a descriptor or a
     mapping of its rings): (pid, command name)."""
-    from thaw.shim.drivers.cuda import process_tree
     found = []
     for p in process_tree(pid):
         held = False
@@ -247,7 +243,6 @@ def linked_deleted_outside_tmpfs(pid: int, bundle: Bundle) -> list[tuple[int, st
     CRIU dumps such a file as a link it makes beside it (link-remap) and removes again when the
     dump ends: in a tmpfs (/dev/shm) CRIU's own copy of the mount carries that link, but on the
     root file system thaw's rootfs diff, taken after the dump, cannot."""
-    from thaw.shim.drivers.cuda import process_tree
     tmpfs = [os.path.normpath(m.get("destination", "")) for m in bundle.spec.get("mounts") or []
              if m.get("type") == "tmpfs"]
 
@@ -297,7 +292,6 @@ _SMAPS_HEAD = re.compile(r"^[0-9a-f]+-[0-9a-f]+ (\S{4}) \S+ \S+ \d+\s*(.*)$")
 def _composition(pid: int) -> dict[str, int]:
     """What the container's processes hold in memory, by kind of mapping (from smaps), just
     before the dump: what the snapshot will carry (file mappings: their private dirty pages)."""
-    from thaw.shim.drivers.cuda import process_tree
     out = {"heap": 0, "anonymous": 0, "stack": 0, "file_private": 0, "shared": 0}
     for p in process_tree(pid):
         try:
@@ -319,14 +313,12 @@ def _composition(pid: int) -> dict[str, int]:
 
 
 def _creds(pid: int) -> tuple[fmt.ProcessCreds, ...]:
-    from thaw.shim.drivers.cuda import process_tree
     return tuple(p for p in (fingerprint.process_creds(q) for q in process_tree(pid)) if p)
 
 
 def report(cfg: Config, trigger: str, container_id: str, ref: SnapshotRef,
            snap: fmt.Snapshot | None, error: BaseException | None = None) -> None:
     """A capture's outcome in the events log and metrics (`trigger`: cli or auto)."""
-    from thaw.shim.node import events, metrics
     if snap is not None:
         events.emit(cfg, "captured", f"captured {container_id} as {snap.ref} in namespace {snap.namespace} "
                     f"({snap.manifest.digest}, {snap.config.phases.get('total', 0):.2f}s)", container_id,

@@ -20,15 +20,21 @@ dump), or learnt once from a probe container that runs nothing. Without it, no r
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
+import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from thaw.oci import ThawError
+from thaw.oci.files import atomic_write, make_private_dir
 from thaw.shim.drivers import criu_images
 from thaw.shim.drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC, Images
 
@@ -274,7 +280,6 @@ def _filter_mismatch(program: bytes, flags: int, ref: tuple[bytes, int]) -> tupl
 def profile_key(seccomp: dict[str, Any], runtime: str) -> str:
     """What decides the BPF a profile compiles to here: the profile, the machine, the kernel
     (libseccomp probes its API level) and the runtime binary (its libseccomp)."""
-    import shutil
     path = shutil.which(runtime) or runtime
     try:
         st = os.stat(path)
@@ -302,9 +307,7 @@ def reference(state_dir: str, key: str) -> tuple[bytes, int] | None:
 
 def record_reference(state_dir: str, key: str, program: bytes, flags: int, source: str) -> None:
     """Remember the filter a container of this profile got from the runtime on this node."""
-    import time
 
-    from thaw.oci.files import atomic_write, make_private_dir
     make_private_dir(os.path.join(state_dir, "seccomp"))
     atomic_write(_reference_path(state_dir, key), json.dumps(
         {"filter": program.hex(), "flags": flags, "source": source, "recorded": time.time()}).encode())
@@ -334,11 +337,7 @@ def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tu
     after), its init's filter read with ptrace (PTRACE_SECCOMP_GET_FILTER), the container deleted.
     The BPF does not depend on no-new-privs, the user or the capabilities. Recorded like one from
     a capture; None if it cannot be learnt (the restore then cold-starts)."""
-    import shutil
-    import subprocess
-    import tempfile
 
-    from thaw.oci.files import make_private_dir
     key = profile_key(seccomp, runtime)
     work = tempfile.mkdtemp(prefix="probe-", dir=make_private_dir(os.path.join(state_dir, "seccomp")))
     root, cid = os.path.join(work, "runc"), f"thaw-seccomp-probe-{os.getpid()}-{key[:12]}"
@@ -387,7 +386,6 @@ def _libc() -> Any:
     check reads every thread's filter)."""
     global _LIBC
     if _LIBC is None:
-        import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         libc.ptrace.restype = ctypes.c_long
         libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -403,7 +401,6 @@ def _oldest_filter(pid: int, count: int | None = None, stopped: bool = False) ->
     a group stop (as CRIU leaves a restore): seizing it already moves it into a ptrace stop (the
     kernel waits for that in PTRACE_SEIZE), so no interrupt and wait; it returns to the group
     stop on detach."""
-    import ctypes
     if count is None:
         count = int(_fields(_read(f"/proc/{pid}/status")).get("Seccomp_filters", "0"))
     if count < 1:

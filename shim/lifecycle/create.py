@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 from thaw.oci import ThawError, runc_log
 from thaw.oci import annotations as ann
+from thaw.oci.layout import LayoutError
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
+from thaw.shim.drivers.runc import Runc
 from thaw.shim.lifecycle.recovery import finish
+from thaw.shim.node import events, metrics
 from thaw.shim.node.config import Config
+from thaw.shim.node.provenance import Untrusted
 from thaw.shim.node.state import Phase, Record
+from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
 
+from . import recovery, restore
 from .container import Container
+from .recovery import RecoveryError
+from .restore import Incompatible
 
 
 @dataclass
@@ -65,11 +74,7 @@ Outcome = Restored | ColdStart | Refused | NotOurs | Unrecovered
 
 def reason_code(exc: BaseException) -> str:
     """A short, stable class of why a restore was not possible (a metrics label)."""
-    from thaw.oci.layout import LayoutError
-    from thaw.shim.node.provenance import Untrusted
-    from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound
 
-    from .restore import Incompatible
     for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
                        (Untrusted, "untrusted"),
                        (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
@@ -88,7 +93,6 @@ def describe(exc: BaseException) -> str:
 
 def create(c: Container) -> Outcome:
     """Restore the container `c` is, or prepare its cold start."""
-    from .recovery import RecoveryError
     bundle, cfg = c.bundle, c.cfg
     try:
         in_use = _id_in_use(c)
@@ -119,9 +123,7 @@ def create(c: Container) -> Outcome:
 def _id_in_use(c: Container) -> str | None:
     """Why this create's id is not free for thaw, if it is not. A record left by a thaw-runtime
     that died mid-restore is cleaned up first (then the id is free)."""
-    from thaw.shim.drivers.runc import Runc
 
-    from . import recovery
     cid, cfg = c.id, c.cfg
     record = c.state.read()
     runc_has_it = Runc.for_call(c.next_runtime, cfg.resolve_criu(), c.call).state(cid) is not None
@@ -140,9 +142,7 @@ def _id_in_use(c: Container) -> str | None:
 
 
 def _restore(c: Container) -> Record:
-    from thaw.shim.node.store import Store
 
-    from . import restore
     store = Store.for_config(c.cfg)
     plan = restore.check(c, store)
     return restore.bring_up(plan, c, store)
@@ -193,7 +193,6 @@ def _record_cold_start(c: Container, reason: str) -> bool:
 
 def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
     """Write the outcome to runc's log file (containerd reads it), the events log and metrics."""
-    from thaw.shim.node import events, metrics
     cid = call.container_id
     if isinstance(outcome, Restored):
         r = outcome.record
@@ -223,7 +222,6 @@ def report(call: RuncCall, cfg: Config, outcome: Outcome) -> None:
         elif level == "error":
             # No --log (Podman's conmon passes none): runc reports errors on stderr, so does thaw.
             # A cold start's reason stays off the container's stderr (it is in the events log).
-            import sys
             sys.stderr.write(runc_log.format_line(level, msg, "text"))
     events.emit(cfg, kind, msg, cid, level, **fields)
     phases = outcome.record.phases if isinstance(outcome, Restored) else None

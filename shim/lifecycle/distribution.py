@@ -45,10 +45,14 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, LayoutError
 from thaw.oci.reference import Reference
-from thaw.shim import faults
-from thaw.shim.node import provenance
+from thaw.shim import faults, safetext
+from thaw.shim.node import events, provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store, StoreError
+from thaw.shim.registry import errors, transfer
+from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.errors import LocalFileError, NotFoundError, RegistryError
+from thaw.shim.registry.transport import Settings
 
 if TYPE_CHECKING:  # the registry client is imported where a transfer starts
     from thaw.shim.registry.client import RegistryClient
@@ -71,7 +75,6 @@ class PullRefused(DistributionError):
 
 
 def settings(cfg: Config) -> Settings:
-    from thaw.shim.registry.transport import Settings
     reg = cfg.registry
     return Settings(auth_config=reg.auth_file or None, ca_bundle=reg.ca_file or None,
                     insecure_hosts=tuple(reg.insecure))
@@ -79,8 +82,6 @@ def settings(cfg: Config) -> Settings:
 
 @contextlib.contextmanager
 def _client(cfg: Config, registry: str) -> Iterator[Any]:
-    from thaw.shim.registry.client import RegistryClient
-    from thaw.shim.registry.errors import RegistryError
     try:
         with RegistryClient(registry, settings(cfg)) as client:
             yield client
@@ -108,8 +109,6 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
     """Upload snapshot `ref` of `namespace` to `target` (blobs the registry has are skipped),
     then its manifest under target's tag; the store notes where it was pushed. sign: also store
     a cosign signature of the manifest for target's repository (trust.signing_key)."""
-    from thaw.shim.registry import transfer
-    from thaw.shim.registry.client import BlobRange
     snap = store.resolve(ref, namespace)
     if sign:
         provenance.signing_key(cfg)                  # a missing or bad key fails before any upload
@@ -137,7 +136,6 @@ def push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str, target: Re
 def _sign(cfg: Config, client: RegistryClient, target: Reference, digest: str) -> cosign.Signature:
     """Sign manifest `digest` for target's repository and store the signature where cosign looks
     (appended to the signatures already there)."""
-    from thaw.shim.registry.errors import NotFoundError
     signature = provenance.sign(cfg, f"{target.registry}/{target.repository}", digest)
     tag = cosign.tag_for(digest)
     try:
@@ -162,7 +160,6 @@ def _fetch_signatures(client: RegistryClient, repository: str, sig_manifest: byt
 
 def signatures_of(client: RegistryClient, repository: str, digest: str) -> list[cosign.Signature]:
     """The cosign signatures a repository holds for manifest `digest` (none: an empty list)."""
-    from thaw.shim.registry.errors import NotFoundError, RegistryError
     try:
         got = client.get_manifest(repository, cosign.tag_for(digest), (cosign.MANIFEST_MEDIA_TYPE,))
     except NotFoundError:
@@ -193,7 +190,6 @@ def _mount_sources(store: Store, snap: fmt.Snapshot, target: Reference) -> tuple
 
 
 def _registry_call(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    from thaw.shim.registry import errors
     try:
         return fn(*args, **kwargs)
     except errors.RegistryError as exc:
@@ -242,8 +238,6 @@ def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None
     bytes by the owner namespace's quota (claimed before anything is written). `cancel`: an
     object whose is_set() stops the pull (its `reason`, if any, is the error's). Every outcome
     is a `pull` event; a failed pull leaves no pull area."""
-    from thaw.shim import safetext
-    from thaw.shim.node import events
     who = for_namespace or "the operator"
     events.emit(cfg, "pull", f"pull of {source} for {who} started", None, "info", snapshot=str(source),
                 namespace=for_namespace, outcome="started")
@@ -373,7 +367,6 @@ def _pull(cfg: Config, store: Store, client: RegistryClient, source: Reference, 
 
 
 def _is_local_failure(exc: BaseException) -> bool:
-    from thaw.shim.registry.errors import LocalFileError
     return isinstance(exc.__cause__, LocalFileError)
 
 
@@ -408,8 +401,6 @@ def _check_space(store: Store, snap: fmt.Snapshot) -> None:
 
 def _fetch(client: RegistryClient, source: Reference, snap: fmt.Snapshot, area: str, config_bytes: bytes,
            listener: Listener | None, guard: _PullGuard) -> None:
-    from thaw.shim.registry import transfer
-    from thaw.shim.registry.client import BlobRange
     images = make_private_dir(os.path.join(area, "images"))
     blobs = make_private_dir(os.path.join(area, "blobs"))
     for name, size in snap.files().items():        # each CRIU file its final size; parts fill it
@@ -469,7 +460,6 @@ def present(cfg: Config, ref: SnapshotRef, namespace: str) -> bool:
 def wait_present(cfg: Config, ref: SnapshotRef, namespace: str, timeout: float) -> bool:
     """Whether `ref` became restorable for `namespace` within `timeout` seconds (a pull started
     beside the caller fills it; the events log says how that pull went)."""
-    import time
     deadline = time.monotonic() + timeout
     while not present(cfg, ref, namespace):
         if time.monotonic() > deadline:

@@ -19,9 +19,11 @@ from typing import Any
 
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
+from thaw.oci.files import atomic_write
 from thaw.oci.spec import Bundle
 from thaw.shim.drivers import criu as criu_mod
 from thaw.shim.drivers.mounts import MountTable
+from thaw.shim.drivers.rootfs import overlay_dirs
 
 from .confinement import CAP_BITS, CAP_SETGID, CAP_SETUID
 
@@ -75,7 +77,6 @@ def image_of(bundle: Bundle, cache_dir: str | None = None, mounts: MountTable | 
     named = a.get(ann.CRI_IMAGE_NAME) or a.get(ann.OCI_IMAGE_REF)
     if named:
         return named
-    from thaw.shim.drivers.rootfs import overlay_dirs
     try:
         upper, lowers = overlay_dirs(bundle.rootfs, mounts)
     except OSError:
@@ -130,7 +131,6 @@ def layer_digest(layer_dir: str, cache_dir: str | None = None) -> str:
                 stack.append((rel, full))
     digest = "sha256:" + h.hexdigest()
     if cache:
-        from thaw.oci.files import atomic_write
         cached = {k: v for k, v in cached.items() if not k.startswith(layer_dir + ":")}
         cached[key] = digest
         try:

@@ -13,6 +13,7 @@ one only where trust.unsigned accepts "import". The owner namespace is the one t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,7 +91,6 @@ def _signatures(path: str, idx: fmt.ArchiveIndex, digest: str) -> list[cosign.Si
 
 
 def _member_bytes(path: str, idx: fmt.ArchiveIndex, digest: str, limit: int) -> bytes:
-    import hashlib
     member = idx.members.get(digest)
     if member is None or member.size > limit:
         raise fmt.SnapshotFormatError(f"archive lacks blob {digest} (or it is too large)")

@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.oci.files import make_private_dir
+from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.reference import Reference
 from thaw.shim import faults
+from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store, StoreError
+
+from . import distribution, weights
 
 CHUNK = 8 << 20
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
@@ -63,10 +68,7 @@ def register_prepare(cfg: Config, container_id: str, pid: int) -> None:
     """Record process `pid` as the prepare started for `container_id` (a pod's sandbox), so that
     the container's delete through thaw-runtime (cancel_prepare) stops it. Written by the
     runtime that spawned it, before its create returns: no delete can come before the record."""
-    import json
 
-    from thaw.oci.files import atomic_write
-    from thaw.shim.drivers.procs import ProcessHandle
     make_private_dir(os.path.join(cfg.state_dir, PREPARE_DIR))
     atomic_write(prepare_record(cfg.state_dir, container_id), json.dumps(ProcessHandle.of(pid).to_json()).encode(),
                  durable=False)
@@ -74,7 +76,6 @@ def register_prepare(cfg: Config, container_id: str, pid: int) -> None:
 
 def unregister_prepare(cfg: Config, container_id: str) -> None:
     """A prepare that ends removes its record (only if it names this process)."""
-    import json
     path = prepare_record(cfg.state_dir, container_id)
     try:
         with open(path) as f:
@@ -88,10 +89,7 @@ def cancel_prepare(cfg: Config, container_id: str) -> bool:
     """The container a prepare was started for is being deleted: SIGTERM that prepare (checked
     by pid and start time, never a process that reused its pid), which then cancels its pull and
     removes what it wrote. Whether one was signalled."""
-    import json
-    import signal
 
-    from thaw.shim.drivers.procs import ProcessHandle
     path = prepare_record(cfg.state_dir, container_id)
     try:
         with open(path) as f:
@@ -183,7 +181,6 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
             if snap.config.weights.outside:
                 # Weight files whose host location is known before any container exists (a
                 # volume's source): into the page cache, and their digests into the cache.
-                from . import weights
                 got = weights.warm_sources(snap.config.weights, weights.DigestCache(cfg.state_dir),
                                            lambda: mem_available() >= floor)
                 done += got
@@ -197,7 +194,6 @@ def _pull(cfg: Config, store: Store, ref: SnapshotRef, remote: Reference, namesp
           cancel: Cancel | None = None) -> fmt.Snapshot | None:
     """The pull on demand; its outcome is a `pull` event (distribution.pull writes them). Never
     raises: this runs in the background, where a traceback would reach no one."""
-    from . import distribution
     try:
         return distribution.pull(cfg, store, remote, ref, for_namespace=namespace, cancel=cancel)
     except distribution.DistributionError:

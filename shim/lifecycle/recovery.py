@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -24,9 +25,12 @@ import time
 from collections.abc import Iterator
 
 from thaw.oci import ThawError
+from thaw.oci.spec import Bundle, SpecError
 from thaw.shim.drivers.mounts import MountTable
 from thaw.shim.drivers.procs import ProcessHandle
-from thaw.shim.node import events
+from thaw.shim.drivers.rootfs import undo
+from thaw.shim.drivers.runc import Runc, cgroup_dirs, pid_file_temp
+from thaw.shim.node import cgroups, events
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import ContainerState, Phase, Record
 
@@ -75,7 +79,6 @@ def before_delete(cfg: Config, container_id: str, force: bool) -> None:
 
 
 def _running(cfg: Config, container_id: str, record: Record) -> bool:
-    from thaw.shim.drivers.runc import Runc
     st = Runc.with_root(cfg.resolve_next_runtime(), cfg.resolve_criu(), record.root).state(container_id)
     return st is not None and st.get("status") == "running"
 
@@ -110,8 +113,6 @@ def recover(cfg: Config, container_id: str, record: Record, why: str) -> list[st
 def take_down(cfg: Config, container_id: str, record: Record) -> tuple[list[str], list[str]]:
     """Everything of a restore but the rootfs diff and thaw's record: its processes, mounts, runc
     container and runc's leftovers. Returns (what was removed, what is still there)."""
-    from thaw.shim.drivers.runc import Runc
-    from thaw.shim.node import cgroups
     done: list[str] = []
     left: list[str] = []
     dirs = _cgroup_dirs(record)
@@ -157,7 +158,6 @@ def _runc_leftovers(container_id: str, record: Record) -> list[str]:
     """runc's half-written state directory (no state.json: runc died before it had a container;
     runc refuses the id while it exists) and its temporary pid file (O_EXCL: it fails every
     later create with that pid file)."""
-    from thaw.shim.drivers.runc import pid_file_temp
     done = []
     if record.root:
         leftover = os.path.join(record.root, container_id)
@@ -175,8 +175,6 @@ def _runc_leftovers(container_id: str, record: Record) -> list[str]:
 def _cgroup_dirs(record: Record) -> list[str]:
     """The restore's cgroup and the container's, as recorded; the container's from its spec for
     a record written before runc started (or by an older thaw)."""
-    from thaw.oci.spec import Bundle, SpecError
-    from thaw.shim.drivers.runc import cgroup_dirs
     dirs = [d for d in record.cgroups or [] if isinstance(d, str)]
     if record.bundle:
         with contextlib.suppress(SpecError, OSError):
@@ -187,7 +185,6 @@ def _cgroup_dirs(record: Record) -> list[str]:
 def _rootfs(record: Record) -> str | None:
     if record.rootfs:
         return record.rootfs
-    from thaw.oci.spec import Bundle, SpecError
     try:
         return os.path.realpath(Bundle.load(record.bundle).rootfs) if record.bundle else None
     except SpecError:
@@ -207,7 +204,6 @@ def _mount_roots(cfg: Config, container_id: str, record: Record) -> list[tuple[s
 
 
 def _undo_rootfs(record: Record) -> None:
-    from thaw.shim.drivers.rootfs import undo
     rootfs = _rootfs(record)
     if rootfs and os.path.isdir(rootfs) and record.undo:
         undo(rootfs, record.undo)
@@ -263,7 +259,6 @@ def _locked(state: ContainerState) -> Iterator[Record | None]:
     """One recovery of a container at a time (a delete and `doctor --fix` may meet): an exclusive
     lock beside its record (records are replaced by rename, so not on the record itself), then
     the record as it is now (None once another caller removed it)."""
-    import fcntl
     lock = state.path[:-len(".json")] + ".lock"
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

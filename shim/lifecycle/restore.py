@@ -13,6 +13,7 @@ or a refusal.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -22,16 +23,19 @@ from typing import TYPE_CHECKING
 from thaw.oci import ThawError
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
-from thaw.oci.spec import Bundle
+from thaw.oci.files import atomic_write, make_private_dir
+from thaw.oci.spec import Bundle, deny_io_uring
 from thaw.shim import faults
-from thaw.shim.drivers.runc import Runc
-from thaw.shim.node import provenance
+from thaw.shim.drivers import criu, criu_images, cuda, engine, netcheck
+from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
+from thaw.shim.drivers.runc import Runc, cgroup_dirs
+from thaw.shim.node import cgroups, provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import Record
 from thaw.shim.node.store import Store
 from thaw.shim.timing import PhaseTimer
 
-from . import fingerprint
+from . import confinement, fingerprint, recovery, weights
 from .container import Container
 
 if TYPE_CHECKING:
@@ -79,14 +83,12 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
     gpu_fp = fmt.GpuFingerprint()
     if snap.config.gpu.pids:
         # The snapshot holds checkpointed CUDA processes: this node must be able to restore them.
-        from thaw.shim.drivers import cuda
         if not cuda.available():
             raise Incompatible(f"snapshot {snap.ref} holds GPU state, but this node has no NVIDIA "
                                "driver or cuda-python")
         gpus = cuda.container_gpus(bundle.spec)
         gpu_fp = cuda.gpu_fingerprint(gpus)
         cuda_init = _start_cuda_init()   # ~0.5 s of import and cuInit, while the rest goes on
-    from thaw.oci.files import make_private_dir
     cache = make_private_dir(cfg.state_dir)
     if node is None:
         node = fingerprint.node(cfg.resolve_criu(), "", cache)
@@ -110,7 +112,6 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
         # The resume steps may reload them (even where the capture could not see the memory
         # fall): opened and checked now (a missing or changed file is a cold start before
         # anything changes); read and verified in the background while the restore goes on.
-        from . import weights
         prefetch = phases.run("weights_open", weights.Prefetch, bundle, snap.config.weights,
                               weights.DigestCache(cfg.state_dir))
     return Plan(request, snap, gpus, phases, cuda_init, prefetch)
@@ -121,9 +122,7 @@ def _narrow_like_capture(snap: fmt.Snapshot, bundle: Bundle) -> None:
     records that narrowed seccomp profile. The new container's spec, narrowed alike, is then the
     one compared and restored under (only ever narrower than it asked for; a snapshot of a
     container thaw-runtime did not create is compared with the spec as it is)."""
-    import copy
 
-    from thaw.oci.spec import deny_io_uring
     captured = (snap.config.identity or {}).get("seccomp")
     if captured == fingerprint.identity(bundle.spec)["seccomp"]:
         return
@@ -140,7 +139,6 @@ def _network_problems(snap: fmt.Snapshot, bundle: Bundle) -> list[str]:
     netns = bundle.namespace_path("network")
     if not netns or not snap.config.network.listen:
         return []
-    from thaw.shim.drivers import netcheck
     return netcheck.problems(netns, [s.addr for s in snap.config.network.listen])
 
 
@@ -164,9 +162,7 @@ def bring_up(plan: Plan, c: Container, store: Store) -> Record:
 def _check_images(image_dir: str, c: Container) -> Proof:
     """What the images would restore, within the new spec (else Incompatible naming the excess):
     the snapshot's config said so too, but only the images are what CRIU reads."""
-    from thaw.shim.drivers import criu_images
 
-    from . import confinement
     bundle, cfg, next_runtime = c.bundle, c.cfg, c.next_runtime
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
     reference = None
@@ -191,7 +187,6 @@ class Proof:
 
 def _check_kernel(pid: int, proof: Proof) -> None:
     """Before the restored tasks run (CRIU left them stopped): what the kernel says they hold."""
-    from . import confinement
     try:
         restored = confinement.check_kernel(pid, proof.images, proof.grant)
     except confinement.ConfinementError as exc:
@@ -202,11 +197,7 @@ def _check_kernel(pid: int, proof: Proof) -> None:
 def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str, proof: Proof) -> Record:
     call, bundle, cfg, state, cid = c.call, c.bundle, c.cfg, c.state, c.id
     snap, phases = plan.snapshot, plan.phases
-    from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
-    from thaw.shim.drivers.runc import cgroup_dirs
-    from thaw.shim.node import cgroups
 
-    from . import recovery
     work = state.make_work_dir()
     undo = undo_dir_for(bundle.rootfs, cid, c.mounts)
     pid_file = call.flags.get("pid-file")
@@ -263,11 +254,9 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         if plan.weights is not None:
             phases.run("weights_wait", plan.weights.wait)        # type: ignore[attr-defined]
         if plan.request.steps.resume:
-            from thaw.shim.drivers import engine
             phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)
         faults.point("resumed")
         if pid_file:
-            from thaw.oci.files import atomic_write
             atomic_write(pid_file, str(pid).encode(), mode=0o644, durable=False)
         phases.add("total", phases.elapsed())
         # The rootfs diff stays undoable until the shim's `start` (state.started): until then a
@@ -291,13 +280,11 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
 def _fill_options(cfg: Config) -> tuple[str, ...]:
     """How CRIU fills memory for this restore: the node config, what the node's CRIU can do, and
     (for hugepages: auto) the node's measured probe."""
-    from thaw.shim.drivers import criu
     return criu.restore_options(cfg.restore.worker_count(), cfg.restore.hugepages,
                                 criu.features(cfg.resolve_criu(), cfg.state_dir), criu.read_thp_probe(cfg.state_dir))
 
 
 def _loopback_up(pid: int) -> None:
-    from thaw.shim.drivers import engine
     with engine.ContainerView(pid) as view:
         view.loopback_up()
 
@@ -305,14 +292,12 @@ def _loopback_up(pid: int) -> None:
 def _start_cuda_init() -> threading.Thread:
     """Importing cuda-python and cuInit cost ~0.5 s: pay them while the fingerprint is checked,
     the rootfs diff applied and CRIU restores memory."""
-    from thaw.shim.drivers import cuda
     thread = threading.Thread(target=cuda.init_quietly, daemon=True)
     thread.start()
     return thread
 
 
 def _restore_gpus(plan: Plan, pid: int) -> None:
-    from thaw.shim.drivers import cuda
     pairs = cuda.gpu_pairs(list(plan.snapshot.fingerprint.node.gpu.uuids),
                            [g.uuid for g in plan.gpus or []])
     if not cuda.restore_tree(pid, pairs, plan.phases):

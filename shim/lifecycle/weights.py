@@ -25,7 +25,11 @@ from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle
+from thaw.shim.drivers.cuda import device_memory, process_tree
 from thaw.shim.drivers.engine import open_in_root
+from thaw.shim.drivers.rootfs import overlay_dirs
+
+from .fingerprint import layer_digest
 
 SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")   # what a named directory's weights are
 CHUNK = 8 << 20
@@ -151,9 +155,7 @@ def manifest(root_fd: int, bundle: Bundle, paths: tuple[str, ...], cache: Digest
     goes by the path as named (the mount it lies under): a restore resolves that path again inside
     the same kind of root, so a symlink that leaves its volume or image finds nothing there (name
     the real path)."""
-    from thaw.shim.drivers.rootfs import overlay_dirs
 
-    from .fingerprint import layer_digest
     try:
         upper, lowers = overlay_dirs(bundle.rootfs)
     except OSError:
@@ -357,10 +359,8 @@ def warm_sources(weights: fmt.Weights, cache: DigestCache, keep_going: Callable[
 def held_memory(pid: int, gpu: bool) -> tuple[int, str]:
     """What the container's processes hold: device memory of its CUDA processes (gpu), else their
     resident host memory."""
-    from thaw.shim.drivers.cuda import process_tree
     pids = process_tree(pid)
     if gpu:
-        from thaw.shim.drivers.cuda import device_memory
         return device_memory(pids), "gpu"
     total = 0
     for p in pids:

@@ -460,14 +460,14 @@ def load(path: str | None = None) -> Config:
             return cfg
     except (OSError, ValueError, EOFError, TypeError, KeyError, AttributeError, ConfigError):
         pass
-    import yaml  # only when the cache is cold
+    import yaml  # noqa: PLC0415 - pyyaml ~20 ms: only when the config cache is cold
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     cfg = _from_mapping(raw, path)
-    from thaw.oci.files import atomic_write, make_private_dir
+    from thaw.oci.files import atomic_write, make_private_dir  # noqa: PLC0415 - passthrough: config imports only what a call uses
     try:
         make_private_dir(CACHE_DIR)
         atomic_write(cache, marshal.dumps({"key": key, "config": _to_mapping(cfg)}), durable=False)
@@ -495,7 +495,7 @@ def _sync_front(name: str, key: str, cfg: Config) -> None:
                 return
     except OSError:
         pass
-    from thaw.oci.files import atomic_write, make_private_dir
+    from thaw.oci.files import atomic_write, make_private_dir  # noqa: PLC0415 - passthrough: config imports only what a call uses
     try:
         make_private_dir(CACHE_DIR)
         atomic_write(front, want, mode=0o600, durable=False)

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from thaw.oci.files import make_private_dir
+
 from .config import Config
 
 NAME = "events.log"
@@ -37,7 +39,6 @@ def emit(cfg: Config, kind: str, msg: str, container: str | None = None, level: 
     state_dir, max_bytes = cfg.state_dir, cfg.events_max_bytes
     path = os.path.join(state_dir, NAME)
     try:
-        from thaw.oci.files import make_private_dir
         make_private_dir(state_dir)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

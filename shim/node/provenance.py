@@ -34,8 +34,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from thaw.oci import ThawError, cosign
+from thaw.oci.annotations import SnapshotRef
 from thaw.shim.safetext import printable
 
+from . import events
 from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
 
 if TYPE_CHECKING:  # cryptography is imported where a key is used, not with this module
@@ -98,7 +100,6 @@ def from_origin(origin: str) -> Provenance:
 
 def repository_of(reference: str) -> str:
     """REGISTRY/REPO of a registry reference (tag or digest dropped)."""
-    from thaw.oci.annotations import SnapshotRef
     try:
         remote = SnapshotRef.registry(reference).remote
     except ThawError:
@@ -137,8 +138,8 @@ def trusted_key_ids(cfg: Config, repository: str) -> dict[str, str]:
 
 
 def _public_key(path: str) -> ec.EllipticCurvePublicKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
     try:
         with open(path, "rb") as f:
             key = load_pem_public_key(f.read())
@@ -157,8 +158,8 @@ def check_public_key(path: str) -> str:
 
 
 def _private_key(path: str) -> ec.EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
     try:
         with open(path, "rb") as f:
             key = load_pem_private_key(f.read(), password=None)
@@ -173,8 +174,8 @@ def _private_key(path: str) -> ec.EllipticCurvePrivateKey:
 def generate(directory: str, name: str = "thaw") -> tuple[str, str, str]:
     """A new ECDSA P-256 key pair: DIR/NAME.key (PKCS#8 PEM, 0600) and DIR/NAME.pub (the public
     key cosign and trust.keys read). Returns (private path, public path, key id)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -193,8 +194,8 @@ def generate(directory: str, name: str = "thaw") -> tuple[str, str, str]:
 def sign(cfg: Config, repository: str, digest: str) -> cosign.Signature:
     """A cosign signature of manifest `digest` for REGISTRY/REPO `repository`, made with
     trust.signing_key."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
     data = cosign.payload(repository, digest)
     return cosign.Signature(data, signing_key(cfg).sign(data, ec.ECDSA(hashes.SHA256())))
 
@@ -207,9 +208,9 @@ def signing_key(cfg: Config) -> ec.EllipticCurvePrivateKey:
 
 
 def _verifies(path: str, sig: cosign.Signature) -> bool:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - ~30 ms to import; only where a signature is made or checked
     try:
         _public_key(path).verify(sig.signature, sig.payload, ec.ECDSA(hashes.SHA256()))
         return True
@@ -279,7 +280,6 @@ def check_restorable(cfg: Config, prov: Provenance, what: str) -> None:
 
 def report_refusal(cfg: Config, exc: ThawError, **fields: str) -> None:
     """The events log entry of a pull or import refused for provenance."""
-    from . import events
     events.emit(cfg, "untrusted", str(exc), None, "warning", reason=str(exc), **fields)
 
 

@@ -19,10 +19,14 @@ delete, which undoes it all; a container that started keeps its files, as with r
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from enum import StrEnum
 
 from thaw.oci import ThawError
+from thaw.oci.files import atomic_write, make_private_dir
+from thaw.shim.drivers.procs import ProcessHandle
 
 from .state_path import record_path
 
@@ -146,7 +150,6 @@ class ContainerState:
         return os.path.exists(self.path)
 
     def read(self) -> Record | None:
-        import json
         try:
             with open(self.path) as f:
                 return Record.from_json(json.load(f))
@@ -154,9 +157,7 @@ class ContainerState:
             return None
 
     def write(self, record: Record) -> None:
-        import json
 
-        from thaw.oci.files import atomic_write, make_private_dir
         make_private_dir(self.dir)
         atomic_write(self.path, json.dumps(record.to_json()).encode(), durable=False)
 
@@ -173,9 +174,7 @@ class ContainerState:
         return record
 
     def make_work_dir(self) -> str:
-        import shutil
 
-        from thaw.oci.files import make_private_dir
         make_private_dir(self.dir)
         if os.path.exists(self.work_dir):
             shutil.rmtree(self.work_dir)
@@ -188,7 +187,6 @@ class ContainerState:
                       pid_file: str | None = None) -> Record:
         """Written before anything is changed: what a later caller needs to clean up if the
         restoring thaw-runtime dies (its owner handle says whether it did)."""
-        from thaw.shim.drivers.procs import ProcessHandle
         record = Record(self.id, phase=advance(None, Phase.RESTORING), snapshot=snapshot, created=created, bundle=bundle,
                         root=root, systemd_cgroup=systemd_cgroup, undo=undo, rootfs=rootfs,
                         pid_file=pid_file, owner=ProcessHandle.me().to_json())
@@ -214,7 +212,6 @@ class ContainerState:
         record.phase = advance(record.phase, Phase.RUNNING)
         self.write(record)
         if record.undo:
-            import shutil
             shutil.rmtree(record.undo, ignore_errors=True)
         return True
 
@@ -222,7 +219,6 @@ class ContainerState:
              capture: dict[str, Any] | None, pid_file: str | None = None) -> Record:
         """A cold start: the record names the create (this process, runc after the exec) and its
         --pid-file, so the next call can tell that this create's runc died and what it left."""
-        from thaw.shim.drivers.procs import ProcessHandle
         record = Record(self.id, phase=advance(None, Phase.COLD), created=created, root=root, cold_reason=reason,
                         snapshot=snapshot, capture=capture, pid_file=pid_file,
                         owner=ProcessHandle.me().to_json())
@@ -230,7 +226,6 @@ class ContainerState:
         return record
 
     def remove(self) -> None:
-        import shutil
         try:
             os.unlink(self.path)
         except FileNotFoundError:

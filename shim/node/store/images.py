@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from thaw.oci import snapshot as fmt
@@ -135,7 +136,6 @@ class ImageDirs:
                 ok = False
             return None if ok else p.file
 
-        from concurrent.futures import ThreadPoolExecutor
 
         def check_whole(name: str) -> str | None:
             try:

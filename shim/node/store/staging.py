@@ -16,6 +16,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from thaw.oci import snapshot as fmt
@@ -191,7 +192,6 @@ class Staging:
         """Describe a CRIU image directory as layers without copying it: small files go into the
         whole-file tar, large ones become file parts hashed in parallel (pread per range).
         Returns (tar descriptor, parts, digests of the whole files, total bytes)."""
-        from concurrent.futures import ThreadPoolExecutor
         sizes = {n: os.path.getsize(os.path.join(images, n)) for n in fmt.criu_dir_entries(images)}
         whole, ranges = fmt.split_for_parts(sizes)
         with ThreadPoolExecutor(workers()) as pool:

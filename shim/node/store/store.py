@@ -17,6 +17,7 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, ImageLayout, LayoutError
 
+from .. import events, metrics
 from ..config import Config
 from ..provenance import Provenance, from_origin
 from .errors import CorruptSnapshot, StoreError
@@ -278,7 +279,6 @@ class Store:
         """The published set changed (caller holds the lock): rewrite the store gauges."""
         if self._cfg is None or not self._cfg.metrics_dir:
             return
-        from .. import metrics
         snaps = self.snapshots()
         blobs = {d.digest: d.size for s in snaps for d in s.blobs}
         metrics.record_store(self._cfg, len(snaps), sum(blobs.values()))
@@ -286,7 +286,6 @@ class Store:
     def report(self, level: str, msg: str) -> None:
         """A store event (repairs, removals) in the node's events log."""
         if self._cfg is not None:
-            from .. import events
             events.emit(self._cfg, "store", msg, level=level)
 
     # --- export -------------------------------------------------------------------------------------
