@@ -9,7 +9,7 @@ from typing import NamedTuple
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-class HostMount(NamedTuple):
+class Mount(NamedTuple):
     root: str            # the mount's root within its filesystem (a bind's source directory)
     point: str           # where it is mounted
     fstype: str
@@ -22,7 +22,7 @@ def unescape(path: str) -> str:
 
 
 class MountTable:
-    def __init__(self, mounts: list[HostMount]):
+    def __init__(self, mounts: list[Mount]):
         self.mounts = mounts
 
     @classmethod
@@ -32,7 +32,7 @@ class MountTable:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                mounts.append(HostMount(unescape(fields[3]), unescape(fields[4]), fields[sep + 1],
+                mounts.append(Mount(unescape(fields[3]), unescape(fields[4]), fields[sep + 1],
                                     tuple(fields[sep + 3].split(",")) if len(fields) > sep + 3 else ()))
         return cls(mounts)
 
