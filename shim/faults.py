@@ -33,6 +33,13 @@ class FaultInjected(ThawError):
     pass
 
 
+def env() -> dict[str, str]:
+    """What a thaw process it starts (the hook, the watcher, a prepare) must inherit for the armed
+    faults to reach it: empty unless a test armed some. The one place that names the variable."""
+    spec = os.environ.get("THAW_TEST_FAULTS")
+    return {"THAW_TEST_FAULTS": spec} if spec else {}
+
+
 def point(name: str) -> None:
     spec = os.environ.get("THAW_TEST_FAULTS")
     if not spec:

@@ -226,3 +226,19 @@ def test_every_error_is_a_thaw_error_and_no_name_is_shared_or_builtin():
                 errors.append(f"{name}.{cls_name} shares its name with {seen[cls_name]}.{cls_name}")
             seen[cls_name] = name
     assert not errors, "\n".join(errors)
+
+
+def test_no_product_module_names_a_test_variable():
+    """Test-only plumbing stays in shim/faults.py: no other module of thaw reads or forwards a
+    THAW_TEST_* variable."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(thaw.oci.__file__)))
+    found = []
+    for folder in ("oci", "shim", "hooks"):
+        for dirpath, _, names in os.walk(os.path.join(root, folder)):
+            for n in names:
+                path = os.path.join(dirpath, n)
+                if n.endswith(".py") and path != os.path.join(root, "shim", "faults.py"):
+                    with open(path) as f:
+                        if "THAW_TEST_" in f.read():
+                            found.append(os.path.relpath(path, root))
+    assert not found, found

@@ -111,8 +111,8 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], cont
     env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
     if cfg.source:
         env["THAW_CONFIG"] = cfg.source
-    if "THAW_TEST_FAULTS" in os.environ:
-        env["THAW_TEST_FAULTS"] = os.environ["THAW_TEST_FAULTS"]
+    from thaw.shim import faults
+    env.update(faults.env())
     namespace = annotations.get(ann.CRI_SANDBOX_NAMESPACE) or ann.LOCAL_NAMESPACE
     if container_id and ("/" in container_id or container_id.startswith(".")):
         container_id = None

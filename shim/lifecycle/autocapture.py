@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
+from thaw.shim import faults
 from thaw.shim.drivers.engine import ContainerView, EngineError
 from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
@@ -38,8 +39,7 @@ def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:
     env = {"PATH": os.environ.get("PATH") or "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
     if cfg.source:
         env["THAW_CONFIG"] = cfg.source
-    if "THAW_TEST_FAULTS" in os.environ:
-        env["THAW_TEST_FAULTS"] = os.environ["THAW_TEST_FAULTS"]
+    env.update(faults.env())
     proc = subprocess.Popen([cfg.hook, "watch", container_id, str(pid)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)

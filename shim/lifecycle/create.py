@@ -24,6 +24,7 @@ from thaw.oci import annotations as ann
 from thaw.oci.layout import LayoutError
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
+from thaw.shim import faults
 from thaw.shim.drivers.runc import Runc
 from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node import events, metrics
@@ -157,8 +158,7 @@ def _add_thaw_hooks(bundle: Bundle, cfg: Config, stages: tuple[str, ...]) -> Non
     if not cfg.hook or not os.access(cfg.hook, os.X_OK):
         return                                   # doctor reports a hook that is not executable
     env = [f"THAW_CONFIG={cfg.source}"] if cfg.source else []
-    if "THAW_TEST_FAULTS" in os.environ:     # the fault-injection tests reach the hook and watcher
-        env.append(f"THAW_TEST_FAULTS={os.environ['THAW_TEST_FAULTS']}")
+    env += [f"{k}={v}" for k, v in faults.env().items()]     # armed faults reach the hook and watcher
     for stage in stages:
         hook = {"path": cfg.hook, "args": ["thaw-hook", stage], "timeout": 60}
         if env:
