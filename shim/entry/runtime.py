@@ -18,6 +18,7 @@ TYPE_CHECKING = False   # not typing's: the passthrough path imports nothing it 
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from thaw.oci.annotations import ThawRequest
     from thaw.shim.lifecycle.container import Container
 
 
@@ -70,11 +71,12 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
     except ValueError:
         return                                      # an id runc refuses: the next runtime says so
     try:
-        ref, remote = c.request.snapshot, c.request.snapshot.remote is not None
+        request: ann.ThawRequest | None = c.request
     except ann.AnnotationError:
-        ref, remote = None, False                   # create reports it
-    if ref is not None and remote and c.request.pull_wait:
-        _wait_for_pull(c)
+        request = None                              # create reports it
+    remote = request is not None and request.snapshot.remote is not None
+    if request is not None and remote and request.pull_wait:
+        _wait_for_pull(c, request)
     outcome = create.create(c)
     create.report(call, cfg, outcome)
     if remote and isinstance(outcome, create.ColdStart) and outcome.code == "not_found":
@@ -85,16 +87,17 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         sys.exit(1)
 
 
-def _wait_for_pull(c: Container) -> None:
+def _wait_for_pull(c: Container, request: ThawRequest) -> None:
     """thaw.dev/pull: wait — a registry snapshot the node lacks is pulled (or its pull, started by
     the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
     way (restore, or cold start)."""
     from thaw.oci import annotations as ann
     from thaw.shim.lifecycle import distribution
     try:
-        ref, namespace = c.request.snapshot, c.namespace
+        namespace = c.namespace
     except ann.AnnotationError:
         return                                          # create reports it
+    ref = request.snapshot
     if not distribution.present(c.cfg, ref, namespace):
         _prepare_in_background(c.cfg, c.bundle.annotations, c.id)   # a no-op if the sandbox's is under way
         distribution.wait_present(c.cfg, ref, namespace, c.cfg.registry.pull_timeout)
