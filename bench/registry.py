@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from registry_fixture.server import PASSWORD, USER, RegistryServer, TestCA, new_repo
 
 from common import machine, save
-from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.blobs import BlobRange
+from thaw.shim.registry.client import RegistryClient
 from thaw.shim.registry.transfer import pull_blobs, push_blobs
 from thaw.shim.registry.transport import Settings
 

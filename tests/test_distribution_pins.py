@@ -30,7 +30,7 @@ from thaw.shim.lifecycle import distribution  # noqa: E402
 from thaw.shim.node.config import load  # noqa: E402
 from thaw.shim.node.store import Store  # noqa: E402
 from thaw.shim.registry import transfer  # noqa: E402
-from thaw.shim.registry.client import BlobRange  # noqa: E402
+from thaw.shim.registry.blobs import BlobRange  # noqa: E402
 from thaw.shim.registry.errors import DigestMismatchError  # noqa: E402
 
 pytest_plugins = ["registry_fixture.fixtures"]

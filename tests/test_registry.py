@@ -28,7 +28,8 @@ from registry_fixture.server import PASSWORD, USER, new_repo  # noqa: E402
 pytest_plugins = ["registry_fixture.fixtures"]
 pytestmark = pytest.mark.registry
 
-from thaw.shim.registry.client import EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST, BlobRange  # noqa: E402
+from thaw.shim.registry.blobs import BlobRange  # noqa: E402
+from thaw.shim.registry.client import EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, OCI_MANIFEST  # noqa: E402
 from thaw.shim.registry.errors import (  # noqa: E402
     AuthError,
     Cancelled,
@@ -239,7 +240,8 @@ def test_push_from_a_range_that_is_not_the_digest_is_refused(tls_registry, tmp_p
 
 _CHILD = r"""
 import json, sys, time
-from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.blobs import BlobRange
+from thaw.shim.registry.client import RegistryClient
 from thaw.shim.registry.transport import Settings
 import thaw.shim.registry.transfer as transfer
 from thaw.shim.registry.transfer import pull_blobs

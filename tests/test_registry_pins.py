@@ -14,7 +14,8 @@ import threading
 
 import pytest
 
-from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.blobs import BlobRange
+from thaw.shim.registry.client import RegistryClient
 from thaw.shim.registry.errors import DigestMismatchError, RegistryConfigError
 from thaw.shim.registry.transport import Settings
 

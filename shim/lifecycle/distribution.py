@@ -50,7 +50,8 @@ from thaw.shim.node import events, provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store, StoreError
 from thaw.shim.registry import errors, transfer
-from thaw.shim.registry.client import BlobRange, RegistryClient
+from thaw.shim.registry.blobs import BlobRange
+from thaw.shim.registry.client import RegistryClient
 from thaw.shim.registry.errors import LocalFileError, NotFoundError, RegistryError
 from thaw.shim.registry.transport import Settings
 

@@ -1,44 +1,24 @@
-"""The distribution API of one registry, moving blobs between it and byte ranges of local files.
-
-A blob is always `BlobRange(digest, path, offset, size)`: bytes [offset, offset+size) of a local
-file, never assumed to be a whole file (a large pages file is pushed as several blobs that are
-ranges of it). Uploads read the range; downloads write it with pwrite, so several threads can
-fill different ranges of one file.
-
-Downloads are verified while streaming (SHA-256 of exactly `size` bytes; a byte more or less is
-an error, and nothing is written outside the range) and resumable: `have` bytes of the range
-already present are re-hashed first (and compared with the prefix digest a checkpoint recorded,
-when given), then only the rest is requested with `Range:`. A connection lost mid-blob is resumed
-the same way, a bounded number of times, before giving up.
+"""The distribution API of one registry: the registry, its tags and manifests, and blobs moved
+between it and byte ranges of local files (blobs.py: what a blob is; download.py: how one is
+fetched, verified and resumed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import urllib3
 
-from thaw.oci.reference import InvalidReference, check_digest
-
+from . import download
 from .auth import repository_scope
-from .errors import (
-    Cancelled,
-    DigestMismatchError,
-    LocalFileError,
-    NetworkError,
-    NotFoundError,
-    ProtocolError,
-    RegistryError,
-)
+from .blobs import BlobRange, CancelFlag, Checkpoint, OnBytes, check_cancel, read_range
+from .errors import DigestMismatchError, NetworkError, NotFoundError, ProtocolError, RegistryError
 from .transport import Settings, Transport
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -48,37 +28,7 @@ EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 MAX_MANIFEST = 4 << 20  # distribution's limit for a manifest body
-IO_CHUNK = 1 << 20
-CHECKPOINT_EVERY = 16 << 20  # bytes between download checkpoints (resume points)
 DEFAULT_CHUNK = 256 << 20  # chunked upload: blobs above this go in PATCHes of this size
-DOWNLOAD_RETRIES = 2  # resumes within one download after a lost connection
-RETRY_DELAYS_S = (0.5, 1.5)
-
-OnBytes = Callable[[int], None]  # bytes done for this blob so far (may restart from 0)
-Checkpoint = Callable[[int, str], None]  # (bytes verified-written, sha256 of that prefix)
-
-
-class CancelFlag(Protocol):
-    """What a transfer polls between chunks: a threading.Event, transfer's _Stop, a prepare's Cancel."""
-
-    def is_set(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class BlobRange:
-    """A blob and where its bytes live locally: [offset, offset+size) of `path`."""
-    digest: str
-    path: str
-    offset: int
-    size: int
-
-    def __post_init__(self) -> None:
-        try:
-            check_digest(self.digest)
-        except InvalidReference as exc:
-            raise ValueError(str(exc)) from None
-        if self.offset < 0 or self.size < 0:
-            raise ValueError(f"negative offset or size for blob {self.digest}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +46,7 @@ class RegistryClient:
     """Thread-safe: one client serves every thread of a transfer."""
 
     def __init__(self, registry: str, settings: Settings | None = None, *, chunk_size: int = DEFAULT_CHUNK,
-                 checkpoint_every: int = CHECKPOINT_EVERY):
+                 checkpoint_every: int = download.CHECKPOINT_EVERY):
         self.registry = registry
         self.transport = Transport(registry, settings)
         self.chunk_size = chunk_size
@@ -248,7 +198,7 @@ class RegistryClient:
                 resp = self._req("PATCH", loc, repo, "pull,push", blob.digest,
                                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(n),
                                           "Content-Range": f"{sent}-{sent + n - 1}"},
-                                 body=lambda s=sent, n=n: _read_range(blob, s, n, progress, cancel, self.registry, repo),
+                                 body=lambda s=sent, n=n: read_range(blob, s, n, progress, cancel, self.registry, repo),
                                  expect=(202,))
                 got = resp.headers.get("Range")
                 if got and got != f"0-{sent + n - 1}":
@@ -259,7 +209,7 @@ class RegistryClient:
                 loc = self._location(resp, repo, blob.digest)
             body, length = None, 0
         else:
-            body = lambda: _read_range(blob, 0, blob.size, progress, cancel, self.registry, repo)  # noqa: E731
+            body = lambda: read_range(blob, 0, blob.size, progress, cancel, self.registry, repo)  # noqa: E731
             length = blob.size
         sep = "&" if "?" in loc else "?"
         self._req("PUT", f"{loc}{sep}digest={urllib.parse.quote(blob.digest)}", repo, "pull,push", blob.digest,
@@ -274,7 +224,7 @@ class RegistryClient:
         """Makes the registry hold the blob in `repo`. Returns how: "present" (HEAD found it),
         "mounted" (cross-repository mount from one of `mount_from`, tried in order) or "uploaded"
         (into the upload session the last refused mount opened, else a new one)."""
-        _check_cancel(cancel, self.registry, repo, blob.digest)
+        check_cancel(cancel, self.registry, repo, blob.digest)
         if skip_existing and self.blob_size(repo, blob.digest) is not None:
             return "present"
         location = None
@@ -318,193 +268,11 @@ class RegistryClient:
     def download_blob(self, repo: str, blob: BlobRange, *, have: int = 0, have_digest: str | None = None,
                       on_bytes: OnBytes | None = None, checkpoint: Checkpoint | None = None,
                       cancel: CancelFlag | None = None) -> int:
-        """Writes the blob into its range of `blob.path` (created if missing, never truncated),
-        verifying it. `have`: bytes at the start of the range already there from an earlier try;
-        they are re-hashed (and, with `have_digest`, compared with the digest recorded for that
-        prefix; a mismatch restarts from 0), and only the rest is fetched. `checkpoint(n, d)` is
-        called every `checkpoint_every` bytes, and when the download stops, once n bytes are
-        written (d: their sha256), so a caller can record a resume point. Returns the bytes
-        reused from `have`. On error the range may hold partial data; nothing claims it is
-        complete: only a normal return means the range holds the blob."""
-        where = (self.registry, repo, blob.digest)
-        _check_cancel(cancel, *where)
-        try:
-            fd = os.open(blob.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise LocalFileError(f"cannot open {blob.path} for writing: {exc}", *where) from exc
-        state = _Download(fd, blob, where)
-        try:
-            # No space is reserved ahead of the bytes: a registry that declares a large blob and
-            # sends a few bytes must not take the disk (the pull's quota check bounds the rest).
-            reused = self._rehash_prefix(state, max(0, min(have, blob.size)), have_digest, cancel)
-            state.last_checkpoint = state.pos
-            if on_bytes:
-                on_bytes(state.pos)
-            attempt = 0
-            while state.pos < blob.size:
-                try:
-                    self._stream_into(state, repo, on_bytes, checkpoint, cancel)
-                except NetworkError:
-                    if attempt >= DOWNLOAD_RETRIES or (cancel and cancel.is_set()):
-                        raise
-                    time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
-                    attempt += 1
-                finally:
-                    if checkpoint and state.pos != state.last_checkpoint:
-                        state.checkpoint(checkpoint)
-            got = "sha256:" + state.hash.hexdigest()
-            if got != blob.digest:
-                raise DigestMismatchError(f"downloaded bytes hash to {got}; the range of {blob.path} is not trusted",
-                                          *where)
-            return reused
-        finally:
-            state.close()
-            os.close(fd)
-
-    def _rehash_prefix(self, state: _Download, have: int, have_digest: str | None,
-                       cancel: CancelFlag | None) -> int:
-        """Hashes the `have` bytes already in the range; returns how many are reused (0 when they
-        are not all there or do not match `have_digest`)."""
-        blob = state.blob
-        pos = 0
-        while pos < have:
-            _check_cancel(cancel, *state.where)
-            try:
-                data = os.pread(state.rfd(), min(4 * IO_CHUNK, have - pos), blob.offset + pos)
-            except OSError as exc:
-                raise LocalFileError(f"cannot re-read the partial download in {blob.path}: {exc}",
-                                     *state.where) from exc
-            if not data:
-                break
-            state.hash.update(data)
-            pos += len(data)
-        if pos < have or (have_digest and "sha256:" + state.hash.hexdigest() != have_digest):
-            state.restart()  # what is there is not what was recorded: start over
-            return 0
-        state.pos = have
-        return have
-
-    def _stream_into(self, state: _Download, repo: str, on_bytes: OnBytes | None, checkpoint: Checkpoint | None,
-                     cancel: CancelFlag | None) -> None:
-        """One GET from state.pos on (a Range request when pos > 0), advancing state as bytes are
-        written. A registry that ignores Range restarts the blob from 0."""
-        blob, where = state.blob, state.where
-        headers = {"Range": f"bytes={state.pos}-"} if state.pos else {}
-        resp = self._req("GET", f"/v2/{repo}/blobs/{blob.digest}", repo, "pull", blob.digest, headers=headers,
-                         stream=True, allow_redirects=True, expect=(200, 206))
-        try:
-            if state.pos and resp.status == 200:
-                state.restart()
-            elif resp.status == 206:
-                start = _content_range_start(resp.headers.get("Content-Range", ""))
-                if start != state.pos:
-                    raise ProtocolError(f"asked for bytes from {state.pos}, got Content-Range "
-                                        f"{resp.headers.get('Content-Range')!r}", *where)
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and state.pos + int(length) != blob.size:
-                raise DigestMismatchError(f"registry sends {int(length)} bytes from offset {state.pos}, "
-                                          f"but the blob has {blob.size}", *where)
-            while state.pos < blob.size:
-                _check_cancel(cancel, *where)
-                try:
-                    data = resp.read(min(IO_CHUNK, blob.size - state.pos))
-                except Exception as exc:  # urllib3 and socket errors alike: the connection is gone
-                    raise NetworkError(f"connection lost after {state.pos} of {blob.size} bytes: {exc}",
-                                       *where) from exc
-                if not data:
-                    raise NetworkError(f"connection closed after {state.pos} of {blob.size} bytes", *where)
-                state.write(data)
-                if on_bytes:
-                    on_bytes(state.pos)
-                if checkpoint and state.pos - state.last_checkpoint >= self.checkpoint_every:
-                    state.checkpoint(checkpoint)
-            try:
-                extra = resp.read(1)
-            except Exception:  # noqa: BLE001 - the blob is complete; what follows does not matter
-                extra = b""
-            if extra:
-                raise DigestMismatchError(f"registry sends more than the blob's {blob.size} bytes", *where)
-        finally:
-            resp.release_conn()
-
-
-class _Download:
-    """Where one download stands: bytes of the range written and hashed so far."""
-
-    def __init__(self, fd: int, blob: BlobRange, where: tuple[str, str, str]):
-        self.fd, self.blob, self.where = fd, blob, where
-        self.pos = 0
-        self.hash = hashlib.sha256()
-        self.last_checkpoint = 0
-        self._rfd: int | None = None
-
-    def rfd(self) -> int:
-        if self._rfd is None:  # the write fd cannot read; open a reader only when re-hashing
-            self._rfd = os.open(self.blob.path, os.O_RDONLY | os.O_CLOEXEC)
-        return self._rfd
-
-    def restart(self) -> None:
-        self.pos, self.hash = 0, hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        view, offset = memoryview(data), self.blob.offset + self.pos
-        try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as exc:
-            raise LocalFileError(f"cannot write {self.blob.path}: {exc}", *self.where) from exc
-        self.hash.update(data)
-        self.pos += len(data)
-
-    def checkpoint(self, record: Checkpoint) -> None:
-        record(self.pos, "sha256:" + self.hash.copy().hexdigest())
-        self.last_checkpoint = self.pos
-
-    def close(self) -> None:
-        if self._rfd is not None:
-            os.close(self._rfd)
-            self._rfd = None
-
-
-def _read_range(blob: BlobRange, start: int, length: int, on_bytes: OnBytes | None,
-                cancel: CancelFlag | None, registry: str, repo: str) -> Iterator[bytes]:
-    """The bytes [start, start+length) of the blob's range, in IO_CHUNK pieces. Local errors
-    become LocalFileError (an OSError would look like a network failure to urllib3)."""
-    where = (registry, repo, blob.digest)
-    try:
-        f = open(blob.path, "rb")  # noqa: SIM115 - the with below; only the open maps to LocalFileError
-    except OSError as exc:
-        raise LocalFileError(f"cannot read {blob.path}: {exc}", *where) from exc
-    with f:
-        done = 0
-        while done < length:
-            _check_cancel(cancel, *where)
-            try:
-                data = os.pread(f.fileno(), min(IO_CHUNK, length - done), blob.offset + start + done)
-            except OSError as exc:
-                raise LocalFileError(f"cannot read {blob.path}: {exc}", *where) from exc
-            if not data:
-                raise LocalFileError(f"{blob.path} ends before byte {blob.offset + blob.size} of the blob's range",
-                                     *where)
-            yield data
-            done += len(data)
-            if on_bytes:
-                on_bytes(start + done)
-
-
-def _content_range_start(value: str) -> int | None:
-    # "bytes START-END/TOTAL"
-    try:
-        return int(value.split()[1].split("-")[0])
-    except (IndexError, ValueError):
-        return None
-
-
-def _check_cancel(cancel: CancelFlag | None, registry: str, repo: str, digest: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("transfer cancelled", registry, repo, digest)
-
+        """Writes the blob into its range of `blob.path`, verified and resumable from `have`
+        bytes already there (download.download_blob says how); returns the bytes reused."""
+        return download.download_blob(self._req, self.registry, repo, blob, have=have, have_digest=have_digest,
+                                      on_bytes=on_bytes, checkpoint=checkpoint,
+                                      checkpoint_every=self.checkpoint_every, cancel=cancel)
 
 __all__ = [
     "EMPTY_DATA",
@@ -512,7 +280,6 @@ __all__ = [
     "EMPTY_MEDIA_TYPE",
     "OCI_INDEX",
     "OCI_MANIFEST",
-    "BlobRange",
     "Manifest",
     "RegistryClient",
     "RegistryError",

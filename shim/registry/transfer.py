@@ -23,7 +23,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import BlobRange, RegistryClient
+from .blobs import BlobRange
+from .client import RegistryClient
 from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError
 
 DEFAULT_PARALLEL = 4
