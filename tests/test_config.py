@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from thaw.shim.node import config
+from thaw.shim.node import config, config_schema
 
 
 def test_defaults_when_default_file_missing(monkeypatch):
@@ -13,7 +13,7 @@ def test_defaults_when_default_file_missing(monkeypatch):
 
 
 def test_explicit_missing_file_is_an_error(tmp_path):
-    with pytest.raises(config.ConfigError):
+    with pytest.raises(config_schema.ConfigError):
         config.load(str(tmp_path / "nope.yaml"))
 
 
@@ -105,7 +105,7 @@ def test_bad_configs(tmp_path, monkeypatch, text):
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
     p = tmp_path / "c.yaml"
     p.write_text(text)
-    with pytest.raises(config.ConfigError):
+    with pytest.raises(config_schema.ConfigError):
         config.load(str(p))
 
 
@@ -155,7 +155,7 @@ def test_bad_store_limits(tmp_path, monkeypatch, text):
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
     p = tmp_path / "c.yaml"
     p.write_text(text)
-    with pytest.raises(config.ConfigError, match="store"):
+    with pytest.raises(config_schema.ConfigError, match="store"):
         config.load(str(p))
 
 
@@ -163,6 +163,6 @@ def test_the_shipped_config_documents_the_defaults(tmp_path, monkeypatch):
     """install/config.yaml names every section and key, each with its default value."""
     monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
     shipped = config.load(os.path.join(os.path.dirname(__file__), "..", "install", "config.yaml"))
-    assert config._to_mapping(shipped) == config._to_mapping(config.Config())
+    assert config_schema.dump(shipped) == config_schema.dump(config.Config())
     text = open(os.path.join(os.path.dirname(__file__), "..", "install", "config.yaml")).read()
     assert "\nstore:\n  " in text and "  max_bytes: 0\n" in text and "  evict_unpushed: false\n" in text

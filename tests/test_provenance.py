@@ -375,7 +375,8 @@ def test_captured_here_restores_an_unsigned_one_from_before_the_upgrade_cold_sta
 
 
 def test_config_validates_trust(tmp_path):
-    from thaw.shim.node.config import ConfigError, load
+    from thaw.shim.node.config import load
+    from thaw.shim.node.config_schema import ConfigError
     for bad in ({"keys": {"no-slash": ["/k.pub"]}}, {"keys": {"r.example/x": ["relative.pub"]}},
                 {"unsigned": ["anything"]}, {"signing_key": "relative.key"}):
         p = tmp_path / "c.yaml"

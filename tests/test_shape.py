@@ -20,7 +20,7 @@ SITE = os.path.dirname(os.path.dirname(os.path.dirname(thaw.oci.__file__)))
 # imports and the record lookup of start/delete. Anything more is paid by every container.
 ALLOWED_THAW = {"thaw", "thaw.oci", "thaw.oci.runc_args", "thaw.shim", "thaw.shim.entry",
                 "thaw.shim.entry.runtime", "thaw.shim.node", "thaw.shim.node.config",
-                "thaw.shim.node.state_path"}
+                "thaw.shim.node.config_schema", "thaw.shim.node.state_path"}
 NEVER = ["json", "re", "enum", "subprocess", "yaml", "typing", "dataclasses", "signal"]
 
 _PROBE = r"""

@@ -15,7 +15,8 @@ from thaw.shim.drivers import criu, cuda
 from thaw.shim.drivers.runc import Runc
 from thaw.shim.lifecycle import recovery
 from thaw.shim.lifecycle.recovery import finish
-from thaw.shim.node.config import Config, ConfigError
+from thaw.shim.node.config import Config
+from thaw.shim.node.config_schema import ConfigError
 from thaw.shim.node.provenance import ProvenanceError, check_public_key, signing_key
 from thaw.shim.node.state import ContainerState, Phase
 from thaw.shim.node.store import Store

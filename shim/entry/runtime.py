@@ -13,6 +13,7 @@ import sys
 
 from thaw.oci import runc_args
 from thaw.shim.node import config
+from thaw.shim.node.config_schema import ConfigError
 
 TYPE_CHECKING = False   # not typing's: the passthrough path imports nothing it does not use
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def _mentions_thaw(bundle_dir: str) -> bool:
 def _config() -> config.Config:
     try:
         return config.load()
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         # A broken config must not break containers: run with defaults and say why.
         from thaw.shim.node import events
         cfg = config.Config()
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = _config()
     try:
         next_runtime = cfg.resolve_next_runtime()
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         sys.stderr.write(f"thaw-runtime: {exc}\n")
         sys.exit(127)
     try:

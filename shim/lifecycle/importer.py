@@ -24,7 +24,8 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
 from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, HashingWriter, LayoutError
 from thaw.shim.node import provenance
-from thaw.shim.node.config import UNSIGNED_IMPORT, Config
+from thaw.shim.node.config import Config
+from thaw.shim.node.config_schema import UNSIGNED_IMPORT
 from thaw.shim.node.store import CorruptSnapshot, Staging, Store
 
 

@@ -1,4 +1,4 @@
-"""Node configuration: /etc/thaw/config.yaml, or the file named by THAW_CONFIG.
+"""Node configuration: /etc/thaw/config.yaml, or the file named by THAW_CONFIG, as typed records.
 
 thaw-runtime reads the config on every runtime call, including pure passthrough, so this module
 imports nothing heavy: parsing YAML (pyyaml alone costs ~20 ms to import) is kept off that path
@@ -6,7 +6,8 @@ by caching the parsed config with `marshal` (built in, no import cost) in
 /run/thaw/config-cache/, keyed by the config file's path and validated by its (mtime, size,
 inode). A missing or unwritable cache just means parsing the YAML.
 
-The keys, their types and defaults are the tables below; install/config.yaml documents each.
+The keys, their types, defaults and checks are config_schema.py's tables; install/config.yaml
+documents each.
 """
 
 from __future__ import annotations
@@ -14,25 +15,16 @@ from __future__ import annotations
 import marshal
 import os
 
-from thaw.oci import ThawError
+from . import config_schema
+from .config_schema import LOG_LEVELS, ConfigError
 
 TYPE_CHECKING = False  # typing stays unimported on the passthrough path (tests/test_shape.py)
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any, ClassVar
-
-    # A section's schema: key -> (the type its value converts to, a check naming what is wrong).
-    Schema = dict[str, tuple[type, Callable[[Any], str | None] | None]]
+    from typing import ClassVar
 
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
-LOG_LEVELS = ("debug", "info", "warning", "error")
-VERIFY_MODES = ("stat", "digest")
 FRONT_MAGIC = "thaw-runtime-front 1\n"    # install/runtime-front.c reads the file _sync_front writes
-
-
-class ConfigError(ThawError):
-    """The node config cannot be read or holds a bad value."""
 
 
 class _Record:
@@ -62,7 +54,7 @@ class Policy(_Record):
     env_may_differ: tuple[str, ...]
     verify: str
     required: bool
-    _fields: ClassVar[dict[str, object]] = {"share": {}, "env_may_differ": ("HOSTNAME",), "verify": "stat", "required": False}
+    _fields: ClassVar[dict[str, object]] = config_schema.defaults(config_schema.POLICY)
 
     def readable_from(self, namespace: str) -> tuple[str, ...]:
         """The namespaces whose snapshots `namespace` may restore besides its own, in the order
@@ -77,7 +69,7 @@ class Restore(_Record):
     hugepages: "auto" = what the node's measured probe says, else "on"/"off"."""
     workers: int
     hugepages: str
-    _fields: ClassVar[dict[str, object]] = {"workers": -1, "hugepages": "auto"}
+    _fields: ClassVar[dict[str, object]] = config_schema.RESTORE_DEFAULTS
 
     def worker_count(self) -> int:
         return min(16, os.cpu_count() or 1) if self.workers < 0 else self.workers
@@ -101,8 +93,7 @@ class Registry(_Record):
     pull_deadline: float
     max_blobs: int
     max_manifest_bytes: int
-    _fields: ClassVar[dict[str, object]] = {"auth_file": "", "ca_file": "", "insecure": (), "pull": {}, "push": {}, "pull_timeout": 60.0,
-               "pull_deadline": 1800.0, "max_blobs": 10000, "max_manifest_bytes": 4 << 20}
+    _fields: ClassVar[dict[str, object]] = config_schema.defaults(config_schema.REGISTRY)
 
     def allows(self, action: str, namespace: str, registry: str, repository: str) -> bool:
         """May pods of `namespace` pull (action "pull") or push ("push") REGISTRY/REPOSITORY?"""
@@ -121,11 +112,6 @@ def under_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + "/")
 
 
-# Sources of unsigned snapshots that trust.unsigned may name besides repository prefixes.
-UNSIGNED_IMPORT = "import"          # `thaw import` of an archive carrying no trusted signature
-UNSIGNED_THAW_0_1 = "thaw-0.1"      # snapshots of a store thaw 0.1 left (origin unknown)
-
-
 class Trust(_Record):
     """Which snapshots from outside this node may be restored (shim/node/provenance.py). Captured
     here: always. keys: repository prefix (REGISTRY/REPO...) -> public keys (PEM files) whose
@@ -136,7 +122,7 @@ class Trust(_Record):
     keys: dict[str, tuple[str, ...]]
     unsigned: tuple[str, ...]
     signing_key: str
-    _fields: ClassVar[dict[str, object]] = {"keys": {}, "unsigned": (), "signing_key": ""}
+    _fields: ClassVar[dict[str, object]] = config_schema.defaults(config_schema.TRUST)
 
     def keys_for(self, repository: str) -> tuple[str, ...]:
         """The public key files trusted for snapshots of REGISTRY/REPO `repository`."""
@@ -161,7 +147,7 @@ class StoreLimits(_Record):
     evict_unpushed: bool
     quota: dict[str, int]
     quota_share: float
-    _fields: ClassVar[dict[str, object]] = {"max_bytes": 0, "evict_unpushed": False, "quota": {}, "quota_share": 0.5}
+    _fields: ClassVar[dict[str, object]] = config_schema.defaults(config_schema.STORE)
 
 
 class Config(_Record):
@@ -180,11 +166,8 @@ class Config(_Record):
     store: StoreLimits
     trust: Trust
     source: str | None
-    _fields: ClassVar[dict[str, object]] = {"store_dir": "/var/lib/thaw", "state_dir": "/run/thaw", "next_runtime": "runc",
-               "criu": "", "hook": "/usr/local/bin/thaw-hook", "capture_ready_timeout": 1800.0,
-               "log_level": "info", "metrics_dir": "", "events_max_bytes": 8 << 20,
-               "policy": None, "restore": None, "registry": None, "store": None, "trust": None,
-               "source": None}
+    _fields: ClassVar[dict[str, object]] = {**config_schema.defaults(config_schema.TOP), **dict.fromkeys(config_schema.SECTIONS),
+                                            "source": None}
 
     def __init__(self, **values: object) -> None:
         values.setdefault("policy", Policy())
@@ -221,220 +204,11 @@ def which(name: str) -> str | None:
     return None
 
 
-# --- schema: key -> (type, check) ---------------------------------------------------------------
-
-def _abs_path(v: str) -> str | None:
-    return None if os.path.isabs(v) else "must be an absolute path"
-
-
-def _optional_abs_path(v: str) -> str | None:
-    return None if not v or os.path.isabs(v) else "must be empty or an absolute path"
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
-
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be positive"
-
-
-def _not_negative(v: int) -> str | None:
-    return None if v >= 0 else "must not be negative"
-
-
-def _not_thaw(v: str) -> str | None:
-    return "must not be thaw-runtime itself" if os.path.basename(v) == "thaw-runtime" else None
-
-
-_TOP: Schema = {
-    "store_dir": (str, _abs_path),
-    "state_dir": (str, _abs_path),
-    "next_runtime": (str, _not_thaw),
-    "criu": (str, None),
-    "hook": (str, None),
-    "capture_ready_timeout": (float, _positive),
-    "log_level": (str, _one_of(LOG_LEVELS)),
-    "metrics_dir": (str, _optional_abs_path),
-    "events_max_bytes": (int, _positive),
-}
-def _share(v: Any) -> str | None:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
-                                           all(isinstance(x, str) for x in r) for k, r in v.items()):
-        return "must map a publishing namespace to a list of reader namespaces"
-    return None
-
-
-def _names(v: Any) -> str | None:
-    return None if all(isinstance(x, str) for x in v) else "must be a list of names"
-
-
-def _repo_map(v: Any) -> str | None:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(r, list) and
-                                           all(isinstance(x, str) and "/" in x for x in r) for k, r in v.items()):
-        return "must map a namespace to a list of repository prefixes (REGISTRY/REPO...)"
-    return None
-
-
-_REGISTRY: Schema = {
-    "auth_file": (str, _optional_abs_path),
-    "ca_file": (str, _optional_abs_path),
-    "insecure": (list, _names),
-    "pull": (dict, _repo_map),
-    "push": (dict, _repo_map),
-    "pull_timeout": (float, _positive),
-    "pull_deadline": (float, _positive),
-    "max_blobs": (int, _positive),
-    "max_manifest_bytes": (int, _positive),
-}
-
-_POLICY: Schema = {
-    "share": (dict, _share),
-    "env_may_differ": (list, _names),
-    "verify": (str, _one_of(VERIFY_MODES)),
-    "required": (bool, None),
-}
-
-
-def _quota_map(v: Any) -> str | None:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool)
-                                           and n >= 0 for k, n in v.items()):
-        return "must map a namespace to a number of bytes (0: unbounded)"
-    return None
-
-
-def _share_of_store(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be more than 0 and at most 1"
-
-
-def _key_map(v: Any) -> str | None:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and "/" in k and isinstance(r, list) and
-                                           all(isinstance(x, str) and os.path.isabs(x) for x in r)
-                                           for k, r in v.items()):
-        return "must map a repository prefix (REGISTRY/REPO...) to a list of public key files (absolute paths)"
-    return None
-
-
-def _unsigned_sources(v: Any) -> str | None:
-    if all(isinstance(x, str) and ("/" in x or x in (UNSIGNED_IMPORT, UNSIGNED_THAW_0_1)) for x in v):
-        return None
-    return f"must list repository prefixes (REGISTRY/REPO...), {UNSIGNED_IMPORT!r} or {UNSIGNED_THAW_0_1!r}"
-
-
-_TRUST: Schema = {
-    "keys": (dict, _key_map),
-    "unsigned": (list, _unsigned_sources),
-    "signing_key": (str, _optional_abs_path),
-}
-
-
-_STORE: Schema = {
-    "max_bytes": (int, _not_negative),
-    "evict_unpushed": (bool, None),
-    "quota": (dict, _quota_map),
-    "quota_share": (float, _share_of_store),
-}
-
-
-def _section(raw: object, schema: Schema, defaults: dict[str, object], where: str) -> dict[str, Any]:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}must be a mapping")
-    if "allow_cross_namespace" in raw:
-        # Removed with namespace ownership; `false` (the old default, in every installed config)
-        # still means what it meant, `true` would now mean something it never could.
-        if raw["allow_cross_namespace"] not in (False, None):
-            raise ConfigError(f"{where}allow_cross_namespace was removed: a snapshot belongs to the namespace "
-                              "that captured it; name who may read whose snapshots in policy.share")
-        raw = {k: v for k, v in raw.items() if k != "allow_cross_namespace"}
-    unknown = set(raw) - set(schema)
-    if unknown:
-        raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    out = {}
-    for key, (kind, check) in schema.items():
-        value = raw.get(key)
-        if value is None:
-            out[key] = defaults[key]
-            continue
-        if kind is bool and not isinstance(value, bool):
-            raise ConfigError(f"{where}{key} must be true or false")
-        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{where}{key} must be a number")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where}{key} must be a whole number")
-        if kind in (dict, list) and not isinstance(value, kind):
-            raise ConfigError(f"{where}{key} must be a {'mapping' if kind is dict else 'list'}")
-        value = kind(value)
-        if kind is str and key == "log_level":
-            value = value.lower()
-        problem = check(value) if check else None
-        if problem:
-            raise ConfigError(f"{where}{key} {problem}")
-        out[key] = tuple(value) if kind is list else value
-    return out
-
-
-def _restore_section(raw: object, where: str) -> Restore:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}must be a mapping")
-    unknown = set(raw) - {"workers", "hugepages"}
-    if unknown:
-        raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    workers = raw.get("workers", "auto")
-    if workers == "auto" or workers is None:
-        workers = -1
-    elif isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
-        raise ConfigError(f"{where}workers must be auto or a number from 0 to 64")
-    hugepages = raw.get("hugepages", "auto")
-    if hugepages is True or hugepages is False:
-        hugepages = "on" if hugepages else "off"
-    if hugepages is None:
-        hugepages = "auto"
-    if hugepages not in ("auto", "on", "off"):
-        raise ConfigError(f"{where}hugepages must be auto, true or false")
-    return Restore(workers=workers, hugepages=hugepages)
-
-
 def _from_mapping(raw: object, source: str | None) -> Config:
-    where = f"{source}: "
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}top level must be a mapping")
-    top = {k: v for k, v in raw.items() if k not in ("policy", "restore", "registry", "store", "trust")}
-    values = _section(top, _TOP, Config._fields, where)
-    values["policy"] = Policy(**_section(raw.get("policy"), _POLICY, Policy._fields, where + "policy."))
-    values["restore"] = _restore_section(raw.get("restore"), where + "restore.")
-    registry = _section(raw.get("registry"), _REGISTRY, Registry._fields, where + "registry.")
-    registry["pull"] = {k: tuple(v) for k, v in registry["pull"].items()}
-    registry["push"] = {k: tuple(v) for k, v in registry["push"].items()}
-    values["registry"] = Registry(**registry)
-    values["store"] = StoreLimits(**_section(raw.get("store"), _STORE, StoreLimits._fields, where + "store."))
-    trust = _section(raw.get("trust"), _TRUST, Trust._fields, where + "trust.")
-    trust["keys"] = {k: tuple(v) for k, v in trust["keys"].items()}
-    values["trust"] = Trust(**trust)
-    return Config(**values, source=source)
-
-
-def _to_mapping(cfg: Config) -> dict[str, Any]:
-    out = {k: getattr(cfg, k) for k in _TOP}
-    out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in ((k, getattr(cfg.policy, k)) for k in _POLICY)}
-    out["restore"] = {"workers": "auto" if cfg.restore.workers < 0 else cfg.restore.workers,
-                      "hugepages": cfg.restore.hugepages}
-    reg = cfg.registry
-    out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
-                       "pull": {k: list(v) for k, v in reg.pull.items()},
-                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout,
-                       "pull_deadline": reg.pull_deadline, "max_blobs": reg.max_blobs,
-                       "max_manifest_bytes": reg.max_manifest_bytes}
-    out["store"] = {k: getattr(cfg.store, k) for k in _STORE}
-    out["trust"] = {"keys": {k: list(v) for k, v in cfg.trust.keys.items()}, "unsigned": list(cfg.trust.unsigned),
-                    "signing_key": cfg.trust.signing_key}
-    return out
+    v = config_schema.parse(raw, f"{source}: ")
+    return Config(**{k: v[k] for k in config_schema.TOP}, policy=Policy(**v["policy"]),
+                  restore=Restore(**v["restore"]), registry=Registry(**v["registry"]),
+                  store=StoreLimits(**v["store"]), trust=Trust(**v["trust"]), source=source)
 
 
 def load(path: str | None = None) -> Config:
@@ -470,7 +244,7 @@ def load(path: str | None = None) -> Config:
     from thaw.oci.files import atomic_write, make_private_dir  # noqa: PLC0415 - passthrough: config imports only what a call uses
     try:
         make_private_dir(CACHE_DIR)
-        atomic_write(cache, marshal.dumps({"key": key, "config": _to_mapping(cfg)}), durable=False)
+        atomic_write(cache, marshal.dumps({"key": key, "config": config_schema.dump(cfg)}), durable=False)
     except OSError:
         pass
     _sync_front(name, key, cfg)

@@ -38,7 +38,8 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.shim.safetext import printable
 
 from . import events
-from .config import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1, Config
+from .config import Config
+from .config_schema import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1
 
 if TYPE_CHECKING:  # cryptography is imported where a key is used, not with this module
     from cryptography.hazmat.primitives.asymmetric import ec
