@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import pytest
 
@@ -38,7 +39,7 @@ def has_nvidia_driver() -> bool:
     return os.path.exists("/dev/nvidiactl")
 
 
-def prerequisite_missing(reason: str) -> None:
+def prerequisite_missing(reason: str) -> NoReturn:
     """Give up on the running test: a skip, or under THAW_TEST_STRICT=1 a failure."""
     if STRICT:
         pytest.fail(f"prerequisite missing under THAW_TEST_STRICT: {reason}", pytrace=False)

@@ -118,6 +118,7 @@ class Memzoo:
 
         def ready():
             if proc.poll() is not None:
+                assert proc.stderr is not None  # stderr=PIPE
                 raise MemzooError(f"memzoo exited {proc.returncode}: {proc.stderr.read().decode()}")
             return all(os.path.exists(os.path.join(self.dir, f"ready-{r}")) for r in self.roles)
         wait_for(ready, timeout, "memzoo to fill its memory")

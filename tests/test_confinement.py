@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -44,7 +44,7 @@ while True:
     i += 1
     time.sleep(0.05)
 """
-SECCOMP = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
+SECCOMP: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
            "syscalls": [{"names": ["mount", "umount2"], "action": "SCMP_ACT_ERRNO"}]}
 # Every capability this machine's root holds (the test machines' root lacks CAP_SYS_RESOURCE).
 ALL_CAPS = ["CAP_" + name for name, bit in confinement.CAP_BITS.items()
@@ -53,7 +53,7 @@ ALL_CAP_WORDS = [0xFFFFFFFF, (1 << (len(confinement.CAP_BITS) - 32)) - 1]
 ALLOW_ALL_BPF = bytes([0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0x7F])   # BPF_RET|BPF_K SECCOMP_RET_ALLOW
 
 
-def restricted(spec: dict, uid: int = 0) -> None:
+def restricted(spec: dict, uid: int = 0) -> dict:
     """No capabilities, no-new-privs, a seccomp profile. uid 0: the test machines' root lacks
     CAP_SYS_RESOURCE, without which CRIU cannot dump another uid's process (prlimit); the uid
     attacks restore uid-0 images into a uid-1000 spec instead."""
@@ -62,6 +62,7 @@ def restricted(spec: dict, uid: int = 0) -> None:
     p["capabilities"] = {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")}
     p["noNewPrivileges"] = True
     spec["linux"]["seccomp"] = SECCOMP
+    return spec  # changed in place; returned for a lambda that changes it further
 
 
 def privileged(spec: dict) -> None:
@@ -420,7 +421,7 @@ def test_a_task_the_config_does_not_list(world):
 def test_an_apparmor_policy_blob(world):
     """Policy CRIU would load into the kernel: an apparmor.img, or apparmor_data in the creds."""
     def policy_image(images):
-        from thaw.shim.drivers.criu_proto import apparmor_pb2
+        import thaw.shim.drivers.criu_proto.apparmor_pb2 as apparmor_pb2  # made by install/node.sh: Any to mypy
         entry = apparmor_pb2.apparmor_entry()
         ns = entry.namespaces.add(name="root")
         ns.policies.add(name="unconfined-everything", blob=b"\x04\x08\x00version\x00")
@@ -435,12 +436,12 @@ def test_an_apparmor_policy_blob(world):
 
 def test_an_image_kind_outside_the_allow_list(world):
     def tun(images):
-        from thaw.shim.drivers.criu_proto import tun_pb2
+        import thaw.shim.drivers.criu_proto.tun_pb2 as tun_pb2  # made by install/node.sh: Any to mypy
         write(images, "tunfile.img", 0x57143751, [tun_pb2.tunfile_entry(id=7, netdev="tun0")])
     cold_started(world, forge(world, "base:1", tun), "tunfile.img", "not restored by thaw")
 
     def old_creds(images):
-        from thaw.shim.drivers.criu_proto import creds_pb2
+        import thaw.shim.drivers.criu_proto.creds_pb2 as creds_pb2  # made by install/node.sh: Any to mypy
         c = creds_pb2.creds_entry(uid=0, gid=0, euid=0, egid=0, suid=0, sgid=0, fsuid=0, fsgid=0, secbits=0)
         write(images, "creds-1.img", 0x54023547, [c])
     cold_started(world, forge(world, "base:1", old_creds), "creds-1.img", "old per-task credentials")

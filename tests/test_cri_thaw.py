@@ -273,7 +273,9 @@ def test_ctr_run_with_runc_binary(thaw_cri, tmp_path):
         run(ids[1], logs[1], "thaw.dev/snapshot=ctr-app:1")
         text = wait_for(lambda: logs[1].exists() and "tick" in logs[1].read_text() and logs[1].read_text(),
                         30, "restored ctr ticks")
-        first = int(re.search(r"tick (\d+)", text).group(1))
+        tick = re.search(r"tick (\d+)", text)
+        assert tick, text[:200]
+        first = int(tick.group(1))
         assert first > 10, text[:200]
         assert records(node)[ids[1]]["phase"] == "running"
     finally:

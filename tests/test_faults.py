@@ -567,6 +567,7 @@ def test_a_capture_killed_while_its_container_is_frozen_leaves_it_running(thaw_e
     c.start()
     c.wait_output(lambda t: len(ticks(t)) > 3)
     runc = shutil.which("runc")
+    assert runc, "runc on PATH"
 
     def guarded(then: str) -> int:
         return subprocess.run([sys.executable, "-c", GUARDED, runc, thaw_env.root, c.id, then],

@@ -42,6 +42,7 @@ def worker(request):
     if reason:
         gpu_skip(request.node, reason)
     p = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
     assert p.stdout.readline().startswith("ready")
     yield p
     p.kill()

@@ -304,6 +304,7 @@ def test_restart_reuses_weights_and_sigterm(env):
 def server_mod():
     _require_torch()
     spec = importlib.util.spec_from_file_location("thaw_example_server", SERVER)
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -366,11 +367,13 @@ def _fake_driver(base: int, calls: list, fail: set):
 def test_vmm_region_with_a_fake_driver(server_mod, monkeypatch):
     """The VMM bookkeeping (no GPU here; `server.py --selftest-vmm` checks the real driver)."""
     buf = ctypes.create_string_buffer(3 * 4096)
-    base, calls, fail = ctypes.addressof(buf), [], set()
+    calls: list[tuple[Any, ...]] = []
+    fail: set[str] = set()
+    base = ctypes.addressof(buf)
     drv = _fake_driver(base, calls, fail)
-    bindings = types.ModuleType("cuda.bindings")
+    bindings: Any = types.ModuleType("cuda.bindings")   # given the attributes a package would have
     bindings.driver = drv
-    cuda = types.ModuleType("cuda")
+    cuda: Any = types.ModuleType("cuda")
     cuda.bindings = bindings
     for name, mod in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.driver", drv)):
         monkeypatch.setitem(sys.modules, name, mod)

@@ -433,7 +433,8 @@ def test_v2_existing_config_is_kept_byte_for_byte(tmp_path):
     assert entry["options"]["SystemdCgroup"] is True                   # follows the default runtime
     res = checks.registration_checks(str(node.config), 1)
     assert res and all(ok for ok, _, _ in res), res
-    assert checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))[0]
+    stale = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
+    assert stale and stale[0]
 
 
 def test_v2_rerun_is_idempotent(tmp_path):
@@ -549,10 +550,13 @@ def test_stale_drop_in_is_reported_and_fixed_by_a_rerun(tmp_path):
     node.run()
     text = node.config.read_text().replace("pause:3.9", "pause:3.10")
     node.config.write_text(text)
-    ok, _what, detail = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
+    stale = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
+    assert stale is not None
+    ok, _what, detail = stale
     assert not ok and "install/containerd.sh" in detail
     node.run()
-    assert checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))[0]
+    stale = checks.stale_check(merge.load_files(str(node.config)), str(node.drop_in))
+    assert stale and stale[0]
     assert node.drop()["plugins"][CRI_V2]["sandbox_image"] == "registry.k8s.io/pause:3.10"
 
 

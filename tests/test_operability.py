@@ -15,7 +15,7 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.shim.lifecycle.recovery import finish
 from thaw.shim.node import events, metrics
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase
+from thaw.shim.node.state import ContainerState, Phase, Record
 from thaw.shim.node.store import Store
 
 
@@ -69,12 +69,18 @@ def test_thaw_events_cli(thaw_env):
     events.emit(cfg, "restored", "thaw: restored def", "def")
     out = thaw_env.thaw("events").stdout
     assert "cold_start" in out and "abc" in out and "restored" in out
-    lines = [json.loads(x) for x in thaw_env.thaw("events", "--json", "--container", "def").stdout.splitlines()]
-    assert [e["kind"] for e in lines] == ["restored"]
+    listed = [json.loads(x) for x in thaw_env.thaw("events", "--json", "--container", "def").stdout.splitlines()]
+    assert [e["kind"] for e in listed] == ["restored"]
     proc = subprocess.Popen(["thaw", "events", "--follow", "--json"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "THAW_CONFIG": thaw_env.config})
+    stdout = proc.stdout
+    assert stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+
+    def forward() -> None:
+        for line in stdout:
+            lines.put(line)
+    threading.Thread(target=forward, daemon=True).start()
     try:
         # Once it prints a probe it is following: then the event it must show.
         line = ""
@@ -132,8 +138,10 @@ def test_metrics_off_without_a_directory(tmp_path):
 
 def test_counters_survive_concurrent_writers(tmp_path):
     cfg = cfg_in(tmp_path, metrics_dir=str(tmp_path / "prom"))
-    threads = [threading.Thread(target=lambda: [metrics.record_capture(cfg, False, "cli") for _ in range(25)])
-               for _ in range(4)]
+    def record_25() -> None:
+        for _ in range(25):
+            metrics.record_capture(cfg, False, "cli")
+    threads = [threading.Thread(target=record_25) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -142,17 +150,24 @@ def test_counters_survive_concurrent_writers(tmp_path):
     assert got['thaw_captures_total{result="failed",trigger="cli"}'] == 100
 
 
+def _record(st: ContainerState) -> Record:
+    record = st.read()
+    assert record is not None, "no state record"
+    return record
+
+
 def test_record_phases_and_finish(tmp_path):
     cfg = cfg_in(tmp_path)
     st = ContainerState(cfg.state_dir, "c1")
     rec = st.begin_restore("a:1", time.time(), "/b", None, False, "/b/.thaw-undo-c1")
-    assert st.read().phase == Phase.RESTORING
+    assert _record(st).phase == Phase.RESTORING
     assert finish(cfg, "c1", "poststop") is None and st.exists()    # mid-restore: thaw-runtime cleans up
     st.restored(rec, pid=123, phases={"total": 0.5})
-    assert st.read().phase == Phase.RESTORED
-    assert st.started() is True and st.read().phase == Phase.RUNNING
+    assert _record(st).phase == Phase.RESTORED
+    assert st.started() is True and _record(st).phase == Phase.RUNNING
     assert st.started() is False                                      # a second start is runc's business
-    assert finish(cfg, "c1", "delete").pid == 123 and not st.exists()
+    ended = finish(cfg, "c1", "delete")
+    assert ended is not None and ended.pid == 123 and not st.exists()
     [end] = [e for e in events.read(cfg.state_dir) if e["kind"] == "finished"]
     assert end["restored"] is True and end["phases"] == {"total": 0.5} and end["by"] == "delete"
     assert finish(cfg, "c1", "poststop") is None                      # the other caller came first

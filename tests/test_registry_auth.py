@@ -11,7 +11,7 @@ import stat
 
 import pytest
 
-from thaw.shim.registry.auth import load_credentials, parse_challenge, repository_scope
+from thaw.shim.registry.auth import Challenge, Credentials, load_credentials, parse_challenge, repository_scope
 from thaw.shim.registry.errors import RegistryConfigError
 from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress, human_bytes, human_duration
 from thaw.shim.registry.transfer import BlobProgress, Progress
@@ -27,6 +27,19 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
+def found(config_path: str, registry: str) -> Credentials:
+    """load_credentials where the test expects credentials."""
+    creds = load_credentials(config_path, registry)
+    assert creds is not None, f"no credentials for {registry}"
+    return creds
+
+
+def challenge(header: str) -> Challenge:
+    parsed = parse_challenge(header)
+    assert parsed is not None, header
+    return parsed
+
+
 def test_auths_entries_in_every_form(tmp_path):
     cfg = write(tmp_path / "c.json", {"auths": {
         "https://reg.example.com:5000/v1/": {"auth": b64("alice:pa:ss")},
@@ -34,12 +47,12 @@ def test_auths_entries_in_every_form(tmp_path):
         "tok.example.com": {"identitytoken": "refresh-me"},
         "empty.example.com": {},
     }})
-    alice = load_credentials(cfg, "reg.example.com:5000")
+    alice = found(cfg, "reg.example.com:5000")
     assert (alice.username, alice.password) == ("alice", "pa:ss") and "c.json" in alice.source
     assert alice.basic() == "Basic " + b64("alice:pa:ss")
-    bob = load_credentials(cfg, "OTHER.example.com")
+    bob = found(cfg, "OTHER.example.com")
     assert (bob.username, bob.password) == ("bob", "pw")
-    assert load_credentials(cfg, "tok.example.com").identity_token == "refresh-me"
+    assert found(cfg, "tok.example.com").identity_token == "refresh-me"
     assert load_credentials(cfg, "empty.example.com") is None
     assert load_credentials(cfg, "unknown.example.com") is None
     assert load_credentials(str(tmp_path / "absent.json"), "reg.example.com:5000") is None
@@ -82,11 +95,11 @@ def test_credential_helpers(tmp_path, monkeypatch):
                                                       "x.example.com": "broken", "m.example.com": "missing"},
                                       "credsStore": "pass",
                                       "auths": {"fallback.example.com": {"auth": b64("f:g")}}})
-    h = load_credentials(cfg, "h.example.com")
+    h = found(cfg, "h.example.com")
     assert (h.username, h.password) == ("u", "s") and "docker-credential-pass" in h.source
-    assert load_credentials(cfg, "t.example.com").identity_token == "idtok"
+    assert found(cfg, "t.example.com").identity_token == "idtok"
     # credsStore has nothing for this host: the auths entry is used.
-    f = load_credentials(cfg, "fallback.example.com")
+    f = found(cfg, "fallback.example.com")
     assert (f.username, f.password) == ("f", "g")
     with pytest.raises(RegistryConfigError) as err:
         load_credentials(cfg, "x.example.com")
@@ -97,12 +110,12 @@ def test_credential_helpers(tmp_path, monkeypatch):
 
 
 def test_challenges():
-    c = parse_challenge('Bearer realm="https://auth.example.com/token",service="registry.example.com",'
+    c = challenge('Bearer realm="https://auth.example.com/token",service="registry.example.com",'
                         'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope"')
     assert c.scheme == "bearer"
     assert c.params["realm"] == "https://auth.example.com/token" and c.params["service"] == "registry.example.com"
     assert c.scopes == ("repository:a/b:pull,push", "repository:c:pull")
-    b = parse_challenge('Basic realm="a \\"quoted\\" realm, with comma"')
+    b = challenge('Basic realm="a \\"quoted\\" realm, with comma"')
     assert b.scheme == "basic" and b.params["realm"] == 'a "quoted" realm, with comma'
     assert parse_challenge("") is None
     assert repository_scope("a/b", "pull") == "repository:a/b:pull"

@@ -225,7 +225,9 @@ def test_python_heap_survives(thaw_env, tmp_path):
     assert src.create() == 0, src.log_text()
     src.start()
     out = src.wait_output(lambda t: " n 3" in t, timeout=60)
-    digest = re.search(r"heap (\w+)", out).group(1)
+    heap = re.search(r"heap (\w+)", out)
+    assert heap, out
+    digest = heap.group(1)
     capture(thaw_env, src.id, "heap:1", "--exit")
     assert src.state() is None or src.state()["status"] == "stopped"
     src.destroy()

@@ -200,7 +200,9 @@ def test_finish_never_signals_a_process_that_reused_the_watchers_pid(thaw_env):
         st = ContainerState(cfg.state_dir, "c1")
         st.cold(time.time(), None, "x", "a:1", {"snapshot": "a:1"})
         # the recorded watcher had this pid, but started at another time: it is not this process
-        st.update(watcher={"pid": bystander.pid, "start": ProcessHandle.of(bystander.pid).start - 1})
+        start = ProcessHandle.of(bystander.pid).start
+        assert start is not None
+        st.update(watcher={"pid": bystander.pid, "start": start - 1})
         finish(cfg, "c1", "delete")
         time.sleep(0.2)
         assert bystander.poll() is None
@@ -219,7 +221,7 @@ def test_the_watcher_ends_with_its_container(thaw_env, tmp_path):
     c.start()
     record = json.load(open(os.path.join(thaw_env.state, "containers", c.id + ".json")))
     watcher = ProcessHandle.from_json(record["watcher"])
-    assert watcher.alive()
+    assert watcher is not None and watcher.alive()
     subprocess.run(["runc", "--root", thaw_env.root, "kill", c.id, "KILL"], check=True)   # behind thaw's back
     wait_for(lambda: not watcher.alive(), 10, "the watcher to end with its container")
     c.destroy()

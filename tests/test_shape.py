@@ -117,18 +117,24 @@ def test_the_transition_table_is_exactly_the_legal_one():
                     advance(current, to)
 
 
+def _record(st: ContainerState) -> Record:
+    record = st.read()
+    assert record is not None, "no state record"
+    return record
+
+
 def test_transitions_through_the_state_files(tmp_path):
     st = ContainerState(str(tmp_path), "c1")
     record = st.begin_restore("snap:v1", 1.0, "/b", None, False, "/u")
-    assert st.read().phase is Phase.RESTORING
+    assert _record(st).phase is Phase.RESTORING
     with pytest.raises(TypeError):
         st.update(phase=Phase.RUNNING)              # phases move only by transition
     assert st.started() is False                    # not restored yet: start is not a no-op
     st.restored(record, pid=42)
-    assert st.read().phase is Phase.RESTORED and st.read().owner is None
+    assert _record(st).phase is Phase.RESTORED and _record(st).owner is None
     with pytest.raises(PhaseError):
-        st.restored(st.read())                      # restored twice: a bug
-    assert st.started() is True and st.read().phase is Phase.RUNNING
+        st.restored(_record(st))                      # restored twice: a bug
+    assert st.started() is True and _record(st).phase is Phase.RUNNING
     assert st.started() is False
 
 
@@ -136,8 +142,8 @@ def test_a_cold_record_never_becomes_restored(tmp_path):
     st = ContainerState(str(tmp_path), "c2")
     st.cold(1.0, None, "why", None, None)
     with pytest.raises(PhaseError):
-        st.restored(st.read())
-    assert st.read().phase is Phase.COLD
+        st.restored(_record(st))
+    assert _record(st).phase is Phase.COLD
 
 
 def test_a_record_with_an_unknown_phase_is_not_read(tmp_path):
@@ -188,7 +194,7 @@ def test_a_create_parses_names_and_reads_once(tmp_path, monkeypatch):
     monkeypatch.setattr(ann, "parse_request", counted("parse_request", ann.parse_request))
     monkeypatch.setattr(ann, "namespace_of", counted("namespace_of", ann.namespace_of))
     monkeypatch.setattr(ContainerState, "__init__", counted("ContainerState", ContainerState.__init__))
-    monkeypatch.setattr(MountTable, "read", classmethod(counted("MountTable.read", MountTable.read.__func__)))
+    monkeypatch.setattr(MountTable, "read", classmethod(counted("MountTable.read", MountTable.__dict__["read"].__func__)))
     outcome = create.create(c)
     assert isinstance(outcome, create.ColdStart) and outcome.code == "incompatible", outcome
     assert counts == {"parse_request": 0, "namespace_of": 0, "ContainerState": 0, "MountTable.read": 1}
@@ -212,7 +218,8 @@ def test_every_error_is_a_thaw_error_and_no_name_is_shared_or_builtin():
     import builtins
     import importlib
     import inspect
-    errors, seen = [], {}
+    errors: list[str] = []
+    seen: dict[str, str] = {}
     for name in _thaw_modules():
         module = importlib.import_module(name)
         for cls_name, cls in inspect.getmembers(module, inspect.isclass):
