@@ -249,3 +249,30 @@ def test_no_product_module_names_a_test_variable():
                         if "THAW_TEST_" in f.read():
                             found.append(os.path.relpath(path, root))
     assert not found, found
+
+
+# No module of thaw's source over this many lines (issue 18: each readable in one sitting).
+MAX_MODULE_LINES = 500
+# Modules allowed over it, each with why. An entry whose module is no longer over fails too: remove it.
+LONG_MODULES = {
+    # Temporary: issue 16's second pass splits it. Coordinator: remove this entry when that lands.
+    "shim/lifecycle/confinement.py": "the confinement check, being split by issue 16",
+}
+
+
+def test_no_module_is_over_500_lines():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sizes = {}
+    for top in ("oci", "shim", "hooks"):
+        for dirpath, dirnames, files in os.walk(os.path.join(root, top)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for name in files:
+                if name.endswith(".py") and not name.endswith("_pb2.py"):   # _pb2: protoc's, made at install
+                    path = os.path.join(dirpath, name)
+                    with open(path, encoding="utf-8") as f:
+                        sizes[os.path.relpath(path, root)] = f.read().count("\n")   # as wc -l counts
+    assert len(sizes) > 50, sorted(sizes)   # the walk found the source
+    over = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES and p not in LONG_MODULES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines (split them by what they own): {over}"
+    needless = [p for p in LONG_MODULES if sizes.get(p, 0) <= MAX_MODULE_LINES]
+    assert not needless, f"no longer over {MAX_MODULE_LINES} lines, remove from LONG_MODULES: {needless}"
