@@ -274,6 +274,7 @@ class RegistryClient:
                                       on_bytes=on_bytes, checkpoint=checkpoint,
                                       checkpoint_every=self.checkpoint_every, cancel=cancel)
 
+
 __all__ = [
     "EMPTY_DATA",
     "EMPTY_DIGEST",
