@@ -71,6 +71,7 @@ def read_range(blob: BlobRange, start: int, length: int, on_bytes: OnBytes | Non
             if on_bytes:
                 on_bytes(start + done)
 
+
 def check_cancel(cancel: CancelFlag | None, registry: str, repo: str, digest: str) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("transfer cancelled", registry, repo, digest)

@@ -76,6 +76,7 @@ def download_blob(request: Request, registry: str, repo: str, blob: BlobRange, *
         state.close()
         os.close(fd)
 
+
 def _rehash_prefix(state: _Download, have: int, have_digest: str | None, cancel: CancelFlag | None) -> int:
     """Hashes the `have` bytes already in the range; returns how many are reused (0 when they
     are not all there or do not match `have_digest`)."""
@@ -97,6 +98,7 @@ def _rehash_prefix(state: _Download, have: int, have_digest: str | None, cancel:
         return 0
     state.pos = have
     return have
+
 
 def _stream_into(request: Request, state: _Download, repo: str, on_bytes: OnBytes | None,
                  checkpoint: Checkpoint | None, checkpoint_every: int, cancel: CancelFlag | None) -> None:
