@@ -166,8 +166,8 @@ class Config(_Record):
     store: StoreLimits
     trust: Trust
     source: str | None
-    _fields: ClassVar[dict[str, object]] = {**config_schema.defaults(config_schema.TOP), **dict.fromkeys(config_schema.SECTIONS),
-                                            "source": None}
+    _fields: ClassVar[dict[str, object]] = {**config_schema.defaults(config_schema.TOP),
+                                            **dict.fromkeys(config_schema.SECTIONS), "source": None}
 
     def __init__(self, **values: object) -> None:
         values.setdefault("policy", Policy())
