@@ -123,7 +123,7 @@ def test_challenges():
 
 def _progress() -> Progress:
     p = Progress("pull")
-    p.started -= 10.0  # ten seconds in
+    p.clock.started -= 10.0  # ten seconds in
     p.blobs["a"] = BlobProgress("sha256:a", 300 << 20, done=100 << 20)
     p.blobs["b"] = BlobProgress("sha256:b", 100 << 20, done=100 << 20, outcome="downloaded")
     return p

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thaw.oci.files import atomic_write
+from thaw.shim.timing import Stopwatch
 
 # thaw's CRIU patch 0002: several workers fill a restored process's private pages, optionally
 # into transparent huge pages. Shown in `criu --help` (a CRIU without it says nothing of them).
@@ -199,12 +200,12 @@ def measure_thp_fill(cache_dir: str, scratch: str, mib: int = 256, threads: int 
             part = size // threads
             workers = [threading.Thread(target=os.preadv, args=(fd, [view[i * part:(i + 1) * part]], i * part))
                        for i in range(threads)]
-            t = time.perf_counter()
+            clock = Stopwatch()
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
-            seconds = time.perf_counter() - t
+            seconds = clock.seconds()
             view.release()
             m.close()
             return seconds

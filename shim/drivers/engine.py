@@ -26,6 +26,7 @@ from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci.annotations import Step
+from thaw.shim.timing import Stopwatch
 
 from .procs import ProcessHandle
 
@@ -187,15 +188,15 @@ def run_steps(view: ContainerView, steps: Sequence[Step], what: str, budget: flo
     each within its own timeout and, all together, within `budget` seconds. A step that fails (a
     non-2xx answer, no answer, or a poll that never matches) stops the rest: EngineError naming it.
     Returns what each step took."""
-    start = time.monotonic()
+    all_steps = Stopwatch()
     done: list[dict[str, Any]] = []
     for i, step in enumerate(steps):
-        t = time.monotonic()
-        limit = step.timeout if budget is None else min(step.timeout, budget - (t - start))
+        this_step = Stopwatch()
+        limit = step.timeout if budget is None else min(step.timeout, budget - all_steps.seconds())
         if limit <= 0:
             raise EngineError(f"{what} step {i + 1} ({step!r}) not started: the {budget:g}s for all "
                               f"{what} steps are spent")
-        deadline = t + limit
+        deadline = time.monotonic() + limit
         status, body, tries = 0, "", 0
         while True:
             tries += 1
@@ -215,8 +216,8 @@ def run_steps(view: ContainerView, steps: Sequence[Step], what: str, budget: flo
                 raise EngineError(f"{what} step {i + 1} ({step!r}) did not match within {limit:.1f}s "
                                   f"(last answer {status}: {body[:200]})")
             time.sleep(step.interval)
-        done.append({"step": repr(step), "seconds": round(time.monotonic() - t, 4), "tries": tries})
-        log(f"{what} step {i + 1}: {step!r} ({time.monotonic() - t:.2f}s)")
+        done.append({"step": repr(step), "seconds": round(this_step.seconds(), 4), "tries": tries})
+        log(f"{what} step {i + 1}: {step!r} ({this_step.seconds():.2f}s)")
     return done
 
 

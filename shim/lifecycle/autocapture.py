@@ -26,6 +26,7 @@ from thaw.shim.node import events
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import ContainerState
 from thaw.shim.node.store import Store, StoreError
+from thaw.shim.timing import Stopwatch
 
 from . import distribution
 from .capture import capture, report
@@ -90,7 +91,7 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
             return "exists", "info", f"{ref} already exists in {namespace} (captured by another container)"
         except StoreError:
             pass                                 # not found or unreadable: capture it
-        t = time.perf_counter()
+        clock = Stopwatch()
         try:
             snap = capture(cfg, container_id, ref, root=want.get("root"), leave_running=True,
                            quiesce=want.get("quiesce"), resume=want.get("resume"))
@@ -98,10 +99,10 @@ def _watch(cfg: Config, container_id: str, pid: int, poll: float) -> tuple[str, 
             report(cfg, "auto", container_id, ref, None, exc)
             return "failed", "error", f"capture of {ref} failed: {exc}"
     report(cfg, "auto", container_id, ref, snap)
-    st.update(captured=snap.ref, capture_s=round(time.perf_counter() - t, 3))
+    st.update(captured=snap.ref, capture_s=round(clock.seconds(), 3))
     pushed = _push(cfg, store, ref, namespace) if want.get("push") else ""
     return "captured", "info", (f"published {snap.ref} ({snap.manifest.digest}) "
-                                f"in {time.perf_counter() - t:.2f}s{pushed}")
+                                f"in {clock.seconds():.2f}s{pushed}")
 
 
 def _push(cfg: Config, store: Store, ref: SnapshotRef, namespace: str) -> str:

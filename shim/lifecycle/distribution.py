@@ -54,6 +54,7 @@ from thaw.shim.registry.blobs import BlobRange
 from thaw.shim.registry.client import RegistryClient
 from thaw.shim.registry.errors import LocalFileError, NotFoundError, RegistryError
 from thaw.shim.registry.transport import Settings
+from thaw.shim.timing import Stopwatch
 
 if TYPE_CHECKING:  # the registry client is imported where a transfer starts
     from thaw.shim.registry.client import RegistryClient
@@ -242,7 +243,7 @@ def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None
     who = for_namespace or "the operator"
     events.emit(cfg, "pull", f"pull of {source} for {who} started", None, "info", snapshot=str(source),
                 namespace=for_namespace, outcome="started")
-    t = time.monotonic()
+    clock = Stopwatch()
     try:
         snap = _pull_guarded(cfg, store, source, local, for_namespace, listener, cancel, owner)
     except Exception as exc:
@@ -253,7 +254,7 @@ def pull(cfg: Config, store: Store, source: Reference, local: SnapshotRef | None
         events.emit(cfg, "pull", f"pull of {source} for {who} failed: {reason}", None, "warning",
                     snapshot=str(source), namespace=for_namespace, outcome="failed", reason=reason)
         raise exc from None
-    seconds = time.monotonic() - t
+    seconds = clock.seconds()
     events.emit(cfg, "pull", f"pulled {source} for {who}: {snap.size >> 20} MiB in {seconds:.1f}s", None, "info",
                 snapshot=str(source), namespace=for_namespace, outcome="pulled", bytes=snap.size,
                 seconds=round(seconds, 3))

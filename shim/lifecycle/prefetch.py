@@ -22,7 +22,6 @@ import fcntl
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +34,7 @@ from thaw.shim.drivers.procs import ProcessHandle
 from thaw.shim.node import events
 from thaw.shim.node.config import Config
 from thaw.shim.node.store import Store, StoreError
+from thaw.shim.timing import Stopwatch
 
 from . import distribution, weights
 
@@ -155,7 +155,7 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
         with store.image_dir(snap) as path:
             names = sorted(os.listdir(path))
             total = sum(os.path.getsize(os.path.join(path, n)) for n in names)
-            done, t = 0, time.perf_counter()
+            done, clock = 0, Stopwatch()
             floor = floor_bytes()
             buf = bytearray(CHUNK)
             for name in names:
@@ -166,11 +166,11 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
                         if done % (256 << 20) < n:
                             if cancel is not None and cancel.is_set():
                                 return _report(cfg, ref, namespace, "stopped", "cancelled: "
-                                               f"{getattr(cancel, 'reason', '')}", done, time.perf_counter() - t)
+                                               f"{getattr(cancel, 'reason', '')}", done, clock.seconds())
                             if mem_available() < floor:
                                 return _report(cfg, ref, namespace, "stopped",
                                                f"node memory is short: read {done >> 20} of {total >> 20} MiB",
-                                               done, time.perf_counter() - t)
+                                               done, clock.seconds())
                             if progress:
                                 progress(done, total)
                 finally:
@@ -185,7 +185,7 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
                                            lambda: mem_available() >= floor)
                 done += got
                 msg += f" (weights {got >> 20} MiB)"
-            return _report(cfg, ref, namespace, "warm", msg, done, time.perf_counter() - t)
+            return _report(cfg, ref, namespace, "warm", msg, done, clock.seconds())
     finally:
         os.close(lock)
 

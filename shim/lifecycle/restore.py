@@ -33,7 +33,7 @@ from thaw.shim.node import cgroups, provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.state import Record
 from thaw.shim.node.store import Store
-from thaw.shim.timing import PhaseTimer
+from thaw.shim.timing import PhaseTimer, Stopwatch
 
 from . import confinement, fingerprint, recovery, weights
 from .container import Container
@@ -77,7 +77,7 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
                       cfg.policy.readable_from(namespace))
     # Provenance first: CRIU images are root-level instructions, only trusted ones are even read.
     provenance.check_restorable(cfg, store.provenance(snap), f"snapshot {snap.ref} ({snap.namespace})")
-    t = time.perf_counter()
+    clock = Stopwatch()
     gpus = None
     cuda_init = None
     gpu_fp = fmt.GpuFingerprint()
@@ -101,7 +101,7 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
                                             cfg.policy.env_may_differ)
     reasons += fingerprint.excess_privileges(snap.config.processes, bundle.spec)
     reasons += _network_problems(snap, bundle)
-    phases.add("fingerprint", time.perf_counter() - t)
+    phases.add("fingerprint", clock.seconds())
     if reasons:
         raise Incompatible(f"snapshot {snap.ref} does not fit here: " + "; ".join(reasons))
     prefetch = None
@@ -146,10 +146,10 @@ def bring_up(plan: Plan, c: Container, store: Store) -> Record:
     """Restore the container `c` is as `plan` says; returns its RESTORED record."""
     cfg = c.cfg
     runc = Runc.for_call(c.next_runtime, cfg.resolve_criu(), c.call)
-    t = time.perf_counter()
+    clock = Stopwatch()
     try:
         with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
-            plan.phases.add("verify_layer", time.perf_counter() - t)
+            plan.phases.add("verify_layer", clock.seconds())
             proof = plan.phases.run("image_check", _check_images, image_dir, c)
             record = _bring_up(plan, c, store, runc, image_dir, proof)
     finally:

@@ -16,7 +16,6 @@ import json
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +27,7 @@ from thaw.oci.spec import Bundle
 from thaw.shim.drivers.cuda import device_memory, process_tree
 from thaw.shim.drivers.engine import open_in_root
 from thaw.shim.drivers.rootfs import overlay_dirs
+from thaw.shim.timing import Stopwatch
 
 from .fingerprint import layer_digest
 
@@ -248,7 +248,7 @@ class Prefetch:
         self.cache, self.files, self.bytes = cache, [], 0
         self.error: str | None = None
         self.hashed = 0
-        self._t = time.perf_counter()
+        self._clock = Stopwatch()
         try:
             for wf in weights.files:
                 fd, st = open_for_restore(bundle, wf)
@@ -305,7 +305,7 @@ class Prefetch:
             self.cache.save()
             self.close()
         return {"files": len(self.files), "bytes": self.bytes, "hashed": self.hashed,
-                "seconds": round(time.perf_counter() - self._t, 4)}
+                "seconds": round(self._clock.seconds(), 4)}
 
     def abort(self) -> None:
         """Stop (a restore that failed elsewhere): no new reads; the started ones end; fds closed."""

@@ -23,6 +23,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from thaw.shim.timing import Stopwatch
+
 from .blobs import BlobRange
 from .client import RegistryClient
 from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError
@@ -46,7 +48,7 @@ class Progress:
     across threads). Events: "start", "bytes" (throttled), "blob" (one finished), "end"."""
     operation: str  # push or pull
     blobs: dict[str, BlobProgress] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
+    clock: Stopwatch = field(default_factory=Stopwatch)
     error: RegistryError | None = None
 
     _total: int | None = None
@@ -66,7 +68,7 @@ class Progress:
         return sum(1 for b in self.blobs.values() if b.outcome)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return self.clock.seconds()
 
     def rate(self) -> float:
         """Bytes per second moved over the network (reused and skipped bytes excluded)."""
