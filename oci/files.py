@@ -1,4 +1,5 @@
-"""File primitives every format is written with: one atomic write, root-only directories.
+"""File primitives every format is written with: one atomic write (whole bytes, or streamed
+through AtomicFile), root-only directories.
 
 Imported on the runtime's hot path (config cache, state records): `os` only.
 """
@@ -8,37 +9,70 @@ from __future__ import annotations
 import os
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
-    """Replace `path` with `data` so that a reader sees the old or the new content, never a part.
+class AtomicFile:
+    """A file that replaces `path` only once all of it is written: `with AtomicFile(path) as f:
+    f.write(...)`. A clean exit sets its mode, fsyncs it (durable) and renames it over `path`
+    (then fsyncs the directory); an exception removes it and leaves `path` as it was. A reader
+    sees the old or the new content, never a part. `f` has write() and fileno() (what a tar
+    stream needs); no io buffering: callers write whole pieces.
 
     durable: fsync the file and its directory (the store's files); state on tmpfs skips it.
     """
-    d = os.path.dirname(path) or "."
-    tmp = os.path.join(d, f".tmp-{os.path.basename(path)}-{os.getpid()}-{os.urandom(4).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
+
+    def __init__(self, path: str, mode: int = 0o600, durable: bool = True):
+        self.path, self.mode, self.durable = path, mode, durable
+        self.dir = os.path.dirname(path) or "."
+        self.tmp = os.path.join(self.dir, f".tmp-{os.path.basename(path)}-{os.getpid()}-{os.urandom(4).hex()}")
+        self.fd = -1
+
+    def __enter__(self) -> AtomicFile:
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, self.mode)
+        return self
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, mode)          # the umask must not widen or narrow it
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
+            try:
+                if exc_type is None:
+                    os.fchmod(self.fd, self.mode)          # the umask must not widen or narrow it
+                    if self.durable:
+                        os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
+        if exc_type is not None:
+            self._discard()
+            return
+        if self.durable:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def _discard(self) -> None:
         try:
-            os.unlink(tmp)
+            os.unlink(self.tmp)
         except FileNotFoundError:
             pass
-        raise
-    if durable:
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace `path` with `data` (AtomicFile: the old or the new content, never a part)."""
+    with AtomicFile(path, mode, durable) as f:
+        f.write(data)
 
 
 def make_private_dir(path: str) -> str:

@@ -143,6 +143,8 @@ class ImageLayout:
             os.unlink(tmp)
             raise LayoutError(f"digest mismatch: content is {digest}, expected {expected}")
         os.chmod(tmp, 0o400)
+        # Not AtomicFile: a blob's name is its digest, known only once written, and its temp file
+        # lives where gc looks (a staging area's, _NotingLayout); a blob never replaces other content.
         os.replace(tmp, self.blob_path(digest))
         return digest
 

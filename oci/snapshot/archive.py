@@ -8,11 +8,11 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
+from ..files import AtomicFile
 from ..layout import INDEX_MEDIA_TYPE, LAYOUT_VERSION, REF_NAME, Descriptor, LayoutError
 from ..reference import check_digest
 from .manifest import Snapshot, index_entry
@@ -28,42 +28,34 @@ def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str,
     its layers. attached: other manifests to carry (ref name, manifest bytes, its blobs by
     digest), e.g. cosign signatures under their `sha256-<hex>.sig` names. Every entry is 0600:
     the archive holds process memory."""
-    d = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".thaw-export-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            def add(name: str, size: int, stream: Any) -> None:
-                info = tarfile.TarInfo(name)
-                info.size, info.mode = size, 0o600
-                tar.addfile(info, stream)
-            def add_bytes(name: str, data: bytes) -> None:
-                add(name, len(data), io.BytesIO(data))
-            add_bytes("oci-layout", json.dumps(LAYOUT_VERSION).encode())
-            extra = [Descriptor(MANIFEST_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
-                                {REF_NAME: name}) for name, data, _blobs in attached]
-            index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
-                     "manifests": [index_entry(s).to_json() for s in snaps] + [d.to_json() for d in extra]}
-            add_bytes("index.json", json.dumps(index).encode())
-            seen: set[str] = set()
-            for entry, (_name, data, blobs) in zip(extra, attached):
-                for blob_digest, blob in {entry.digest: data, **blobs}.items():
-                    if blob_digest not in seen:
-                        seen.add(blob_digest)
-                        add_bytes("blobs/sha256/" + blob_digest.split(":", 1)[1], blob)
-            for snap in snaps:
-                for desc in snap.blobs:
-                    if desc.digest in seen:
-                        continue
-                    seen.add(desc.digest)
-                    with open_blob(desc) as stream:
-                        add("blobs/sha256/" + desc.digest.split(":", 1)[1], desc.size, stream)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    # Not fsynced (as before AtomicFile): an export is a user's file, written again if lost.
+    with AtomicFile(os.path.abspath(out_path), 0o600, durable=False) as f, \
+            tarfile.open(fileobj=cast("IO[bytes]", f), mode="w|", format=tarfile.PAX_FORMAT) as tar:  # "w|" only writes
+        def add(name: str, size: int, stream: Any) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = size, 0o600
+            tar.addfile(info, stream)
+        def add_bytes(name: str, data: bytes) -> None:
+            add(name, len(data), io.BytesIO(data))
+        add_bytes("oci-layout", json.dumps(LAYOUT_VERSION).encode())
+        extra = [Descriptor(MANIFEST_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
+                            {REF_NAME: name}) for name, data, _blobs in attached]
+        index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
+                 "manifests": [index_entry(s).to_json() for s in snaps] + [d.to_json() for d in extra]}
+        add_bytes("index.json", json.dumps(index).encode())
+        seen: set[str] = set()
+        for entry, (_name, data, blobs) in zip(extra, attached):
+            for blob_digest, blob in {entry.digest: data, **blobs}.items():
+                if blob_digest not in seen:
+                    seen.add(blob_digest)
+                    add_bytes("blobs/sha256/" + blob_digest.split(":", 1)[1], blob)
+        for snap in snaps:
+            for desc in snap.blobs:
+                if desc.digest in seen:
+                    continue
+                seen.add(desc.digest)
+                with open_blob(desc) as stream:
+                    add("blobs/sha256/" + desc.digest.split(":", 1)[1], desc.size, stream)
 
 
 @dataclass

@@ -61,7 +61,7 @@ def _rotate(state_dir: str, max_bytes: int) -> None:
         path = os.path.join(state_dir, NAME)
         try:
             if os.stat(path).st_size > max_bytes:
-                os.replace(path, path + ".1")
+                os.replace(path, path + ".1")     # rotation moves the log; nothing is written
         except FileNotFoundError:
             pass
     finally:

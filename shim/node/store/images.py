@@ -185,7 +185,7 @@ class ImageDirs:
             try:
                 hashes = fmt.unpack_whole_files(f, tmp, snap.criu_whole.size)
                 for name in only:
-                    if name in hashes:
+                    if name in hashes:     # files unpacked and hashed whole: moved, not written (no atomic_write)
                         os.rename(os.path.join(tmp, name), os.path.join(path, name))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -209,7 +209,7 @@ class ImageDirs:
         for name in os.listdir(staged_images):
             os.chmod(os.path.join(staged_images, name), 0o400)
         os.chmod(staged_images, 0o700)
-        os.rename(staged_images, target)
+        os.rename(staged_images, target)      # a whole directory appears at once: no file write
         faults.point("image_dir_moved")     # the tests kill a publish here
         self.write_seal(snap, target, hashes)
 
