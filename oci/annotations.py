@@ -5,11 +5,11 @@ Imported on the runtime's hot path: plain classes, and `re` only when a referenc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
 from . import ThawError
+from .digest import sha256_hex
 from .reference import InvalidReference, Reference, is_registry_reference
 
 TYPE_CHECKING = False  # typing and the reference parser stay unimported until needed
@@ -69,7 +69,7 @@ class SnapshotRef:
         """A file-name-safe key (lock files): a registry reference is hashed."""
         if self.remote is None:
             return f"{self.name}_{self.tag}"
-        return "r-" + hashlib.sha256(str(self).encode()).hexdigest()[:32]
+        return "r-" + sha256_hex(str(self).encode())[:32]
 
     def __repr__(self) -> str:
         return f"SnapshotRef({self.name!r}, {self.tag!r})"

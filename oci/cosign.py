@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from .digest import of_bytes
 from .layout import LayoutError
 from .reference import check_digest
 
@@ -96,11 +96,11 @@ class Signature:
 
     @property
     def payload_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.payload).hexdigest()
+        return of_bytes(self.payload)
 
 
 def _descriptor(media_type: str, data: bytes, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    d = {"mediaType": media_type, "size": len(data), "digest": "sha256:" + hashlib.sha256(data).hexdigest()}
+    d = {"mediaType": media_type, "size": len(data), "digest": of_bytes(data)}
     if annotations:
         d["annotations"] = annotations
     return d
@@ -131,7 +131,7 @@ def manifest(signatures: list[Signature], existing: bytes | None = None) -> tupl
             layers.append(layer)
             blobs[s.payload_digest] = s.payload
     config = config_blob([str(d.get("digest")) for d in layers])
-    blobs["sha256:" + hashlib.sha256(config).hexdigest()] = config
+    blobs[of_bytes(config)] = config
     body = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
             "config": _descriptor(CONFIG_MEDIA_TYPE, config), "layers": layers}
     return json.dumps(body).encode(), blobs

@@ -7,7 +7,6 @@ Locking and the policy of what to publish belong to the store, not here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from . import ThawError
+from .digest import HashingWriter, of_bytes, of_file
 from .files import atomic_write
 from .reference import check_digest
 
@@ -57,50 +57,10 @@ class Descriptor:
         return cls(media_type, digest, size, dict(ann) if isinstance(ann, dict) else None)
 
 
-def sha256_file(path: str) -> tuple[str, int]:
-    """(digest, size) of a file's content: the one way blobs and cached files are hashed."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
-
-
 class ByteSource(Protocol):
     """What put_stream reads: a binary file, or a window of one (oci/snapshot/files.py's RangeReader)."""
 
     def read(self, n: int = -1, /) -> bytes: ...
-
-
-class ByteSink(Protocol):
-    """What HashingWriter writes to: a binary file, or a positional writer of one fd."""
-
-    def write(self, data: bytes, /) -> int: ...
-
-    def flush(self) -> None: ...
-
-
-class HashingWriter:
-    """A file-like sink that hashes what passes through it (for tar streams into a blob)."""
-
-    def __init__(self, f: ByteSink):
-        self._f = f
-        self._h = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self._h.update(data)
-        self.size += len(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._h.hexdigest()
 
 
 class ImageLayout:
@@ -154,7 +114,7 @@ class ImageLayout:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = of_bytes(data)
         self.commit_blob(tmp, digest)
         return Descriptor(media_type, digest, len(data))
 
@@ -186,14 +146,14 @@ class ImageLayout:
                 data = f.read(limit + 1)
         except OSError as exc:
             raise LayoutError(f"blob {desc.digest} missing: {exc}") from exc
-        if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+        if len(data) != desc.size or of_bytes(data) != desc.digest:
             raise LayoutError(f"blob {desc.digest} is corrupt (size or digest mismatch)")
         return data
 
     def verify_blob(self, desc: Descriptor) -> None:
         path = self.blob_path(desc.digest)
         try:
-            digest, size = sha256_file(path)
+            digest, size = of_file(path)
         except OSError as exc:
             raise LayoutError(f"blob {desc.digest} missing: {exc}") from exc
         if size != desc.size or digest != desc.digest:

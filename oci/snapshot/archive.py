@@ -3,7 +3,6 @@ order a streaming reader needs, and scanned from its headers before any blob is 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -12,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
+from ..digest import of_bytes
 from ..files import AtomicFile
 from ..layout import INDEX_MEDIA_TYPE, LAYOUT_VERSION, REF_NAME, Descriptor, LayoutError
 from ..reference import check_digest
@@ -38,7 +38,7 @@ def write_archive(snaps: list[Snapshot], open_blob: BlobOpener, out_path: str,
         def add_bytes(name: str, data: bytes) -> None:
             add(name, len(data), io.BytesIO(data))
         add_bytes("oci-layout", json.dumps(LAYOUT_VERSION).encode())
-        extra = [Descriptor(MANIFEST_MEDIA_TYPE, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
+        extra = [Descriptor(MANIFEST_MEDIA_TYPE, of_bytes(data), len(data),
                             {REF_NAME: name}) for name, data, _blobs in attached]
         index = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE,
                  "manifests": [index_entry(s).to_json() for s in snaps] + [d.to_json() for d in extra]}

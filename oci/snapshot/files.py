@@ -4,12 +4,12 @@ stream."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tarfile
 from typing import IO, cast
 
-from ..layout import CHUNK, ByteSink, HashingWriter
+from ..digest import ByteSink, Hasher, HashingWriter
+from ..layout import CHUNK
 from .manifest import IMAGE_NAME
 from .media import SnapshotFormatError
 
@@ -91,7 +91,7 @@ def _unpack_whole_files(src: IO[bytes], dest_dir: str, limit: int) -> dict[str, 
 
 def hash_range(path: str, offset: int, length: int) -> str:
     """Digest of `length` bytes of `path` at `offset` (a file part)."""
-    h = hashlib.sha256()
+    h = Hasher()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         done = 0
@@ -103,7 +103,7 @@ def hash_range(path: str, offset: int, length: int) -> str:
             done += len(chunk)
     finally:
         os.close(fd)
-    return "sha256:" + h.hexdigest()
+    return h.digest
 
 
 class RangeReader:

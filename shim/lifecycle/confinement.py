@@ -21,7 +21,6 @@ dump), or learnt once from a probe container that runs nothing. Without it, no r
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import resource
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from thaw.oci import ThawError
+from thaw.oci.digest import sha256_hex
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.shim.drivers import criu_images
 from thaw.shim.drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC, Images
@@ -268,9 +268,9 @@ def _filter_mismatch(program: bytes, flags: int, ref: tuple[bytes, int]) -> tupl
     """(found, spec) if an oldest filter is not the profile's (TSYNC aside: CRIU's way of
     restoring a chain all threads share, not a property of the filter)."""
     if (program, flags & ~SECCOMP_FILTER_FLAG_TSYNC) != ref:
-        return (f"oldest filter sha256:{hashlib.sha256(program).hexdigest()[:16]} "
+        return (f"oldest filter sha256:{sha256_hex(program)[:16]} "
                 f"({len(program) // 8} instructions, flags {flags:#x})",
-                f"the profile's filter sha256:{hashlib.sha256(ref[0]).hexdigest()[:16]} "
+                f"the profile's filter sha256:{sha256_hex(ref[0])[:16]} "
                 f"({len(ref[0]) // 8} instructions, flags {ref[1]:#x})")
     return None
 
@@ -289,7 +289,7 @@ def profile_key(seccomp: dict[str, Any], runtime: str) -> str:
     u = os.uname()
     blob = json.dumps({"profile": seccomp, "arch": u.machine, "kernel": u.release, "runtime": who},
                       sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_hex(blob.encode())
 
 
 def _reference_path(state_dir: str, key: str) -> str:

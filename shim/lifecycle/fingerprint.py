@@ -10,7 +10,6 @@ attempted; an empty list means compatible.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 
 from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
+from thaw.oci.digest import Hasher, sha256_hex
 from thaw.oci.files import atomic_write
 from thaw.oci.spec import Bundle
 from thaw.shim.drivers import criu as criu_mod
@@ -91,10 +91,10 @@ def image_of(bundle: Bundle, cache_dir: str | None = None, mounts: MountTable | 
         dirs.append(os.path.realpath(lower))
     if not dirs:
         return None
-    h = hashlib.sha256()
+    h = Hasher()
     for d in dirs:
         h.update(layer_digest(d, cache_dir).encode())
-    return "layers:sha256:" + h.hexdigest()
+    return "layers:" + h.digest
 
 
 def layer_digest(layer_dir: str, cache_dir: str | None = None) -> str:
@@ -113,7 +113,7 @@ def layer_digest(layer_dir: str, cache_dir: str | None = None) -> str:
                 return cached[key]
         except (OSError, ValueError):
             cached = {}
-    h = hashlib.sha256()
+    h = Hasher()
     stack = [("", layer_dir)]
     while stack:
         rel_dir, path = stack.pop()
@@ -129,7 +129,7 @@ def layer_digest(layer_dir: str, cache_dir: str | None = None) -> str:
                      f"{int(est.st_mtime)}\0{link}\n".encode())
             if os.path.isdir(full) and not os.path.islink(full):
                 stack.append((rel, full))
-    digest = "sha256:" + h.hexdigest()
+    digest = h.digest
     if cache:
         cached = {k: v for k, v in cached.items() if not k.startswith(layer_dir + ":")}
         cached[key] = digest
@@ -216,7 +216,7 @@ def identity(spec: dict[str, Any]) -> dict[str, Any]:
         "capabilities": {k: sorted(caps.get(k) or []) for k in
                          ("bounding", "effective", "inheritable", "permitted", "ambient")},
         "noNewPrivileges": bool(proc.get("noNewPrivileges")),
-        "seccomp": hashlib.sha256(_canon(seccomp).encode()).hexdigest() if seccomp else None,
+        "seccomp": sha256_hex(_canon(seccomp).encode()) if seccomp else None,
         "apparmorProfile": proc.get("apparmorProfile") or None,
         "selinuxLabel": proc.get("selinuxLabel") or None,
         "mountLabel": linux.get("mountLabel") or None,

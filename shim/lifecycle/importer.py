@@ -13,7 +13,6 @@ one only where trust.unsigned accepts "import". The owner namespace is the one t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,8 @@ from dataclasses import replace
 from thaw.oci import cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
-from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, HashingWriter, LayoutError
+from thaw.oci.digest import HashingWriter, of_bytes
+from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, LayoutError
 from thaw.shim.node import provenance
 from thaw.shim.node.config import Config
 from thaw.shim.node.config_schema import UNSIGNED_IMPORT
@@ -97,7 +97,7 @@ def _member_bytes(path: str, idx: fmt.ArchiveIndex, digest: str, limit: int) -> 
         raise fmt.SnapshotFormatError(f"archive lacks blob {digest} (or it is too large)")
     with fmt.RangeReader(path, member.offset_data, member.size) as src:
         data = src.read()
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+    if of_bytes(data) != digest:
         raise fmt.SnapshotFormatError(f"archive blob {digest} does not match its digest")
     return data
 

@@ -11,7 +11,6 @@ hashes only a file it has never seen; the cache lives in thaw's root-only state 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -22,6 +21,7 @@ from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
+from thaw.oci.digest import of_fd
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle
 from thaw.shim.drivers.cuda import device_memory, process_tree
@@ -85,21 +85,10 @@ class DigestCache:
             self._dirty = False
 
 
-def hash_fd(fd: int, buf: bytearray | None = None) -> str:
-    """sha256 of an open file's content, read from offset 0 (pread: the descriptor is shared)."""
-    h = hashlib.sha256()
-    buf = buf or bytearray(CHUNK)
-    view, off = memoryview(buf), 0
-    while n := os.preadv(fd, [buf], off):
-        h.update(view[:n])
-        off += n
-    return "sha256:" + h.hexdigest()
-
-
 def digest_of(fd: int, st: os.stat_result, cache: DigestCache) -> str:
     digest = cache.get(st)
     if digest is None:
-        digest = hash_fd(fd)
+        digest = of_fd(fd, bytearray(CHUNK))
         cache.put(st, digest)
     return digest
 
@@ -279,7 +268,7 @@ class Prefetch:
                     self._futures.append(self._pool.submit(self._read, fd, off, min(step, st.st_size - off)))
 
     def _verify(self, wf: fmt.WeightFile, fd: int, st: os.stat_result) -> None:
-        digest = hash_fd(fd)
+        digest = of_fd(fd, bytearray(CHUNK))
         self.hashed += st.st_size
         if digest != wf.digest:
             raise WeightsError(f"weight file {wf.path} changed: digest {digest}, the snapshot recorded {wf.digest}")
@@ -345,7 +334,7 @@ def warm_sources(weights: fmt.Weights, cache: DigestCache, keep_going: Callable[
         try:
             if st.st_size != wf.size or cache.get(st) is not None:
                 continue
-            if hash_fd(fd, buf) == wf.digest:
+            if of_fd(fd, buf) == wf.digest:
                 cache.put(st, wf.digest)
             done += st.st_size
         finally:

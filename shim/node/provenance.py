@@ -26,7 +26,6 @@ library's ECDSA P-256 / SHA-256, imported only where a signature is made or chec
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from thaw.oci import ThawError, cosign
 from thaw.oci.annotations import SnapshotRef
+from thaw.oci.digest import of_bytes
 from thaw.shim.safetext import printable
 
 from . import events
@@ -122,7 +122,7 @@ def _pem_der(pem: bytes) -> bytes:
 
 def key_id(pem: bytes) -> str:
     """sha256 of the public key's DER (SubjectPublicKeyInfo): what provenance records."""
-    return "sha256:" + hashlib.sha256(_pem_der(pem)).hexdigest()
+    return of_bytes(_pem_der(pem))
 
 
 def trusted_key_ids(cfg: Config, repository: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ fetched, verified and resumed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import urllib.parse
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import urllib3
+
+from thaw.oci.digest import of_bytes
 
 from . import download
 from .auth import repository_scope
@@ -97,7 +98,7 @@ class RegistryClient:
     def put_manifest(self, repo: str, reference: str, data: bytes, media_type: str = OCI_MANIFEST) -> str:
         """PUT a manifest under a tag or its digest; returns its digest (checked against the
         registry's `Docker-Content-Digest` when it sends one)."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = of_bytes(data)
         if reference.startswith("sha256:") and reference != digest:
             raise DigestMismatchError(f"manifest bytes have digest {digest}, not {reference}", self.registry, repo)
         resp = self._req("PUT", f"/v2/{repo}/manifests/{reference}", repo, "pull,push", digest,
@@ -123,7 +124,7 @@ class RegistryClient:
             resp.release_conn()
         if len(data) > max_size:
             raise ProtocolError(f"manifest {reference} is larger than {max_size} bytes", self.registry, repo)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = of_bytes(data)
         want = reference if reference.startswith("sha256:") else resp.headers.get("Docker-Content-Digest")
         if want and want != digest:
             raise DigestMismatchError(f"manifest {reference}: bytes hash to {digest}, expected {want}",
@@ -239,7 +240,7 @@ class RegistryClient:
 
     def push_bytes(self, repo: str, data: bytes, digest: str | None = None) -> str:
         """A small blob from memory (a config, the empty `{}`): HEAD, else monolithic upload."""
-        digest = digest or "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = digest or of_bytes(data)
         if self.blob_size(repo, digest) is None:
             loc = self.start_upload(repo, digest)
             sep = "&" if "?" in loc else "?"
@@ -260,7 +261,7 @@ class RegistryClient:
             resp.release_conn()
         if len(data) > max_size:
             raise ProtocolError(f"blob larger than {max_size} bytes", self.registry, repo, digest)
-        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        got = of_bytes(data)
         if got != digest:
             raise DigestMismatchError(f"blob bytes hash to {got}", self.registry, repo, digest)
         return data

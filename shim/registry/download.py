@@ -9,7 +9,6 @@ of times, before giving up. The requests go through the registry client's (clien
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import urllib3
+
+from thaw.oci.digest import Hasher
 
 from .blobs import IO_CHUNK, BlobRange, CancelFlag, Checkpoint, OnBytes, check_cancel
 from .errors import DigestMismatchError, LocalFileError, NetworkError, ProtocolError
@@ -67,7 +68,7 @@ def download_blob(request: Request, registry: str, repo: str, blob: BlobRange, *
             finally:
                 if checkpoint and state.pos != state.last_checkpoint:
                     state.checkpoint(checkpoint)
-        got = "sha256:" + state.hash.hexdigest()
+        got = state.hash.digest
         if got != blob.digest:
             raise DigestMismatchError(f"downloaded bytes hash to {got}; the range of {blob.path} is not trusted",
                                       *where)
@@ -93,7 +94,7 @@ def _rehash_prefix(state: _Download, have: int, have_digest: str | None, cancel:
             break
         state.hash.update(data)
         pos += len(data)
-    if pos < have or (have_digest and "sha256:" + state.hash.hexdigest() != have_digest):
+    if pos < have or (have_digest and state.hash.digest != have_digest):
         state.restart()  # what is there is not what was recorded: start over
         return 0
     state.pos = have
@@ -150,7 +151,7 @@ class _Download:
     def __init__(self, fd: int, blob: BlobRange, where: tuple[str, str, str]):
         self.fd, self.blob, self.where = fd, blob, where
         self.pos = 0
-        self.hash = hashlib.sha256()
+        self.hash = Hasher()
         self.last_checkpoint = 0
         self._rfd: int | None = None
 
@@ -160,7 +161,7 @@ class _Download:
         return self._rfd
 
     def restart(self) -> None:
-        self.pos, self.hash = 0, hashlib.sha256()
+        self.pos, self.hash = 0, Hasher()
 
     def write(self, data: bytes) -> None:
         view, offset = memoryview(data), self.blob.offset + self.pos
@@ -174,7 +175,7 @@ class _Download:
         self.pos += len(data)
 
     def checkpoint(self, record: Checkpoint) -> None:
-        record(self.pos, "sha256:" + self.hash.copy().hexdigest())
+        record(self.pos, self.hash.digest)
         self.last_checkpoint = self.pos
 
     def close(self) -> None:

@@ -22,8 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from thaw.oci import snapshot as fmt
+from thaw.oci.digest import of_file
 from thaw.oci.files import atomic_write
-from thaw.oci.layout import ImageLayout, LayoutError, sha256_file
+from thaw.oci.layout import ImageLayout, LayoutError
 from thaw.shim import faults
 
 from .errors import CorruptSnapshot
@@ -139,7 +140,7 @@ class ImageDirs:
 
         def check_whole(name: str) -> str | None:
             try:
-                ok = sha256_file(os.path.join(path, name))[0] == (files.get(name) or {}).get("digest")
+                ok = of_file(os.path.join(path, name))[0] == (files.get(name) or {}).get("digest")
             except OSError:
                 ok = False
             return None if ok else name

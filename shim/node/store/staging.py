@@ -20,8 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from thaw.oci import snapshot as fmt
+from thaw.oci.digest import HashingWriter, of_file
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.oci.layout import Descriptor, HashingWriter, ImageLayout, sha256_file
+from thaw.oci.layout import Descriptor, ImageLayout
 from thaw.shim.drivers.procs import ProcessHandle
 
 from .files import flock_if_free, flock_polled, hex_of, tree_bytes, workers
@@ -197,7 +198,7 @@ class Staging:
         with ThreadPoolExecutor(workers()) as pool:
             part_digests = [pool.submit(fmt.hash_range, os.path.join(images, name), off, n)
                             for name, off, n in ranges]
-            whole_digests = {n: pool.submit(lambda p: sha256_file(p)[0], os.path.join(images, n)) for n in whole}
+            whole_digests = {n: pool.submit(lambda p: of_file(p)[0], os.path.join(images, n)) for n in whole}
             tar = self.put_stream(lambda w: fmt.pack_whole_files(images, whole, w), fmt.CRIU_WHOLE_LAYER)
             parts = [fmt.FilePart(name, off, Descriptor(fmt.CRIU_PART_LAYER, fut.result(), n))
                      for (name, off, n), fut in zip(ranges, part_digests)]
