@@ -3,6 +3,7 @@ the container phases' guarded transitions."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -276,3 +277,110 @@ def test_no_module_is_over_500_lines():
     assert not over, f"modules over {MAX_MODULE_LINES} lines (split them by what they own): {over}"
     needless = [p for p in LONG_MODULES if sizes.get(p, 0) <= MAX_MODULE_LINES]
     assert not needless, f"no longer over {MAX_MODULE_LINES} lines, remove from LONG_MODULES: {needless}"
+
+
+# --- one way to do each thing: one timer, one digest helper, one atomic write --------------------
+def _sources() -> list[tuple[str, ast.AST]]:
+    """(path under the package, syntax tree) of every module of thaw: oci/, shim/, hooks/."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(thaw.oci.__file__)))
+    out = []
+    for folder in ("oci", "shim", "hooks"):
+        for dirpath, _, names in os.walk(os.path.join(root, folder)):
+            for n in sorted(names):
+                if n.endswith(".py"):
+                    path = os.path.join(dirpath, n)
+                    with open(path) as f:
+                        out.append((os.path.relpath(path, root), ast.parse(f.read(), path)))
+    return out
+
+
+def _uses(tree: ast.AST, module: str, names: set[str]) -> list[ast.AST]:
+    """Where `module.NAME` is referred to (or NAME imported from it), NAME in `names`."""
+    found: list[ast.AST] = []
+    for node in ast.walk(tree):
+        attribute = (isinstance(node, ast.Attribute) and node.attr in names
+                     and isinstance(node.value, ast.Name) and node.value.id == module)
+        imported = (isinstance(node, ast.ImportFrom) and node.module == module
+                    and any(a.name in names for a in node.names))
+        if attribute or imported:
+            found.append(node)
+    return found
+
+
+def test_durations_are_measured_by_the_one_timer():
+    """shim/timing.py (PhaseTimer, Stopwatch) reads time.perf_counter; nobody else does. And
+    time.monotonic elsewhere makes deadlines and throttles (`monotonic() + limit`, compared with
+    one), never a duration: it is never the left side of a subtraction, nor handed on uncalled
+    (a start time kept for later). A duration kept in a variable (`now - self._last`) is not
+    caught: throttles do that, and telling the two apart needs more than syntax."""
+    found = []
+    for path, tree in _sources():
+        if path != "shim/timing.py":
+            found += [f"{path}:{n.lineno}: perf_counter" for n in _uses(tree, "time", {"perf_counter"})]
+        calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        left_of_minus = {id(n.left) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Sub)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "time" and \
+                    any(a.name == "monotonic" for a in node.names):
+                found.append(f"{path}:{node.lineno}: monotonic imported bare")
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            if _uses(call.func, "time", {"monotonic"}) and id(call) in left_of_minus:
+                found.append(f"{path}:{call.lineno}: monotonic() - start (a duration: use shim/timing)")
+        for node in _uses(tree, "time", {"monotonic"}):
+            if id(node) not in calls:
+                found.append(f"{path}:{node.lineno}: time.monotonic kept uncalled (a start time)")
+    assert not found, "\n".join(found)
+
+
+# A module that needs hashlib for something the digest owner does not do says why here.
+HASHLIB_ALLOWED: dict[str, str] = {}
+
+
+def test_one_module_hashes():
+    """oci/digest.py owns sha256 (of bytes, a file, a stream; OCI digest form or plain hex);
+    no other module imports hashlib."""
+    found = []
+    for path, tree in _sources():
+        if path == "oci/digest.py" or path in HASHLIB_ALLOWED:
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Import) and any(a.name == "hashlib" for a in node.names)) or \
+                    (isinstance(node, ast.ImportFrom) and node.module == "hashlib"):
+                found.append(f"{path}:{node.lineno}")
+    assert not found, found
+
+
+# Renames that are no file write (a file made by tmp + rename goes through oci/files.AtomicFile):
+RENAMES_ALLOWED = {
+    "oci/files.py": 1,              # AtomicFile itself
+    "oci/layout.py": 1,             # a blob's commit: named by its digest, known once written
+    "shim/node/store/images.py": 2,  # verified files moved into an image dir; a staged dir placed
+    "shim/node/events.py": 1,       # the events log's rotation
+}
+
+
+def test_renames_only_where_they_are_no_file_write():
+    found = {}
+    for path, tree in _sources():
+        n = len(_uses(tree, "os", {"replace", "rename", "renames"}))
+        if n:
+            found[path] = n
+    assert found == RENAMES_ALLOWED
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    """AtomicFile (and atomic_write, its whole-bytes form): the new content on a clean exit, with
+    the mode asked for; on an exception the old content and no temporary file left."""
+    from thaw.oci.files import AtomicFile, atomic_write
+    path = str(tmp_path / "f")
+    atomic_write(path, b"old", mode=0o640)
+    assert open(path, "rb").read() == b"old" and os.stat(path).st_mode & 0o777 == 0o640
+    with pytest.raises(RuntimeError), AtomicFile(path) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("the writer failed")
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f"]
+    with AtomicFile(path, 0o600, durable=False) as f:
+        f.write(b"new ")
+        f.write(b"content")
+    assert open(path, "rb").read() == b"new content" and os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["f"]
