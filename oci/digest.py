@@ -25,9 +25,6 @@ class Hasher:
         self._h.update(data)
         self.size += len(data)
 
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
     @property
     def digest(self) -> str:
         return PREFIX + self._h.hexdigest()
