@@ -283,7 +283,7 @@ def test_no_module_is_over_500_lines():
 def _sources() -> list[tuple[str, ast.AST]]:
     """(path under the package, syntax tree) of every module of thaw: oci/, shim/, hooks/."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(thaw.oci.__file__)))
-    out = []
+    out: list[tuple[str, ast.AST]] = []
     for folder in ("oci", "shim", "hooks"):
         for dirpath, _, names in os.walk(os.path.join(root, folder)):
             for n in sorted(names):
