@@ -294,15 +294,14 @@ def _sources() -> list[tuple[str, ast.AST]]:
     return out
 
 
-def _uses(tree: ast.AST, module: str, names: set[str]) -> list[ast.AST]:
+def _uses(tree: ast.AST, module: str, names: set[str]) -> list[ast.expr | ast.stmt]:
     """Where `module.NAME` is referred to (or NAME imported from it), NAME in `names`."""
-    found: list[ast.AST] = []
+    found: list[ast.expr | ast.stmt] = []
     for node in ast.walk(tree):
-        attribute = (isinstance(node, ast.Attribute) and node.attr in names
-                     and isinstance(node.value, ast.Name) and node.value.id == module)
-        imported = (isinstance(node, ast.ImportFrom) and node.module == module
-                    and any(a.name in names for a in node.names))
-        if attribute or imported:
+        if isinstance(node, ast.Attribute):
+            if node.attr in names and isinstance(node.value, ast.Name) and node.value.id == module:
+                found.append(node)
+        elif isinstance(node, ast.ImportFrom) and node.module == module and any(a.name in names for a in node.names):
             found.append(node)
     return found
 
