@@ -1,4 +1,4 @@
-"""What proving a restore's credentials costs (shim/lifecycle/confinement.py): the image check (every
+"""What proving a restore's credentials costs (shim/lifecycle/confinement/): the image check (every
 task and thread of the CRIU images decoded and compared with the spec) and the kernel check
 (every restored thread's /proc status and, the spec having a seccomp profile, its oldest filter
 read with ptrace while CRIU leaves them stopped, then SIGCONT), on a snapshot of a process with

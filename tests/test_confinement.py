@@ -1,4 +1,4 @@
-"""What CRIU restores is proven within the new spec (shim/lifecycle/confinement.py), attacked for real: real
+"""What CRIU restores is proven within the new spec (shim/lifecycle/confinement/), attacked for real: real
 captures, forged the way an attacker would — the CRIU images re-encoded with the classes generated
 from CRIU's .proto files, the snapshot re-packed with correct digests and brought in with
 `thaw import` — and restored into a restricted spec. Each attack must cold-start with an event

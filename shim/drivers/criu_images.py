@@ -1,34 +1,27 @@
-"""CRIU's image files, read with the classes protoc generates from the .proto files of the CRIU
-thaw builds (thaw.shim.drivers.criu_proto, made by install/node.sh), and what a snapshot's image
-directory may hold for a container restore.
+"""What a snapshot's CRIU image directory may hold for a container restore, and what its images
+would restore (the facts thaw compares with the new spec), with no protobuf in sight: the decoding
+itself is criu_decode.py's, done once when a snapshot enters the store (the facts are kept beside
+its seal, shim/node/store/images.py) and again only for a store entry without them.
 
 CRIU restores each thread's credentials, capabilities, no-new-privs, seccomp filters and LSM
-label, each task's rlimits and oom_score_adj, exactly as its images say, running as root; runc
-re-applies none of them on restore. So what a restore brings back is read here from the very
-files CRIU will read (never from the snapshot's config), and shim/lifecycle/confinement.py compares it
-with the new spec.
+label, each task's rlimits and oom_score_adj, each namespace's contents (hostname, IPC sysctls
+and objects, ...) exactly as its images say, running as root; runc re-applies none of them on
+restore. So what a restore brings back is read from the very files CRIU will read (never from the
+snapshot's config), and shim/lifecycle/confinement/ compares it with the new spec.
 
 This sits in shim/ beside criu.py (the node's CRIU), not in oci/: it is CRIU's format, not an
 OCI one, and its schemas are a build product of the node's CRIU source.
-
-Image file layout (criu/image.c): u32 IMG_COMMON_MAGIC (IMG_SERVICE_MAGIC for a few service
-files; nothing for inventory.img), u32 the kind's magic, then repeated (u32 little-endian length, protobuf message). Raw
-kinds (pages, tmpfs archives) have no header. A message with a field the schema does not know,
-or an image in a form thaw does not read (the old per-task creds-<pid>.img and per-task seccomp
-fields) is refused rather than guessed at.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import json
 import os
 import re
 import struct
 from dataclasses import dataclass
 from typing import Any
-
-from google.protobuf.message import DecodeError
 
 from thaw.oci import ThawError
 
@@ -36,11 +29,12 @@ IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
 RAW = 0
 INVENTORY_MAGIC, PSTREE_MAGIC, CORE_MAGIC, SECCOMP_MAGIC = 0x58313116, 0x50273030, 0x55053847, 0x64413049
+MOUNTPOINTS_MAGIC, UTSNS_MAGIC, IPCNS_VAR_MAGIC, NETNS_MAGIC = 0x55563928, 0x54473203, 0x53115007, 0x55933752
 
 # compel/include/uapi/task-state.h
 TASK_ALIVE, TASK_DEAD, TASK_STOPPED, TASK_ZOMBIE = 0x01, 0x02, 0x03, 0x06
 SECCOMP_DISABLED, SECCOMP_STRICT, SECCOMP_FILTER = 0, 1, 2
-
+SECCOMP_FILTER_FLAG_TSYNC = 1
 
 class ImageError(ThawError):
     """The snapshot's CRIU images hold something thaw does not hand to CRIU (or cannot read)."""
@@ -125,108 +119,12 @@ REFUSED = (
 )
 
 
-def schemas() -> Any:
-    """The generated modules (imported on first use: ~10 ms, only on the restore path)."""
-    global _pb
-    if _pb is None:
-        try:
-            mod = {name: importlib.import_module(f"{__package__}.criu_proto.{name}_pb2")
-                   for name in ("core", "pstree", "seccomp", "inventory", "mnt", "utsns")}
-        except ImportError as exc:
-            raise ImageError(f"CRIU's image schemas are not installed (install/node.sh generates them): "
-                             f"{exc}") from exc
-        _pb = _Schemas(mod["core"].core_entry, mod["pstree"].pstree_entry, mod["seccomp"].seccomp_entry,
-                       mod["inventory"].inventory_entry, mod["mnt"].mnt_entry, mod["utsns"].utsns_entry)
-    return _pb
-
-
-@dataclass(frozen=True)
-class _Schemas:
-    core: Any
-    pstree: Any
-    seccomp: Any
-    inventory: Any
-    mount: Any
-    uts: Any
-
-
-_pb: _Schemas | None = None
-
-
 def header(name: str, magic: int) -> bytes:
     """The bytes an image file of this kind starts with."""
     if magic == INVENTORY_MAGIC:
         return struct.pack("<I", magic)
     service = name.startswith(("stats-", "irmap-cache"))
     return struct.pack("<II", IMG_SERVICE_MAGIC if service else IMG_COMMON_MAGIC, magic)
-
-
-def read_file(path: str, magic: int, message: Any, one: bool) -> list[Any]:
-    """The messages of one image file of the given kind, each checked for fields its schema does
-    not know (at any depth). `one`: exactly one message."""
-    try:
-        data = read_bytes(path)
-    except OSError as exc:
-        raise ImageError(f"{os.path.basename(path)}: {exc.strerror}") from exc
-    return decode(data, magic, message, one, os.path.basename(path))
-
-
-def read_bytes(path: str, limit: int = 1 << 26) -> bytes:
-    """A small file's bytes (os-level: a restore reads hundreds of them)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        chunks: list[bytes] = []
-        while True:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-            limit -= len(chunk)
-            if limit < 0:
-                raise OSError(27, "File too large")
-    finally:
-        os.close(fd)
-
-
-def decode(data: bytes, magic: int, message: Any, one: bool, name: str) -> list[Any]:
-    head = header(name, magic)
-    if not data.startswith(head):
-        raise ImageError(f"{name}: not a {name.split('.')[0].rstrip('-0123456789')} image (wrong magic)")
-    out = []
-    pos = len(head)
-    while pos < len(data):
-        if pos + 4 > len(data):
-            raise ImageError(f"{name}: truncated entry length at byte {pos}")
-        (size,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if pos + size > len(data):
-            raise ImageError(f"{name}: entry of {size} bytes at byte {pos - 4} runs past the end")
-        msg = message()
-        try:
-            msg.ParseFromString(data[pos:pos + size])
-        except DecodeError as exc:
-            raise ImageError(f"{name}: undecodable entry at byte {pos - 4}: {exc}") from exc
-        pos += size
-        size_known = msg.ByteSize()
-        msg.DiscardUnknownFields()
-        if msg.ByteSize() != size_known:
-            raise ImageError(f"{name}: entry at byte {pos - size - 4} has fields CRIU {_CRIU} does not define")
-        out.append(msg)
-    if one and len(out) != 1:
-        raise ImageError(f"{name}: {len(out)} entries, expected one")
-    return out
-
-
-_CRIU = "4.1.1"
-
-
-def encode(messages: list[Any], magic: int, name: str) -> bytes:
-    """An image file holding `messages` (the inverse of decode)."""
-    parts = [header(name, magic)]
-    for m in messages:
-        body = m.SerializeToString()
-        parts.append(struct.pack("<I", len(body)) + body)
-    return b"".join(parts)
 
 
 # --- what a snapshot's images would restore --------------------------------------------------------
@@ -299,17 +197,17 @@ class Images:
     files: tuple[str, ...]
     arch: str
     mounts: tuple[ImageMount, ...] = ()
-    uts: tuple[str, str] | None = None      # (nodename, domainname) CRIU sets in a UTS namespace it creates
+    uts: tuple[str, str] | None = None      # (nodename, domainname) CRIU sets in the UTS namespace
+    # The IPC sysctls CRIU writes into the IPC namespace (ipcns-var, ipc-var.proto's field names)
+    ipc_vars: dict[str, Any] | None = None
+    # Each netns-<id>.img: None where it is an external namespace's entry only (runc hands CRIU
+    # a network namespace the spec joins), else the fields it would restore.
+    netns: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    # Each ipcns-shm/msg/sem-<id>.img and its size (more than its header: System V objects to create)
+    ipc_objects: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _caps(words: Any) -> int:
-    mask = 0
-    for i, w in enumerate(words):
-        mask |= int(w) << (32 * i)
-    return mask
-
-
-_ARCH = {1: "x86_64", 2: "arm", 3: "aarch64", 4: "ppc64", 5: "s390", 6: "mips", 7: "loongarch64", 8: "riscv64"}
+ARCH_NAMES = {1: "x86_64", 2: "arm", 3: "aarch64", 4: "ppc64", 5: "s390", 6: "mips", 7: "loongarch64", 8: "riscv64"}
 
 
 def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
@@ -321,7 +219,7 @@ def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
         if m:
             ns, kind = _NS_LIST[int((m.lastgroup or "n0")[1:])]
             if ns in namespaces or _EXTERNAL_NETNS.fullmatch(name):
-                continue                               # (an external netns: read() checks it is only that)
+                continue                               # (an external netns: check() sees it is only that)
             raise ImageError(f"image {name} ({kind.why}) restores {ns} namespace state, but the spec has "
                              f"no {ns} namespace of the container's own")
         for pattern, why in REFUSED:
@@ -330,12 +228,13 @@ def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
         raise ImageError(f"image {name}: not a kind of CRIU image thaw restores (see KINDS in shim/drivers/criu_images.py)")
 
 
-def check_magics(image_dir: str, names: list[str]) -> None:
+def check_magics(image_dir: str, names: list[str], decoded: tuple[str, ...]) -> None:
     """Every allowed, non-raw file starts with its kind's header (a file named like one kind but
-    holding another would have CRIU read it as that other kind)."""
+    holding another would have CRIU read it as that other kind). `decoded`: names, and prefixes of
+    names, that the caller decodes (checking their magic itself)."""
     for name in names:
-        if name in _DECODED or name.startswith("core-"):
-            continue                                   # read() decodes these, magic included
+        if name in decoded or name.startswith(decoded):
+            continue                                   # the decoder reads these, magic included
         m = _KIND_RE.fullmatch(name) or _NS_RE.fullmatch(name)
         if not m:
             continue
@@ -356,138 +255,86 @@ def check_magics(image_dir: str, names: list[str]) -> None:
             raise ImageError(f"image {name}: not a {name.split('.')[0].rstrip('-0123456789')} image (wrong magic)")
 
 
-_DECODED = frozenset({"inventory.img", "pstree.img", "seccomp.img"})
 # A network namespace runc joins by path (a pod's) is dumped as external: an entry naming its
 # key and holding nothing else, which CRIU does not restore into (runc hands it the namespace).
 _EXTERNAL_NETNS = re.compile(r"netns-\d+\.img")
-NETNS_MAGIC = 0x55933752
 
 
-def _check_external_netns(image_dir: str, name: str) -> None:
-    entry_type = importlib.import_module(f"{__package__}.criu_proto.netdev_pb2").netns_entry
-    for entry in read_file(os.path.join(image_dir, name), NETNS_MAGIC, entry_type, False):
-        fields = [f.name for f, _ in entry.ListFields()]
-        if fields != ["ext_key"]:
-            raise ImageError(f"image {name} restores network namespace state ({', '.join(fields)}), but the "
-                             "spec does not create a network namespace")
-
-
-def read(image_dir: str, namespaces: frozenset[str]) -> Images:
-    """Every task and thread the images would restore, with what each would hold. Raises
-    ImageError on a kind of image outside the allow-list or anything unreadable."""
-    names = sorted(os.listdir(image_dir))
-    check_kinds(names, namespaces)
-    check_magics(image_dir, names)
+def check(images: Images, namespaces: frozenset[str]) -> None:
+    """Refuse images that hold a kind thaw does not restore, or namespace contents the spec has
+    no namespace for (`namespaces`: those whose contents it may get, confinement.spec_namespaces)."""
+    check_kinds(list(images.files), namespaces)
     if "network" not in namespaces:
-        for name in names:
-            if _EXTERNAL_NETNS.fullmatch(name):
-                _check_external_netns(image_dir, name)
-    pb = schemas()
-    path = os.path.join
-    read_file(path(image_dir, "inventory.img"), INVENTORY_MAGIC, pb.inventory, True)
-    entries = read_file(path(image_dir, "pstree.img"), PSTREE_MAGIC, pb.pstree, False)
-    if not entries:
-        raise ImageError("pstree.img: no tasks")
-    chains: list[tuple[bytes, int, int | None]] = []
-    if "seccomp.img" in names:
-        [sec] = read_file(path(image_dir, "seccomp.img"), SECCOMP_MAGIC, pb.seccomp, True)
-        chains = [(bytes(f.filter), f.flags if f.HasField("flags") else 0, f.prev if f.HasField("prev") else None)
-                  for f in sec.seccomp_filters]
-    tasks = []
-    seen: set[int] = set()
-    arch = ""
-    for e in entries:
-        tids = list(e.threads) or [e.pid]
-        if e.pid not in tids:
-            raise ImageError(f"pstree.img: task {e.pid} is not among its own threads {tids}")
-        for t in tids:
-            if t in seen:
-                raise ImageError(f"pstree.img: thread id {t} appears twice")
-            seen.add(t)
-        threads = []
-        leader_tc = None
-        for tid in tids:
-            name = f"core-{tid}.img"
-            if name not in names:
-                raise ImageError(f"{name}: missing (task {e.pid} lists thread {tid})")
-            [core] = read_file(path(image_dir, name), CORE_MAGIC, pb.core, True)
-            arch = arch or _ARCH.get(core.mtype, "unknown")
-            if tid == e.pid:
-                if not core.HasField("tc"):
-                    raise ImageError(f"{name}: the task core (tc) of task {e.pid} is missing")
-                leader_tc = core.tc
-                if core.tc.HasField("old_seccomp_mode") or core.tc.HasField("old_seccomp_filter"):
-                    raise ImageError(f"{name}: per-task seccomp fields (an old image form thaw does not read)")
-            threads.append(_thread(e.pid, tid, core, chains, name))
-        assert leader_tc is not None
-        threads = _synced(threads)
-        rl = tuple((int(r.cur), int(r.max)) for r in leader_tc.rlimits.rlimits) if leader_tc.HasField("rlimits") else ()
-        tasks.append(Task(pid=e.pid, ppid=e.ppid, state=leader_tc.task_state, comm=leader_tc.comm, rlimits=rl,
-                          oom_score_adj=leader_tc.oom_score_adj if leader_tc.HasField("oom_score_adj") else None,
-                          loginuid=leader_tc.loginuid if leader_tc.HasField("loginuid") else None,
-                          threads=tuple(threads)))
-    mounts = []
-    uts = None
-    for name in names:
-        if name.startswith("mountpoints-"):
-            for m in read_file(path(image_dir, name), MOUNTPOINTS_MAGIC, pb.mount, False):
-                mounts.append(ImageMount(name, m.mountpoint, m.fstype, m.fsname, m.source, m.root, m.flags, m.sb_flags,
-                                    m.ext_key if m.HasField("ext_key") else None))
-        elif name.startswith("utsns-") and "uts" in namespaces:
-            [u] = read_file(path(image_dir, name), UTSNS_MAGIC, pb.uts, True)
-            uts = (u.nodename, u.domainname)
-    return Images(tuple(tasks), tuple(names), arch, tuple(mounts), uts)
+        for name, restores in sorted(images.netns.items()):
+            if restores is not None:
+                raise ImageError(f"image {name} restores network namespace state ({restores}), but the "
+                                 "spec does not create a network namespace")
 
 
-MOUNTPOINTS_MAGIC, UTSNS_MAGIC = 0x55563928, 0x54473203
+# --- the facts, kept beside a snapshot's seal ------------------------------------------------------
+# Bumped whenever what criu_decode.read() derives changes: a store entry with facts of another
+# version is decoded again from its images.
+FACTS_VERSION = 2
 
 
-SECCOMP_FILTER_FLAG_TSYNC = 1
+class StaleFacts(ThawError):
+    """Facts of another version of this reader: decode the images again."""
 
 
-def _synced(threads: list[Thread]) -> list[Thread]:
-    """Where every thread shared the leader's chain, CRIU's dump keeps the chain on the leader
-    alone, flagged TSYNC, and leaves the others' mode disabled: installing it on the leader
-    (oldest first) gives every thread without a chain of its own the leader's chain up to its
-    newest TSYNC filter. That is what such a thread holds after the restore."""
-    leader = threads[0]
-    synced = [i for i, (_, flags) in enumerate(leader.seccomp_chain) if flags & SECCOMP_FILTER_FLAG_TSYNC]
-    if leader.seccomp_mode != SECCOMP_FILTER or not synced:
-        return threads
-    chain = leader.seccomp_chain[:synced[-1] + 1]
-    return [leader] + [dataclasses.replace(t, seccomp_mode=SECCOMP_FILTER, seccomp_chain=chain)
-                       if t.seccomp_mode == SECCOMP_DISABLED else t for t in threads[1:]]
+def to_facts(images: Images | None, error: str | None = None) -> bytes:
+    """The facts of a decoded image directory as compact JSON (or the reason it cannot be
+    decoded, which a restore then reports). Each distinct seccomp filter is written once: the 200
+    threads of a process share one chain."""
+    if images is None:
+        return json.dumps({"version": FACTS_VERSION, "error": error}).encode()
+    filters: dict[bytes, int] = {}
+
+    def chain(th: Thread) -> list[list[int]]:
+        return [[filters.setdefault(p, len(filters)), f] for p, f in th.seccomp_chain]
+
+    tasks = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "comm": t.comm, "rlimits": t.rlimits,
+              "oom_score_adj": t.oom_score_adj, "loginuid": t.loginuid,
+              "threads": [[th.tid, th.uids, th.gids, th.groups, [th.caps[k] for k in _CAP_SETS], th.secbits,
+                           th.no_new_privs, th.seccomp_mode, chain(th), th.lsm_profile, th.lsm_sockcreate,
+                           th.apparmor_data, th.sched_policy, th.sched_nice] for th in t.threads]}
+             for t in images.tasks]
+    return json.dumps({
+        "version": FACTS_VERSION, "error": None, "files": images.files, "arch": images.arch, "tasks": tasks,
+        "filters": [p.hex() for p in filters], "mounts": [dataclasses.astuple(m) for m in images.mounts],
+        "uts": images.uts, "ipc_vars": images.ipc_vars, "netns": images.netns,
+        "ipc_objects": images.ipc_objects,
+    }, separators=(",", ":")).encode()
 
 
-def _thread(pid: int, tid: int, core: Any, chains: list[tuple[bytes, int, int | None]], name: str) -> Thread:
-    if not core.HasField("thread_core"):
-        raise ImageError(f"{name}: no thread core (a very old image form: CRIU would restore the thread "
-                         "with its own credentials)")
-    tc = core.thread_core
-    if not tc.HasField("creds"):
-        raise ImageError(f"{name}: no credentials in the thread core (the old creds-<pid>.img form)")
-    c = tc.creds
-    mode = tc.seccomp_mode if tc.HasField("seccomp_mode") else SECCOMP_DISABLED
-    chain: list[tuple[bytes, int]] = []
-    if mode == SECCOMP_FILTER:
-        index: int | None = tc.seccomp_filter if tc.HasField("seccomp_filter") else None
-        if index is None:
-            raise ImageError(f"{name}: seccomp mode filter without a filter")
-        seen: set[int] = set()
-        while index is not None:
-            if index in seen or index >= len(chains):
-                raise ImageError(f"{name}: seccomp filter chain {'loops' if index in seen else 'names no filter'} "
-                                 f"at index {index}")
-            seen.add(index)
-            program, flags, index = chains[index]
-            chain.append((program, flags))
-    return Thread(pid=pid, tid=tid, uids=(c.uid, c.euid, c.suid, c.fsuid), gids=(c.gid, c.egid, c.sgid, c.fsgid),
-                  groups=tuple(c.groups),
-                  caps={"inh": _caps(c.cap_inh), "prm": _caps(c.cap_prm), "eff": _caps(c.cap_eff),
-                        "bnd": _caps(c.cap_bnd), "amb": _caps(c.cap_amb)},
-                  secbits=c.secbits, no_new_privs=bool(c.no_new_privs) if c.HasField("no_new_privs") else None,
-                  seccomp_mode=mode, seccomp_chain=tuple(chain),
-                  lsm_profile=c.lsm_profile, lsm_sockcreate=c.lsm_sockcreate,
-                  apparmor_data=c.HasField("apparmor_data"),
-                  sched_policy=tc.sched_policy if tc.HasField("sched_policy") else None,
-                  sched_nice=tc.sched_nice if tc.HasField("sched_nice") else None)
+_CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")
+
+
+def from_facts(data: bytes) -> Images:
+    """The Images the facts describe; ImageError if the images could not be decoded, StaleFacts
+    if they were written by another version (or are not facts at all)."""
+    try:
+        obj = json.loads(data)
+        if obj.get("version") != FACTS_VERSION:
+            raise StaleFacts(f"image facts of version {obj.get('version')!r}, not {FACTS_VERSION}")
+        if obj["error"] is not None:
+            raise ImageError(str(obj["error"]))
+        filters = [bytes.fromhex(h) for h in obj["filters"]]
+        tasks = tuple(Task(
+            pid=t["pid"], ppid=t["ppid"], state=t["state"], comm=t["comm"],
+            rlimits=tuple((s, h) for s, h in t["rlimits"]), oom_score_adj=t["oom_score_adj"], loginuid=t["loginuid"],
+            threads=tuple(Thread(
+                pid=t["pid"], tid=tid, uids=(uids[0], uids[1], uids[2], uids[3]), gids=(gids[0], gids[1], gids[2], gids[3]),
+                groups=tuple(groups),
+                caps=dict(zip(_CAP_SETS, caps, strict=True)), secbits=secbits, no_new_privs=nnp,
+                seccomp_mode=mode, seccomp_chain=tuple((filters[i], f) for i, f in chain),
+                lsm_profile=lsm, lsm_sockcreate=sockcreate, apparmor_data=apparmor, sched_policy=policy,
+                sched_nice=nice)
+                for tid, uids, gids, groups, caps, secbits, nnp, mode, chain, lsm, sockcreate, apparmor, policy, nice
+                in t["threads"])) for t in obj["tasks"])
+        return Images(tasks=tasks, files=tuple(obj["files"]), arch=obj["arch"],
+                      mounts=tuple(ImageMount(*m) for m in obj["mounts"]),
+                      uts=(obj["uts"][0], obj["uts"][1]) if obj["uts"] is not None else None,
+                      ipc_vars=obj["ipc_vars"], netns=dict(obj["netns"]),
+                      ipc_objects=dict(obj["ipc_objects"]))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise StaleFacts(f"image facts unreadable: {exc}") from exc

@@ -171,7 +171,7 @@ def capture(cfg: Config, container_id: str, ref: SnapshotRef, root: str | None =
 def _record_seccomp(cfg: Config, container_id: str, images: str, bundle: Bundle,
                     log: Callable[[str], None]) -> None:
     """Remember the filter this node's runtime installs for the container's seccomp profile: a
-    restore proves its snapshot's filters start with it (shim/lifecycle/confinement.py)."""
+    restore proves its snapshot's filters start with it (shim/lifecycle/confinement/)."""
 
     try:
         confinement.record_from_capture(cfg.state_dir, images, bundle.spec, cfg.resolve_next_runtime(),

@@ -268,7 +268,7 @@ def compare_identity(captured: dict[str, Any], here: dict[str, Any], env_may_dif
 
 
 # Privileges the new spec may grant beyond the capturing one's: the restored processes keep less
-# (what CRIU restores is proven within the new spec from the images and the kernel, shim/lifecycle/confinement.py).
+# (what CRIU restores is proven within the new spec from the images and the kernel, shim/lifecycle/confinement/).
 # Each says whether the captured value (a) is more than the new spec's (b) — an early refusal.
 _MAY_GRANT_MORE: dict[str, Callable[[Any, Any], bool]] = {
     "capabilities": lambda a, b: any(set((a or {}).get(k) or []) - set((b or {}).get(k) or [])

@@ -150,7 +150,7 @@ def bring_up(plan: Plan, c: Container, store: Store) -> Record:
     try:
         with store.image_dir(plan.snapshot, cfg.policy.verify) as image_dir:
             plan.phases.add("verify_layer", clock.seconds())
-            proof = plan.phases.run("image_check", _check_images, image_dir, c)
+            proof = plan.phases.run("image_check", _check_images, store, plan.snapshot, c)
             record = _bring_up(plan, c, store, runc, image_dir, proof)
     finally:
         if plan.weights is not None:
@@ -159,9 +159,10 @@ def bring_up(plan: Plan, c: Container, store: Store) -> Record:
     return record
 
 
-def _check_images(image_dir: str, c: Container) -> Proof:
-    """What the images would restore, within the new spec (else Incompatible naming the excess):
-    the snapshot's config said so too, but only the images are what CRIU reads."""
+def _check_images(store: Store, snap: fmt.Snapshot, c: Container) -> Proof:
+    """What the images would restore (the facts the store decoded from them when they were
+    sealed), within the new spec (else Incompatible naming the excess): the snapshot's config
+    said so too, but only the images are what CRIU reads. The caller holds the image directory."""
 
     bundle, cfg, next_runtime = c.bundle, c.cfg, c.next_runtime
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
@@ -170,9 +171,11 @@ def _check_images(image_dir: str, c: Container) -> Proof:
         reference = confinement.reference(cfg.state_dir, confinement.profile_key(seccomp, next_runtime))
         if reference is None:         # once per profile on a node: learnt from a container that runs nothing
             reference = confinement.probe_reference(cfg.state_dir, seccomp, next_runtime)
-    grant = confinement.Grant.of(bundle.spec, reference)
+    grant = confinement.Grant.of(bundle.spec, reference, confinement.fresh_ipc_sysctls(cfg.state_dir))
     try:
-        return Proof(grant, confinement.check_images(image_dir, bundle.spec, grant))
+        images = store.image_facts(snap)
+        confinement.check_images(images, bundle.spec, grant)
+        return Proof(grant, images)
     except (confinement.ConfinementError, criu_images.ImageError) as exc:
         raise Incompatible(str(exc)) from exc
 

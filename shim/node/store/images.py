@@ -5,6 +5,9 @@
                                its files, the whole-file tar is unpacked beside them
   store_dir/images/<hex>.seal  what the directory held when it was published (per file: size,
                                mtime; whole files also their digest); checked before a restore
+  store_dir/images/<hex>.facts what the images would restore (criu_images.Images as JSON), decoded
+                               once from the images when they are sealed; its digest is in the seal
+                               (a restore then never imports protobuf)
   store_dir/images/<hex>.lock  held shared while a restore reads the directory; its mtime is the
                                snapshot's last use (the node cache evicts least recently used)
 
@@ -26,6 +29,7 @@ from thaw.oci.digest import of_file
 from thaw.oci.files import atomic_write
 from thaw.oci.layout import ImageLayout, LayoutError
 from thaw.shim import faults
+from thaw.shim.drivers import criu_decode, criu_images
 
 from .errors import CorruptSnapshot
 from .files import file_bytes, flock, flock_if_free, hex_of, tree_bytes, unlink, workers
@@ -51,6 +55,9 @@ class ImageDirs:
     def seal_path(self, snap: fmt.Snapshot) -> str:
         return self.path(snap) + ".seal"
 
+    def facts_path(self, snap: fmt.Snapshot) -> str:
+        return self.path(snap) + ".facts"
+
     def sealed(self, snap: fmt.Snapshot) -> bool:
         """Whether the snapshot's image directory is in place and sealed. One without its seal was
         left by a publish killed between the two: not a snapshot's, the next publish replaces it."""
@@ -59,7 +66,7 @@ class ImageDirs:
     def bytes_of(self, snap: fmt.Snapshot) -> int:
         """What the image directory and its seal take (apparent sizes)."""
         path = self.path(snap)
-        return tree_bytes(path) + file_bytes(path + ".seal")
+        return tree_bytes(path) + file_bytes(path + ".seal") + file_bytes(path + ".facts")
 
     # --- a restore's hold -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -95,6 +102,32 @@ class ImageDirs:
             with contextlib.suppress(OSError):
                 return os.stat(p).st_mtime
         return None
+
+    # --- facts ----------------------------------------------------------------------------------------
+    def facts(self, snap: fmt.Snapshot) -> criu_images.Images:
+        """What the snapshot's images would restore, from the facts sealed with them (the caller
+        holds the directory); decoded from the images again where there are none, or none that
+        this thaw wrote and the seal names (a store entry sealed before facts, or by another
+        version). ImageError if the images cannot be read."""
+        try:
+            with open(self.seal_path(snap)) as f:
+                sealed = json.load(f).get("facts")
+            if sealed is not None and sha256_file(self.facts_path(snap))[0] == sealed:
+                with open(self.facts_path(snap), "rb") as f:
+                    return criu_images.from_facts(f.read())
+        except (OSError, ValueError, AttributeError, criu_images.StaleFacts):
+            pass
+        return criu_decode.read(self.path(snap))
+
+    def _write_facts(self, path: str) -> str:
+        """Decode the images in `path` (digest-verified when they entered the store) and keep what
+        they would restore beside the seal; its digest, for the seal."""
+        try:
+            facts = criu_images.to_facts(criu_decode.read(path))
+        except criu_images.ImageError as exc:
+            facts = criu_images.to_facts(None, str(exc))     # a restore reports it (and cold-starts)
+        atomic_write(path + ".facts", facts)
+        return sha256_file(path + ".facts")[0]
 
     # --- seals --------------------------------------------------------------------------------------
     def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict[str, Any]]:
@@ -201,7 +234,9 @@ class ImageDirs:
             st = os.lstat(os.path.join(path, name))
             digest = (hashes or {}).get(name) or (old.get(name) or {}).get("digest")
             files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
-        atomic_write(self.seal_path(snap), json.dumps({"manifest": snap.manifest.digest, "files": files}).encode())
+        facts = self._write_facts(path)
+        atomic_write(self.seal_path(snap), json.dumps({"manifest": snap.manifest.digest, "files": files,
+                                                       "facts": facts}).encode())
 
     # --- in and out (the caller holds the store lock) -----------------------------------------------
     def place(self, snap: fmt.Snapshot, staged_images: str, hashes: dict[str, str] | None) -> None:
@@ -225,7 +260,7 @@ class ImageDirs:
         """The caller holds path.lock exclusively."""
         freed = tree_bytes(path)
         shutil.rmtree(path, ignore_errors=True)
-        return freed + sum(unlink(path + suffix) for suffix in (".seal", ".lock"))
+        return freed + sum(unlink(path + suffix) for suffix in (".seal", ".facts", ".lock"))
 
     def sweep(self, live: set[str]) -> int:
         """Remove the image directories (and seals, locks) of manifests not in `live` (hex
@@ -239,5 +274,5 @@ class ImageDirs:
             if os.path.isdir(path):
                 freed += self.remove(path)
             elif not os.path.exists(os.path.join(self.root, hexd)):
-                freed += unlink(path)    # seals and locks of directories already gone
+                freed += unlink(path)    # seals, facts and locks of directories already gone
         return freed

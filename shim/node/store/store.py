@@ -16,6 +16,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, ImageLayout, LayoutError
+from thaw.shim.drivers import criu_images
 
 from .. import events, metrics
 from ..config import Config
@@ -138,6 +139,10 @@ class Store:
 
     def image_dir(self, snap: fmt.Snapshot, verify: str = "stat") -> contextlib.AbstractContextManager[str]:
         return self.images.hold(snap, verify)
+
+    def image_facts(self, snap: fmt.Snapshot) -> criu_images.Images:
+        """What the snapshot's CRIU images would restore (the caller holds image_dir)."""
+        return self.images.facts(snap)
 
     def has_images(self, snap: fmt.Snapshot) -> bool:
         return self.images.sealed(snap)
