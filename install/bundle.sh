@@ -152,7 +152,7 @@ EOF
   # (this machine's identical interpreter: the staged one only runs from its final prefix)
   "$PY" -I -m compileall -q -j1 --invalidation-mode unchecked-hash \
     -s "$stage" -p / "$stdlib" "$site" >/dev/null || die "compileall failed"
-  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.entry.runtime, thaw.shim.entry.cli, thaw.hooks.main, cryptography, cuda.bindings, importlib.util as u; u.find_spec('thaw.shim.drivers.criu_images') is None or __import__('thaw.shim.drivers.criu_images').shim.drivers.criu_images.schemas()" \
+  "$stage/lib/ld-linux-x86-64.so.2" --library-path "$stage/lib" "$stage/python/bin/python$PY_VERSION" -IS -c "import sys; sys.path.append('$site'); import thaw.shim.entry.runtime, thaw.shim.entry.cli, thaw.hooks.main, cryptography, cuda.bindings, importlib.util as u; u.find_spec('thaw.shim.drivers.criu_decode') is None or __import__('thaw.shim.drivers.criu_decode').shim.drivers.criu_decode.schemas()" \
     || die "the bundled interpreter cannot import thaw"
 
   local tarball=$out/thaw-node-$v.tar.gz

@@ -259,9 +259,9 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "impo
   "$VENV/bin/pip" install -q --disable-pip-version-check "$BUILD_TMP${EXTRAS:+[$EXTRAS]}" 2>&1 \
     | grep -v "is ignored: it is neither" || true
   rm -rf "$BUILD_TMP"
-  "$VENV/bin/python" -c "import thaw.shim.entry.runtime, thaw.hooks.main, thaw.oci.snapshot, thaw.shim.drivers.criu_images" \
+  "$VENV/bin/python" -c "import thaw.shim.entry.runtime, thaw.hooks.main, thaw.oci.snapshot, thaw.shim.drivers.criu_decode" \
     || die "thaw: pip install failed"
-  "$VENV/bin/python" -c "from thaw.shim.drivers import criu_images; criu_images.schemas()" \
+  "$VENV/bin/python" -c "from thaw.shim.drivers import criu_decode; criu_decode.schemas()" \
     || die "thaw: CRIU's image schemas do not load with this protobuf runtime"
   echo "$WANT" > "$STAMP"
 else

@@ -21,7 +21,7 @@ import pytest
 from helpers import PYTHON, make_bundle, unique, wait_for
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.shim.drivers import criu_images
+from thaw.shim.drivers import criu_decode, criu_images
 from thaw.shim.drivers.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
 from thaw.shim.drivers.runc import cgroup_dirs
 from thaw.shim.lifecycle import confinement
@@ -48,7 +48,7 @@ SECCOMP: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [
            "syscalls": [{"names": ["mount", "umount2"], "action": "SCMP_ACT_ERRNO"}]}
 # Every capability this machine's root holds (the test machines' root lacks CAP_SYS_RESOURCE).
 ALL_CAPS = ["CAP_" + name for name, bit in confinement.CAP_BITS.items()
-            if int(confinement._status("/proc/self/status")["CapBnd"], 16) >> bit & 1]
+            if int(confinement.status("/proc/self/status")["CapBnd"], 16) >> bit & 1]
 ALL_CAP_WORDS = [0xFFFFFFFF, (1 << (len(confinement.CAP_BITS) - 32)) - 1]
 ALLOW_ALL_BPF = bytes([0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0x7F])   # BPF_RET|BPF_K SECCOMP_RET_ALLOW
 
@@ -138,24 +138,24 @@ def world(tmp_path_factory):
 # --- the attacker's tool --------------------------------------------------------------------------
 
 def read_one(images: str, name: str, magic: int, message):
-    return criu_images.read_file(os.path.join(images, name), magic, message, name != "pstree.img")
+    return criu_decode.read_file(os.path.join(images, name), magic, message, name != "pstree.img")
 
 
 def write(images: str, name: str, magic: int, messages: list) -> None:
     path = os.path.join(images, name)
     with open(path, "wb") as f:
-        f.write(criu_images.encode(messages, magic, name))
+        f.write(criu_decode.encode(messages, magic, name))
 
 
 def edit_core(images: str, tid: int, change) -> None:
     name = f"core-{tid}.img"
-    [core] = read_one(images, name, CORE_MAGIC, criu_images.schemas().core)
+    [core] = read_one(images, name, CORE_MAGIC, criu_decode.schemas().core)
     change(core)
     write(images, name, CORE_MAGIC, [core])
 
 
 def tasks(images: str) -> list:
-    return read_one(images, "pstree.img", PSTREE_MAGIC, criu_images.schemas().pstree)
+    return read_one(images, "pstree.img", PSTREE_MAGIC, criu_decode.schemas().pstree)
 
 
 def forge(world: World, source: str, images=None, config=None) -> str:
@@ -225,7 +225,7 @@ def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None) -
         dst.start()
         out = dst.wait_output(lambda t: len(ticks(t)) > 2)
         assert ticks(out)[0] == 0                                 # started afresh
-        st = confinement._status(f"/proc/{dst.pid()}/status")
+        st = confinement.status(f"/proc/{dst.pid()}/status")
         assert st["Uid"].split() == [str(uid)] * 4 and st["CapEff"] == "0000000000000000"
         assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
         return msg
@@ -241,7 +241,7 @@ def restored(world: World, ref: str, change=restricted) -> dict[str, str]:
         assert not [e for e in dst.log_entries() if e.get("level") == "warning"], dst.log_text()
         dst.start()
         assert ticks(dst.wait_output(lambda t: len(ticks(t)) > 12))[0] > 10     # it went on counting
-        return confinement._status(f"/proc/{dst.pid()}/status")
+        return confinement.status(f"/proc/{dst.pid()}/status")
     finally:
         dst.destroy()
 
@@ -312,7 +312,7 @@ def test_seccomp_absent(world):
 def test_an_allow_all_seccomp_filter(world):
     """Mode filter, one filter: one that allows everything, in place of the profile's."""
     def allow_all(images):
-        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_images.schemas().seccomp)
+        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_decode.schemas().seccomp)
         f = sec.seccomp_filters.add()
         f.filter = ALLOW_ALL_BPF
         index = len(sec.seccomp_filters) - 1
@@ -326,7 +326,7 @@ def test_an_allow_all_seccomp_filter(world):
 def test_a_seccomp_chain_that_loops(world):
     """A filter whose `prev` names itself: CRIU's own walk of the chain would never end."""
     def loop(images):
-        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_images.schemas().seccomp)
+        [sec] = read_one(images, "seccomp.img", SECCOMP_MAGIC, criu_decode.schemas().seccomp)
         sec.seccomp_filters[0].prev = 0
         write(images, "seccomp.img", SECCOMP_MAGIC, [sec])
     cold_started(world, forge(world, "base:1", loop), "seccomp filter chain loops at index 0")
@@ -452,7 +452,7 @@ def test_an_unknown_field_is_refused(world):
     thread_core (field 5) whose creds (field 10) hold field 501, which protobuf merges in."""
     def unknown(images):
         name = f"core-{tasks(images)[0].pid}.img"
-        [core] = read_one(images, name, CORE_MAGIC, criu_images.schemas().core)
+        [core] = read_one(images, name, CORE_MAGIC, criu_decode.schemas().core)
         creds = bytes([0xA8, 0x1F, 0x01])                           # field 501, varint 1
         thread_core = bytes([0x52]) + _varint(len(creds)) + creds
         body = core.SerializeToString() + bytes([0x2A]) + _varint(len(thread_core)) + thread_core
@@ -491,7 +491,7 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
                 return None
             try:
                 pids = confinement.tree(int(st["pid"]))
-                states = [confinement._status(f"/proc/{p}/status")["State"] for p in pids]
+                states = [confinement.status(f"/proc/{p}/status")["State"] for p in pids]
             except (OSError, ValueError, KeyError):
                 return None
             return pids if all(s.startswith("T") for s in states) else None
@@ -509,7 +509,7 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
         assert "(kernel)" in msg and "state" in msg and "stopped until checked" in msg, msg
         assert env.runc_ids() == [dst.id]
         for p in found:                                              # the restored tasks are gone
-            assert not os.path.exists(f"/proc/{p}") or confinement._status(f"/proc/{p}/status")["State"][0] in "ZX"
+            assert not os.path.exists(f"/proc/{p}") or confinement.status(f"/proc/{p}/status")["State"][0] in "ZX"
         dst.start()
         # What the test let run printed its ticks before it was killed; the cold start counts from 0.
         dst.wait_output(lambda t: 2 in ticks(t))
@@ -530,10 +530,10 @@ def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
         pids = confinement.tree(pid)
         assert len(pids) == 2                                     # python and its child
         with Store(env.store).image_dir(Store(env.store).resolve(SnapshotRef("root", "1"), "_local")) as d:
-            images = criu_images.read(d, frozenset({"pid", "ipc", "uts", "mount", "network"}))
+            images = criu_decode.read(d)
         for p in pids:
             os.kill(p, signal.SIGSTOP)
-        wait_for(lambda: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T" for p in pids), 10, "stop")
+        wait_for(lambda: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T" for p in pids), 10, "stop")
         with open(os.path.join(src.bundle, "config.json")) as f:
             spec = json.load(f)
         restricted(spec, 1000)
@@ -563,7 +563,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
     assert reference is not None
     other = {**SECCOMP, "syscalls": [{"names": ["reboot"], "action": "SCMP_ACT_ERRNO"}]}
     with Store(env.store).image_dir(Store(env.store).resolve(SnapshotRef("base", "1"), "_local")) as d:
-        images = criu_images.read(d, frozenset({"pid", "ipc", "uts", "mount", "network"}))
+        images = criu_decode.read(d)
     found = {}
     for name, profile in (("other", other), ("same", SECCOMP)):
         src = env.container(bundle(os.path.join(world.dir, unique(name)),
@@ -575,7 +575,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             pids = confinement.tree(src.pid())
             for p in pids:
                 os.kill(p, signal.SIGSTOP)
-            wait_for(lambda pids=pids: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T"
+            wait_for(lambda pids=pids: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T"
                                            for p in pids), 10, "stop")
             with open(os.path.join(src.bundle, "config.json")) as f:
                 spec = json.load(f)
@@ -584,7 +584,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             found[name] = [e for e in excess if e.field == "seccomp (kernel)"]
             # read and detached: every task goes back to its group stop (the kernel re-enters it
             # before any return to user code)
-            wait_for(lambda pids=pids: all(confinement._status(f"/proc/{p}/status")["State"][0] == "T"
+            wait_for(lambda pids=pids: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T"
                                            for p in pids), 5, "back in the group stop")
         finally:
             src.destroy()
@@ -598,8 +598,8 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
 def edit_mounts(images: str, change) -> None:
     """Edit the container's mount tree (mountpoints-<id>.img) with `change(list of mnt_entry)`."""
     [name] = [n for n in os.listdir(images) if n.startswith("mountpoints-")]
-    entries = criu_images.read_file(os.path.join(images, name), criu_images.MOUNTPOINTS_MAGIC,
-                                    criu_images.schemas().mount, False)
+    entries = criu_decode.read_file(os.path.join(images, name), criu_images.MOUNTPOINTS_MAGIC,
+                                    criu_decode.schemas().mount, False)
     change(entries)
     write(images, name, criu_images.MOUNTPOINTS_MAGIC, entries)
 
@@ -644,7 +644,7 @@ def test_a_mount_the_spec_does_not_have(world):
 def test_a_hostname_the_spec_does_not_set(world):
     def rename(images):
         [name] = [n for n in os.listdir(images) if n.startswith("utsns-")]
-        [uts] = read_one(images, name, criu_images.UTSNS_MAGIC, criu_images.schemas().uts)
+        [uts] = read_one(images, name, criu_images.UTSNS_MAGIC, criu_decode.schemas().uts)
         uts.nodename = "not-the-pod"
         write(images, name, criu_images.UTSNS_MAGIC, [uts])
     cold_started(world, forge(world, "base:1", rename), "hostname 'not-the-pod'", "'thaw-test'")
