@@ -192,7 +192,7 @@ def forge(world: World, source: str, images=None, config=None) -> str:
 
 # --- what a user sees ------------------------------------------------------------------------------
 
-def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None) -> str:
+def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None, others: tuple[str, ...] = ()) -> str:
     """Restore `ref` into the restricted spec (changed by `also`): it must cold-start, say why
     (every word of `cause` in the runtime log and the events log), and leave nothing of the
     restore behind."""
@@ -216,7 +216,7 @@ def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None) -
         assert all(word in event["reason"] for word in cause), event
         # Nothing left behind: one container, its cgroup holding only runc's init (a restored task
         # that was not killed would still be there, stopped), no thaw record but the cold start's.
-        assert env.runc_ids() == [dst.id]
+        assert sorted(env.runc_ids()) == sorted([dst.id, *others])     # others: the test's own
         with open(os.path.join(dst.bundle, "config.json")) as f:
             spec = json.load(f)
         for cg in [c for c in cgroup_dirs(spec, False) if os.path.exists(os.path.join(c, "cgroup.procs"))]:
@@ -672,3 +672,82 @@ def test_a_read_only_rootfs_made_writable(world):
         root.flags &= ~criu_images.MS_RDONLY
     ref = forge(world, "ro:1", lambda images: edit_mounts(images, writable_root))
     cold_started(world, ref, "mount / writable", "root.readonly", also=lambda spec: spec["root"].update(readonly=True))
+
+
+# --- what CRIU writes into namespaces: IPC sysctls, namespaces joined by path ----------------------------
+
+def edit_ipc_vars(images: str, change) -> None:
+    """Edit the IPC sysctls CRIU writes into the IPC namespace (ipcns-var-<id>.img)."""
+    [name] = [n for n in os.listdir(images) if n.startswith("ipcns-var-")]
+    [var] = read_one(images, name, criu_images.IPCNS_VAR_MAGIC, criu_decode.schemas().ipc_var)
+    change(var)
+    write(images, name, criu_images.IPCNS_VAR_MAGIC, [var])
+
+
+def test_an_ipc_sysctl_the_spec_does_not_set(world, tmp_path):
+    """CRIU writes the images' IPC sysctls into the container's IPC namespace, as root, although
+    runc mounts /proc/sys read-only: each must be the spec's (linux.sysctl) or what a fresh IPC
+    namespace has on this node. A raised kernel.msgmnb is refused, naming field and values; the
+    same images restore into a spec that sets that value."""
+    fresh = confinement.fresh_ipc_sysctls(str(tmp_path))
+    assert fresh is not None and fresh["kernel.msgmnb"] != [1 << 20]
+    ref = forge(world, "base:1", lambda images: edit_ipc_vars(images, lambda v: setattr(v, "msg_ctlmnb", 1 << 20)))
+    cold_started(world, ref, f"IPC sysctl kernel.msgmnb {1 << 20}",
+                 f"{fresh['kernel.msgmnb'][0]} (a fresh IPC namespace on this node)")
+    # The positive control: a spec that sets it (the config, a hint only, forged to agree)
+    sysctl = {"kernel.msgmnb": str(1 << 20)}
+    agreeing = forge(world, "base:1", lambda images: edit_ipc_vars(images, lambda v: setattr(v, "msg_ctlmnb", 1 << 20)),
+                     config=lambda c: dataclasses.replace(c, identity={**c.identity, "sysctl": sysctl}))
+    restored(world, agreeing, lambda spec: (restricted(spec), spec["linux"].update(sysctl=sysctl)))
+
+
+def test_a_namespace_joined_by_path_is_not_written_into(world):
+    """A spec that joins a UTS and an IPC namespace by path (a pod's: here a real container's,
+    its hostname 'pod-b'): CRIU would setns() into them and write the images' hostname there.
+    Refused, naming the path; the same snapshot restores where the joined namespace already has
+    the images' hostname and IPC sysctls (CRIU's writes change nothing)."""
+    env = world.env
+    for hostname in ("pod-b", "thaw-test"):
+        pod = env.container(bundle(os.path.join(world.dir, unique("pod")), lambda s, h=hostname: s.update(hostname=h)))
+        assert pod.create() == 0, pod.log_text()
+        try:
+            paths = {t: f"/proc/{pod.pid()}/ns/{t}" for t in ("uts", "ipc")}
+
+            def join(spec, paths=paths):
+                spec.pop("hostname", None)
+                for n in spec["linux"]["namespaces"]:
+                    if n["type"] in paths:
+                        n["path"] = paths[n["type"]]
+            if hostname == "pod-b":
+                cold_started(world, "base:1", f"hostname (UTS namespace joined by path {paths['uts']}) 'thaw-test'",
+                             "'pod-b': unchanged", also=join, others=(pod.id,))
+            else:
+                restored(world, "base:1", lambda spec, join=join: (restricted(spec), join(spec)))
+            now = subprocess.run(["nsenter", f"--uts={paths['uts']}", "cat", "/proc/sys/kernel/hostname"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+            assert now == hostname                           # the pod's namespace unchanged
+        finally:
+            pod.destroy()
+
+
+# --- the facts the store keeps beside the seal ----------------------------------------------------------
+
+def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
+    """A restore reads what the images would restore from the facts decoded when the snapshot was
+    sealed (no protobuf on the restore path): they equal a fresh decoding of the images. A facts
+    file that is not the one the seal names — the restricted snapshot's put beside uid-0 images
+    under a config claiming the restricted identity — is not believed: the images are decoded
+    again and refuse the restore before CRIU runs (not only the kernel check after it)."""
+    store = Store(world.env.store)
+    base = store.resolve(SnapshotRef("base", "1"), "_local")
+    with store.image_dir(base) as d:
+        assert store.image_facts(base) == criu_decode.read(d)
+    with open(os.path.join(bundle(os.path.join(world.dir, unique("id")), restricted), "config.json")) as f:
+        claimed = json.load(f)
+    from thaw.shim.lifecycle import fingerprint
+    ref = forge(world, "root:1", config=lambda c: dataclasses.replace(
+        c, identity=fingerprint.identity(claimed), processes=()))
+    name, tag = ref.split(":")
+    shutil.copyfile(store.images.facts_path(base), store.images.facts_path(store.resolve(SnapshotRef(name, tag), "_local")))
+    msg = cold_started(world, ref, "the snapshot's images hold more", "CapEff")
+    assert "(kernel)" not in msg, msg
