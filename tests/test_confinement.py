@@ -702,32 +702,34 @@ def test_an_ipc_sysctl_the_spec_does_not_set(world, tmp_path):
 
 
 def test_a_namespace_joined_by_path_is_not_written_into(world):
-    """A spec that joins a UTS and an IPC namespace by path (a pod's: here a real container's,
-    its hostname 'pod-b'): CRIU would setns() into them and write the images' hostname there.
-    Refused, naming the path; the same snapshot restores where the joined namespace already has
-    the images' hostname and IPC sysctls (CRIU's writes change nothing)."""
+    """A spec that joins a UTS and an IPC namespace by path (a pod's: here a real container's, its
+    hostname 'pod-b'): CRIU setns()es into them, then writes the images' hostname and IPC sysctls
+    there. The hostname: CRIU is handed the pod's own, so the pod keeps it and the restore goes
+    on; an IPC sysctl other than the pod namespace's own: refused, naming the path."""
     env = world.env
-    for hostname in ("pod-b", "thaw-test"):
-        pod = env.container(bundle(os.path.join(world.dir, unique("pod")), lambda s, h=hostname: s.update(hostname=h)))
-        assert pod.create() == 0, pod.log_text()
-        try:
-            paths = {t: f"/proc/{pod.pid()}/ns/{t}" for t in ("uts", "ipc")}
+    pod = env.container(bundle(os.path.join(world.dir, unique("pod")), lambda s: s.update(hostname="pod-b")))
+    assert pod.create() == 0, pod.log_text()
+    paths = {t: f"/proc/{pod.pid()}/ns/{t}" for t in ("uts", "ipc")}
 
-            def join(spec, paths=paths):
-                spec.pop("hostname", None)
-                for n in spec["linux"]["namespaces"]:
-                    if n["type"] in paths:
-                        n["path"] = paths[n["type"]]
-            if hostname == "pod-b":
-                cold_started(world, "base:1", f"hostname (UTS namespace joined by path {paths['uts']}) 'thaw-test'",
-                             "'pod-b': unchanged", also=join, others=(pod.id,))
-            else:
-                restored(world, "base:1", lambda spec, join=join: (restricted(spec), join(spec)))
-            now = subprocess.run(["nsenter", f"--uts={paths['uts']}", "cat", "/proc/sys/kernel/hostname"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-            assert now == hostname                           # the pod's namespace unchanged
-        finally:
-            pod.destroy()
+    def join(spec):
+        spec.pop("hostname", None)
+        for n in spec["linux"]["namespaces"]:
+            if n["type"] in paths:
+                n["path"] = paths[n["type"]]
+
+    def in_pod(kind: str, key: str) -> str:
+        return subprocess.run(["nsenter", f"--{kind}={paths[kind]}", "cat", f"/proc/sys/{key}"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        restored(world, "base:1", lambda spec: (restricted(spec), join(spec)))
+        assert in_pod("uts", "kernel/hostname") == "pod-b"           # not the images' 'thaw-test'
+        msgmnb = in_pod("ipc", "kernel/msgmnb")
+        ref = forge(world, "base:1", lambda images: edit_ipc_vars(images, lambda v: setattr(v, "msg_ctlmnb", 1 << 20)))
+        cold_started(world, ref, f"IPC sysctl kernel.msgmnb (IPC namespace joined by path {paths['ipc']}) {1 << 20}",
+                     f"{msgmnb}: unchanged", also=join, others=(pod.id,))
+        assert in_pod("ipc", "kernel/msgmnb") == msgmnb
+    finally:
+        pod.destroy()
 
 
 # --- the facts the store keeps beside the seal ----------------------------------------------------------

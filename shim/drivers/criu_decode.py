@@ -281,3 +281,21 @@ def _thread(pid: int, tid: int, core: Any, chains: list[tuple[bytes, int, int | 
                   apparmor_data=c.HasField("apparmor_data"),
                   sched_policy=tc.sched_policy if tc.HasField("sched_policy") else None,
                   sched_nice=tc.sched_nice if tc.HasField("sched_nice") else None)
+
+
+def with_uts(image_dir: str, out_dir: str, nodename: str, domainname: str) -> str:
+    """A copy of `image_dir` for one restore (`out_dir`, made here on the same file system: a hard
+    link to each file; CRIU opens some images from inside the restored mount namespace, where a
+    symbolic link's target does not resolve) whose UTS namespace image holds these names
+    instead: for a UTS namespace the spec joins by path, into which CRIU writes the images'
+    names after joining it."""
+    os.mkdir(out_dir, 0o700)
+    for name in os.listdir(image_dir):
+        if _UTSNS.fullmatch(name):
+            entry = schemas().uts(nodename=nodename, domainname=domainname)
+            fd = os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode([entry], UTSNS_MAGIC, name))
+        else:
+            os.link(os.path.join(image_dir, name), os.path.join(out_dir, name))
+    return out_dir

@@ -13,6 +13,7 @@ or a refusal.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -26,7 +27,7 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle, deny_io_uring
 from thaw.shim import faults
-from thaw.shim.drivers import criu, criu_images, cuda, engine, netcheck
+from thaw.shim.drivers import criu, criu_decode, criu_images, cuda, engine, netcheck
 from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
 from thaw.shim.drivers.runc import Runc, cgroup_dirs
 from thaw.shim.node import cgroups, provenance
@@ -174,8 +175,7 @@ def _check_images(store: Store, snap: fmt.Snapshot, c: Container) -> Proof:
     grant = confinement.Grant.of(bundle.spec, reference, confinement.fresh_ipc_sysctls(cfg.state_dir))
     try:
         images = store.image_facts(snap)
-        confinement.check_images(images, bundle.spec, grant)
-        return Proof(grant, images)
+        return Proof(grant, images, confinement.check_images(images, bundle.spec, grant))
     except (confinement.ConfinementError, criu_images.ImageError) as exc:
         raise Incompatible(str(exc)) from exc
 
@@ -186,6 +186,8 @@ class Proof:
     compares the restored tasks with."""
     grant: confinement.Grant
     images: criu_images.Images
+    # The names to hand CRIU for a UTS namespace the spec joins by path (its own), or None.
+    uts_names: tuple[str, str] | None = None
 
 
 def _check_kernel(pid: int, proof: Proof) -> None:
@@ -234,10 +236,15 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         # runc writes its own pid file in the work dir: a runc killed while writing it leaves its
         # O_EXCL temporary file there, never beside the caller's (shim/drivers/runc.py pid_file_temp).
         own_pid_file = os.path.join(work, "pid")
-        # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
-        phases.run("runc_restore", runc.restore, cid, bundle, image_dir, work, own_pid_file,
-                   console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")),
-                   (*fill, LEAVE_STOPPED, *faults.criu_options(work)), cgroup=scratch)
+        with contextlib.ExitStack() as for_criu:
+            images = image_dir
+            if proof.uts_names is not None:      # CRIU's write into the joined namespace changes nothing
+                area = for_criu.enter_context(store.staging("restore"))
+                images = criu_decode.with_uts(image_dir, os.path.join(area.path, "images"), *proof.uts_names)
+            # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
+            phases.run("runc_restore", runc.restore, cid, bundle, images, work, own_pid_file,
+                       console if isinstance(console, str) else None, bool(call.flags.get("no-pivot")),
+                       (*fill, LEAVE_STOPPED, *faults.criu_options(work)), cgroup=scratch)
         cgroups.remove([scratch])            # runc is gone; what it restored is in the container's
         faults.point("runc_restored")
         with open(own_pid_file) as f:

@@ -105,14 +105,18 @@ def _seccomp_excess(th: criu_images.Thread, grant: Grant) -> tuple[str, str] | N
     program, flags = th.seccomp_chain[0]
     return filter_mismatch(program, flags, ref)
 
-def check_images(images: Images, spec: dict[str, Any], grant: Grant) -> None:
+def check_images(images: Images, spec: dict[str, Any], grant: Grant) -> tuple[str, str] | None:
     """Nothing the images would restore (criu_decode.read(), or the facts the store keeps)
     exceeds the grant and the spec; else ConfinementError naming each excess
-    (criu_images.ImageError for a kind of image thaw does not restore)."""
+    (criu_images.ImageError for a kind of image thaw does not restore). Returns the hostname and
+    domain name to hand CRIU in place of the images' (a UTS namespace the spec joins by path:
+    its own, namespaces.joined_excess), or None."""
     criu_images.check(images, spec_namespaces(spec))
+    joined, uts_names = joined_excess(images, spec)
     excess = (images_excess(images, grant) + mount_excess(images, spec) + uts_excess(images, spec)
-              + ipc_excess(images, spec, grant.ipc_sysctls) + joined_excess(images, spec))
+              + ipc_excess(images, spec, grant.ipc_sysctls) + joined)
     if excess:
         raise ConfinementError(describe("the snapshot's images", excess))
+    return uts_names
 
 

@@ -101,41 +101,43 @@ def ipc_excess(images: Images, spec: dict[str, Any], fresh: dict[str, list[int]]
     return out
 
 
-def joined_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
+def joined_excess(images: Images, spec: dict[str, Any]) -> tuple[list[Excess], tuple[str, str] | None]:
     """What CRIU would write into a UTS or IPC namespace the spec joins by path (a pod's, shared
-    with its other containers; or anyone's the spec names): only writes that change nothing —
-    the joined namespace's own hostname, domain name and IPC sysctls, read from it now — and no
-    System V objects. Anything else is refused (the joined namespace is not the container's
-    to change)."""
+    with its other containers; or anyone's the spec names): only writes that change nothing. The
+    IPC sysctls must be the joined namespace's own, read from it now, and there must be no System
+    V objects (refused otherwise: the namespace is not the container's to change). The hostname
+    and domain name: the second result, where the images' differ from the joined namespace's own
+    — the names the restore hands CRIU instead (criu_decode.with_uts), so that its write changes
+    nothing (a pod restored from another pod's snapshot keeps its own hostname)."""
     joined = _joined(spec)
     pid = _root_pid(images)
     out: list[Excess] = []
+    names = None
     if "uts" in joined and images.uts is not None:
         live = _read_in_namespace("uts", joined["uts"], ["kernel/hostname", "kernel/domainname"])
-        for field, got, key in (("hostname", images.uts[0], "kernel/hostname"),
-                                ("domainname", images.uts[1], "kernel/domainname")):
-            now = live.get(key) if live is not None else None
-            if got != now:
-                out.append(Excess(pid, pid, f"{field} (UTS namespace joined by path {joined['uts']})", repr(got),
-                                  f"{now!r}: unchanged" if now is not None else "unreadable: not provable"))
+        if live is None or "kernel/hostname" not in live or "kernel/domainname" not in live:
+            out.append(Excess(pid, pid, f"hostname (UTS namespace joined by path {joined['uts']})",
+                              repr(images.uts[0]), "the joined namespace's, unreadable: not provable"))
+        elif (live["kernel/hostname"], live["kernel/domainname"]) != images.uts:
+            names = (live["kernel/hostname"], live["kernel/domainname"])
     if "ipc" in joined:
         if any(size > _IMAGE_HEADER for size in images.ipc_objects.values()):
             objects = ", ".join(n for n, s in sorted(images.ipc_objects.items()) if s > _IMAGE_HEADER)
             out.append(Excess(pid, pid, f"System V IPC objects (IPC namespace joined by path {joined['ipc']})",
                               objects, "none: the joined namespace is not the container's own"))
         if images.ipc_vars is not None:
-            names = {f: IPC_SYSCTLS.get(f, f) for f in images.ipc_vars}
-            live = _read_in_namespace("ipc", joined["ipc"], [n.replace(".", "/") for n in names.values()])
+            sysctls = {f: IPC_SYSCTLS.get(f, f) for f in images.ipc_vars}
+            live = _read_in_namespace("ipc", joined["ipc"], [n.replace(".", "/") for n in sysctls.values()])
             for field, value in sorted(images.ipc_vars.items()):
-                key = names[field].replace(".", "/")
+                key = sysctls[field].replace(".", "/")
                 current = sysctl_values(live[key]) if live is not None and key in live else None
                 values = _image_values(value)
                 if values != current:
-                    out.append(Excess(pid, pid, f"IPC sysctl {names[field]} (IPC namespace joined by path "
+                    out.append(Excess(pid, pid, f"IPC sysctl {sysctls[field]} (IPC namespace joined by path "
                                                 f"{joined['ipc']})", " ".join(map(str, values)),
                                       f"{' '.join(map(str, current))}: unchanged" if current is not None
                                       else "unreadable: not provable"))
-    return out
+    return out, names
 
 
 _IMAGE_HEADER = 8          # the two magics: an ipcns-shm/msg/sem image of no object holds nothing more
