@@ -118,6 +118,9 @@ def test_restore_through_cri(thaw_cri):
     wait_for(lambda: int(http_get(ip, "/count")) > n1, 10, "the restored count to go on")
     st = cri.container_status(cid2)
     assert st.state == _client.CONTAINER_RUNNING
+    # The pod's UTS namespace is joined by path: CRIU was handed the pod's own hostname, not the
+    # source pod's (issue 16)
+    assert cri.exec_sync(cid2, ["cat", "/proc/sys/kernel/hostname"]).stdout.decode().strip() == "restored"
     teardown_clean(containerd, cri, node, pod2)
     assert not records(node)
     ends = [json.loads(line) for line in open(Path(node["state"]) / "events.log")]
