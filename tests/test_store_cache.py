@@ -66,7 +66,7 @@ def test_size_counts_blobs_and_image_dir_and_shared_blobs_once_in_the_total(stor
         blobs = [store.layout.blob_path(d.digest) for d in (snap.manifest, snap.config_desc, snap.criu_whole,
                                                               snap.rootfs, snap.deleted)]
         path = store.image_path(snap)
-        assert store.size(snap) == file_bytes(*blobs, path, path + ".seal")
+        assert store.size(snap) == file_bytes(*blobs, path, path + ".seal", path + ".facts")
     assert store.size(a) > store.size(b) > 2 * 20_000     # small files: in the image dir and its tar
     # The rootfs diff and the deleted list of these stand-ins are byte-identical: one blob each,
     # counted in each snapshot's size but once in the store's.
@@ -225,7 +225,7 @@ def test_gc_returns_the_bytes_it_freed(store):
     with store.image_dir(snap):
         store.remove(SnapshotRef("a", "1"), "_local")         # the image dir stays while held
     dead, orphan = dead_capture(store)
-    expected = file_bytes(dead, path, path + ".seal") + orphan.size
+    expected = file_bytes(dead, path, path + ".seal", path + ".facts") + orphan.size
     assert file_bytes(dead) > 1000 and os.path.exists(path) and store.gc() == expected
     assert not os.path.exists(dead) and not os.path.exists(path) and store.gc() == 0
 
