@@ -108,7 +108,8 @@ class ImageDirs:
         """What the snapshot's images would restore, from the facts sealed with them (the caller
         holds the directory); decoded from the images again where there are none, or none that
         this thaw wrote and the seal names (a store entry sealed before facts, or by another
-        version). ImageError if the images cannot be read."""
+        version: then kept, sealed again, for the next restore). ImageError if the images cannot
+        be read."""
         try:
             with open(self.seal_path(snap)) as f:
                 sealed = json.load(f).get("facts")
@@ -117,13 +118,16 @@ class ImageDirs:
                     return criu_images.from_facts(f.read())
         except (OSError, ValueError, AttributeError, criu_images.StaleFacts):
             pass
-        return criu_decode.read(self.path(snap))
+        images = criu_decode.read(self.path(snap))
+        with contextlib.suppress(OSError):
+            self.write_seal(snap, self.path(snap), images=images)   # the files just passed their seal
+        return images
 
-    def _write_facts(self, path: str) -> str:
-        """Decode the images in `path` (digest-verified when they entered the store) and keep what
-        they would restore beside the seal; its digest, for the seal."""
+    def _write_facts(self, path: str, images: criu_images.Images | None = None) -> str:
+        """Keep what the images in `path` (digest-verified when they entered the store) would
+        restore beside the seal — `images`, or decoded here; its digest, for the seal."""
         try:
-            facts = criu_images.to_facts(criu_decode.read(path))
+            facts = criu_images.to_facts(images or criu_decode.read(path))
         except criu_images.ImageError as exc:
             facts = criu_images.to_facts(None, str(exc))     # a restore reports it (and cold-starts)
         atomic_write(path + ".facts", facts)
@@ -225,7 +229,8 @@ class ImageDirs:
                 shutil.rmtree(tmp, ignore_errors=True)
             return hashes
 
-    def write_seal(self, snap: fmt.Snapshot, path: str, hashes: dict[str, str] | None = None) -> None:
+    def write_seal(self, snap: fmt.Snapshot, path: str, hashes: dict[str, str] | None = None,
+                   images: criu_images.Images | None = None) -> None:
         old = {}
         with contextlib.suppress(CorruptSnapshot):
             old = self._read_seal(snap)
@@ -234,7 +239,7 @@ class ImageDirs:
             st = os.lstat(os.path.join(path, name))
             digest = (hashes or {}).get(name) or (old.get(name) or {}).get("digest")
             files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
-        facts = self._write_facts(path)
+        facts = self._write_facts(path, images)
         atomic_write(self.seal_path(snap), json.dumps({"manifest": snap.manifest.digest, "files": files,
                                                        "facts": facts}).encode())
 
