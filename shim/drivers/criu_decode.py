@@ -152,8 +152,8 @@ def _caps(words: Any) -> int:
     return mask
 
 
-# Decoded by read() (magic included): these names, and the names starting with the prefixes.
-_DECODED = ("inventory.img", "pstree.img", "seccomp.img", "core-", "mountpoints-", "utsns-", "ipcns-var-", "netns-")
+# Decoded by read(), magic included (netns-ct-*/netns-exp-* are not: their magic is checked).
+_DECODED = re.compile(r"(inventory|pstree|seccomp)\.img|(core|mountpoints|utsns|ipcns-var|netns)-\d+\.img")
 
 
 def read(image_dir: str) -> Images:

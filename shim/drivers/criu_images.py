@@ -228,12 +228,12 @@ def check_kinds(names: list[str], namespaces: frozenset[str]) -> None:
         raise ImageError(f"image {name}: not a kind of CRIU image thaw restores (see KINDS in shim/drivers/criu_images.py)")
 
 
-def check_magics(image_dir: str, names: list[str], decoded: tuple[str, ...]) -> None:
+def check_magics(image_dir: str, names: list[str], decoded: re.Pattern[str]) -> None:
     """Every allowed, non-raw file starts with its kind's header (a file named like one kind but
-    holding another would have CRIU read it as that other kind). `decoded`: names, and prefixes of
-    names, that the caller decodes (checking their magic itself)."""
+    holding another would have CRIU read it as that other kind). `decoded`: the names the caller
+    decodes (checking their magic itself)."""
     for name in names:
-        if name in decoded or name.startswith(decoded):
+        if decoded.fullmatch(name):
             continue                                   # the decoder reads these, magic included
         m = _KIND_RE.fullmatch(name) or _NS_RE.fullmatch(name)
         if not m:
