@@ -21,7 +21,7 @@ import pytest
 from helpers import PYTHON, make_bundle, unique, wait_for
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
-from thaw.oci.layout import sha256_file
+from thaw.oci.digest import of_file
 from thaw.shim.drivers import criu_decode, criu_images
 from thaw.shim.drivers.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
 from thaw.shim.drivers.runc import cgroup_dirs
@@ -759,4 +759,4 @@ def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
     with store.image_dir(forged) as d:
         assert store.image_facts(forged) == criu_decode.read(d) != store.image_facts(base)
     with open(store.images.seal_path(forged)) as f:
-        assert json.load(f)["facts"] == sha256_file(store.images.facts_path(forged))[0]
+        assert json.load(f)["facts"] == of_file(store.images.facts_path(forged))[0]

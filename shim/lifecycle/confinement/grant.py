@@ -5,13 +5,13 @@ spec's profile installs on this node."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 from dataclasses import dataclass
 from typing import Any
 
 from thaw.oci import ThawError
+from thaw.oci.digest import sha256_hex
 from thaw.shim.drivers.criu_images import SECCOMP_FILTER_FLAG_TSYNC
 
 # Linux capability numbers (include/uapi/linux/capability.h).
@@ -172,9 +172,9 @@ def filter_mismatch(program: bytes, flags: int, ref: tuple[bytes, int]) -> tuple
     """(found, spec) if an oldest filter is not the profile's (TSYNC aside: CRIU's way of
     restoring a chain all threads share, not a property of the filter)."""
     if (program, flags & ~SECCOMP_FILTER_FLAG_TSYNC) != ref:
-        return (f"oldest filter sha256:{hashlib.sha256(program).hexdigest()[:16]} "
+        return (f"oldest filter sha256:{sha256_hex(program)[:16]} "
                 f"({len(program) // 8} instructions, flags {flags:#x})",
-                f"the profile's filter sha256:{hashlib.sha256(ref[0]).hexdigest()[:16]} "
+                f"the profile's filter sha256:{sha256_hex(ref[0])[:16]} "
                 f"({len(ref[0]) // 8} instructions, flags {ref[1]:#x})")
     return None
 

@@ -5,7 +5,6 @@ nothing — and kept in state_dir/seccomp/. Without it, no restore of a spec wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ import tempfile
 import time
 from typing import Any
 
+from thaw.oci.digest import sha256_hex
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.shim.drivers import criu_decode
 from thaw.shim.drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC
@@ -34,7 +34,7 @@ def profile_key(seccomp: dict[str, Any], runtime: str) -> str:
     u = os.uname()
     blob = json.dumps({"profile": seccomp, "arch": u.machine, "kernel": u.release, "runtime": who},
                       sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_hex(blob.encode())
 
 
 def _reference_path(state_dir: str, key: str) -> str:

@@ -113,7 +113,7 @@ class ImageDirs:
         try:
             with open(self.seal_path(snap)) as f:
                 sealed = json.load(f).get("facts")
-            if sealed is not None and sha256_file(self.facts_path(snap))[0] == sealed:
+            if sealed is not None and of_file(self.facts_path(snap))[0] == sealed:
                 with open(self.facts_path(snap), "rb") as f:
                     return criu_images.from_facts(f.read())
         except (OSError, ValueError, AttributeError, criu_images.StaleFacts):
@@ -131,7 +131,7 @@ class ImageDirs:
         except criu_images.ImageError as exc:
             facts = criu_images.to_facts(None, str(exc))     # a restore reports it (and cold-starts)
         atomic_write(path + ".facts", facts)
-        return sha256_file(path + ".facts")[0]
+        return of_file(path + ".facts")[0]
 
     # --- seals --------------------------------------------------------------------------------------
     def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict[str, Any]]:
