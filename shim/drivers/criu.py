@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from thaw.oci.files import atomic_write
-from thaw.shim.timing import Stopwatch
+
+from ..timing import Stopwatch
 
 # thaw's CRIU patch 0002: several workers fill a restored process's private pages, optionally
 # into transparent huge pages. Shown in `criu --help` (a CRIU without it says nothing of them).

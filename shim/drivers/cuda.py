@@ -26,7 +26,8 @@ import psutil
 
 from thaw.oci import ThawError
 from thaw.oci import snapshot as fmt
-from thaw.shim.timing import PhaseTimer
+
+from ..timing import PhaseTimer
 
 LOCK_TIMEOUT_MS = 10_000
 NVIDIA_MAJOR = 195

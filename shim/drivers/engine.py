@@ -26,8 +26,8 @@ from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci.annotations import Step
-from thaw.shim.timing import Stopwatch
 
+from ..timing import Stopwatch
 from .procs import ProcessHandle
 
 CLONE_NEWNET = 0x40000000

@@ -14,24 +14,24 @@ import click
 
 from thaw.oci import ThawError
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef, valid_namespace
-from thaw.shim.lifecycle import distribution, prefetch
-from thaw.shim.lifecycle.capture import capture as do_capture
-from thaw.shim.lifecycle.capture import report
-from thaw.shim.lifecycle.importer import import_archive, open_store
-from thaw.shim.node import events as ev
-from thaw.shim.node.config import Config, load
-from thaw.shim.node.provenance import check_restorable, generate
-from thaw.shim.node.store import Store
-from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
-from thaw.shim.registry.progress import human_bytes as _human
-from thaw.shim.safetext import printable
 
+from ..lifecycle import distribution, prefetch
+from ..lifecycle.capture import capture as do_capture
+from ..lifecycle.capture import report
+from ..lifecycle.importer import import_archive, open_store
+from ..node import events as ev
+from ..node.config import Config, load
+from ..node.provenance import check_restorable, generate
+from ..node.store import Store
+from ..registry.progress import JsonLinesProgress, TerminalProgress
+from ..registry.progress import human_bytes as _human
+from ..safetext import printable
 from .doctor import fix as fix_node
 from .doctor import run_checks
 
 if TYPE_CHECKING:
-    from thaw.shim.node.store import Store
-    from thaw.shim.registry.progress import JsonLinesProgress, TerminalProgress
+    from ..node.store import Store
+    from ..registry.progress import JsonLinesProgress, TerminalProgress
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

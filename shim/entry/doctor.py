@@ -10,16 +10,17 @@ import subprocess
 from collections.abc import Iterator
 
 from thaw.oci.files import make_private_dir
-from thaw.shim.containerd.checks import doctor_checks
-from thaw.shim.drivers import criu, cuda
-from thaw.shim.drivers.runc import Runc
-from thaw.shim.lifecycle import recovery
-from thaw.shim.lifecycle.recovery import finish
-from thaw.shim.node.config import Config
-from thaw.shim.node.config_schema import ConfigError
-from thaw.shim.node.provenance import ProvenanceError, check_public_key, signing_key
-from thaw.shim.node.state import ContainerState, Phase
-from thaw.shim.node.store import Store
+
+from ..containerd.checks import doctor_checks
+from ..drivers import criu, cuda
+from ..drivers.runc import Runc
+from ..lifecycle import recovery
+from ..lifecycle.recovery import finish
+from ..node.config import Config
+from ..node.config_schema import ConfigError
+from ..node.provenance import ProvenanceError, check_public_key, signing_key
+from ..node.state import ContainerState, Phase
+from ..node.store import Store
 
 Check = tuple[bool, str, str]
 

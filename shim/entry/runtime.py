@@ -12,15 +12,17 @@ import os
 import sys
 
 from thaw.oci import runc_args
-from thaw.shim.node import config
-from thaw.shim.node.config_schema import ConfigError
+
+from ..node import config
+from ..node.config_schema import ConfigError
 
 TYPE_CHECKING = False   # not typing's: the passthrough path imports nothing it does not use
 if TYPE_CHECKING:
     from typing import NoReturn
 
     from thaw.oci.annotations import ThawRequest
-    from thaw.shim.lifecycle.container import Container
+
+    from ..lifecycle.container import Container
 
 
 def passthrough(binary: str, argv: list[str]) -> NoReturn:
@@ -43,7 +45,7 @@ def _config() -> config.Config:
         return config.load()
     except ConfigError as exc:
         # A broken config must not break containers: run with defaults and say why.
-        from thaw.shim.node import events
+        from ..node import events
         cfg = config.Config()
         events.emit(cfg, "config_error", f"thaw: {exc}; using defaults", level="error")
         return cfg
@@ -65,8 +67,8 @@ def _create(call: runc_args.RuncCall, cfg: config.Config, next_runtime: str) -> 
         if ann.is_sandbox(bundle.annotations) and ann.SNAPSHOT in bundle.annotations:
             _prepare_in_background(cfg, bundle.annotations, call.container_id)
         return
-    from thaw.shim.lifecycle import create
-    from thaw.shim.lifecycle.container import Container
+    from ..lifecycle import create
+    from ..lifecycle.container import Container
     try:
         c = Container.of(call, bundle, cfg, next_runtime)
     except ValueError:
@@ -93,7 +95,8 @@ def _wait_for_pull(c: Container, request: ThawRequest) -> None:
     the pod's sandbox, awaited) for at most registry.pull_timeout; then the create goes on either
     way (restore, or cold start)."""
     from thaw.oci import annotations as ann
-    from thaw.shim.lifecycle import distribution
+
+    from ..lifecycle import distribution
     try:
         namespace = c.namespace
     except ann.AnnotationError:
@@ -115,7 +118,7 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], cont
     env = {"PATH": os.environ.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")}
     if cfg.source:
         env["THAW_CONFIG"] = cfg.source
-    from thaw.shim import faults
+    from .. import faults
     env.update(faults.env())
     namespace = annotations.get(ann.CRI_SANDBOX_NAMESPACE) or ann.LOCAL_NAMESPACE
     if container_id and ("/" in container_id or container_id.startswith(".")):
@@ -128,7 +131,7 @@ def _prepare_in_background(cfg: config.Config, annotations: dict[str, str], cont
     except OSError:
         return                                # only a later restore is slower for it
     if container_id:
-        from thaw.shim.lifecycle import prefetch
+        from ..lifecycle import prefetch
         try:
             prefetch.register_prepare(cfg, container_id, pid)   # its delete stops it
         except OSError:
@@ -141,13 +144,13 @@ def _cancel_prepare(cfg: config.Config, container_id: str) -> None:
     if "/" in container_id or container_id.startswith("."):
         return
     if os.path.exists(os.path.join(cfg.state_dir, "prepare", container_id + ".json")):
-        from thaw.shim.lifecycle import prefetch
+        from ..lifecycle import prefetch
         prefetch.cancel_prepare(cfg, container_id)
 
 
 def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     """`start` of a restored container is a no-op (exit 0); `delete` clears thaw's state first."""
-    from thaw.shim.node.state_path import record_path
+    from ..node.state_path import record_path
     container_id = call.container_id or ""
     try:
         known = os.path.exists(record_path(cfg.state_dir, container_id))
@@ -156,13 +159,13 @@ def _start_or_delete(call: runc_args.RuncCall, cfg: config.Config) -> None:
     if not known:
         return
     if call.command == "delete":
-        from thaw.shim.lifecycle import recovery
+        from ..lifecycle import recovery
         try:
             recovery.before_delete(cfg, container_id, bool(call.flags.get("force")))
         except recovery.RecoveryError as exc:
             _fail(call, str(exc))
     else:
-        from thaw.shim.node.state import ContainerState
+        from ..node.state import ContainerState
         if ContainerState(cfg.state_dir, container_id).started():
             sys.exit(0)
 

@@ -19,20 +19,20 @@ import time
 from typing import TYPE_CHECKING
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
-from thaw.shim import faults
-from thaw.shim.drivers.engine import ContainerView, EngineError
-from thaw.shim.drivers.procs import ProcessHandle
-from thaw.shim.node import events
-from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState
-from thaw.shim.node.store import Store, StoreError
-from thaw.shim.timing import Stopwatch
 
+from .. import faults
+from ..drivers.engine import ContainerView, EngineError
+from ..drivers.procs import ProcessHandle
+from ..node import events
+from ..node.config import Config
+from ..node.state import ContainerState
+from ..node.store import Store, StoreError
+from ..timing import Stopwatch
 from . import distribution
 from .capture import capture, report
 
 if TYPE_CHECKING:
-    from thaw.shim.node.store import Store
+    from ..node.store import Store
 
 
 def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:

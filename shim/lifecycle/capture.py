@@ -22,15 +22,15 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.spec import Bundle
-from thaw.shim import faults
-from thaw.shim.drivers import criu, criu_images, cuda, engine, netcheck, rootfs
-from thaw.shim.drivers.cuda import process_tree
-from thaw.shim.drivers.runc import CRIU_CONFIG, Runc
-from thaw.shim.node import events, metrics
-from thaw.shim.node.config import Config
-from thaw.shim.node.store import Store
-from thaw.shim.timing import PhaseTimer
 
+from .. import faults
+from ..drivers import criu, criu_images, cuda, engine, netcheck, rootfs
+from ..drivers.cuda import process_tree
+from ..drivers.runc import CRIU_CONFIG, Runc
+from ..node import events, metrics
+from ..node.config import Config
+from ..node.store import Store
+from ..timing import PhaseTimer
 from . import confinement, fingerprint
 from . import weights as wts
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from thaw.oci import annotations as ann
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle
-from thaw.shim.drivers.mounts import MountTable
-from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState
+
+from ..drivers.mounts import MountTable
+from ..node.config import Config
+from ..node.state import ContainerState
 
 
 @dataclass

@@ -24,18 +24,17 @@ from thaw.oci import annotations as ann
 from thaw.oci.layout import LayoutError
 from thaw.oci.runc_args import RuncCall
 from thaw.oci.spec import Bundle, add_hook, deny_io_uring
-from thaw.shim import faults
-from thaw.shim.drivers.runc import Runc
-from thaw.shim.lifecycle.recovery import finish
-from thaw.shim.node import events, metrics
-from thaw.shim.node.config import Config
-from thaw.shim.node.provenance import Untrusted
-from thaw.shim.node.state import Phase, Record
-from thaw.shim.node.store import CorruptSnapshot, SnapshotNotFound, Store
 
+from .. import faults
+from ..drivers.runc import Runc
+from ..node import events, metrics
+from ..node.config import Config
+from ..node.provenance import Untrusted
+from ..node.state import Phase, Record
+from ..node.store import CorruptSnapshot, SnapshotNotFound, Store
 from . import recovery, restore
 from .container import Container
-from .recovery import RecoveryError
+from .recovery import RecoveryError, finish
 from .restore import Incompatible
 
 

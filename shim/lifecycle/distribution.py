@@ -45,20 +45,21 @@ from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, LayoutError
 from thaw.oci.reference import Reference
-from thaw.shim import faults, safetext
-from thaw.shim.node import events, provenance
-from thaw.shim.node.config import Config
-from thaw.shim.node.store import Store, StoreError
-from thaw.shim.registry import errors, transfer
-from thaw.shim.registry.blobs import BlobRange
-from thaw.shim.registry.client import RegistryClient
-from thaw.shim.registry.errors import LocalFileError, NotFoundError, RegistryError
-from thaw.shim.registry.transport import Settings
-from thaw.shim.timing import Stopwatch
+
+from .. import faults, safetext
+from ..node import events, provenance
+from ..node.config import Config
+from ..node.store import Store, StoreError
+from ..registry import errors, transfer
+from ..registry.blobs import BlobRange
+from ..registry.client import RegistryClient
+from ..registry.errors import LocalFileError, NotFoundError, RegistryError
+from ..registry.transport import Settings
+from ..timing import Stopwatch
 
 if TYPE_CHECKING:  # the registry client is imported where a transfer starts
-    from thaw.shim.registry.client import RegistryClient
-    from thaw.shim.registry.transport import Settings
+    from ..registry.client import RegistryClient
+    from ..registry.transport import Settings
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -21,10 +21,10 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.digest import Hasher, sha256_hex
 from thaw.oci.files import atomic_write
 from thaw.oci.spec import Bundle
-from thaw.shim.drivers import criu as criu_mod
-from thaw.shim.drivers.mounts import MountTable
-from thaw.shim.drivers.rootfs import overlay_dirs
 
+from ..drivers import criu as criu_mod
+from ..drivers.mounts import MountTable
+from ..drivers.rootfs import overlay_dirs
 from .confinement import CAP_BITS, CAP_SETGID, CAP_SETUID
 
 # CPU feature flags that decide whether restored code keeps running: instruction-set extensions

@@ -23,10 +23,11 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
 from thaw.oci.digest import HashingWriter, of_bytes
 from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, LayoutError
-from thaw.shim.node import provenance
-from thaw.shim.node.config import Config
-from thaw.shim.node.config_schema import UNSIGNED_IMPORT
-from thaw.shim.node.store import CorruptSnapshot, Staging, Store
+
+from ..node import provenance
+from ..node.config import Config
+from ..node.config_schema import UNSIGNED_IMPORT
+from ..node.store import CorruptSnapshot, Staging, Store
 
 
 def open_store(store: Store) -> Store:

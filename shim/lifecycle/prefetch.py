@@ -29,13 +29,13 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.reference import Reference
-from thaw.shim import faults
-from thaw.shim.drivers.procs import ProcessHandle
-from thaw.shim.node import events
-from thaw.shim.node.config import Config
-from thaw.shim.node.store import Store, StoreError
-from thaw.shim.timing import Stopwatch
 
+from .. import faults
+from ..drivers.procs import ProcessHandle
+from ..node import events
+from ..node.config import Config
+from ..node.store import Store, StoreError
+from ..timing import Stopwatch
 from . import distribution, weights
 
 CHUNK = 8 << 20

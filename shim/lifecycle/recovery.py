@@ -26,13 +26,14 @@ from collections.abc import Iterator
 
 from thaw.oci import ThawError
 from thaw.oci.spec import Bundle, SpecError
-from thaw.shim.drivers.mounts import MountTable
-from thaw.shim.drivers.procs import ProcessHandle
-from thaw.shim.drivers.rootfs import undo
-from thaw.shim.drivers.runc import Runc, cgroup_dirs, pid_file_temp
-from thaw.shim.node import cgroups, events
-from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase, Record
+
+from ..drivers.mounts import MountTable
+from ..drivers.procs import ProcessHandle
+from ..drivers.rootfs import undo
+from ..drivers.runc import Runc, cgroup_dirs, pid_file_temp
+from ..node import cgroups, events
+from ..node.config import Config
+from ..node.state import ContainerState, Phase, Record
 
 _MNT_DETACH = 2
 

@@ -26,23 +26,22 @@ from thaw.oci import annotations as ann
 from thaw.oci import snapshot as fmt
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle, deny_io_uring
-from thaw.shim import faults
-from thaw.shim.drivers import criu, criu_decode, criu_images, cuda, engine, netcheck
-from thaw.shim.drivers.rootfs import RootfsApplier, undo_dir_for
-from thaw.shim.drivers.runc import Runc, cgroup_dirs
-from thaw.shim.node import cgroups, provenance
-from thaw.shim.node.config import Config
-from thaw.shim.node.state import Record
-from thaw.shim.node.store import Store
-from thaw.shim.timing import PhaseTimer, Stopwatch
 
+from .. import faults
+from ..drivers import criu, criu_decode, criu_images, cuda, engine, netcheck
+from ..drivers.rootfs import RootfsApplier, undo_dir_for
+from ..drivers.runc import Runc, cgroup_dirs
+from ..node import cgroups, provenance
+from ..node.config import Config
+from ..node.state import Record
+from ..node.store import Store
+from ..timing import PhaseTimer, Stopwatch
 from . import confinement, fingerprint, recovery, weights
 from .container import Container
 
 if TYPE_CHECKING:
-    from thaw.shim.drivers import criu_images
-    from thaw.shim.drivers.cuda import Gpu
-
+    from ..drivers import criu_images
+    from ..drivers.cuda import Gpu
     from . import confinement
 
 

@@ -24,11 +24,11 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.digest import of_fd
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle
-from thaw.shim.drivers.cuda import device_memory, process_tree
-from thaw.shim.drivers.engine import open_in_root
-from thaw.shim.drivers.rootfs import overlay_dirs
-from thaw.shim.timing import Stopwatch
 
+from ..drivers.cuda import device_memory, process_tree
+from ..drivers.engine import open_in_root
+from ..drivers.rootfs import overlay_dirs
+from ..timing import Stopwatch
 from .fingerprint import layer_digest
 
 SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")   # what a named directory's weights are

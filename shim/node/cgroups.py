@@ -16,7 +16,8 @@ import os
 import time
 
 from thaw.oci import ThawError
-from thaw.shim.drivers.mounts import MountTable
+
+from ..drivers.mounts import MountTable
 
 
 class CgroupError(ThawError):

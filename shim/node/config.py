@@ -20,7 +20,7 @@ from .config_schema import LOG_LEVELS, ConfigError
 
 TYPE_CHECKING = False  # typing stays unimported on the passthrough path (tests/test_shape.py)
 if TYPE_CHECKING:
-    from typing import ClassVar
+    from typing import Any, ClassVar
 
 DEFAULT_PATH = "/etc/thaw/config.yaml"
 CACHE_DIR = "/run/thaw/config-cache"
@@ -244,7 +244,7 @@ def load(path: str | None = None) -> Config:
     from thaw.oci.files import atomic_write, make_private_dir  # noqa: PLC0415 - passthrough: config imports only what a call uses
     try:
         make_private_dir(CACHE_DIR)
-        atomic_write(cache, marshal.dumps({"key": key, "config": config_schema.dump(cfg)}), durable=False)
+        atomic_write(cache, marshal.dumps({"key": key, "config": dump(cfg)}), durable=False)
     except OSError:
         pass
     _sync_front(name, key, cfg)
@@ -275,3 +275,22 @@ def _sync_front(name: str, key: str, cfg: Config) -> None:
         atomic_write(front, want, mode=0o600, durable=False)
     except OSError:
         pass
+
+
+def dump(cfg: Config) -> dict[str, Any]:
+    """The config as plain values `parse` reads back (what the config cache holds)."""
+    out = {k: getattr(cfg, k) for k in config_schema.TOP}
+    out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in ((k, getattr(cfg.policy, k)) for k in config_schema.POLICY)}
+    out["restore"] = {"workers": "auto" if cfg.restore.workers < 0 else cfg.restore.workers,
+                      "hugepages": cfg.restore.hugepages}
+    reg = cfg.registry
+    out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
+                       "pull": {k: list(v) for k, v in reg.pull.items()},
+                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout,
+                       "pull_deadline": reg.pull_deadline, "max_blobs": reg.max_blobs,
+                       "max_manifest_bytes": reg.max_manifest_bytes}
+    out["store"] = {k: getattr(cfg.store, k) for k in config_schema.STORE}
+    out["trust"] = {"keys": {k: list(v) for k, v in cfg.trust.keys.items()}, "unsigned": list(cfg.trust.unsigned),
+                    "signing_key": cfg.trust.signing_key}
+    return out

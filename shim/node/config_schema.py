@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .config import Config
-
     # A section's schema: key -> (type, default, check naming what is wrong with a value).
     Schema = dict[str, tuple[type, object, Callable[[Any], str | None] | None]]
 
@@ -235,22 +233,3 @@ def parse(raw: object, where: str) -> dict[str, Any]:
     trust["keys"] = {k: tuple(v) for k, v in trust["keys"].items()}
     values["trust"] = trust
     return values
-
-
-def dump(cfg: Config) -> dict[str, Any]:
-    """The config as plain values `parse` reads back (what the config cache holds)."""
-    out = {k: getattr(cfg, k) for k in TOP}
-    out["policy"] = {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in ((k, getattr(cfg.policy, k)) for k in POLICY)}
-    out["restore"] = {"workers": "auto" if cfg.restore.workers < 0 else cfg.restore.workers,
-                      "hugepages": cfg.restore.hugepages}
-    reg = cfg.registry
-    out["registry"] = {"auth_file": reg.auth_file, "ca_file": reg.ca_file, "insecure": list(reg.insecure),
-                       "pull": {k: list(v) for k, v in reg.pull.items()},
-                       "push": {k: list(v) for k, v in reg.push.items()}, "pull_timeout": reg.pull_timeout,
-                       "pull_deadline": reg.pull_deadline, "max_blobs": reg.max_blobs,
-                       "max_manifest_bytes": reg.max_manifest_bytes}
-    out["store"] = {k: getattr(cfg.store, k) for k in STORE}
-    out["trust"] = {"keys": {k: list(v) for k, v in cfg.trust.keys.items()}, "unsigned": list(cfg.trust.unsigned),
-                    "signing_key": cfg.trust.signing_key}
-    return out

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from thaw.oci import ThawError, cosign
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.digest import of_bytes
-from thaw.shim.safetext import printable
 
+from ..safetext import printable
 from . import events
 from .config import Config
 from .config_schema import UNSIGNED_IMPORT, UNSIGNED_THAW_0_1

@@ -26,8 +26,8 @@ from enum import StrEnum
 
 from thaw.oci import ThawError
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.shim.drivers.procs import ProcessHandle
 
+from ..drivers.procs import ProcessHandle
 from .state_path import record_path
 
 TYPE_CHECKING = False  # no typing import on every start and delete

@@ -4,7 +4,8 @@ to differently. Every message names the registry, and the repository and digest 
 from __future__ import annotations
 
 from thaw.oci import ThawError
-from thaw.shim.safetext import remote as _remote_text
+
+from ..safetext import remote as _remote_text
 
 MESSAGE_MAX = 1000  # characters of one error message (a registry's body inside it is capped lower)
 

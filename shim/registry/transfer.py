@@ -23,8 +23,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw.shim.timing import Stopwatch
-
+from ..timing import Stopwatch
 from .blobs import BlobRange
 from .client import RegistryClient
 from .errors import Cancelled, DigestMismatchError, LocalFileError, RegistryError

@@ -28,8 +28,7 @@ import urllib3.connection
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
-from thaw.shim.safetext import REMOTE_MAX, redact
-
+from ..safetext import REMOTE_MAX, redact
 from .auth import Challenge, Credentials, load_credentials, parse_challenge
 from .errors import (
     AuthError,

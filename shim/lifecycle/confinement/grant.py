@@ -12,7 +12,8 @@ from typing import Any
 
 from thaw.oci import ThawError
 from thaw.oci.digest import sha256_hex
-from thaw.shim.drivers.criu_images import SECCOMP_FILTER_FLAG_TSYNC
+
+from ...drivers.criu_images import SECCOMP_FILTER_FLAG_TSYNC
 
 # Linux capability numbers (include/uapi/linux/capability.h).
 CAP_BITS = {name: i for i, name in enumerate((

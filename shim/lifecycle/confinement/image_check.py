@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from thaw.shim.drivers import criu_images
-from thaw.shim.drivers.criu_images import SECCOMP_FILTER, Images
-
+from ...drivers import criu_images
+from ...drivers.criu_images import SECCOMP_FILTER, Images
 from .grant import (
     CAP_AUDIT_CONTROL,
     CAP_SETPCAP,

@@ -10,9 +10,8 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
-from thaw.shim.drivers import criu_images
-from thaw.shim.drivers.criu_images import SECCOMP_FILTER, Images
-
+from ...drivers import criu_images
+from ...drivers.criu_images import SECCOMP_FILTER, Images
 from .grant import CAP_SETS, ConfinementError, Excess, Grant, creds_excess, describe, filter_mismatch, id_list
 
 # --- the kernel -------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from thaw.shim.drivers import criu_images
-from thaw.shim.drivers.criu_images import Images
-
+from ...drivers import criu_images
+from ...drivers.criu_images import Images
 from .grant import Excess
 
 

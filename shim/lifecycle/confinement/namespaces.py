@@ -17,8 +17,8 @@ import subprocess
 from typing import Any
 
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.shim.drivers.criu_images import Images
 
+from ...drivers.criu_images import Images
 from .grant import Excess
 
 # ipc-var.proto's fields and the sysctl CRIU writes each to (criu/ipc_ns.c ipc_sysctl_req), as

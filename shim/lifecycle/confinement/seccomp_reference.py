@@ -15,9 +15,9 @@ from typing import Any
 
 from thaw.oci.digest import sha256_hex
 from thaw.oci.files import atomic_write, make_private_dir
-from thaw.shim.drivers import criu_decode
-from thaw.shim.drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC
 
+from ...drivers import criu_decode
+from ...drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC
 from .kernel_check import oldest_filter
 
 # --- the seccomp reference of a profile on this node --------------------------------------------------

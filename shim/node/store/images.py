@@ -28,9 +28,9 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.digest import of_file
 from thaw.oci.files import atomic_write
 from thaw.oci.layout import ImageLayout, LayoutError
-from thaw.shim import faults
-from thaw.shim.drivers import criu_decode, criu_images
 
+from ... import faults
+from ...drivers import criu_decode, criu_images
 from .errors import CorruptSnapshot
 from .files import file_bytes, flock, flock_if_free, hex_of, tree_bytes, unlink, workers
 

@@ -23,8 +23,8 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.digest import HashingWriter, of_file
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.layout import Descriptor, ImageLayout
-from thaw.shim.drivers.procs import ProcessHandle
 
+from ...drivers.procs import ProcessHandle
 from .files import flock_if_free, flock_polled, hex_of, tree_bytes, workers
 
 CLAIM = ".claim"                    # in a pull area: {"namespace", "bytes"} the pull is charged

@@ -16,8 +16,8 @@ from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import SnapshotRef
 from thaw.oci.files import make_private_dir
 from thaw.oci.layout import Descriptor, ImageLayout, LayoutError
-from thaw.shim.drivers import criu_images
 
+from ...drivers import criu_images
 from .. import events, metrics
 from ..config import Config
 from ..provenance import Provenance, from_origin
