@@ -760,3 +760,29 @@ def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
         assert store.image_facts(forged) == criu_decode.read(d) != store.image_facts(base)
     with open(store.images.seal_path(forged)) as f:
         assert json.load(f)["facts"] == of_file(store.images.facts_path(forged))[0]
+
+
+def test_a_path_the_spec_masks_that_the_images_lack(world):
+    """Captured without a mask at /etc/hostname (the spec did not ask); its config rewritten to
+    claim the mask (a config is only a hint), restored into a spec that masks the path, or makes
+    it read-only, while the restored rootfs has it: CRIU makes only the mounts its images list and
+    would leave it unmasked, so refused. A masked path the rootfs lacks restores (runc skips it
+    too); one below a spec mount (/usr: a bind of the host's) is not provable from the rootfs:
+    refused."""
+    def mask(key: str, path: str):
+        return lambda spec: spec["linux"].setdefault(key, []).append(path)
+
+    def claiming(key: str, path: str) -> str:
+        return forge(world, "base:1", config=lambda c: dataclasses.replace(
+            c, identity={**c.identity, key: sorted([*c.identity[key], path])}))
+    cold_started(world, claiming("maskedPaths", "/etc/hostname"), "mount /etc/hostname (maskedPaths)",
+                 "the restored rootfs has it", also=mask("maskedPaths", "/etc/hostname"))
+    cold_started(world, claiming("readonlyPaths", "/etc/hostname"), "mount /etc/hostname (readonlyPaths)",
+                 "the restored rootfs has it", also=mask("readonlyPaths", "/etc/hostname"))
+    cold_started(world, claiming("maskedPaths", "/usr/share"), "mount /usr/share (maskedPaths)",
+                 "below the spec's mount /usr", also=mask("maskedPaths", "/usr/share"))
+
+    def absent(spec):
+        restricted(spec)
+        mask("maskedPaths", "/etc/no-such-file")(spec)
+    restored(world, claiming("maskedPaths", "/etc/no-such-file"), absent)

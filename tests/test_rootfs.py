@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from thaw.shim.drivers import rootfs
-from thaw.shim.drivers.rootfs import RootfsApplier, RootfsError
+from thaw.shim.drivers.rootfs import RootfsApplier, RootfsError, lexists_beneath
 
 
 def tar_of(entries):
@@ -208,3 +208,21 @@ def test_overlay_diff_sees_upper_and_whiteouts(tmp_path):
         assert sorted(members) == ["added", "dir"] and sorted(d.deleted) == ["dir", "gone"]
     finally:
         subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_lexists_beneath_never_follows_the_containers_links(tmp_path):
+    """The rootfs is the container's: a link in it must not send the lookup to the host (here /etc,
+    which exists there: followed, it would say the masked path exists for the wrong reason, or,
+    for a path the host lacks, that it is absent)."""
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("x")
+    os.symlink("/etc", root / "hostetc")
+    os.symlink("/no/such/target", root / "etc" / "dangling")
+    assert lexists_beneath(str(root), "/etc/hostname") is True
+    assert lexists_beneath(str(root), "/etc/dangling") is True          # the link itself is there
+    assert lexists_beneath(str(root), "/etc/absent") is False
+    assert lexists_beneath(str(root), "/etc/hostname/below") is False   # a file on the way
+    assert lexists_beneath(str(root), "/hostetc/passwd") is None        # a link on the way
+    assert lexists_beneath(str(root), "/etc/../hostetc") is None
+    assert lexists_beneath(str(root), "/") is True

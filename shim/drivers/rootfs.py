@@ -197,6 +197,41 @@ def write_diff(rootfs: str, exclude: list[str], out: IO[bytes], created_after: f
 
 # --- apply --------------------------------------------------------------------------------------
 
+def lexists_beneath(rootfs: str, path: str) -> bool | None:
+    """Whether `path` names an entry in `rootfs`, looked up one component at a time from the
+    rootfs's descriptor without following a link (the rootfs is the container's: a link in it is
+    the container's word). None where that cannot be told without following one: a link (or a
+    `..`) on the way."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        return None
+    try:
+        fd = os.open(rootfs, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        for i, name in enumerate(parts):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if i == len(parts) - 1:
+                return True
+            if stat.S_ISLNK(st.st_mode):
+                return None
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)   # O_NOFOLLOW: a link swapped in fails
+            except OSError:
+                return None
+            os.close(fd)
+            fd = child
+        return True
+    finally:
+        os.close(fd)
+
+
 def _safe_relpath(name: str) -> str:
     rel = os.path.normpath(name.lstrip("/"))
     if rel in ("", ".") or rel.startswith("..") or "/../" in f"/{rel}/":

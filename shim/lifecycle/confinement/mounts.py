@@ -91,8 +91,25 @@ def mount_excess(images: Images, spec: dict[str, Any]) -> list[Excess]:
         else:
             add(mp, "", f"a mount of {e.fsname or e.fstype} {e.ext_key or e.source!r}",
                 "no such mount in the spec")
-    for mp in sorted((masked | readonly) - seen):
+    for mp in sorted((masked | readonly) - seen):      # the rest: unproven_masks (the rootfs decides)
         if mp.startswith(("/proc/", "/sys/")) and os.path.lexists(mp):
             add(mp, " (maskedPaths)" if mp in masked else " (readonlyPaths)", "absent from the images",
                 "masked" if mp in masked else "read-only")
+    return out
+
+
+def unproven_masks(images: Images, spec: dict[str, Any]) -> dict[str, str]:
+    """The spec's masked and read-only paths outside /proc and /sys that the images have no mount
+    for (path -> "maskedPaths" or "readonlyPaths"). runc masks only what exists in the rootfs, so
+    the images prove nothing about these: each must be absent from the restored rootfs
+    (restore.py looks, once the snapshot's rootfs diff is in), or the restore would leave it
+    unmasked or writable."""
+    linux = spec.get("linux") or {}
+    seen = {_clean(e.mountpoint) for e in images.mounts}
+    out: dict[str, str] = {}
+    for key in ("readonlyPaths", "maskedPaths"):
+        for p in linux.get(key) or []:
+            mp = _clean(p)
+            if mp not in seen and mp not in ("/proc", "/sys") and not mp.startswith(("/proc/", "/sys/")):
+                out[mp] = key
     return out
