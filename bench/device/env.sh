@@ -23,6 +23,27 @@ for c in "thaw-runtime thaw.shim.entry.runtime" "thaw-hook thaw.hooks.main"; do
   printf '#!%s -IS\nimport sys\nsys.path[:0] = ["/tmp/site", "%s"]\nfrom %s import main\nmain()\n' "$PY" "$SITE" "$2" > "$B/$1"
   chmod +x "$B/$1"
 done
+if [ -n "${PROFILE_RUNTIME:-}" ]; then
+  # Bench only: each thaw-runtime create under cProfile, its stats into /tmp/runtime-prof/ (where
+  # the restore path's own start goes: imports, config, the create before the first phase).
+  mkdir -p /tmp/runtime-prof
+  cat > "$B/thaw-runtime" <<LAUNCHER
+#!$PY -IS
+import cProfile, os, sys, time
+t0 = time.perf_counter()
+sys.path[:0] = ["/tmp/site", "$SITE"]
+prof = cProfile.Profile() if "create" in sys.argv else None
+if prof:
+    prof.enable()
+try:
+    from thaw.shim.entry.runtime import main
+    main()
+finally:
+    if prof:
+        prof.disable()
+        prof.dump_stats(f"/tmp/runtime-prof/create.{os.getpid()}.{time.perf_counter() - t0:.4f}s")
+LAUNCHER
+fi
 cat > /tmp/thaw/config.yaml <<CFG
 store_dir: /var/tmp/thaw-store
 state_dir: /run/thaw

@@ -3,7 +3,7 @@
 # and timed on its cores, then the end-to-end benchmark. Everything goes to $OUT (logs tee'd, so
 # a call stopped at its limit still returns what it had).
 #   bash bench/device/session.sh [gpu_e2e.py arguments...]
-# Environment: SKIP_TESTS=1, SKIP_SPEED=1, DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3",
+# Environment: SKIP_TESTS=1, SKIP_SPEED=1, PROFILE_RUNTIME=1 (thaw-runtime's creates under cProfile: $OUT/runtime-prof.tar), DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3",
 #   LIMITS=1 (bench/device/limits.py first, into $OUT/limits.json, handed to gpu_e2e.py),
 #   CONFIGS="qwen3-0.6b:3 qwen3-8b:2" (gpu_e2e.py once per worker config and run count, each into
 #   $OUT/CONFIG/; the restore logs of all of them in $OUT/restore-logs.tar; the .md and .png are
@@ -73,3 +73,4 @@ for c in $CONFIGS; do
   tar -cf "$OUT/restore-logs.tar" -C /tmp restore-logs
   df -h /var/tmp | sed 1d
 done
+if [ -n "${PROFILE_RUNTIME:-}" ]; then tar -cf "$OUT/runtime-prof.tar" -C /tmp runtime-prof; fi
