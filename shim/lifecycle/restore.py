@@ -29,7 +29,7 @@ from thaw.oci.spec import Bundle, deny_io_uring
 
 from .. import faults
 from ..drivers import criu, criu_decode, criu_images, cuda, engine, netcheck
-from ..drivers.rootfs import RootfsApplier, lexists_beneath, undo_dir_for
+from ..drivers.rootfs import RootfsApplier, undo_dir_for
 from ..drivers.runc import Runc, cgroup_dirs
 from ..node import cgroups, provenance
 from ..node.config import Config
@@ -224,7 +224,9 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         faults.point("rootfs_applied")
         unproven = confinement.unproven_masks(proof.images, bundle.spec)
         if unproven:
-            phases.run("mask_check", _check_unproven_masks, bundle, unproven)
+            excess = phases.run("mask_check", confinement.rootfs_mask_excess, unproven, bundle.spec, bundle.rootfs)
+            if excess:
+                raise Incompatible(excess)
         console = call.flags.get("console-socket")
         fill = _fill_options(cfg)
         # runc, CRIU and all CRIU forks run in a cgroup of their own, named in the record before
@@ -287,24 +289,6 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
             raise recovery.RecoveryError("restore failed and could not be cleaned up: " + "; ".join(left)) from None
         state.remove()
         raise
-
-
-def _check_unproven_masks(bundle: Bundle, unproven: dict[str, str]) -> None:
-    """A masked or read-only path the images have no mount for is safe only where it is absent
-    from the restored rootfs (runc would have skipped it there too). Looked up without following
-    the container's links; a path below one of the spec's mounts (a bind of host files, a tmpfs
-    whose contents CRIU restores) cannot be looked up here: not provable, refused."""
-    dests = sorted({os.path.normpath(m["destination"]) for m in bundle.spec.get("mounts") or []
-                    if m.get("destination") and os.path.normpath(m["destination"]) != "/"})
-    for path, key in sorted(unproven.items()):
-        under = [d for d in dests if path == d or path.startswith(d.rstrip("/") + "/")]
-        if under:
-            raise Incompatible(f"mount {path} ({key}): absent from the images and below the spec's mount "
-                               f"{under[-1]}, where the rootfs cannot show it absent")
-        found = lexists_beneath(bundle.rootfs, path)
-        if found is not False:
-            raise Incompatible(f"mount {path} ({key}): absent from the images, but "
-                               + ("the restored rootfs has it" if found else "the restored rootfs reaches it through a link"))
 
 
 def _fill_options(cfg: Config) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ hint, checked earlier by fingerprint.py, and may only refuse). By what each part
   image_check.py        before CRIU runs: every task and thread of the snapshot's images (the
                         facts the store keeps, criu_images.Images) against the grant
   mounts.py             before CRIU runs: the images' mount tree against the spec's (and which
-                        masks only the restored rootfs can prove: restore.py looks there)
+                        masks only the restored rootfs can prove, looked up there)
   namespaces.py         before CRIU runs: what CRIU would write into namespaces (hostname, IPC
                         sysctls and objects), created or joined by path, against the spec
   kernel_check.py       after CRIU restored the tasks and left them stopped, before any of them
@@ -23,11 +23,11 @@ installs must be the oldest of every thread's chain (filters added later only re
 from .grant import CAP_BITS, CAP_SETGID, CAP_SETS, CAP_SETUID, ConfinementError, Excess, Grant, cap_mask
 from .image_check import check_images, images_excess
 from .kernel_check import RestoredTree, check_kernel, kernel_excess, resume, status, tree
-from .mounts import mount_excess, unproven_masks
+from .mounts import mount_excess, rootfs_mask_excess, unproven_masks
 from .namespaces import fresh_ipc_sysctls, ipc_excess, joined_excess, spec_namespaces, uts_excess
 from .seccomp_reference import probe_reference, profile_key, record_from_capture, record_reference, reference
 
 __all__ = ["CAP_BITS", "CAP_SETGID", "CAP_SETS", "CAP_SETUID", "ConfinementError", "Excess", "Grant", "RestoredTree", "cap_mask", "check_images",
            "check_kernel", "fresh_ipc_sysctls", "images_excess", "ipc_excess", "joined_excess", "kernel_excess",
            "mount_excess", "probe_reference", "profile_key", "record_from_capture", "record_reference", "reference",
-           "resume", "spec_namespaces", "status", "tree", "unproven_masks", "uts_excess"]
+           "resume", "rootfs_mask_excess", "spec_namespaces", "status", "tree", "unproven_masks", "uts_excess"]

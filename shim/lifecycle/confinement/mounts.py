@@ -9,6 +9,7 @@ from typing import Any
 
 from ...drivers import criu_images
 from ...drivers.criu_images import Images
+from ...drivers.rootfs import lexists_beneath
 from .grant import Excess
 
 
@@ -102,7 +103,7 @@ def unproven_masks(images: Images, spec: dict[str, Any]) -> dict[str, str]:
     """The spec's masked and read-only paths outside /proc and /sys that the images have no mount
     for (path -> "maskedPaths" or "readonlyPaths"). runc masks only what exists in the rootfs, so
     the images prove nothing about these: each must be absent from the restored rootfs
-    (restore.py looks, once the snapshot's rootfs diff is in), or the restore would leave it
+    (rootfs_mask_excess, once the snapshot's rootfs diff is in), or the restore would leave it
     unmasked or writable."""
     linux = spec.get("linux") or {}
     seen = {_clean(e.mountpoint) for e in images.mounts}
@@ -113,3 +114,22 @@ def unproven_masks(images: Images, spec: dict[str, Any]) -> dict[str, str]:
             if mp not in seen and mp not in ("/proc", "/sys") and not mp.startswith(("/proc/", "/sys/")):
                 out[mp] = key
     return out
+
+
+def rootfs_mask_excess(unproven: dict[str, str], spec: dict[str, Any], rootfs: str) -> str | None:
+    """After the snapshot's rootfs diff, before runc: why one of `unproven` (unproven_masks) would
+    be left unmasked, or None. Safe only where the path is absent from the restored rootfs (runc
+    would have skipped it too), looked up without following the container's links; a path below
+    one of the spec's mounts (a bind of host files, a tmpfs whose contents CRIU restores) cannot be
+    looked up there: not provable."""
+    dests = sorted({_clean(m["destination"]) for m in spec.get("mounts") or [] if m.get("destination")} - {"/"})
+    for path, key in sorted(unproven.items()):
+        under = [d for d in dests if path == d or path.startswith(d + "/")]
+        if under:
+            return (f"mount {path} ({key}): absent from the images and below the spec's mount "
+                    f"{under[-1]}, where the rootfs cannot show it absent")
+        found = lexists_beneath(rootfs, path)
+        if found is not False:
+            return (f"mount {path} ({key}): absent from the images, but "
+                    + ("the restored rootfs has it" if found else "the restored rootfs reaches it through a link"))
+    return None
