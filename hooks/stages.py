@@ -47,7 +47,6 @@ def prepare(cfg: Config, namespace: str, snapshot: str, container_id: str | None
     registry reference the node lacks), in the background of its sandbox's create; at idle I/O
     priority, with no file but its own open. Stopped by SIGTERM, which thaw-runtime sends when
     `container_id` (the sandbox) is deleted: the pod that asked is gone, so is the reason."""
-
     os.closerange(3, 65536)
     try:
         ref = SnapshotRef.parse(snapshot)

@@ -172,7 +172,6 @@ def _record_seccomp(cfg: Config, container_id: str, images: str, bundle: Bundle,
                     log: Callable[[str], None]) -> None:
     """Remember the filter this node's runtime installs for the container's seccomp profile: a
     restore proves its snapshot's filters start with it (shim/lifecycle/confinement/)."""
-
     try:
         confinement.record_from_capture(cfg.state_dir, images, bundle.spec, cfg.resolve_next_runtime(),
                                         f"capture of {container_id}")

@@ -74,7 +74,6 @@ Outcome = Restored | ColdStart | Refused | NotOurs | Unrecovered
 
 def reason_code(exc: BaseException) -> str:
     """A short, stable class of why a restore was not possible (a metrics label)."""
-
     for kind, code in ((ann.AnnotationError, "bad_annotation"), (SnapshotNotFound, "not_found"),
                        (Untrusted, "untrusted"),
                        (CorruptSnapshot, "corrupt"), (LayoutError, "corrupt"),
@@ -123,7 +122,6 @@ def create(c: Container) -> Outcome:
 def _id_in_use(c: Container) -> str | None:
     """Why this create's id is not free for thaw, if it is not. A record left by a thaw-runtime
     that died mid-restore is cleaned up first (then the id is free)."""
-
     cid, cfg = c.id, c.cfg
     record = c.state.read()
     runc_has_it = Runc.for_call(c.next_runtime, cfg.resolve_criu(), c.call).state(cid) is not None

@@ -68,7 +68,6 @@ def register_prepare(cfg: Config, container_id: str, pid: int) -> None:
     """Record process `pid` as the prepare started for `container_id` (a pod's sandbox), so that
     the container's delete through thaw-runtime (cancel_prepare) stops it. Written by the
     runtime that spawned it, before its create returns: no delete can come before the record."""
-
     make_private_dir(os.path.join(cfg.state_dir, PREPARE_DIR))
     atomic_write(prepare_record(cfg.state_dir, container_id), json.dumps(ProcessHandle.of(pid).to_json()).encode(),
                  durable=False)
@@ -89,7 +88,6 @@ def cancel_prepare(cfg: Config, container_id: str) -> bool:
     """The container a prepare was started for is being deleted: SIGTERM that prepare (checked
     by pid and start time, never a process that reused its pid), which then cancels its pull and
     removes what it wrote. Whether one was signalled."""
-
     path = prepare_record(cfg.state_dir, container_id)
     try:
         with open(path) as f:

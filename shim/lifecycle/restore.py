@@ -40,9 +40,7 @@ from . import confinement, fingerprint, recovery, weights
 from .container import Container
 
 if TYPE_CHECKING:
-    from ..drivers import criu_images
     from ..drivers.cuda import Gpu
-    from . import confinement
 
 
 class Incompatible(ThawError):
@@ -122,7 +120,6 @@ def _narrow_like_capture(snap: fmt.Snapshot, bundle: Bundle) -> None:
     records that narrowed seccomp profile. The new container's spec, narrowed alike, is then the
     one compared and restored under (only ever narrower than it asked for; a snapshot of a
     container thaw-runtime did not create is compared with the spec as it is)."""
-
     captured = (snap.config.identity or {}).get("seccomp")
     if captured == fingerprint.identity(bundle.spec)["seccomp"]:
         return
@@ -163,7 +160,6 @@ def _check_images(store: Store, snap: fmt.Snapshot, c: Container) -> Proof:
     """What the images would restore (the facts the store decoded from them when they were
     sealed), within the new spec (else Incompatible naming the excess): the snapshot's config
     said so too, but only the images are what CRIU reads. The caller holds the image directory."""
-
     bundle, cfg, next_runtime = c.bundle, c.cfg, c.next_runtime
     seccomp = (bundle.spec.get("linux") or {}).get("seccomp")
     reference = None
@@ -201,7 +197,6 @@ def _check_kernel(pid: int, proof: Proof) -> None:
 def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str, proof: Proof) -> Record:
     call, bundle, cfg, state, cid = c.call, c.bundle, c.cfg, c.state, c.id
     snap, phases = plan.snapshot, plan.phases
-
     work = state.make_work_dir()
     undo = undo_dir_for(bundle.rootfs, cid, c.mounts)
     pid_file = call.flags.get("pid-file")

@@ -144,7 +144,6 @@ def manifest(root_fd: int, bundle: Bundle, paths: tuple[str, ...], cache: Digest
     goes by the path as named (the mount it lies under): a restore resolves that path again inside
     the same kind of root, so a symlink that leaves its volume or image finds nothing there (name
     the real path)."""
-
     try:
         upper, lowers = overlay_dirs(bundle.rootfs)
     except OSError:

@@ -52,7 +52,6 @@ def reference(state_dir: str, key: str) -> tuple[bytes, int] | None:
 
 def record_reference(state_dir: str, key: str, program: bytes, flags: int, source: str) -> None:
     """Remember the filter a container of this profile got from the runtime on this node."""
-
     make_private_dir(os.path.join(state_dir, "seccomp"))
     atomic_write(_reference_path(state_dir, key), json.dumps(
         {"filter": program.hex(), "flags": flags, "source": source, "recorded": time.time()}).encode())
@@ -82,7 +81,6 @@ def probe_reference(state_dir: str, seccomp: dict[str, Any], runtime: str) -> tu
     after), its init's filter read with ptrace (PTRACE_SECCOMP_GET_FILTER), the container deleted.
     The BPF does not depend on no-new-privs, the user or the capabilities. Recorded like one from
     a capture; None if it cannot be learnt (the restore then cold-starts)."""
-
     key = profile_key(seccomp, runtime)
     work = tempfile.mkdtemp(prefix="probe-", dir=make_private_dir(os.path.join(state_dir, "seccomp")))
     root, cid = os.path.join(work, "runc"), f"thaw-seccomp-probe-{os.getpid()}-{key[:12]}"
