@@ -18,7 +18,6 @@ import sys
 
 from thaw.oci import ThawError
 from thaw.oci.runtime_state import OciState
-from thaw.shim.lifecycle import autocapture
 from thaw.shim.node.config import load
 
 from . import stages
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             if len(argv) != 3 or not argv[2].isdigit():
                 sys.stderr.write(USAGE)
                 sys.exit(2)
+            from thaw.shim.lifecycle import autocapture  # the watcher's own process: stages.py says why here
             autocapture.watch(cfg, argv[1], int(argv[2]))
             sys.exit(0)
         if argv[0] == "prepare":

@@ -12,16 +12,16 @@ from __future__ import annotations
 import os
 import signal
 
-from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
 from thaw.oci.runtime_state import OciState
-from thaw.shim.lifecycle import autocapture, prefetch
-from thaw.shim.lifecycle.recovery import finish
-from thaw.shim.node import events
 from thaw.shim.node.config import Config
-from thaw.shim.node.state import ContainerState, Phase
+
+# Each stage imports what it uses, where it uses it: runc runs prestart and poststop inline in
+# a container's create and delete, and the auto-capture and prefetch machinery (the engine's HTTP
+# client, the store, the registry) costs ~100 ms to import that a poststop never needs.
 
 
 def prestart(oci_state: OciState, cfg: Config) -> int:
+    from thaw.shim.node.state import ContainerState, Phase
     try:
         st = ContainerState(cfg.state_dir, oci_state.id)
     except ValueError:
@@ -30,6 +30,8 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
     if record is None:
         return 0                               # not a container thaw handles
     if record.phase == Phase.COLD and record.capture and not record.watcher and oci_state.pid:
+        from thaw.shim.lifecycle import autocapture
+        from thaw.shim.node import events
         try:
             st.update(watcher=autocapture.start_watcher(cfg, oci_state.id, oci_state.pid).to_json())
         except Exception as exc:  # noqa: BLE001 - auto-capture must never fail a cold start
@@ -38,6 +40,7 @@ def prestart(oci_state: OciState, cfg: Config) -> int:
 
 
 def poststop(oci_state: OciState, cfg: Config) -> int:
+    from thaw.shim.lifecycle.recovery import finish
     finish(cfg, oci_state.id, "poststop")
     return 0
 
@@ -47,6 +50,8 @@ def prepare(cfg: Config, namespace: str, snapshot: str, container_id: str | None
     registry reference the node lacks), in the background of its sandbox's create; at idle I/O
     priority, with no file but its own open. Stopped by SIGTERM, which thaw-runtime sends when
     `container_id` (the sandbox) is deleted: the pod that asked is gone, so is the reason."""
+    from thaw.oci.annotations import AnnotationError, SnapshotRef, valid_namespace
+    from thaw.shim.lifecycle import prefetch
     os.closerange(3, 65536)
     try:
         ref = SnapshotRef.parse(snapshot)

@@ -103,6 +103,27 @@ def test_a_thaw_container_leaves_the_fence(node):
     assert "thaw.shim.lifecycle.create" in loaded and "json" in loaded, (outcome, loaded)
 
 
+# What a thaw container's create and its inline hooks import: the measured lazy imports stay lazy.
+LAZY_ON_CREATE = ["thaw.shim.drivers.cuda", "thaw.shim.drivers.engine", "thaw.shim.lifecycle.weights",
+                  "thaw.shim.drivers.criu_decode", "urllib.request", "psutil", "google.protobuf"]
+LAZY_IN_HOOKS = ["thaw.shim.lifecycle.autocapture", "thaw.shim.lifecycle.prefetch", "thaw.shim.drivers.engine",
+                 "thaw.shim.node.store", "urllib.request", "psutil"]
+
+
+@pytest.mark.parametrize(("module", "lazy"), [("thaw.shim.lifecycle.create", LAZY_ON_CREATE),
+                                              ("thaw.hooks.main", LAZY_IN_HOOKS),
+                                              ("thaw.hooks.stages", LAZY_IN_HOOKS)])
+def test_the_create_path_and_the_hooks_import_no_more_than_they_use(module, lazy):
+    """A create's restore machinery is loaded, but not what only a GPU, a resume step, weights or
+    a joined UTS namespace needs; thaw-hook (inline in a container's create and delete) loads
+    what its stage uses, in the stage."""
+    code = f"import sys; sys.path[:0] = [{SITE!r}]; import {module}; print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = set(eval(out.stdout))
+    assert not [m for m in lazy if m in loaded], sorted(m for m in lazy if m in loaded)
+
+
 # --- phases ------------------------------------------------------------------------------------
 LEGAL = {(None, Phase.RESTORING), (None, Phase.COLD), (Phase.RESTORING, Phase.RESTORED),
          (Phase.RESTORED, Phase.RUNNING)}

@@ -28,7 +28,7 @@ from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle, deny_io_uring
 
 from .. import faults
-from ..drivers import criu, criu_decode, criu_images, cuda, engine, netcheck
+from ..drivers import criu, criu_images, netcheck
 from ..drivers.rootfs import RootfsApplier, undo_dir_for
 from ..drivers.runc import Runc, cgroup_dirs
 from ..node import cgroups, provenance
@@ -36,11 +36,15 @@ from ..node.config import Config
 from ..node.state import Record
 from ..node.store import Store
 from ..timing import PhaseTimer, Stopwatch
-from . import confinement, fingerprint, recovery, weights
+from . import confinement, fingerprint, recovery
 from .container import Container
 
 if TYPE_CHECKING:
     from ..drivers.cuda import Gpu
+
+# Measured lazy imports (PLC0415): the CUDA driver (psutil), the engine's endpoints (urllib,
+# http.client, email), the weights prefetch and the image encoder cost a create ~30 ms to import;
+# only a restore that has GPU state, resume steps, weights or a joined UTS namespace loads them.
 
 
 class Incompatible(ThawError):
@@ -81,6 +85,7 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
     gpu_fp = fmt.GpuFingerprint()
     if snap.config.gpu.pids:
         # The snapshot holds checkpointed CUDA processes: this node must be able to restore them.
+        from ..drivers import cuda  # noqa: PLC0415 - measured lazy import (above)
         if not cuda.available():
             raise Incompatible(f"snapshot {snap.ref} holds GPU state, but this node has no NVIDIA "
                                "driver or cuda-python")
@@ -110,6 +115,7 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
         # The resume steps may reload them (even where the capture could not see the memory
         # fall): opened and checked now (a missing or changed file is a cold start before
         # anything changes); read and verified in the background while the restore goes on.
+        from . import weights  # noqa: PLC0415 - measured lazy import (above)
         prefetch = phases.run("weights_open", weights.Prefetch, bundle, snap.config.weights,
                               weights.DigestCache(cfg.state_dir))
     return Plan(request, snap, gpus, phases, cuda_init, prefetch)
@@ -239,6 +245,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
             images = image_dir
             if proof.uts_names is not None:      # CRIU's write into the joined namespace changes nothing
                 area = for_criu.enter_context(store.staging("restore"))
+                from ..drivers import criu_decode  # noqa: PLC0415 - measured lazy import (above)
                 images = criu_decode.with_uts(image_dir, os.path.join(area.path, "images"), *proof.uts_names)
             # CRIU leaves the restored tasks stopped: none runs user code before the kernel check.
             phases.run("runc_restore", runc.restore, cid, bundle, images, work, own_pid_file,
@@ -263,6 +270,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         if plan.weights is not None:
             phases.run("weights_wait", plan.weights.wait)        # type: ignore[attr-defined]
         if plan.request.steps.resume:
+            from ..drivers import engine  # noqa: PLC0415 - measured lazy import (above)
             phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)
         faults.point("resumed")
         if pid_file:
@@ -294,6 +302,7 @@ def _fill_options(cfg: Config) -> tuple[str, ...]:
 
 
 def _loopback_up(pid: int) -> None:
+    from ..drivers import engine  # noqa: PLC0415 - measured lazy import (above)
     with engine.ContainerView(pid) as view:
         view.loopback_up()
 
@@ -301,12 +310,14 @@ def _loopback_up(pid: int) -> None:
 def _start_cuda_init() -> threading.Thread:
     """Importing cuda-python and cuInit cost ~0.5 s: pay them while the fingerprint is checked,
     the rootfs diff applied and CRIU restores memory."""
+    from ..drivers import cuda  # noqa: PLC0415 - measured lazy import (above)
     thread = threading.Thread(target=cuda.init_quietly, daemon=True)
     thread.start()
     return thread
 
 
 def _restore_gpus(plan: Plan, pid: int) -> None:
+    from ..drivers import cuda  # noqa: PLC0415 - measured lazy import (above)
     pairs = cuda.gpu_pairs(list(plan.snapshot.fingerprint.node.gpu.uuids),
                            [g.uuid for g in plan.gpus or []])
     if not cuda.restore_tree(pid, pairs, plan.phases):

@@ -16,7 +16,6 @@ from typing import Any
 from thaw.oci.digest import sha256_hex
 from thaw.oci.files import atomic_write, make_private_dir
 
-from ...drivers import criu_decode
 from ...drivers.criu_images import SECCOMP_FILTER, SECCOMP_FILTER_FLAG_TSYNC
 from .kernel_check import oldest_filter
 
@@ -64,6 +63,7 @@ def record_from_capture(state_dir: str, image_dir: str, spec: dict[str, Any], ru
     seccomp = (spec.get("linux") or {}).get("seccomp")
     if not seccomp:
         return
+    from ...drivers import criu_decode  # noqa: PLC0415 - at capture only: protobuf stays off a restore
     images = criu_decode.read(image_dir)
     init = images.tasks[0].threads[0]
     if init.seccomp_mode == SECCOMP_FILTER and init.seccomp_chain:

@@ -30,7 +30,7 @@ from thaw.oci.files import atomic_write
 from thaw.oci.layout import ImageLayout, LayoutError
 
 from ... import faults
-from ...drivers import criu_decode, criu_images
+from ...drivers import criu_images
 from .errors import CorruptSnapshot
 from .files import file_bytes, flock, flock_if_free, hex_of, tree_bytes, unlink, workers
 
@@ -118,6 +118,9 @@ class ImageDirs:
                     return criu_images.from_facts(f.read())
         except (OSError, ValueError, AttributeError, criu_images.StaleFacts):
             pass
+        # Only a store entry sealed before its facts existed decodes here: protobuf's classes stay
+        # off every create that finds its facts (measured: ~30 ms with the decoder's import).
+        from ...drivers import criu_decode  # noqa: PLC0415
         images = criu_decode.read(self.path(snap))
         with contextlib.suppress(OSError):
             self.write_seal(snap, self.path(snap), images=images)   # the files just passed their seal
@@ -126,6 +129,7 @@ class ImageDirs:
     def _write_facts(self, path: str, images: criu_images.Images | None = None) -> str:
         """Keep what the images in `path` (digest-verified when they entered the store) would
         restore beside the seal — `images`, or decoded here; its digest, for the seal."""
+        from ...drivers import criu_decode  # noqa: PLC0415 - sealing decodes; a restore reads the facts
         try:
             facts = criu_images.to_facts(images or criu_decode.read(path))
         except criu_images.ImageError as exc:
