@@ -286,6 +286,34 @@ def test_volume_resolution_changed_missing_and_symlinked(tmp_path):
 
 
 @pytest.mark.root
+def test_prefetch_reads_only_what_the_page_cache_lacks(tmp_path):
+    """A warm node's restore copies none of the weights (the copies would run beside CRIU's fill
+    and the CUDA restore); pages the kernel dropped are read again."""
+    import hashlib
+
+    from thaw.shim.lifecycle import weights
+    vol = tmp_path / "vol"
+    path = str(vol / "w.safetensors")
+    data = _weights_file(path, 24 << 20)
+    bundle = _bundle_with_volume(tmp_path, str(vol))
+    cache = weights.DigestCache(str(tmp_path / "state"))
+    wf = fmt.WeightFile("/work/w.safetensors", len(data), "sha256:" + hashlib.sha256(data).hexdigest(),
+                        "volume", mount="/work", source=str(vol))
+    w = fmt.Weights((wf,), True)
+    assert weights.Prefetch(bundle, w, cache).wait()["hashed"] == 24 << 20   # a first restore hashes
+    got = weights.Prefetch(bundle, w, cache).wait()
+    assert (got["hashed"], got["read"]) == (0, 0)                            # cached: nothing copied
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                    # the kernel drops the pages
+    finally:
+        os.close(fd)
+    got = weights.Prefetch(bundle, w, cache).wait()
+    assert (got["hashed"], got["read"]) == (0, 24 << 20)
+
+
+@pytest.mark.root
 def test_image_layer_resolution(tmp_path):
     from thaw.shim.lifecycle import weights
     lower = tmp_path / "layer"
