@@ -21,6 +21,14 @@ compares the worker's two reload paths on the same file instead (no container, n
 the file), in alternating order, page cache hot (the file read once before) and cold (its pages
 dropped with POSIX_FADV_DONTNEED before each load: this file only, no global drop_caches on a
 shared machine); checks both load the same bytes. Writes bench/results/weights-loaders-*.json.
+
+    python3 bench/weights.py --sweep 4,8,12,16:8,16,32,64 [--sizes 4096] [--runs 3] [--device cuda]
+
+times the worker's own loader alone (page cache hot, alternating order, on CUDA into VMM memory as
+the worker's sleep mode holds it) for each number of readers (CUDA streams) and chunk size (MiB),
+checks every load's bytes against the file, and names the fastest: --json PATH also writes the
+result there (bench/device/session.sh hands the best to the worker). Writes
+bench/results/weights-sweep-*.json.
 """
 
 from __future__ import annotations
@@ -58,16 +66,81 @@ def generate(pid: int) -> dict:
     return json.loads(body)
 
 
-def loaders(args: argparse.Namespace) -> None:
+def _worker_module():
     import importlib.util
 
     import torch
-    from safetensors.torch import save_file
     spec = importlib.util.spec_from_file_location("thaw_example_server", SERVER)
     assert spec is not None and spec.loader is not None
     srv = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(srv)
     srv.torch = torch  # the worker imports torch in Engine.load(); the arena reads the global
+    return srv, torch
+
+
+def sweep(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+    srv, torch = _worker_module()
+    streams, chunks = ([int(x) for x in part.split(",")] for part in args.sweep.split(":"))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())   # VMM needs the ordinal
+    mib = args.sizes[-1]
+    out: dict = {"machine": machine(), "device": str(device), "runs": args.runs, "mib": mib,
+                 "torch": torch.__version__, "rows": []}
+    tmp = tempfile.mkdtemp(prefix="thaw-loader-sweep-", dir=args.dir)
+    try:
+        path = os.path.join(tmp, "w.safetensors")
+        save_file({f"layer{i}.w": torch.randn(mib << 20 >> 1 >> 6, device=device).to(torch.bfloat16).cpu()
+                   for i in range(64)}, path)
+        arena = srv.WeightArena(path, device, torch.bfloat16, vmm=device.type == "cuda")
+        want = _file_digest(path, arena)
+        arena.load(8, 16 << 20)                               # the file into the page cache
+        combos = [(s, c) for s in streams for c in chunks]
+        times: dict = {c: [] for c in combos}
+        pins: dict = {c: [] for c in combos}
+        for r in range(args.runs):
+            for s, c in combos if r % 2 == 0 else combos[::-1]:
+                arena.release()
+                t = time.perf_counter()
+                arena.map()
+                got = arena.load(s, c << 20)
+                times[(s, c)].append(time.perf_counter() - t)
+                pins[(s, c)].append(got.get("pin_s", 0.0))
+                if r == 0 and _arena_digest(arena) != want:
+                    raise SystemExit(f"--sweep: {s} readers x {c} MiB loaded other bytes than the file holds")
+        for (s, c), ts in times.items():
+            med = statistics.median(ts)
+            out["rows"].append({"streams": s, "chunk_mib": c, "s": [round(x, 4) for x in ts],
+                                "s_median": round(med, 4), "gib_s": round(arena.nbytes / med / (1 << 30), 2),
+                                "pin_s_median": round(statistics.median(pins[(s, c)]), 4)})
+            print(f"{s:3d} readers x {c:3d} MiB: {med:.3f}s ({out['rows'][-1]['gib_s']} GiB/s; "
+                  f"pinning {out['rows'][-1]['pin_s_median']:.3f}s)", flush=True)
+        best = min(out["rows"], key=lambda row: row["s_median"])
+        out["best"] = {"streams": best["streams"], "chunk_mib": best["chunk_mib"], "gib_s": best["gib_s"]}
+        print(f"best: --load-streams={best['streams']} --load-chunk-mib={best['chunk_mib']} ({best['gib_s']} GiB/s)")
+        arena.release()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(save("weights-sweep", out))
+
+
+def _file_digest(path: str, arena) -> str:
+    with open(path, "rb") as f:
+        f.seek(arena.data_start)
+        return hashlib.sha256(f.read(arena.nbytes)).hexdigest()
+
+
+def _arena_digest(arena) -> str:
+    return hashlib.sha256(arena.buf[:arena.nbytes].cpu().numpy().tobytes()).hexdigest()
+
+
+def loaders(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+    srv, torch = _worker_module()
     import fastsafetensors
     device = torch.device(args.device)
     out: dict = {"machine": machine(), "device": str(device), "runs": args.runs, "streams": args.streams,
@@ -134,7 +207,11 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=4, help="--loaders: readers/threads of each loader")
     ap.add_argument("--device", default="cpu", help="--loaders: cpu or cuda")
     ap.add_argument("--dir", default="/var/tmp", help="--loaders: where the files are written")
+    ap.add_argument("--sweep", metavar="STREAMS:CHUNKS", help="time the own loader per readers and chunk MiB (see above)")
+    ap.add_argument("--json", help="--sweep: also write the result here")
     args = ap.parse_args()
+    if args.sweep:
+        return sweep(args)
     if args.loaders:
         return loaders(args)
     tmp = tempfile.mkdtemp(prefix="thaw-weights-bench-")

@@ -4,6 +4,7 @@
 # a call stopped at its limit still returns what it had).
 #   bash bench/device/session.sh [gpu_e2e.py arguments...]
 # Environment: SKIP_TESTS=1, SKIP_SPEED=1, PROFILE_RUNTIME=1 (thaw-runtime's creates under cProfile: $OUT/runtime-prof.tar), DISK_PROBE=1, HEAP_PROBE=1, SPEED_ARGS="--size-gib 8 --workers 4,8,16 --rounds 3",
+#   LOADER_SWEEP="4,8,16:8,16,64" (bench/weights.py --sweep: the worker's loader per readers x chunk MiB, the fastest passed to it),
 #   LIMITS=1 (bench/device/limits.py first, into $OUT/limits.json, handed to gpu_e2e.py),
 #   CONFIGS="qwen3-0.6b:3 qwen3-8b:2" (gpu_e2e.py once per worker config and run count, each into
 #   $OUT/CONFIG/; the restore logs of all of them in $OUT/restore-logs.tar; the .md and .png are
@@ -11,6 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 E2E_ARGS=("$@")   # env.sh sets positional parameters
+LOADER_ARGS=()
 # CRIU keeps its kernel-feature probe (kdat) in /run/criu.kdat only where /run is a tmpfs, as it
 # is on real nodes but not on the GPU machine: give this session (and only it: a private mount
 # namespace) a tmpfs /run with the host's entries bound back in, so the probe is not counted.
@@ -54,6 +56,12 @@ if [ -n "${LIMITS:-}" ]; then    # the machine's own limits, before anything fil
   timeout 150 python3 bench/device/limits.py --out "$OUT/limits.json" --dir /var/tmp --fill-gib 6 2>&1 | tee -a "$OUT/gpu-e2e.log"
   E2E_ARGS+=(--limits "$OUT/limits.json")
 fi
+if [ -n "${LOADER_SWEEP:-}" ]; then   # e.g. "4,8,16:8,16,64": the worker's loader timed per readers x chunk MiB here; the fastest goes to the worker
+  timeout 240 python3 bench/weights.py --sweep "$LOADER_SWEEP" --sizes 4096 --runs 3 --device cuda \
+    --json "$OUT/loader-sweep.json" 2>&1 | tee -a "$OUT/gpu-e2e.log"
+  read -r streams chunk < <(python3 -c 'import json, sys; b = json.load(open(sys.argv[1]))["best"]; print(b["streams"], b["chunk_mib"])' "$OUT/loader-sweep.json" 2>/dev/null)
+  [ -n "${chunk:-}" ] && LOADER_ARGS=("--server-arg=--load-streams=$streams" "--server-arg=--load-chunk-mib=$chunk")
+fi
 if [ -z "${CONFIGS:-}" ]; then
   python3 bench/gpu_e2e.py --out "$OUT" "${E2E_ARGS[@]}" 2>&1 | tee -a "$OUT/gpu-e2e.log"
   exit
@@ -63,7 +71,8 @@ mkdir -p /var/tmp/gpu-e2e /tmp/restore-logs
 # CONFIG-outside: the same config with its weights outside the snapshot (--weights-outside)
 for c in $CONFIGS; do
   extra=(); name=${c%%:*}; config=${name%-outside}
-  [ "$config" = transformers ] && extra=(--worker examples/transformers-worker/worker.py --no-cold-cache)
+  if [ "$config" = transformers ]; then extra=(--worker examples/transformers-worker/worker.py --no-cold-cache)
+  else extra=("${LOADER_ARGS[@]}"); fi
   [ "$config" != "$name" ] && extra+=(--weights-outside)
   mkdir -p "$OUT/$name"
   GPU_E2E_TMP=/var/tmp/gpu-e2e python3 bench/gpu_e2e.py --out "$OUT/$name" --config "$config" --runs "${c##*:}" \

@@ -362,11 +362,12 @@ class WeightArena:
         copy.copy_(self.buf)
         return copy
 
-    def load(self, streams=4, chunk=64 << 20, loader="own"):
+    def load(self, streams=8, chunk=16 << 20, loader="own", depth=2):
         """Fill the mapped block from the file: parallel preads straight into host memory (CPU), or
         through pinned buffers and several CUDA streams (a multi-stream loader: each reader thread
-        owns two pinned buffers and a stream, so reads and copies overlap). loader="fastsafetensors"
-        reads with IBM's loader instead (see _load_fastsafetensors). Returns bytes/seconds."""
+        owns `depth` pinned buffers of `chunk` bytes and a stream, so reads and copies overlap).
+        loader="fastsafetensors" reads with IBM's loader instead (see _load_fastsafetensors).
+        Returns bytes/seconds (on CUDA also the pinning's share, pin_s)."""
         import concurrent.futures
         if self.buf is None:
             raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
@@ -376,10 +377,11 @@ class WeightArena:
             return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams,
                     "loader": loader, **split}
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        split = {}
         try:
             ranges = [(off, min(chunk, self.nbytes - off)) for off in range(0, self.nbytes, chunk)]
             if self.device.type == "cuda":
-                self._load_cuda(fd, ranges, streams, chunk)
+                split = self._load_cuda(fd, ranges, streams, chunk, depth)
             else:
                 import ctypes
                 base = self.buf.data_ptr()
@@ -398,7 +400,7 @@ class WeightArena:
         finally:
             os.close(fd)
         return {"bytes": self.nbytes, "load_s": round(time.perf_counter() - t, 6), "streams": streams,
-                "loader": loader}
+                "chunk": chunk, "depth": depth, "loader": loader, **split}
 
     def _load_fastsafetensors(self, threads):
         """fastsafetensors (IBM; imported here only, so the worker runs without it) reads the file
@@ -432,16 +434,19 @@ class WeightArena:
             empty_host_cache()
         return {"fst_read_s": round(read_s, 6), "arena_copy_s": round(time.perf_counter() - t, 6)}
 
-    def _load_cuda(self, fd, ranges, streams, chunk):
+    def _load_cuda(self, fd, ranges, streams, chunk, depth):
         import concurrent.futures
         import ctypes
+        t = time.perf_counter()
+        staging = PinnedBlock(streams * depth * chunk)
+        pin_s = time.perf_counter() - t
 
         def worker(k):
             stream = torch.cuda.Stream(self.device)
-            bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-            events = [None, None]
+            bufs = [staging.tensor[(k * depth + j) * chunk:(k * depth + j + 1) * chunk] for j in range(depth)]
+            events = [None] * depth
             for i, (off, n) in enumerate(ranges[k::streams]):
-                j = i % 2
+                j = i % depth
                 if events[j] is not None:
                     events[j].synchronize()      # the copy out of this buffer has finished
                 view = memoryview((ctypes.c_char * n).from_address(bufs[j].data_ptr())).cast("B")
@@ -456,10 +461,37 @@ class WeightArena:
                     events[j] = torch.cuda.Event()
                     events[j].record(stream)
             stream.synchronize()
-        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-            list(pool.map(worker, range(streams)))
-        torch.cuda.synchronize(self.device)
-        empty_host_cache()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+                list(pool.map(worker, range(streams)))
+            torch.cuda.synchronize(self.device)
+        finally:
+            staging.free()
+        return {"pin_s": round(pin_s, 6)}
+
+
+class PinnedBlock:
+    """Host memory the GPU copies from directly, of exactly `nbytes` (torch's pinned allocator rounds
+    a block up to a power of two, and pinning costs time by the byte): plain memory registered
+    with cudaHostRegister, unregistered by free() so that no snapshot carries it; torch's pinned
+    allocator where the runtime offers no registration."""
+
+    def __init__(self, nbytes):
+        self.tensor, self.registered = torch.empty(nbytes, dtype=torch.uint8), False
+        cudart = torch.cuda.cudart()
+        register = getattr(cudart, "cudaHostRegister", None)
+        if register is not None and int(register(self.tensor.data_ptr(), nbytes, 0)) == 0:
+            self.registered = True
+        else:
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def free(self):
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.registered = False
+        else:
+            empty_host_cache()
+        self.tensor = None
 
 
 class Engine:
@@ -505,7 +537,7 @@ class Engine:
         if a.enable_sleep_mode:
             # Weights in one tagged block that sleep can release and a wake refill from the file.
             self.arena = WeightArena(a.weights, self.dev, self.dtype, vmm=self.cuda)
-            tm["weights_loader"] = self.arena.load(a.load_streams, loader=a.loader)["load_s"]
+            tm["weights_loader"] = self.arena.load(a.load_streams, a.load_chunk_mib << 20, a.loader)["load_s"]
             w = self.arena.views()
         else:
             w = load_weights(a.weights, self.dev, self.dtype)
@@ -893,7 +925,7 @@ class Engine:
                 self._not_ready()
             if self.weights in ("host", "released"):
                 raise Unavailable("weights are not mapped (wake_up?tags=weights first)")
-            out = self.arena.load(self.args.load_streams, loader=self.args.loader)
+            out = self.arena.load(self.args.load_streams, self.args.load_chunk_mib << 20, self.args.loader)
             self.weights = "loaded"
             self._maybe_ready()
             return {"status": self.state, **out}
@@ -1094,7 +1126,9 @@ def parse_args(argv=None):
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in one tagged block (CUDA VMM on cuda) that /sleep?level=2 releases and "
                         "/wake_up + /collective_rpc reload_weights bring back from the file (vLLM's API)")
-    p.add_argument("--load-streams", type=int, default=4, help="parallel readers (and CUDA streams) of the loader")
+    p.add_argument("--load-streams", type=int, default=8, help="parallel readers (and CUDA streams) of the loader")
+    p.add_argument("--load-chunk-mib", type=int, default=16,
+                   help="the loader's reads and copies, in MiB (each reader pins two such buffers)")
     p.add_argument("--loader", choices=["own", "fastsafetensors"], default="own",
                    help="the sleep-mode weights loader: own (parallel preads; multi-stream pinned on cuda) or "
                         "fastsafetensors (IBM's, if installed; --load-streams = its threads)")

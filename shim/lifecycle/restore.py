@@ -91,7 +91,7 @@ def check(c: Container, store: Store, node: fmt.NodeFingerprint | None = None) -
                                "driver or cuda-python")
         gpus = cuda.container_gpus(bundle.spec)
         gpu_fp = cuda.gpu_fingerprint(gpus)
-        cuda_init = _start_cuda_init()   # ~0.5 s of import and cuInit, while the rest goes on
+        cuda_init = _start_cuda_init(bool(request.steps.resume))   # ~0.5 s, while the rest goes on
     cache = make_private_dir(cfg.state_dir)
     if node is None:
         node = fingerprint.node(cfg.resolve_criu(), "", cache)
@@ -307,11 +307,18 @@ def _loopback_up(pid: int) -> None:
         view.loopback_up()
 
 
-def _start_cuda_init() -> threading.Thread:
+def _start_cuda_init(resume: bool) -> threading.Thread:
     """Importing cuda-python and cuInit cost ~0.5 s: pay them while the fingerprint is checked,
-    the rootfs diff applied and CRIU restores memory."""
+    the rootfs diff applied and CRIU restores memory; the engine's HTTP client too (~30 ms on
+    the H100), which the resume steps need only after the CUDA restore."""
     from ..drivers import cuda  # noqa: PLC0415 - measured lazy import (above)
-    thread = threading.Thread(target=cuda.init_quietly, daemon=True)
+
+    def init() -> None:
+        cuda.init_quietly()
+        if resume:
+            from ..drivers import engine  # noqa: F401, PLC0415 - imported ahead of its use (above)
+
+    thread = threading.Thread(target=init, daemon=True)
     thread.start()
     return thread
 

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from thaw.oci import ThawError
@@ -254,7 +254,7 @@ class Prefetch:
             self.close()
             raise
         self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="weights")
-        self._futures = []
+        self._futures: list[Future[int | None]] = []
         for wf, fd, st in self.files:
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)   # the kernel's readahead starts now
