@@ -478,20 +478,21 @@ class PinnedBlock:
 
     def __init__(self, nbytes):
         self.tensor, self.registered = torch.empty(nbytes, dtype=torch.uint8), False
-        cudart = torch.cuda.cudart()
-        register = getattr(cudart, "cudaHostRegister", None)
-        if register is not None and int(register(self.tensor.data_ptr(), nbytes, 0)) == 0:
-            self.registered = True
-        else:
+        register = getattr(torch.cuda.cudart(), "cudaHostRegister", None)
+        try:
+            self.registered = register is not None and int(register(self.tensor.data_ptr(), nbytes, 0)) == 0
+        except Exception:  # noqa: BLE001 - a runtime without it: torch's pinned allocator instead
+            self.registered = False
+        if not self.registered:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def free(self):
+        tensor, self.tensor = self.tensor, None
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
             self.registered = False
-        else:
-            empty_host_cache()
-        self.tensor = None
+        del tensor
+        empty_host_cache()
 
 
 class Engine:
