@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -760,6 +761,27 @@ def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
         assert store.image_facts(forged) == criu_decode.read(d) != store.image_facts(base)
     with open(store.images.seal_path(forged)) as f:
         assert json.load(f)["facts"] == of_file(store.images.facts_path(forged))[0]
+
+
+def test_a_node_without_the_decoder_seals_no_facts(world, monkeypatch):
+    """Sealed on a node whose CRIU image schemas are missing, a snapshot gets no facts (that is
+    about the node, not the images): a restore there says why and cold-starts; once the
+    decoder is back, the images are decoded and their facts sealed."""
+    store = Store(world.env.store)
+    snap = store.resolve(SnapshotRef("base", "1"), "_local")
+    monkeypatch.setattr(criu_decode, "_pb", None)
+    monkeypatch.setitem(sys.modules, criu_decode.__package__ + ".criu_proto.core_pb2", None)   # import fails
+    with store.image_dir(snap) as d:
+        store.images.write_seal(snap, d)
+        with open(store.images.seal_path(snap)) as f:
+            assert json.load(f)["facts"] is None
+        with pytest.raises(criu_images.DecoderMissing, match="schemas are not installed"):
+            store.image_facts(snap)
+    monkeypatch.undo()
+    with store.image_dir(snap) as d:
+        assert store.image_facts(snap) == criu_decode.read(d)
+    with open(store.images.seal_path(snap)) as f:
+        assert json.load(f)["facts"] == of_file(store.images.facts_path(snap))[0]
 
 
 def test_a_path_the_spec_masks_that_the_images_lack(world):

@@ -12,7 +12,7 @@ for t in iptables-restore ip6tables-restore iptables ip6tables; do
 done
 chmod +x "$B"/*
 export PATH=$B:$PATH
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$C"/wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$C"/wheels/*.whl
 export PYTHONPATH=/tmp/site
 ln -sf /tmp/site/bin/thaw "$B/"
 # Launchers like install/node.sh writes: runc runs hooks with an empty environment.

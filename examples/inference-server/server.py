@@ -362,7 +362,7 @@ class WeightArena:
         copy.copy_(self.buf)
         return copy
 
-    def load(self, streams=8, chunk=16 << 20, loader="own", depth=2):
+    def load(self, streams=8, chunk=8 << 20, loader="own", depth=2):
         """Fill the mapped block from the file: parallel preads straight into host memory (CPU), or
         through pinned buffers and several CUDA streams (a multi-stream loader: each reader thread
         owns `depth` pinned buffers of `chunk` bytes and a stream, so reads and copies overlap).
@@ -1128,7 +1128,7 @@ def parse_args(argv=None):
                    help="weights in one tagged block (CUDA VMM on cuda) that /sleep?level=2 releases and "
                         "/wake_up + /collective_rpc reload_weights bring back from the file (vLLM's API)")
     p.add_argument("--load-streams", type=int, default=8, help="parallel readers (and CUDA streams) of the loader")
-    p.add_argument("--load-chunk-mib", type=int, default=16,
+    p.add_argument("--load-chunk-mib", type=int, default=8,
                    help="the loader's reads and copies, in MiB (each reader pins two such buffers)")
     p.add_argument("--loader", choices=["own", "fastsafetensors"], default="own",
                    help="the sleep-mode weights loader: own (parallel preads; multi-stream pinned on cuda) or "

@@ -34,6 +34,7 @@ from .criu_images import (
     SECCOMP_FILTER_FLAG_TSYNC,
     SECCOMP_MAGIC,
     UTSNS_MAGIC,
+    DecoderMissing,
     ImageError,
     ImageMount,
     Images,
@@ -53,7 +54,7 @@ def schemas() -> Any:
                    for name in ("core", "pstree", "seccomp", "inventory", "mnt", "utsns", "ipc_var", "netdev")}
             decode_error = importlib.import_module("google.protobuf.message").DecodeError
         except ImportError as exc:
-            raise ImageError(f"CRIU's image schemas are not installed (install/node.sh generates them): "
+            raise DecoderMissing(f"CRIU's image schemas are not installed (install/node.sh generates them): "
                              f"{exc}") from exc
         _pb = _Schemas(mod["core"].core_entry, mod["pstree"].pstree_entry, mod["seccomp"].seccomp_entry,
                        mod["inventory"].inventory_entry, mod["mnt"].mnt_entry, mod["utsns"].utsns_entry,

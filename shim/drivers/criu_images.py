@@ -40,6 +40,11 @@ class ImageError(ThawError):
     """The snapshot's CRIU images hold something thaw does not hand to CRIU (or cannot read)."""
 
 
+class DecoderMissing(ImageError):
+    """This node cannot decode CRIU images (their schemas are not installed): a fact about the
+    node, never sealed as one about a snapshot."""
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of CRIU image file a container snapshot may hold."""

@@ -126,12 +126,15 @@ class ImageDirs:
             self.write_seal(snap, self.path(snap), images=images)   # the files just passed their seal
         return images
 
-    def _write_facts(self, path: str, images: criu_images.Images | None = None) -> str:
+    def _write_facts(self, path: str, images: criu_images.Images | None = None) -> str | None:
         """Keep what the images in `path` (digest-verified when they entered the store) would
-        restore beside the seal — `images`, or decoded here; its digest, for the seal."""
+        restore beside the seal — `images`, or decoded here; its digest, for the seal. None where
+        this node cannot decode images at all: a restore decodes them again once it can."""
         from ...drivers import criu_decode  # noqa: PLC0415 - sealing decodes; a restore reads the facts
         try:
             facts = criu_images.to_facts(images or criu_decode.read(path))
+        except criu_images.DecoderMissing:
+            return None
         except criu_images.ImageError as exc:
             facts = criu_images.to_facts(None, str(exc))     # a restore reports it (and cold-starts)
         atomic_write(path + ".facts", facts)
