@@ -288,7 +288,7 @@ def test_volume_resolution_changed_missing_and_symlinked(tmp_path):
 @pytest.mark.root
 def test_prefetch_reads_only_what_the_page_cache_lacks(tmp_path):
     """A warm node's restore copies none of the weights (the copies would run beside CRIU's fill
-    and the CUDA restore); pages the kernel dropped are read again."""
+    and the CUDA restore); pages the kernel dropped are read again, from start_reads() on."""
     import hashlib
 
     from thaw.shim.lifecycle import weights
@@ -309,7 +309,14 @@ def test_prefetch_reads_only_what_the_page_cache_lacks(tmp_path):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)                    # the kernel drops the pages
     finally:
         os.close(fd)
-    got = weights.Prefetch(bundle, w, cache).wait()
+    # Nothing is read before start_reads() (the restore calls it once CRIU is done, so that on a
+    # cold node the snapshot's pages have the disk first); verified() needs no read of a known file.
+    readers = {t for t in threading.enumerate() if t.name.startswith("weights")}
+    p = weights.Prefetch(bundle, w, cache)
+    p.verified()
+    assert {t for t in threading.enumerate() if t.name.startswith("weights")} == readers
+    p.start_reads()
+    got = p.wait()
     assert (got["hashed"], got["read"]) == (0, 24 << 20)
 
 

@@ -255,6 +255,8 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         faults.point("runc_restored")
         with open(own_pid_file) as f:
             pid = int(f.read().strip())
+        if plan.weights is not None:       # CRIU had the disk to itself: now the weights
+            plan.weights.start_reads()     # type: ignore[attr-defined]
         # Credentials before anything else: the CUDA restore needs the tasks running (the driver's
         # thread in the process does the work) and changes no credentials; their CUDA calls stay
         # blocked until the unlock anyway.
@@ -268,7 +270,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         if plan.gpus is not None:
             _restore_gpus(plan, pid)
         if plan.weights is not None:
-            phases.run("weights_wait", plan.weights.wait)        # type: ignore[attr-defined]
+            phases.run("weights_wait", plan.weights.verified)    # type: ignore[attr-defined]
         if plan.request.steps.resume:
             from ..drivers import engine  # noqa: PLC0415 - measured lazy import (above)
             phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)

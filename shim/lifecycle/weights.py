@@ -230,14 +230,18 @@ def open_for_restore(bundle: Bundle, wf: fmt.WeightFile) -> tuple[int, os.stat_r
 
 class Prefetch:
     """The weight files of a restore, opened and checked (size; digest where the cache knows the
-    file) at once, then read in parallel into the page cache — hashing the files the cache does
-    not know — while CRIU restores. wait() joins and raises WeightsError on any mismatch."""
+    file) at once; a file the cache does not know is hashed in parallel from then on, while CRIU
+    restores. The files it knows are read into the page cache only from start_reads(), once
+    CRIU is done: on a cold node the snapshot's pages get the disk first, and the weights' reads
+    overlap the CUDA restore and the engine's own reload instead of delaying CRIU. verified()
+    joins the hashing and raises WeightsError on any mismatch; wait() joins everything."""
 
     def __init__(self, bundle: Bundle, weights: fmt.Weights, cache: DigestCache):
         self.cache, self.files, self.bytes = cache, [], 0
         self.error: str | None = None
         self.hashed = 0
         self._clock = Stopwatch()
+        self._stop = threading.Event()
         try:
             for wf in weights.files:
                 fd, st = open_for_restore(bundle, wf)
@@ -254,18 +258,25 @@ class Prefetch:
             self.close()
             raise
         self._pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="weights")
-        self._futures: list[Future[int | None]] = []
+        self._hashing: list[Future[None]] = []
+        self._reading: list[Future[int]] = []
+        self._unread: list[int] = []        # descriptors of the known files, for start_reads()
         for wf, fd, st in self.files:
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)   # the kernel's readahead starts now
-            except OSError:
-                pass
             if cache.get(st) is None:
-                self._futures.append(self._pool.submit(self._verify, wf, fd, st))
+                _will_need(fd)
+                self._hashing.append(self._pool.submit(self._verify, wf, fd, st))
             else:
-                step = max(CHUNK, -(-st.st_size // READERS))
-                for off in range(0, st.st_size, step):
-                    self._futures.append(self._pool.submit(self._read, fd, off, min(step, st.st_size - off)))
+                self._unread.append(fd)
+
+    def start_reads(self) -> None:
+        """Read the files the digest cache knows into the page cache, in READERS parallel pieces."""
+        for fd in self._unread:
+            _will_need(fd)
+            size = os.fstat(fd).st_size
+            step = max(CHUNK, -(-size // READERS))
+            for off in range(0, size, step):
+                self._reading.append(self._pool.submit(self._read, fd, off, min(step, size - off)))
+        self._unread = []
 
     def _verify(self, wf: fmt.WeightFile, fd: int, st: os.stat_result) -> None:
         digest = of_fd(fd, bytearray(CHUNK))
@@ -274,15 +285,14 @@ class Prefetch:
             raise WeightsError(f"weight file {wf.path} changed: digest {digest}, the snapshot recorded {wf.digest}")
         self.cache.put(st, digest)
 
-    @staticmethod
-    def _read(fd: int, off: int, length: int) -> int:
+    def _read(self, fd: int, off: int, length: int) -> int:
         """Pull [off, off + length) into the page cache. A piece already there is skipped, not
         copied: on a warm node the copies (the whole file, in READERS threads) would take the
         memory bandwidth of CRIU's fill and the CUDA restore that run meanwhile. Returns the
         bytes read."""
         buf = bytearray(min(CHUNK, length))
         end, done = off + length, 0
-        while off < end:
+        while off < end and not self._stop.is_set():
             n = min(len(buf), end - off)
             if _cached(fd, off, n):
                 off += n
@@ -294,21 +304,29 @@ class Prefetch:
             done += got
         return done
 
+    def verified(self) -> None:
+        """Join the hashing; WeightsError if a file did not match (the reads go on: abort() ends them)."""
+        for f in self._hashing:
+            f.result()
+        self.cache.save()
+
     def wait(self) -> dict[str, Any]:
-        """Join the readers; WeightsError if a file did not match. Returns what was done."""
-        read = 0
+        """Start the reads if they were not, join everything; WeightsError if a file did not
+        match. Returns what was done."""
+        self.start_reads()
         try:
-            for f in self._futures:
-                read += f.result() or 0
+            self.verified()
+            read = sum(f.result() for f in self._reading)
         finally:
             self._pool.shutdown(wait=True)
-            self.cache.save()
             self.close()
         return {"files": len(self.files), "bytes": self.bytes, "hashed": self.hashed, "read": read,
                 "seconds": round(self._clock.seconds(), 4)}
 
     def abort(self) -> None:
-        """Stop (a restore that failed elsewhere): no new reads; the started ones end; fds closed."""
+        """End it (the restore is done, or failed elsewhere): no new reads, the running ones stop
+        after their current piece; fds closed."""
+        self._stop.set()
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -321,6 +339,14 @@ class Prefetch:
             except OSError:
                 pass
         self.files = []
+
+
+def _will_need(fd: int) -> None:
+    """The kernel's readahead of the whole file starts now (a hint: an error changes nothing)."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 def _cached(fd: int, off: int, length: int) -> bool:
