@@ -23,16 +23,25 @@ from typing import Any
 
 from .criu_images import (
     ARCH_NAMES,
+    CORE,
     CORE_MAGIC,
+    INVENTORY,
     INVENTORY_MAGIC,
+    IPC_OBJECTS,
+    IPCNS_VAR,
     IPCNS_VAR_MAGIC,
+    MOUNTPOINTS,
     MOUNTPOINTS_MAGIC,
+    NETNS,
     NETNS_MAGIC,
+    PSTREE,
     PSTREE_MAGIC,
+    SECCOMP,
     SECCOMP_DISABLED,
     SECCOMP_FILTER,
     SECCOMP_FILTER_FLAG_TSYNC,
     SECCOMP_MAGIC,
+    UTSNS,
     UTSNS_MAGIC,
     DecoderMissing,
     ImageError,
@@ -154,7 +163,8 @@ def _caps(words: Any) -> int:
 
 
 # Decoded by read(), magic included (netns-ct-*/netns-exp-* are not: their magic is checked).
-_DECODED = re.compile(r"(inventory|pstree|seccomp)\.img|(core|mountpoints|utsns|ipcns-var|netns)-\d+\.img")
+_DECODED = re.compile("|".join(f"(?:{p})" for p in (INVENTORY, PSTREE, SECCOMP, CORE, MOUNTPOINTS, UTSNS, IPCNS_VAR,
+                                                      NETNS)))
 
 
 def read(image_dir: str) -> Images:
@@ -232,8 +242,8 @@ def read(image_dir: str) -> Images:
     return Images(tuple(tasks), tuple(names), arch, tuple(mounts), uts, ipc_vars, netns, ipc_objects)
 
 
-_IPC_OBJECTS = re.compile(r"ipcns-(shm|msg|sem)-\d+\.img")
-_UTSNS, _IPCNS_VAR, _NETNS = re.compile(r"utsns-\d+\.img"), re.compile(r"ipcns-var-\d+\.img"), re.compile(r"netns-\d+\.img")
+_IPC_OBJECTS = re.compile(IPC_OBJECTS)
+_UTSNS, _IPCNS_VAR, _NETNS = re.compile(UTSNS), re.compile(IPCNS_VAR), re.compile(NETNS)
 
 
 def _synced(threads: list[Thread]) -> list[Thread]:

@@ -53,15 +53,21 @@ class Kind:
     why: str
 
 
+# The file names of the kinds criu_decode reads (one spelling, used by KINDS and the decoder).
+INVENTORY, PSTREE, SECCOMP = r"inventory\.img", r"pstree\.img", r"seccomp\.img"
+CORE, MOUNTPOINTS = r"core-\d+\.img", r"mountpoints-\d+\.img"
+UTSNS, IPCNS_VAR, IPC_OBJECTS, NETNS = (r"utsns-\d+\.img", r"ipcns-var-\d+\.img", r"ipcns-(shm|msg|sem)-\d+\.img",
+                                         r"netns-\d+\.img")
+
 # The kinds of image a snapshot may hold for a container restore by runc, and why each is fine.
 # Anything else is refused: tun devices, BPF maps, binfmt_misc, autofs, AppArmor policy blobs
 # (apparmor.img, loaded by CRIU into the kernel), the old creds-<pid>.img, ... Namespace contents
 # (hostname, IPC objects and sysctls, network devices/addresses/routes/firewall/net sysctls, user
 # namespace maps) only where the new spec has that namespace (NAMESPACE_KINDS).
 KINDS: dict[str, Kind] = {k.pattern: k for k in (
-    Kind(r"inventory\.img", INVENTORY_MAGIC, "the dump's header: image version, root namespace ids, LSM type"),
-    Kind(r"pstree\.img", PSTREE_MAGIC, "the process tree: every task and thread (checked)"),
-    Kind(r"core-\d+\.img", CORE_MAGIC, "per thread: registers, signal state, credentials, seccomp (checked)"),
+    Kind(INVENTORY, INVENTORY_MAGIC, "the dump's header: image version, root namespace ids, LSM type"),
+    Kind(PSTREE, PSTREE_MAGIC, "the process tree: every task and thread (checked)"),
+    Kind(CORE, CORE_MAGIC, "per thread: registers, signal state, credentials, seccomp (checked)"),
     Kind(r"ids-\d+\.img", 0x54432030, "per task: the ids of its namespaces and shared objects"),
     Kind(r"mm-\d+\.img", 0x57492820, "per task: its address space layout"),
     Kind(r"pagemap-\d+\.img", 0x56084025, "per task: which pages pages-*.img holds"),
@@ -78,10 +84,10 @@ KINDS: dict[str, Kind] = {k.pattern: k for k in (
     Kind(r"remap-fpath\.img", 0x59133954, "open files whose path was unlinked or moved"),
     Kind(r"ghost-file-[0-9a-f]+\.img", RAW, "contents of open, unlinked files"),
     Kind(r"filelocks\.img", 0x54323616, "file locks"),
-    Kind(r"seccomp\.img", SECCOMP_MAGIC, "seccomp filter chains (checked)"),
+    Kind(SECCOMP, SECCOMP_MAGIC, "seccomp filter chains (checked)"),
     Kind(r"timens-\d+\.img", 0x43114433, "time namespace offsets"),
     Kind(r"cgroup\.img", 0x59383330, "cgroup membership (runc restores into the new spec's cgroup)"),
-    Kind(r"mountpoints-\d+\.img", 0x55563928, "the container's mount tree (runc passes its mounts as external)"),
+    Kind(MOUNTPOINTS, 0x55563928, "the container's mount tree (runc passes its mounts as external)"),
     Kind(r"tmpfs-dev-\d+\.tar\.gz(\.img)?", RAW, "contents of tmpfs mounts of the container (e.g. /dev)"),
     Kind(r"tmpfs-\d+\.tar\.gz(\.img)?", RAW, "contents of tmpfs mounts of the container"),
     Kind(r"tty-info\.img", 0x59453036, "terminal state"),
@@ -95,10 +101,10 @@ KINDS: dict[str, Kind] = {k.pattern: k for k in (
 # Namespace contents: allowed only where the spec has the namespace (confinement.spec_namespaces:
 # a network namespace joined by path, a pod's, only in CRIU's external form).
 NAMESPACE_KINDS: dict[str, tuple[str, Kind]] = {k.pattern: (ns, k) for ns, k in (
-    ("uts", Kind(r"utsns-\d+\.img", 0x54473203, "hostname and domain name")),
-    ("ipc", Kind(r"ipcns-var-\d+\.img", 0x53115007, "IPC namespace sysctls")),
-    ("ipc", Kind(r"ipcns-(shm|msg|sem)-\d+\.img", RAW, "System V IPC objects")),
-    ("network", Kind(r"netns-\d+\.img", 0x55933752, "network namespace sysctls")),
+    ("uts", Kind(UTSNS, 0x54473203, "hostname and domain name")),
+    ("ipc", Kind(IPCNS_VAR, 0x53115007, "IPC namespace sysctls")),
+    ("ipc", Kind(IPC_OBJECTS, RAW, "System V IPC objects")),
+    ("network", Kind(NETNS, 0x55933752, "network namespace sysctls")),
     ("network", Kind(r"netdev-\d+\.img", 0x57373951, "network devices (loopback, veth) of the namespace")),
     ("network", Kind(r"(ifaddr|route|route6|rule|iptables|ip6tables|nftables)-\d+\.img", RAW,
                      "addresses, routes, rules, firewall of the namespace")),
@@ -262,7 +268,7 @@ def check_magics(image_dir: str, names: list[str], decoded: re.Pattern[str]) -> 
 
 # A network namespace runc joins by path (a pod's) is dumped as external: an entry naming its
 # key and holding nothing else, which CRIU does not restore into (runc hands it the namespace).
-_EXTERNAL_NETNS = re.compile(r"netns-\d+\.img")
+_EXTERNAL_NETNS = re.compile(NETNS)
 
 
 def check(images: Images, namespaces: frozenset[str]) -> None:
