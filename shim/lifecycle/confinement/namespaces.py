@@ -114,7 +114,7 @@ def joined_excess(images: Images, spec: dict[str, Any]) -> tuple[list[Excess], t
     out: list[Excess] = []
     names = None
     if "uts" in joined and images.uts is not None:
-        live = _read_in_namespace("uts", joined["uts"], ["kernel/hostname", "kernel/domainname"])
+        live = _sysctls_in(["nsenter", f"--uts={joined['uts']}"], ["kernel/hostname", "kernel/domainname"])
         if live is None or "kernel/hostname" not in live or "kernel/domainname" not in live:
             out.append(Excess(pid, pid, f"hostname (UTS namespace joined by path {joined['uts']})",
                               repr(images.uts[0]), "the joined namespace's, unreadable: not provable"))
@@ -127,7 +127,7 @@ def joined_excess(images: Images, spec: dict[str, Any]) -> tuple[list[Excess], t
                               objects, "none: the joined namespace is not the container's own"))
         if images.ipc_vars is not None:
             sysctls = {f: IPC_SYSCTLS.get(f, f) for f in images.ipc_vars}
-            live = _read_in_namespace("ipc", joined["ipc"], [n.replace(".", "/") for n in sysctls.values()])
+            live = _sysctls_in(["nsenter", f"--ipc={joined['ipc']}"], [n.replace(".", "/") for n in sysctls.values()])
             for field, value in sorted(images.ipc_vars.items()):
                 key = sysctls[field].replace(".", "/")
                 current = sysctl_values(live[key]) if live is not None and key in live else None
@@ -143,14 +143,15 @@ def joined_excess(images: Images, spec: dict[str, Any]) -> tuple[list[Excess], t
 _IMAGE_HEADER = 8          # the two magics: an ipcns-shm/msg/sem image of no object holds nothing more
 
 
-def _read_in_namespace(kind: str, path: str, keys: list[str]) -> dict[str, str] | None:
-    """/proc/sys/<key> as a process in the namespace at `path` reads it (nsenter), or None."""
+def _sysctls_in(enter: list[str], keys: list[str]) -> dict[str, str] | None:
+    """/proc/sys/<key> as a process started by `enter` (nsenter into a namespace, unshare a fresh
+    one) reads it, or None."""
     try:
-        proc = subprocess.run(["nsenter", f"--{kind}={path}", "--", "grep", "-H", "", *(_PROC_SYS + k for k in keys)],
+        proc = subprocess.run([*enter, "--", "grep", "-H", "", *(_PROC_SYS + k for k in keys)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if proc.returncode not in (0, 2):
+    if proc.returncode not in (0, 2):          # 2: a sysctl this kernel lacks (read the others)
         return None
     return _grep_lines(proc.stdout)
 
@@ -181,16 +182,11 @@ def fresh_ipc_sysctls(state_dir: str) -> dict[str, list[int]] | None:
         pass
     except (OSError, ValueError, TypeError, AttributeError):
         return None
-    files = [_PROC_SYS + n.replace(".", "/") for n in IPC_SYSCTLS.values()]
-    try:
-        proc = subprocess.run(["unshare", "--ipc", "--", "grep", "-H", "", *files], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode not in (0, 2):          # 2: a sysctl this kernel lacks (read the others)
+    live = _sysctls_in(["unshare", "--ipc"], [n.replace(".", "/") for n in IPC_SYSCTLS.values()])
+    if live is None:
         return None
     try:
-        values = {k.replace("/", "."): sysctl_values(v) for k, v in _grep_lines(proc.stdout).items()}
+        values = {k.replace("/", "."): sysctl_values(v) for k, v in live.items()}
     except ValueError:
         return None
     make_private_dir(os.path.dirname(path))
