@@ -27,6 +27,7 @@ from thaw.shim.drivers import criu_decode, criu_images
 from thaw.shim.drivers.criu_images import CORE_MAGIC, PSTREE_MAGIC, SECCOMP_MAGIC
 from thaw.shim.drivers.runc import cgroup_dirs
 from thaw.shim.lifecycle import confinement
+from thaw.shim.lifecycle.confinement import kernel_check
 from thaw.shim.node.store import Store
 
 if TYPE_CHECKING:
@@ -48,9 +49,16 @@ while True:
 """
 SECCOMP: dict[str, Any] = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
            "syscalls": [{"names": ["mount", "umount2"], "action": "SCMP_ACT_ERRNO"}]}
+
+
+def proc_status(path: str) -> dict[str, str]:
+    """A /proc status file's fields, read as the kernel check reads them."""
+    return kernel_check.status_fields(kernel_check.read_text(path))
+
+
 # Every capability this machine's root holds (the test machines' root lacks CAP_SYS_RESOURCE).
 ALL_CAPS = ["CAP_" + name for name, bit in confinement.CAP_BITS.items()
-            if int(confinement.status("/proc/self/status")["CapBnd"], 16) >> bit & 1]
+            if int(proc_status("/proc/self/status")["CapBnd"], 16) >> bit & 1]
 ALL_CAP_WORDS = [0xFFFFFFFF, (1 << (len(confinement.CAP_BITS) - 32)) - 1]
 ALLOW_ALL_BPF = bytes([0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0xFF, 0x7F])   # BPF_RET|BPF_K SECCOMP_RET_ALLOW
 
@@ -227,7 +235,7 @@ def cold_started(world: World, ref: str, *cause: str, uid: int = 0, also=None, o
         dst.start()
         out = dst.wait_output(lambda t: len(ticks(t)) > 2)
         assert ticks(out)[0] == 0                                 # started afresh
-        st = confinement.status(f"/proc/{dst.pid()}/status")
+        st = proc_status(f"/proc/{dst.pid()}/status")
         assert st["Uid"].split() == [str(uid)] * 4 and st["CapEff"] == "0000000000000000"
         assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
         return msg
@@ -243,7 +251,7 @@ def restored(world: World, ref: str, change=restricted) -> dict[str, str]:
         assert not [e for e in dst.log_entries() if e.get("level") == "warning"], dst.log_text()
         dst.start()
         assert ticks(dst.wait_output(lambda t: len(ticks(t)) > 12))[0] > 10     # it went on counting
-        return confinement.status(f"/proc/{dst.pid()}/status")
+        return proc_status(f"/proc/{dst.pid()}/status")
     finally:
         dst.destroy()
 
@@ -493,7 +501,7 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
                 return None
             try:
                 pids = confinement.tree(int(st["pid"]))
-                states = [confinement.status(f"/proc/{p}/status")["State"] for p in pids]
+                states = [proc_status(f"/proc/{p}/status")["State"] for p in pids]
             except (OSError, ValueError, KeyError):
                 return None
             return pids if all(s.startswith("T") for s in states) else None
@@ -511,7 +519,7 @@ def test_a_task_running_before_the_kernel_check_is_killed_and_cold_started(world
         assert "(kernel)" in msg and "state" in msg and "stopped until checked" in msg, msg
         assert env.runc_ids() == [dst.id]
         for p in found:                                              # the restored tasks are gone
-            assert not os.path.exists(f"/proc/{p}") or confinement.status(f"/proc/{p}/status")["State"][0] in "ZX"
+            assert not os.path.exists(f"/proc/{p}") or proc_status(f"/proc/{p}/status")["State"][0] in "ZX"
         dst.start()
         # What the test let run printed its ticks before it was killed; the cold start counts from 0.
         dst.wait_output(lambda t: 2 in ticks(t))
@@ -535,7 +543,7 @@ def test_the_kernel_check_reads_every_thread_of_a_real_tree(world):
             images = criu_decode.read(d)
         for p in pids:
             os.kill(p, signal.SIGSTOP)
-        wait_for(lambda: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T" for p in pids), 10, "stop")
+        wait_for(lambda: all(proc_status(f"/proc/{p}/status")["State"][0] == "T" for p in pids), 10, "stop")
         with open(os.path.join(src.bundle, "config.json")) as f:
             spec = json.load(f)
         restricted(spec, 1000)
@@ -577,7 +585,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             pids = confinement.tree(src.pid())
             for p in pids:
                 os.kill(p, signal.SIGSTOP)
-            wait_for(lambda pids=pids: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T"
+            wait_for(lambda pids=pids: all(proc_status(f"/proc/{p}/status")["State"][0] == "T"
                                            for p in pids), 10, "stop")
             with open(os.path.join(src.bundle, "config.json")) as f:
                 spec = json.load(f)
@@ -586,7 +594,7 @@ def test_the_kernel_check_reads_each_stopped_threads_oldest_filter(world, tmp_pa
             found[name] = [e for e in excess if e.field == "seccomp (kernel)"]
             # read and detached: every task goes back to its group stop (the kernel re-enters it
             # before any return to user code)
-            wait_for(lambda pids=pids: all(confinement.status(f"/proc/{p}/status")["State"][0] == "T"
+            wait_for(lambda pids=pids: all(proc_status(f"/proc/{p}/status")["State"][0] == "T"
                                            for p in pids), 5, "back in the group stop")
         finally:
             src.destroy()

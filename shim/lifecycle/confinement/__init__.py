@@ -22,7 +22,7 @@ installs must be the oldest of every thread's chain (filters added later only re
 
 from .grant import CAP_BITS, CAP_SETGID, CAP_SETS, CAP_SETUID, ConfinementError, Excess, Grant, cap_mask
 from .image_check import check_images, images_excess
-from .kernel_check import RestoredTree, check_kernel, kernel_excess, resume, status, tree
+from .kernel_check import RestoredTree, check_kernel, kernel_excess, resume, tree
 from .mounts import mount_excess, rootfs_mask_excess, unproven_masks
 from .namespaces import fresh_ipc_sysctls, ipc_excess, joined_excess, spec_namespaces, uts_excess
 from .seccomp_reference import probe_reference, profile_key, record_from_capture, record_reference, reference
@@ -30,4 +30,4 @@ from .seccomp_reference import probe_reference, profile_key, record_from_capture
 __all__ = ["CAP_BITS", "CAP_SETGID", "CAP_SETS", "CAP_SETUID", "ConfinementError", "Excess", "Grant", "RestoredTree", "cap_mask", "check_images",
            "check_kernel", "fresh_ipc_sysctls", "images_excess", "ipc_excess", "joined_excess", "kernel_excess",
            "mount_excess", "probe_reference", "profile_key", "record_from_capture", "record_reference", "reference",
-           "resume", "rootfs_mask_excess", "spec_namespaces", "status", "tree", "unproven_masks", "uts_excess"]
+           "resume", "rootfs_mask_excess", "spec_namespaces", "tree", "unproven_masks", "uts_excess"]

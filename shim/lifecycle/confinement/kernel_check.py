@@ -42,10 +42,6 @@ def tree(root_pid: int) -> list[int]:
     return out
 
 
-def status(path: str) -> dict[str, str]:
-    return dict(line.split(":\t", 1) for line in read_text(path).split("\n") if ":\t" in line)
-
-
 _STATUS_KEYS = ("State", "NStgid", "NSpid", "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd",
                 "CapAmb", "NoNewPrivs", "Seccomp", "Seccomp_filters")
 
