@@ -753,6 +753,10 @@ def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
     store = Store(world.env.store)
     base = store.resolve(SnapshotRef("base", "1"), "_local")
     with store.image_dir(base) as d:
+        facts = store.images.facts_path(base)                          # sealed when it entered the store
+        assert os.path.isfile(facts)
+        with open(store.images.seal_path(base)) as f:
+            assert json.load(f)["facts"] == of_file(facts)[0]
         assert store.image_facts(base) == criu_decode.read(d)
     with open(os.path.join(bundle(os.path.join(world.dir, unique("id")), restricted), "config.json")) as f:
         claimed = json.load(f)
