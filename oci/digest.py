@@ -48,6 +48,21 @@ def of_file(path: str) -> tuple[str, int]:
     return h.digest, h.size
 
 
+def of_range(path: str, offset: int, length: int) -> tuple[str, int]:
+    """(digest, size) of `length` bytes of a file at `offset`; fewer bytes where the file ends first."""
+    h = Hasher()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while h.size < length:
+            chunk = os.pread(fd, min(CHUNK, length - h.size), offset + h.size)
+            if not chunk:
+                break
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.digest, h.size
+
+
 def of_fd(fd: int, buf: bytearray | None = None) -> str:
     """Digest of an open file's content, read from offset 0 (pread: the descriptor may be shared)."""
     h = Hasher()

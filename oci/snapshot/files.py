@@ -8,7 +8,7 @@ import os
 import tarfile
 from typing import IO, cast
 
-from ..digest import ByteSink, Hasher, HashingWriter
+from ..digest import ByteSink, HashingWriter, of_range
 from ..layout import CHUNK
 from .manifest import IMAGE_NAME
 from .media import SnapshotFormatError
@@ -91,19 +91,10 @@ def _unpack_whole_files(src: IO[bytes], dest_dir: str, limit: int) -> dict[str, 
 
 def hash_range(path: str, offset: int, length: int) -> str:
     """Digest of `length` bytes of `path` at `offset` (a file part)."""
-    h = Hasher()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        done = 0
-        while done < length:
-            chunk = os.pread(fd, min(CHUNK, length - done), offset + done)
-            if not chunk:
-                raise SnapshotFormatError(f"{path} is shorter than its parts say")
-            h.update(chunk)
-            done += len(chunk)
-    finally:
-        os.close(fd)
-    return h.digest
+    digest, size = of_range(path, offset, length)
+    if size < length:
+        raise SnapshotFormatError(f"{path} is shorter than its parts say")
+    return digest
 
 
 class RangeReader:
