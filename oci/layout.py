@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from . import ThawError
-from .digest import HashingWriter, of_bytes, of_file
+from .digest import CHUNK, HashingWriter, of_bytes, of_file
 from .files import atomic_write
 from .reference import check_digest
 
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
-CHUNK = 4 << 20
 
 
 class LayoutError(ThawError):

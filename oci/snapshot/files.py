@@ -8,8 +8,7 @@ import os
 import tarfile
 from typing import IO, cast
 
-from ..digest import ByteSink, HashingWriter, of_range
-from ..layout import CHUNK
+from ..digest import CHUNK, ByteSink, HashingWriter, of_range
 from .manifest import IMAGE_NAME
 from .media import SnapshotFormatError
 

@@ -21,8 +21,8 @@ from dataclasses import replace
 from thaw.oci import cosign
 from thaw.oci import snapshot as fmt
 from thaw.oci.annotations import AnnotationError, SnapshotRef
-from thaw.oci.digest import HashingWriter, of_bytes
-from thaw.oci.layout import CHUNK, REF_NAME, ByteSource, Descriptor, LayoutError
+from thaw.oci.digest import CHUNK, HashingWriter, of_bytes
+from thaw.oci.layout import REF_NAME, ByteSource, Descriptor, LayoutError
 
 from ..node import provenance
 from ..node.config import Config
