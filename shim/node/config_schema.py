@@ -196,19 +196,19 @@ def _restore_section(raw: object, where: str) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}must be a mapping")
-    unknown = set(raw) - {"workers", "hugepages"}
+    unknown = set(raw) - set(RESTORE_DEFAULTS)
     if unknown:
         raise ConfigError(f"{where}unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    workers = raw.get("workers", "auto")
+    workers = raw.get("workers")
     if workers == "auto" or workers is None:
-        workers = -1
+        workers = RESTORE_DEFAULTS["workers"]
     elif isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
         raise ConfigError(f"{where}workers must be auto or a number from 0 to 64")
-    hugepages = raw.get("hugepages", "auto")
+    hugepages = raw.get("hugepages")
     if hugepages is True or hugepages is False:
         hugepages = "on" if hugepages else "off"
     if hugepages is None:
-        hugepages = "auto"
+        hugepages = RESTORE_DEFAULTS["hugepages"]
     if hugepages not in ("auto", "on", "off"):
         raise ConfigError(f"{where}hugepages must be auto, true or false")
     return {"workers": workers, "hugepages": hugepages}
