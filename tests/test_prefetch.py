@@ -132,3 +132,16 @@ def test_prepare_warms_the_volume_weights_of_a_snapshot_that_holds_none(thaw_env
     assert done["outcome"] == "warm" and "(weights 3 MiB)" in done["msg"], done
     assert resident(path) == len(data)
     assert weights.DigestCache(thaw_env.state).get(os.stat(path)) == wf.digest
+    # Known from now on: a prepare reads only what the page cache lacks. The weights' pages
+    # dropped: read again; everything cached: nothing read, the snapshot's files neither.
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert resident(path) < len(data)
+    for weights_read in (3, 0):
+        subprocess.run([hook, "prepare", "_local", "w:1"], env={**os.environ, "THAW_CONFIG": thaw_env.config},
+                       check=True, timeout=60)
+        done = events(thaw_env, "prefetch")[-1]
+        assert done["outcome"] == "warm" and f"(weights {weights_read} MiB)" in done["msg"], done
+        assert resident(path) == len(data)
+    assert done["msg"].startswith("prefetch of w:1 (_local): warm: 0 MiB read, ") and "already cached" in done["msg"], done

@@ -7,8 +7,10 @@ memory, not disk), then the weight files of a snapshot whose weights are outside
 host location is known (a volume's source). `thaw warm` does the same for an operator.
 
 Bounded: one reader at a time per snapshot, however many pods ask (a lock; the others leave); one
-sequential stream through a fixed 8 MiB buffer; it stops when the node's available memory would
-fall under a floor (page cache must not push out what the node's processes use).
+sequential stream through a fixed 8 MiB buffer that skips what the page cache already holds (on a
+warm node, copying it again would take memory bandwidth from the restore beside it); it stops
+when the node's available memory would fall under a floor (page cache must not push out what the
+node's processes use).
 
 The same mechanism pulls on demand: a registry reference the node lacks is pulled first
 (shim/lifecycle/distribution.py; node policy decides whether the pod's namespace may), once however many
@@ -31,6 +33,7 @@ from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.reference import Reference
 
 from .. import faults
+from ..drivers import pagecache
 from ..drivers.procs import ProcessHandle
 from ..node import events
 from ..node.config import Config
@@ -39,6 +42,7 @@ from ..timing import Stopwatch
 from . import distribution, weights
 
 CHUNK = 8 << 20
+CHECK_EVERY = 256 << 20           # cancel and the memory floor are checked between such steps
 _IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
 _IOPRIO_CLASS_IDLE = 3
 
@@ -156,26 +160,28 @@ def warm(cfg: Config, ref: SnapshotRef, namespace: str,
             done, clock = 0, Stopwatch()
             floor = floor_bytes()
             buf = bytearray(CHUNK)
+            found = 0                      # bytes already in the page cache: not copied again
             for name in names:
                 fd = os.open(os.path.join(path, name), os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    while n := os.readv(fd, [buf]):
-                        done += n
-                        if done % (256 << 20) < n:
-                            if cancel is not None and cancel.is_set():
-                                return _report(cfg, ref, namespace, "stopped", "cancelled: "
-                                               f"{getattr(cancel, 'reason', '')}", done, clock.seconds())
-                            if mem_available() < floor:
-                                return _report(cfg, ref, namespace, "stopped",
-                                               f"node memory is short: read {done >> 20} of {total >> 20} MiB",
-                                               done, clock.seconds())
-                            if progress:
-                                progress(done, total)
+                    size = os.fstat(fd).st_size
+                    for off in range(0, size, CHECK_EVERY):
+                        n_read, n_found = pagecache.fill(fd, off, min(CHECK_EVERY, size - off), buf)
+                        done, found = done + n_read + n_found, found + n_found
+                        if cancel is not None and cancel.is_set():
+                            return _report(cfg, ref, namespace, "stopped", "cancelled: "
+                                           f"{getattr(cancel, 'reason', '')}", done, clock.seconds())
+                        if mem_available() < floor:
+                            return _report(cfg, ref, namespace, "stopped",
+                                           f"node memory is short: read {done >> 20} of {total >> 20} MiB",
+                                           done, clock.seconds())
+                        if progress:
+                            progress(done, total)
                 finally:
                     os.close(fd)
             if progress:
                 progress(done, total)
-            msg = f"{done >> 20} MiB read"
+            msg = f"{(done - found) >> 20} MiB read" + (f", {found >> 20} MiB already cached" if found else "")
             if snap.config.weights.outside:
                 # Weight files whose host location is known before any container exists (a
                 # volume's source): into the page cache, and their digests into the cache.

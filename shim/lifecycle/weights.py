@@ -25,6 +25,7 @@ from thaw.oci.digest import of_fd
 from thaw.oci.files import atomic_write, make_private_dir
 from thaw.oci.spec import Bundle
 
+from ..drivers import pagecache
 from ..drivers.cuda import device_memory, process_tree
 from ..drivers.engine import open_in_root
 from ..drivers.rootfs import overlay_dirs
@@ -34,7 +35,6 @@ from .fingerprint import layer_digest
 SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")   # what a named directory's weights are
 CHUNK = 8 << 20
 READERS = 8                      # parallel readers of one restore's files (page cache fill)
-PROBE = 2 << 20                  # a piece counts as cached when a byte every PROBE is (read without blocking)
 BIND_TYPES = ("bind", "rbind")
 # The engine released its weights if the memory it held fell by at least this share of their size.
 RELEASED_SHARE = 0.9
@@ -286,23 +286,9 @@ class Prefetch:
         self.cache.put(st, digest)
 
     def _read(self, fd: int, off: int, length: int) -> int:
-        """Pull [off, off + length) into the page cache. A piece already there is skipped, not
-        copied: on a warm node the copies (the whole file, in READERS threads) would take the
-        memory bandwidth of CRIU's fill and the CUDA restore that run meanwhile. Returns the
-        bytes read."""
-        buf = bytearray(min(CHUNK, length))
-        end, done = off + length, 0
-        while off < end and not self._stop.is_set():
-            n = min(len(buf), end - off)
-            if _cached(fd, off, n):
-                off += n
-                continue
-            got = os.preadv(fd, [memoryview(buf)[:n]], off)
-            if not got:
-                break
-            off += got
-            done += got
-        return done
+        """Pull [off, off + length) into the page cache, skipping what is there (on a warm node the
+        copies would take the memory bandwidth of the restore's own work). Returns the bytes read."""
+        return pagecache.fill(fd, off, length, bytearray(min(CHUNK, length)), lambda: not self._stop.is_set())[0]
 
     def verified(self) -> None:
         """Join the hashing; WeightsError if a file did not match (the reads go on: abort() ends them)."""
@@ -349,26 +335,13 @@ def _will_need(fd: int) -> None:
         pass
 
 
-def _cached(fd: int, off: int, length: int) -> bool:
-    """Whether [off, off + length) is in the page cache, probed a byte every PROBE without
-    blocking (RWF_NOWAIT: EAGAIN where a read would wait for the disk). A hole between probes
-    only costs the engine a read from disk later; any error counts as not cached."""
-    probe = bytearray(1)
-    for at in [*range(off, off + length, PROBE), off + length - 1]:
-        try:
-            if os.preadv(fd, [probe], at, os.RWF_NOWAIT) != 1:
-                return False
-        except OSError:
-            return False
-    return True
-
-
 def warm_sources(weights: fmt.Weights, cache: DigestCache, keep_going: Callable[[], bool]) -> int:
     """Before any container exists (a pod sandbox's create): read the weight files whose host
     location is known — a volume's recorded source — into the page cache, hashing them into the
-    cache so that the restore need not. A source that is missing, not a directory, holds no
-    regular file at the path (resolved inside it) or one of another size is skipped. Returns the
-    bytes read."""
+    cache so that the restore need not (a file the cache knows: only what the page cache lacks,
+    so that on a cold node the disk goes on from the snapshot's pages to the weights). A source
+    that is missing, not a directory, holds no regular file at the path (resolved inside it) or
+    one of another size is skipped. Returns the bytes read."""
     done = 0
     buf = bytearray(CHUNK)
     for wf in weights.files:
@@ -383,7 +356,10 @@ def warm_sources(weights: fmt.Weights, cache: DigestCache, keep_going: Callable[
         except (OSError, WeightsError):
             continue
         try:
-            if st.st_size != wf.size or cache.get(st) is not None:
+            if st.st_size != wf.size:
+                continue
+            if cache.get(st) is not None:        # known: only what the page cache lacks
+                done += pagecache.fill(fd, 0, st.st_size, buf, keep_going)[0]
                 continue
             if of_fd(fd, buf) == wf.digest:
                 cache.put(st, wf.digest)
