@@ -1,5 +1,5 @@
-"""The page cache, seen through a file descriptor: whether a range of a file is in it, probed
-without blocking, and filling it with only what it lacks.
+"""The page cache, seen through a file descriptor: which pages of a range are in it (mincore(2)
+on a mapping of the file: a query that starts no I/O), and filling it with only what it lacks.
 
 Warming a file that is already cached by reading it is a copy of the whole file to user memory:
 on a warm node, memory bandwidth taken from the restore that runs meanwhile (CRIU's fill, the CUDA
@@ -8,36 +8,55 @@ restore, an engine's reload), for nothing.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 from collections.abc import Callable
 
-PROBE = 2 << 20          # a range counts as cached when a byte every PROBE is (RWF_NOWAIT reads)
+PAGE = mmap.PAGESIZE
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def cached(fd: int, off: int, length: int) -> bool:
-    """Whether [off, off + length) is in the page cache, probed a byte every PROBE without
-    blocking (RWF_NOWAIT: EAGAIN where a read would wait for the disk). A hole between probes
-    only costs its reader a disk read later; any error counts as not cached."""
-    probe = bytearray(1)
-    for at in [*range(off, off + length, PROBE), off + length - 1]:
-        try:
-            if os.preadv(fd, [probe], at, os.RWF_NOWAIT) != 1:
-                return False
-        except OSError:
-            return False
-    return True
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    return libc
 
 
-def fill(fd: int, off: int, length: int, buf: bytearray,
-         go: Callable[[], bool] = lambda: True) -> tuple[int, int]:
+def resident(fd: int, off: int, length: int) -> bytes | None:
+    """One byte per page of [off, off + length) (from the page holding `off`): 1 where the page
+    is in the page cache. None where it cannot be told (the file cannot be mapped)."""
+    start = off - off % PAGE
+    size = off + length - start
+    if size <= 0:
+        return b""
+    libc = _libc()
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, _MAP_FAILED):
+        return None
+    try:
+        vec = ctypes.create_string_buffer(-(-size // PAGE))
+        if libc.mincore(addr, size, vec) != 0:
+            return None
+        return vec.raw
+    finally:
+        libc.munmap(addr, size)
+
+
+def fill(fd: int, off: int, length: int, buf: bytearray, go: Callable[[], bool] = lambda: True) -> tuple[int, int]:
     """Bring [off, off + length) into the page cache a piece of len(buf) bytes at a time, reading
-    only the pieces not already there; stops between pieces when go() turns false, or where the
-    file ends. Returns (bytes read, bytes found cached)."""
+    only the pieces with a page not already there; stops between pieces when go() turns false, or
+    where the file ends. Returns (bytes read, bytes found cached)."""
     end, read, found = off + length, 0, 0
+    pages = resident(fd, off, length)
+    first = off - off % PAGE
     view = memoryview(buf)
     while off < end and go():
         n = min(len(buf), end - off)
-        if cached(fd, off, n):
+        if pages is not None and b"\x00" not in pages[(off - first) // PAGE:-(-(off + n - first) // PAGE)]:
             off += n
             found += n
             continue
