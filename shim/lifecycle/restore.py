@@ -41,6 +41,7 @@ from .container import Container
 
 if TYPE_CHECKING:
     from ..drivers.cuda import Gpu
+    from .weights import Prefetch
 
 # Measured lazy imports (PLC0415): the CUDA driver (psutil), the engine's endpoints (urllib,
 # http.client, email), the weights prefetch and the image encoder cost a create ~30 ms to import;
@@ -62,7 +63,7 @@ class Plan:
     gpus: list[Gpu] | None         # the container's GPUs (cuda.Gpu) when the snapshot holds CUDA state
     phases: PhaseTimer
     cuda_init: threading.Thread | None = None   # importing cuda-python and cuInit, meanwhile
-    weights: object | None = None   # weights.Prefetch: the weight files, being verified and read meanwhile
+    weights: Prefetch | None = None   # the weight files, being verified and read meanwhile
 
 
 # All resume steps of one restore together: the create must answer inside kubelet's runtime
@@ -157,7 +158,7 @@ def bring_up(plan: Plan, c: Container, store: Store) -> Record:
             record = _bring_up(plan, c, store, runc, image_dir, proof)
     finally:
         if plan.weights is not None:
-            plan.weights.abort()           # type: ignore[attr-defined]
+            plan.weights.abort()
     store.touch(plan.snapshot)
     return record
 
@@ -256,7 +257,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         with open(own_pid_file) as f:
             pid = int(f.read().strip())
         if plan.weights is not None:       # CRIU had the disk to itself: now the weights
-            plan.weights.start_reads()     # type: ignore[attr-defined]
+            plan.weights.start_reads()
         # Credentials before anything else: the CUDA restore needs the tasks running (the driver's
         # thread in the process does the work) and changes no credentials; their CUDA calls stay
         # blocked until the unlock anyway.
@@ -270,7 +271,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         if plan.gpus is not None:
             _restore_gpus(plan, pid)
         if plan.weights is not None:
-            phases.run("weights_wait", plan.weights.verified)    # type: ignore[attr-defined]
+            phases.run("weights_wait", plan.weights.verified)
         if plan.request.steps.resume:
             from ..drivers import engine  # noqa: PLC0415 - measured lazy import (above)
             phases.run("resume", engine.steps, plan.request.steps.resume, pid, "resume", RESUME_BUDGET)

@@ -238,7 +238,6 @@ class Prefetch:
 
     def __init__(self, bundle: Bundle, weights: fmt.Weights, cache: DigestCache):
         self.cache, self.files, self.bytes = cache, [], 0
-        self.error: str | None = None
         self.hashed = 0
         self._clock = Stopwatch()
         self._stop = threading.Event()
@@ -328,7 +327,8 @@ class Prefetch:
 
 
 def _will_need(fd: int) -> None:
-    """The kernel's readahead of the whole file starts now (a hint: an error changes nothing)."""
+    """The kernel starts reading the file ahead now (a hint: it reads a readahead window, not
+    necessarily the whole file; an error changes nothing)."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     except OSError:
