@@ -86,8 +86,13 @@ private_apt() {  # private_apt WHAT "deb|deb-src SUITE"...: sets APTDIR, APTOPTS
   for line in "$@"; do
     echo "${line%% *} [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $APT_MIRROR ${line#* } main"
   done > "$APTDIR/sources.list"
+  # Signatures are checked; Valid-Until is not: a mirror's sid (and, in time, trixie) Release can
+  # be past its date on a machine whose mirror lags its clock (seen on a fresh Debian 12 root: "sid
+  # InRelease is expired"), and what comes through here is either sha256-pinned (CRIU's source) or
+  # test-only (the test containerds, cosign).
   APTOPTS=(-o "Dir::Etc::SourceList=$APTDIR/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
-           -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache" -o "APT::Sandbox::User=root")
+           -o "Dir::State::Lists=$APTDIR/lists" -o "Dir::Cache=$APTDIR/cache" -o "APT::Sandbox::User=root"
+           -o "Acquire::Check-Valid-Until=false")
   apt-get "${APTOPTS[@]}" update -qq >/dev/null 2>&1 || die "$what: apt-get update of $* from $APT_MIRROR failed"
 }
 
