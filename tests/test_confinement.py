@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -715,7 +716,8 @@ def test_a_namespace_joined_by_path_is_not_written_into(world):
     """A spec that joins a UTS and an IPC namespace by path (a pod's: here a real container's, its
     hostname 'pod-b'): CRIU setns()es into them, then writes the images' hostname and IPC sysctls
     there. The hostname: CRIU is handed the pod's own, so the pod keeps it and the restore goes
-    on; an IPC sysctl other than the pod namespace's own: refused, naming the path."""
+    on; an IPC sysctl other than the pod namespace's own, or System V objects CRIU would create
+    there: refused, naming the path."""
     env = world.env
     pod = env.container(bundle(os.path.join(world.dir, unique("pod")), lambda s: s.update(hostname="pod-b")))
     assert pod.create() == 0, pod.log_text()
@@ -738,6 +740,15 @@ def test_a_namespace_joined_by_path_is_not_written_into(world):
         cold_started(world, ref, f"IPC sysctl kernel.msgmnb (IPC namespace joined by path {paths['ipc']}) {1 << 20}",
                      f"{msgmnb}: unchanged", also=join, others=(pod.id,))
         assert in_pod("ipc", "kernel/msgmnb") == msgmnb
+        # A System V message queue in the images (an ipcns-msg image with more than its header, as
+        # a source that called msgget() leaves): CRIU would create it in the pod's namespace.
+        def queue(images):
+            var = next(n for n in os.listdir(images) if re.fullmatch(r"ipcns-var-\d+\.img", n))
+            with open(os.path.join(images, var.replace("-var-", "-msg-")), "wb") as f:
+                f.write(b"\0" * 64)
+        ref = forge(world, "base:1", queue)
+        cold_started(world, ref, f"System V IPC objects (IPC namespace joined by path {paths['ipc']})",
+                     "ipcns-msg-", also=join, others=(pod.id,))
     finally:
         pod.destroy()
 
@@ -773,6 +784,29 @@ def test_the_sealed_facts_are_the_images_and_cannot_be_swapped(world):
         assert store.image_facts(forged) == criu_decode.read(d) != store.image_facts(base)
     with open(store.images.seal_path(forged)) as f:
         assert json.load(f)["facts"] == of_file(store.images.facts_path(forged))[0]
+
+
+def test_facts_of_another_version_are_decoded_again(world):
+    """Facts written by another version of thaw (the seal naming them, so only their version
+    tells) are not read: the images are decoded again and the new facts sealed."""
+    store = Store(world.env.store)
+    snap = store.resolve(SnapshotRef("base", "1"), "_local")
+    with store.image_dir(snap) as d:
+        path = store.images.facts_path(snap)
+        with open(path) as f:
+            old = json.load(f)
+        os.chmod(path, 0o600)
+        with open(path, "w") as f:
+            json.dump({**old, "version": old["version"] - 1}, f)
+        with open(store.images.seal_path(snap)) as f:
+            seal = json.load(f)
+        with open(store.images.seal_path(snap), "w") as f:
+            json.dump({**seal, "facts": of_file(path)[0]}, f)
+        assert store.image_facts(snap) == criu_decode.read(d)
+    with open(store.images.facts_path(snap)) as f:
+        assert json.load(f)["version"] == old["version"]
+    with open(store.images.seal_path(snap)) as f:
+        assert json.load(f)["facts"] == of_file(store.images.facts_path(snap))[0]
 
 
 def test_a_node_without_the_decoder_seals_no_facts(world, monkeypatch):
