@@ -13,8 +13,8 @@ class AtomicFile:
     """A file that replaces `path` only once all of it is written: `with AtomicFile(path) as f:
     f.write(...)`. A clean exit sets its mode, fsyncs it (durable) and renames it over `path`
     (then fsyncs the directory); an exception removes it and leaves `path` as it was. A reader
-    sees the old or the new content, never a part. `f` has write() and fileno() (what a tar
-    stream needs); no io buffering: callers write whole pieces.
+    sees the old or the new content, never a part. `f` has write(); no io buffering: callers
+    write whole pieces.
 
     durable: fsync the file and its directory (the store's files); state on tmpfs skips it.
     """
@@ -34,9 +34,6 @@ class AtomicFile:
         while view:
             view = view[os.write(self.fd, view):]
         return len(data)
-
-    def fileno(self) -> int:
-        return self.fd
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:

@@ -87,7 +87,7 @@ KINDS: dict[str, Kind] = {k.pattern: k for k in (
     Kind(SECCOMP, SECCOMP_MAGIC, "seccomp filter chains (checked)"),
     Kind(r"timens-\d+\.img", 0x43114433, "time namespace offsets"),
     Kind(r"cgroup\.img", 0x59383330, "cgroup membership (runc restores into the new spec's cgroup)"),
-    Kind(MOUNTPOINTS, 0x55563928, "the container's mount tree (runc passes its mounts as external)"),
+    Kind(MOUNTPOINTS, MOUNTPOINTS_MAGIC, "the container's mount tree (runc passes its mounts as external)"),
     Kind(r"tmpfs-dev-\d+\.tar\.gz(\.img)?", RAW, "contents of tmpfs mounts of the container (e.g. /dev)"),
     Kind(r"tmpfs-\d+\.tar\.gz(\.img)?", RAW, "contents of tmpfs mounts of the container"),
     Kind(r"tty-info\.img", 0x59453036, "terminal state"),
@@ -101,10 +101,10 @@ KINDS: dict[str, Kind] = {k.pattern: k for k in (
 # Namespace contents: allowed only where the spec has the namespace (confinement.spec_namespaces:
 # a network namespace joined by path, a pod's, only in CRIU's external form).
 NAMESPACE_KINDS: dict[str, tuple[str, Kind]] = {k.pattern: (ns, k) for ns, k in (
-    ("uts", Kind(UTSNS, 0x54473203, "hostname and domain name")),
-    ("ipc", Kind(IPCNS_VAR, 0x53115007, "IPC namespace sysctls")),
+    ("uts", Kind(UTSNS, UTSNS_MAGIC, "hostname and domain name")),
+    ("ipc", Kind(IPCNS_VAR, IPCNS_VAR_MAGIC, "IPC namespace sysctls")),
     ("ipc", Kind(IPC_OBJECTS, RAW, "System V IPC objects")),
-    ("network", Kind(NETNS, 0x55933752, "network namespace sysctls")),
+    ("network", Kind(NETNS, NETNS_MAGIC, "network namespace sysctls")),
     ("network", Kind(r"netdev-\d+\.img", 0x57373951, "network devices (loopback, veth) of the namespace")),
     ("network", Kind(r"(ifaddr|route|route6|rule|iptables|ip6tables|nftables)-\d+\.img", RAW,
                      "addresses, routes, rules, firewall of the namespace")),
@@ -285,6 +285,7 @@ def check(images: Images, namespaces: frozenset[str]) -> None:
 # --- the facts, kept beside a snapshot's seal ------------------------------------------------------
 # Bumped whenever what criu_decode.read() derives changes: a store entry with facts of another
 # version is decoded again from its images.
+CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")   # the capability sets, in CRIU's and the facts' order
 FACTS_VERSION = 2
 
 
@@ -305,7 +306,7 @@ def to_facts(images: Images | None, error: str | None = None) -> bytes:
 
     tasks = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "comm": t.comm, "rlimits": t.rlimits,
               "oom_score_adj": t.oom_score_adj, "loginuid": t.loginuid,
-              "threads": [[th.tid, th.uids, th.gids, th.groups, [th.caps[k] for k in _CAP_SETS], th.secbits,
+              "threads": [[th.tid, th.uids, th.gids, th.groups, [th.caps[k] for k in CAP_SETS], th.secbits,
                            th.no_new_privs, th.seccomp_mode, chain(th), th.lsm_profile, th.lsm_sockcreate,
                            th.apparmor_data, th.sched_policy, th.sched_nice] for th in t.threads]}
              for t in images.tasks]
@@ -317,7 +318,6 @@ def to_facts(images: Images | None, error: str | None = None) -> bytes:
     }, separators=(",", ":")).encode()
 
 
-_CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")
 
 
 def from_facts(data: bytes) -> Images:
@@ -336,7 +336,7 @@ def from_facts(data: bytes) -> Images:
             threads=tuple(Thread(
                 pid=t["pid"], tid=tid, uids=(uids[0], uids[1], uids[2], uids[3]), gids=(gids[0], gids[1], gids[2], gids[3]),
                 groups=tuple(groups),
-                caps=dict(zip(_CAP_SETS, caps, strict=True)), secbits=secbits, no_new_privs=nnp,
+                caps=dict(zip(CAP_SETS, caps, strict=True)), secbits=secbits, no_new_privs=nnp,
                 seccomp_mode=mode, seccomp_chain=tuple((filters[i], f) for i, f in chain),
                 lsm_profile=lsm, lsm_sockcreate=sockcreate, apparmor_data=apparmor, sched_policy=policy,
                 sched_nice=nice)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import click
 
@@ -28,10 +28,6 @@ from ..registry.progress import human_bytes as _human
 from ..safetext import printable
 from .doctor import fix as fix_node
 from .doctor import run_checks
-
-if TYPE_CHECKING:
-    from ..node.store import Store
-    from ..registry.progress import JsonLinesProgress, TerminalProgress
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from thaw.oci.annotations import LOCAL_NAMESPACE, SnapshotRef
 
@@ -30,9 +29,6 @@ from ..node.store import Store, StoreError
 from ..timing import Stopwatch
 from . import distribution
 from .capture import capture, report
-
-if TYPE_CHECKING:
-    from ..node.store import Store
 
 
 def start_watcher(cfg: Config, container_id: str, pid: int) -> ProcessHandle:

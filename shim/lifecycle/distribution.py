@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from thaw.oci import ThawError, cosign
 from thaw.oci import snapshot as fmt
@@ -56,10 +56,6 @@ from ..registry.client import RegistryClient
 from ..registry.errors import LocalFileError, NotFoundError, RegistryError
 from ..registry.transport import Settings
 from ..timing import Stopwatch
-
-if TYPE_CHECKING:  # the registry client is imported where a transfer starts
-    from ..registry.client import RegistryClient
-    from ..registry.transport import Settings
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

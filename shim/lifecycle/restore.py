@@ -174,7 +174,9 @@ def _check_images(store: Store, snap: fmt.Snapshot, c: Container) -> Proof:
         reference = confinement.reference(cfg.state_dir, confinement.profile_key(seccomp, next_runtime))
         if reference is None:         # once per profile on a node: learnt from a container that runs nothing
             reference = confinement.probe_reference(cfg.state_dir, seccomp, next_runtime)
-    grant = confinement.Grant.of(bundle.spec, reference, confinement.fresh_ipc_sysctls(cfg.state_dir))
+    # A fresh IPC namespace's sysctls matter only where the spec makes one (a pod's joins by path).
+    fresh = None if bundle.namespace_path("ipc") is not None else confinement.fresh_ipc_sysctls(cfg.state_dir)
+    grant = confinement.Grant.of(bundle.spec, reference, fresh)
     try:
         images = store.image_facts(snap)
         return Proof(grant, images, confinement.check_images(images, bundle.spec, grant))

@@ -20,14 +20,13 @@ A thread may hold less than the spec grants, never more. Seccomp: the filter the
 installs must be the oldest of every thread's chain (filters added later only restrict).
 """
 
-from .grant import CAP_BITS, CAP_SETGID, CAP_SETS, CAP_SETUID, ConfinementError, Excess, Grant, cap_mask
-from .image_check import check_images, images_excess
-from .kernel_check import RestoredTree, check_kernel, kernel_excess, resume, tree
-from .mounts import mount_excess, rootfs_mask_excess, unproven_masks
-from .namespaces import fresh_ipc_sysctls, ipc_excess, joined_excess, spec_namespaces, uts_excess
-from .seccomp_reference import probe_reference, profile_key, record_from_capture, record_reference, reference
+from .grant import CAP_BITS, CAP_SETGID, CAP_SETUID, ConfinementError, Grant
+from .image_check import check_images
+from .kernel_check import check_kernel, kernel_excess, resume, tree
+from .mounts import rootfs_mask_excess, unproven_masks
+from .namespaces import fresh_ipc_sysctls, spec_namespaces
+from .seccomp_reference import probe_reference, profile_key, record_from_capture, reference
 
-__all__ = ["CAP_BITS", "CAP_SETGID", "CAP_SETS", "CAP_SETUID", "ConfinementError", "Excess", "Grant", "RestoredTree", "cap_mask", "check_images",
-           "check_kernel", "fresh_ipc_sysctls", "images_excess", "ipc_excess", "joined_excess", "kernel_excess",
-           "mount_excess", "probe_reference", "profile_key", "record_from_capture", "record_reference", "reference",
-           "resume", "rootfs_mask_excess", "spec_namespaces", "tree", "unproven_masks", "uts_excess"]
+__all__ = ["CAP_BITS", "CAP_SETGID", "CAP_SETUID", "ConfinementError", "Grant", "check_images", "check_kernel",
+           "fresh_ipc_sysctls", "kernel_excess", "probe_reference", "profile_key", "record_from_capture", "reference",
+           "resume", "rootfs_mask_excess", "spec_namespaces", "tree", "unproven_masks"]

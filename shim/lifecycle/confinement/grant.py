@@ -13,7 +13,7 @@ from typing import Any
 from thaw.oci import ThawError
 from thaw.oci.digest import sha256_hex
 
-from ...drivers.criu_images import SECCOMP_FILTER_FLAG_TSYNC
+from ...drivers.criu_images import CAP_SETS, SECCOMP_FILTER_FLAG_TSYNC
 
 # Linux capability numbers (include/uapi/linux/capability.h).
 CAP_BITS = {name: i for i, name in enumerate((
@@ -25,7 +25,6 @@ CAP_BITS = {name: i for i, name in enumerate((
     "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))}
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 6, 7, 8
 CAP_SYS_NICE, CAP_SYS_RESOURCE, CAP_AUDIT_CONTROL = 23, 24, 30
-CAP_SETS = ("inh", "prm", "eff", "bnd", "amb")
 _SPEC_SETS = {"inh": "inheritable", "prm": "permitted", "eff": "effective", "bnd": "bounding", "amb": "ambient"}
 # Securebits a process may hold without CAP_SETPCAP: KEEP_CAPS (prctl PR_SET_KEEPCAPS needs no
 # privilege) and those that only take privilege away (NOROOT, the locks, NO_CAP_AMBIENT_RAISE).

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...drivers import criu_images
-from ...drivers.criu_images import SECCOMP_FILTER, Images
-from .grant import CAP_SETS, ConfinementError, Excess, Grant, creds_excess, describe, filter_mismatch, id_list
+from ...drivers.criu_images import CAP_SETS, SECCOMP_FILTER, Images
+from .grant import ConfinementError, Excess, Grant, creds_excess, describe, filter_mismatch, id_list
 
 # --- the kernel -------------------------------------------------------------------------------------------
 

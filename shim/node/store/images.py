@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from thaw.oci import snapshot as fmt
-from thaw.oci.digest import of_file
+from thaw.oci.digest import of_bytes, of_file
 from thaw.oci.files import atomic_write
 from thaw.oci.layout import ImageLayout, LayoutError
 
@@ -113,9 +113,11 @@ class ImageDirs:
         try:
             with open(self.seal_path(snap)) as f:
                 sealed = json.load(f).get("facts")
-            if sealed is not None and of_file(self.facts_path(snap))[0] == sealed:
+            if sealed is not None:
                 with open(self.facts_path(snap), "rb") as f:
-                    return criu_images.from_facts(f.read())
+                    data = f.read()
+                if of_bytes(data) == sealed:
+                    return criu_images.from_facts(data)
         except (OSError, ValueError, AttributeError, criu_images.StaleFacts):
             pass
         # Only a store entry sealed before its facts existed decodes here: protobuf's classes stay
@@ -138,7 +140,7 @@ class ImageDirs:
         except criu_images.ImageError as exc:
             facts = criu_images.to_facts(None, str(exc))     # a restore reports it (and cold-starts)
         atomic_write(path + ".facts", facts)
-        return of_file(path + ".facts")[0]
+        return of_bytes(facts)
 
     # --- seals --------------------------------------------------------------------------------------
     def _read_seal(self, snap: fmt.Snapshot) -> dict[str, dict[str, Any]]:
