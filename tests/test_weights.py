@@ -439,13 +439,14 @@ def test_cpu_end_to_end_weights_leave_and_come_back(thaw_env, netns_pair, tmp_pa
     assert "failed" not in thaw_env.thaw("ls").stdout and os.listdir(store.staging_dir) == []
     src.destroy()
 
-    # Restore: the files verified and read while CRIU restores, then the resume steps reload them.
+    # Restore: the files verified while CRIU restores, then read (what the page cache lacks) beside
+    # the resume steps that reload them.
     dst = thaw_env.container(_worker_bundle(tmp_path, str(work), netns_pair[1],
                                             {ann.SNAPSHOT: "out:1", ann.ENGINE: "vllm"}))
     assert dst.create() == 0, dst.log_text()
     assert "cold start" not in dst.log_text(), dst.log_text()
     record = json.load(open(os.path.join(thaw_env.state, "containers", dst.id + ".json")))
-    assert {"weights_open", "weights_wait", "resume"} <= set(record["phases"]), record
+    assert {"weights_open", "weights_reads", "weights_wait", "resume"} <= set(record["phases"]), record
     dst.start()
     assert _generate(dst.pid()) == expected
     dst.destroy()

@@ -259,7 +259,7 @@ def _bring_up(plan: Plan, c: Container, store: Store, runc: Runc, image_dir: str
         with open(own_pid_file) as f:
             pid = int(f.read().strip())
         if plan.weights is not None:       # CRIU had the disk to itself: now the weights
-            plan.weights.start_reads()
+            phases.run("weights_reads", plan.weights.start_reads)
         # Credentials before anything else: the CUDA restore needs the tasks running (the driver's
         # thread in the process does the work) and changes no credentials; their CUDA calls stay
         # blocked until the unlock anyway.
