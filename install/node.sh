@@ -47,6 +47,7 @@ PKGS=(runc iptables iproute2 busybox-static python3 python3-venv ca-certificates
       libgnutls28-dev libnftables-dev uuid-dev)
 if [ "$DEV" = 1 ]; then
   PKGS+=(containerd containernetworking-plugins)   # the tests start a private containerd
+  PKGS+=(procps)   # the tests read the process table (ps, pgrep); a minimal Debian 12 lacks it
   # Registry tests: a real registry (CNCF distribution 2.8), a second OCI client, htpasswd, a CA.
   PKGS+=(docker-registry skopeo apache2-utils openssl)
   # The node bundle (install/bundle.sh, tests/test_bundle.py): patchelf, and mmdebstrap for the roots.
